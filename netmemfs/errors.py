@@ -1,0 +1,116 @@
+"""The one exception hierarchy of netmemfs.
+
+Where it sits: below everything; imported by every layer, imports nothing of ours.
+Each class carries the errno a door (FUSE, the C library) turns it into, and the wire
+code the server sends in an error reply, so a server-side failure arrives at the client
+as the same class. Messages name the segment, page or server and say what to do.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import ClassVar
+
+
+class NetmemError(Exception):
+    """Base of every error netmemfs raises on purpose."""
+
+    errno: ClassVar[int] = _errno.EIO
+    code: ClassVar[str] = "internal"
+
+
+class SegmentNotFound(NetmemError):
+    errno = _errno.ENOENT
+    code = "not_found"
+
+
+class SegmentExists(NetmemError):
+    errno = _errno.EEXIST
+    code = "exists"
+
+
+class InvalidName(NetmemError):
+    errno = _errno.EINVAL
+    code = "invalid_name"
+
+
+class OutOfRange(NetmemError):
+    """A page or size outside what the segment or the protocol allows."""
+
+    errno = _errno.EINVAL
+    code = "out_of_range"
+
+
+class NoSpace(NetmemError):
+    errno = _errno.ENOSPC
+    code = "no_space"
+
+
+class TooLarge(NetmemError):
+    """A message, transaction or request past a configured limit."""
+
+    errno = _errno.E2BIG
+    code = "too_large"
+
+
+class UnknownTransaction(NetmemError):
+    errno = _errno.EINVAL
+    code = "unknown_txn"
+
+
+class AuthFailed(NetmemError):
+    errno = _errno.EACCES
+    code = "auth"
+
+
+class ServerUnreachable(NetmemError):
+    """No connection could be made or kept within the retry window."""
+
+    errno = _errno.EIO
+    code = "unreachable"
+
+
+class ProtocolError(NetmemError):
+    errno = _errno.EPROTO
+    code = "protocol"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid message."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow (a bug of ours)."""
+
+
+class VersionMismatch(ProtocolError):
+    code = "version"
+
+
+class ServerError(NetmemError):
+    """The server failed in a way it could not classify; see its log."""
+
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[NetmemError]] = {
+    cls.code: cls
+    for cls in (
+        SegmentNotFound,
+        SegmentExists,
+        InvalidName,
+        OutOfRange,
+        NoSpace,
+        TooLarge,
+        UnknownTransaction,
+        AuthFailed,
+        ProtocolError,
+        VersionMismatch,
+        ServerError,
+    )
+}
+
+
+def error_for_code(code: str) -> type[NetmemError]:
+    """The class a wire error code stands for; unknown codes become ServerError."""
+    return _BY_CODE.get(code, ServerError)

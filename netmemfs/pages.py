@@ -1,0 +1,52 @@
+"""Page size, page numbers and segment names: the units every layer shares.
+
+Where it sits: beside errors.py at the bottom; imports nothing of ours but errors.
+"""
+
+from __future__ import annotations
+
+from typing import NewType
+
+from netmemfs.errors import InvalidName, OutOfRange
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+PageNo = NewType("PageNo", int)
+
+MAX_NAME_BYTES = 255
+# Segments are addressed by page number as an unsigned 64-bit value on the wire; sizes
+# are capped well below that so page arithmetic never overflows.
+MAX_SEGMENT_BYTES = 1 << 50
+
+
+def pages_for(size_bytes: int) -> int:
+    """Number of pages needed to hold size_bytes (the last one may be partial)."""
+    return (size_bytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def check_name(name: str) -> str:
+    """Return name if it is a valid segment name, else raise InvalidName saying why."""
+    if not name:
+        raise InvalidName("segment name is empty; give a name such as 'seg0'")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidName(
+            f"segment name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes; shorten it"
+        )
+    if name in (".", ".."):
+        raise InvalidName(f"segment name {name!r} is reserved; choose another")
+    for ch in name:
+        if ch == "/" or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            raise InvalidName(
+                f"segment name {name!r} contains {ch!r}; names may not hold '/' or "
+                "control characters"
+            )
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            raise InvalidName(f"segment name {name!r} is not valid UTF-8")
+    return name
+
+
+def check_size(size_bytes: int) -> int:
+    if not 0 <= size_bytes <= MAX_SEGMENT_BYTES:
+        raise OutOfRange(f"segment size {size_bytes} is outside 0..{MAX_SEGMENT_BYTES} bytes")
+    return size_bytes

@@ -1,0 +1,631 @@
+"""The wire protocol, sans-IO: bytes in, messages out, and back.
+
+Where it sits: just above errors.py and pages.py; used by remote.py (client) and by
+netmemfs_server (server). It imports neither trio nor socket and does no I/O; msgpack
+stays inside this module. The frame layout is documented byte by byte in
+docs/protocol.md.
+
+    conn = Connection(Role.CLIENT)
+    wire = conn.send(ReadPages(req_id=7, segment="seg0", first=42, count=16))
+    conn.receive_data(chunk)            # b"" means EOF
+    while (ev := conn.next_event()) is not NEED_DATA: ...
+
+"Need more bytes" is not an error. Bytes from the peer that are not a valid message raise
+RemoteProtocolError; trying to send something the protocol forbids raises
+LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+import msgpack
+
+from netmemfs.errors import LocalProtocolError, RemoteProtocolError
+from netmemfs.pages import PAGE_SIZE
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct(">I")
+# The largest page payload one message may carry, and the frame cap derived from it. A
+# peer announcing a longer frame is cut off before anything is buffered.
+MAX_MESSAGE_PAGES = 4096
+MAX_FRAME_BYTES = MAX_MESSAGE_PAGES * PAGE_SIZE + 64 * 1024
+MAX_TXN_ID_BYTES = 64
+MAX_NONCE_BYTES = 64
+MAX_U64 = (1 << 64) - 1
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Event(enum.Enum):
+    """Sentinels next_event() returns besides messages."""
+
+    NEED_DATA = "need-data"
+    CLOSED = "closed"
+
+
+NEED_DATA = Event.NEED_DATA
+CLOSED = Event.CLOSED
+
+
+@dataclass(frozen=True, slots=True)
+class PageRun:
+    """Consecutive pages of one segment: data holds a whole number of pages."""
+
+    segment: str
+    first: int
+    data: Buffer = field(repr=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.data) // PAGE_SIZE
+
+
+# Field kinds: how each field is checked on decode. Every message lists its fields' kinds
+# in declaration order in KINDS.
+U64, STR, BYTES, BOOL, TXN, NONCE, PAGES, RUNS, STRS, VERSIONS = (
+    "u64",
+    "str",
+    "bytes",
+    "bool",
+    "txn",
+    "nonce",
+    "pages",
+    "runs",
+    "strs",
+    "versions",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[int] = 0
+    KINDS: ClassVar[tuple[str, ...]] = ()
+    req_id: int
+
+
+class Request(Message):
+    """Sent by clients."""
+
+    __slots__ = ()
+
+
+class Reply(Message):
+    """Sent by servers; req_id echoes the request's (0 for connection-level errors)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Request):
+    TYPE = 1
+    KINDS = (U64, U64, NONCE)
+    version: int
+    client_nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate(Request):
+    TYPE = 2
+    KINDS = (U64, BYTES)
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ListSegments(Request):
+    TYPE = 3
+    KINDS = (U64,)
+
+
+@dataclass(frozen=True, slots=True)
+class StatSegment(Request):
+    TYPE = 4
+    KINDS = (U64, STR)
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSegment(Request):
+    TYPE = 5
+    KINDS = (U64, TXN, STR, U64)
+    txn: bytes
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeSegment(Request):
+    TYPE = 6
+    KINDS = (U64, TXN, STR, U64)
+    txn: bytes
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenameSegment(Request):
+    TYPE = 7
+    KINDS = (U64, TXN, STR, STR)
+    txn: bytes
+    name: str
+    new_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSegment(Request):
+    TYPE = 8
+    KINDS = (U64, TXN, STR)
+    txn: bytes
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPages(Request):
+    TYPE = 9
+    KINDS = (U64, STR, U64, U64)
+    segment: str
+    first: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagePages(Request):
+    TYPE = 10
+    KINDS = (U64, TXN, STR, U64, PAGES)
+    txn: bytes
+    segment: str
+    first: int
+    data: Buffer = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Request):
+    """Commit the pages staged under txn plus the inline writes, all or nothing."""
+
+    TYPE = 11
+    KINDS = (U64, TXN, RUNS)
+    txn: bytes
+    writes: tuple[PageRun, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Request):
+    TYPE = 12
+    KINDS = (U64, TXN)
+    txn: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatServer(Request):
+    TYPE = 13
+    KINDS = (U64,)
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply(Reply):
+    TYPE = 64
+    KINDS = (U64, U64, NONCE, BOOL)
+    version: int
+    server_nonce: bytes
+    auth_required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuthReply(Reply):
+    TYPE = 65
+    KINDS = (U64, BYTES)
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentList(Reply):
+    TYPE = 66
+    KINDS = (U64, STRS)
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo(Reply):
+    TYPE = 67
+    KINDS = (U64, STR, U64, U64, U64)
+    name: str
+    size: int
+    version: int
+    stored_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pages(Reply):
+    """Reply to ReadPages: the runs hold the stored pages; every other page is a hole."""
+
+    TYPE = 68
+    KINDS = (U64, STR, U64, U64, U64, RUNS)
+    segment: str
+    first: int
+    count: int
+    version: int
+    runs: tuple[PageRun, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Staged(Reply):
+    TYPE = 69
+    KINDS = (U64, TXN, U64)
+    txn: bytes
+    staged_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Committed(Reply):
+    """The versions are those the commit produced; replayed says it had happened before."""
+
+    TYPE = 70
+    KINDS = (U64, TXN, VERSIONS, BOOL)
+    txn: bytes
+    versions: tuple[tuple[str, int], ...]
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted(Reply):
+    TYPE = 71
+    KINDS = (U64, TXN)
+    txn: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo(Reply):
+    TYPE = 72
+    KINDS = (U64, U64, U64, U64)
+    capacity_bytes: int
+    used_bytes: int
+    segments: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Reply):
+    TYPE = 127
+    KINDS = (U64, STR, STR)
+    code: str
+    message: str
+
+
+REQUESTS: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Authenticate,
+        ListSegments,
+        StatSegment,
+        CreateSegment,
+        ResizeSegment,
+        RenameSegment,
+        DeleteSegment,
+        ReadPages,
+        StagePages,
+        Commit,
+        Abort,
+        StatServer,
+    )
+}
+REPLIES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        HelloReply,
+        AuthReply,
+        SegmentList,
+        SegmentInfo,
+        Pages,
+        Staged,
+        Committed,
+        Aborted,
+        ServerInfo,
+        Error,
+    )
+}
+
+
+# --- encoding -------------------------------------------------------------------------
+
+# Payloads at least this long are passed through as they are (no copy) rather than
+# packed; see _bin_header.
+_PASSTHROUGH_BYTES = 512
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def pack_parts(obj: object, out: list[Buffer]) -> None:
+    """Append the msgpack encoding of obj to out, passing large byte strings through.
+
+    obj is built of lists, tuples, ints, bools, strs and bytes-like values. Byte strings
+    of _PASSTHROUGH_BYTES or more are appended as the very objects given, after their
+    header, so page data is copied only when the parts are finally written.
+    """
+    if isinstance(obj, list | tuple):
+        out.append(_array_header(len(obj)))
+        for item in obj:
+            pack_parts(item, out)
+    elif isinstance(obj, bytes | bytearray | memoryview) and len(obj) >= _PASSTHROUGH_BYTES:
+        out.append(_bin_header(len(obj)))
+        out.append(obj)
+    elif isinstance(obj, bytearray | memoryview):
+        out.append(msgpack.packb(bytes(obj)))
+    else:
+        out.append(msgpack.packb(obj))
+
+
+def unpack(data: Buffer) -> object:
+    """Decode one msgpack value from untrusted bytes; RemoteProtocolError if it is not."""
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on hostile input
+        raise _bad(f"not msgpack ({type(e).__name__}: {e})") from None
+
+
+def _check_pages(data: Buffer, what: str) -> None:
+    if not data or len(data) % PAGE_SIZE:
+        raise LocalProtocolError(f"{what}: {len(data)} bytes is not a whole number of pages")
+    if len(data) > MAX_MESSAGE_PAGES * PAGE_SIZE:
+        raise LocalProtocolError(f"{what}: at most {MAX_MESSAGE_PAGES} pages per message")
+
+
+def _wire_value(kind: str, value: object) -> object:
+    if kind == PAGES:
+        assert isinstance(value, bytes | bytearray | memoryview)
+        _check_pages(value, "page data")
+    elif kind == RUNS:
+        assert isinstance(value, tuple | list)
+        total = 0
+        for run in value:
+            assert isinstance(run, PageRun)
+            _check_pages(run.data, f"run at page {run.first} of {run.segment!r}")
+            total += len(run.data)
+        _check_total(total, LocalProtocolError)
+        return [(run.segment, run.first, run.data) for run in value]
+    return value
+
+
+def encode_parts(msg: Message) -> list[Buffer]:
+    """The frame for msg as a list of buffers to write in order.
+
+    Page payloads appear in the list as the very objects the message holds, so a caller
+    that writes the parts one by one (or joins them once) copies page data only once.
+    """
+    values: list[object] = [msg.TYPE]
+    values += [
+        _wire_value(kind, getattr(msg, f.name))
+        for kind, f in zip(msg.KINDS, dataclasses.fields(msg), strict=True)
+    ]
+    out: list[Buffer] = [b""]
+    pack_parts(values, out)
+    length = sum(len(p) for p in out)
+    if length > MAX_FRAME_BYTES:
+        raise LocalProtocolError(
+            f"{type(msg).__name__} would need a {length}-byte frame; the limit is "
+            f"{MAX_FRAME_BYTES} (at most {MAX_MESSAGE_PAGES} pages per message)"
+        )
+    out[0] = FRAME_HEADER.pack(length)
+    return out
+
+
+def encode(msg: Message) -> bytes:
+    return b"".join(encode_parts(msg))
+
+
+# --- decoding -------------------------------------------------------------------------
+
+
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed message: {what}")
+
+
+def _u64(v: object) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_U64:
+        raise _bad(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
+    return v
+
+
+def _str(v: object) -> str:
+    if type(v) is not str:
+        raise _bad(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _bytes(v: object, limit: int | None = None) -> bytes:
+    if type(v) is not bytes:
+        raise _bad(f"expected bytes, got {type(v).__name__}")
+    if limit is not None and not 0 < len(v) <= limit:
+        raise _bad(f"expected 1..{limit} bytes, got {len(v)}")
+    return v
+
+
+def _pages(v: object) -> bytes:
+    data = _bytes(v)
+    if not data or len(data) % PAGE_SIZE:
+        raise _bad(f"page data of {len(data)} bytes is not a whole number of pages")
+    _check_total(len(data), RemoteProtocolError)
+    return data
+
+
+def _check_total(nbytes: int, error: type[Exception]) -> None:
+    if nbytes > MAX_MESSAGE_PAGES * PAGE_SIZE:
+        raise error(
+            f"{nbytes // PAGE_SIZE} pages in one message; at most {MAX_MESSAGE_PAGES} per message"
+        )
+
+
+def _list(v: object) -> list[object]:
+    if type(v) is not list:
+        raise _bad(f"expected an array, got {type(v).__name__}")
+    return v
+
+
+def _decode_field(kind: str, v: object) -> object:
+    if kind == U64:
+        return _u64(v)
+    if kind == STR:
+        return _str(v)
+    if kind == BOOL:
+        if type(v) is not bool:
+            raise _bad(f"expected a boolean, got {type(v).__name__}")
+        return v
+    if kind == BYTES:
+        return _bytes(v)
+    if kind == TXN:
+        return _bytes(v, MAX_TXN_ID_BYTES)
+    if kind == NONCE:
+        return _bytes(v, MAX_NONCE_BYTES)
+    if kind == PAGES:
+        return _pages(v)
+    if kind == RUNS:
+        runs = []
+        for item in _list(v):
+            parts = _list(item)
+            if len(parts) != 3:
+                raise _bad("a page run has 3 fields")
+            runs.append(PageRun(_str(parts[0]), _u64(parts[1]), _pages(parts[2])))
+        _check_total(sum(len(r.data) for r in runs), RemoteProtocolError)
+        return tuple(runs)
+    if kind == STRS:
+        return tuple(_str(x) for x in _list(v))
+    if kind == VERSIONS:
+        out = []
+        for item in _list(v):
+            pair = _list(item)
+            if len(pair) != 2:
+                raise _bad("a version entry has 2 fields")
+            out.append((_str(pair[0]), _u64(pair[1])))
+        return tuple(out)
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def decode_body(body: Buffer, table: dict[int, type[Message]]) -> Message:
+    """Decode one frame body (without its length prefix) into a message from table."""
+    items = _list(unpack(body))
+    if not items or type(items[0]) is not int:
+        raise _bad("a message starts with its type number")
+    cls = table.get(items[0])
+    if cls is None:
+        raise _bad(f"unknown message type {items[0]}")
+    if len(items) != 1 + len(cls.KINDS):
+        raise _bad(f"{cls.__name__} has {len(cls.KINDS)} fields, got {len(items) - 1}")
+    values: list[Any] = [_decode_field(k, v) for k, v in zip(cls.KINDS, items[1:], strict=True)]
+    return cls(*values)
+
+
+class Connection:
+    """One end of a netmemfs connection: framing and message codec, no I/O."""
+
+    def __init__(self, role: Role, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.role = role
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._eof = False
+        self._send_kind: type[Message] = Request if role is Role.CLIENT else Reply
+        self._receive_table = REPLIES if role is Role.CLIENT else REQUESTS
+
+    def send_parts(self, msg: Message) -> list[Buffer]:
+        if not isinstance(msg, self._send_kind):
+            raise LocalProtocolError(f"a {self.role.value} cannot send {type(msg).__name__}")
+        return encode_parts(msg)
+
+    def send(self, msg: Message) -> bytes:
+        return b"".join(self.send_parts(msg))
+
+    def receive_data(self, data: Buffer) -> None:
+        """Feed bytes read from the peer; b"" means the peer closed its side."""
+        if self._eof:
+            raise LocalProtocolError("receive_data after end of stream")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def bytes_wanted(self) -> int:
+        """How many more bytes complete the frame being received (0: unknown yet)."""
+        if len(self._buf) < FRAME_HEADER.size:
+            return 0
+        (length,) = FRAME_HEADER.unpack_from(self._buf)
+        return max(0, FRAME_HEADER.size + int(length) - len(self._buf))
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buf)
+
+    def next_event(self) -> Message | Event:
+        buf = self._buf
+        if len(buf) >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(buf)
+            if length > self.max_frame_bytes:
+                raise RemoteProtocolError(
+                    f"frame of {length} bytes announced; the limit is {self.max_frame_bytes}"
+                )
+            end = FRAME_HEADER.size + length
+            if len(buf) >= end:
+                with memoryview(buf) as view, view[FRAME_HEADER.size : end] as body:
+                    msg = decode_body(body, self._receive_table)
+                del buf[:end]
+                return msg
+        if self._eof:
+            if buf:
+                raise RemoteProtocolError(
+                    f"connection closed in the middle of a frame ({len(buf)} bytes pending)"
+                )
+            return CLOSED
+        return NEED_DATA
+
+
+def holes_and_runs(first: int, count: int, runs: Sequence[PageRun]) -> bytes:
+    """Materialise a Pages reply as count pages of bytes, holes as zeros."""
+    out = bytearray(count * PAGE_SIZE)
+    for run in runs:
+        off = (run.first - first) * PAGE_SIZE
+        if off < 0 or off + len(run.data) > len(out):
+            raise RemoteProtocolError(
+                f"server sent pages {run.first}..{run.first + run.count - 1} of "
+                f"{run.segment!r}, outside the requested {first}..{first + count - 1}"
+            )
+        out[off : off + len(run.data)] = run.data
+    return bytes(out)
+
+
+def coalesce(parts: Sequence[Buffer], direct_bytes: int = 64 * 1024) -> list[Buffer]:
+    """Join runs of small parts so that a writer issues few calls; parts of direct_bytes
+    or more are kept as they are (not copied)."""
+    out: list[Buffer] = []
+    small: list[Buffer] = []
+    for part in parts:
+        if len(part) >= direct_bytes:
+            if small:
+                out.append(b"".join(small))
+                small = []
+            out.append(part)
+        else:
+            small.append(part)
+    if small:
+        out.append(b"".join(small))
+    return out

@@ -1,0 +1,515 @@
+"""The client side of the page server: trio streams, pipelining, retries, reconnects.
+
+Where it sits: below the doors (fs.py, the uffd and /dev/netmem doors) and journal.py,
+above protocol.py. It imports no door; nothing below it imports it.
+
+    async with RemoteStore.connect("127.0.0.1:7733") as store:
+        await store.create("seg0", 1 << 20)
+        await store.commit([PageRun("seg0", 0, page)])
+        pages = await store.read_pages("seg0", 0, 16)
+
+One connection carries many requests at once, matched to replies by id. When it breaks,
+the next request reconnects (backoff from RECONNECT_MIN_S doubling to RECONNECT_MAX_S)
+and requests that were waiting are sent again, until retry_for_s has passed since the
+request began; then ServerUnreachable. Re-sending is safe: reads change nothing and every
+mutation carries a transaction id the server applies at most once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from netmemfs import auth
+from netmemfs._trio_util import open_quiet_nursery
+from netmemfs.errors import (
+    AuthFailed,
+    LocalProtocolError,
+    NetmemError,
+    ProtocolError,
+    RemoteProtocolError,
+    ServerUnreachable,
+    error_for_code,
+)
+from netmemfs.pages import PAGE_SIZE
+from netmemfs.protocol import (
+    CLOSED,
+    MAX_MESSAGE_PAGES,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Abort,
+    Authenticate,
+    AuthReply,
+    Commit,
+    Committed,
+    Connection,
+    CreateSegment,
+    DeleteSegment,
+    Error,
+    Hello,
+    HelloReply,
+    ListSegments,
+    PageRun,
+    Pages,
+    ReadPages,
+    RenameSegment,
+    Reply,
+    Request,
+    ResizeSegment,
+    Role,
+    SegmentInfo,
+    SegmentList,
+    ServerInfo,
+    Staged,
+    StagePages,
+    StatSegment,
+    StatServer,
+    coalesce,
+    holes_and_runs,
+)
+from netmemfs.sizes import parse_host_port
+
+log = logging.getLogger("netmemfs.remote")
+
+DEFAULT_PORT = 7733
+RECEIVE_BYTES = 1 << 20
+RECONNECT_MIN_S = 0.02
+RECONNECT_MAX_S = 1.0
+# A commit whose pages fit in one message goes as one Commit; a larger one is staged in
+# messages of at most this many pages, then committed.
+STAGE_PAGES = 1024
+
+T = TypeVar("T")
+
+
+class _LinkLost(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentStat:
+    name: str
+    size: int
+    version: int
+    stored_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStat:
+    capacity_bytes: int  # 0: the server has no --max-memory
+    used_bytes: int
+    segments: int
+
+
+@dataclass(frozen=True, slots=True)
+class PageRead:
+    """Pages first..first+count-1 of a segment: runs of stored pages; the rest are holes."""
+
+    segment: str
+    first: int
+    count: int
+    version: int
+    runs: tuple[PageRun, ...]
+
+    def to_bytes(self) -> bytes:
+        return holes_and_runs(self.first, self.count, self.runs)
+
+    def stored(self) -> set[int]:
+        return {r.first + i for r in self.runs for i in range(r.count)}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    txn: bytes
+    versions: dict[str, int]
+    replayed: bool
+
+
+class _Waiter:
+    __slots__ = ("error", "event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
+
+    async def wait(self) -> Reply:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+
+class _Link:
+    """One connection after its handshake; a reader task routes replies to waiters."""
+
+    def __init__(self, stream: trio.SocketStream, conn: Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.pending: dict[int, _Waiter] = {}
+        self.send_lock = trio.Lock()
+        self.lost: str | None = None
+
+    def start(self, msg: Request) -> Awaitable[Reply]:
+        """Queue msg; returns the awaitable of its reply. Sending happens in send()."""
+        waiter = _Waiter()
+        self.pending[msg.req_id] = waiter
+        return waiter.wait()
+
+    async def send(self, msgs: Sequence[Request]) -> None:
+        parts = []
+        for m in msgs:
+            parts += self.conn.send_parts(m)
+        async with self.send_lock:
+            if self.lost is not None:
+                raise _LinkLost(self.lost)
+            try:
+                for part in coalesce(parts):
+                    await self.stream.send_all(part)
+            except BaseException as e:
+                # A frame cut short (cancelled, or the peer went away) leaves the stream
+                # unusable: nobody may write after it.
+                self.fail(f"send failed: {e!r}")
+                if isinstance(e, trio.BrokenResourceError | trio.ClosedResourceError):
+                    raise _LinkLost(self.lost) from e
+                raise
+
+    async def request(self, msg: Request) -> Reply:
+        reply = self.start(msg)
+        try:
+            await self.send([msg])
+            return await reply
+        finally:
+            self.pending.pop(msg.req_id, None)
+
+    def fail(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+        for waiter in self.pending.values():
+            if not waiter.event.is_set():
+                waiter.error = _LinkLost(why)
+                waiter.event.set()
+        self.pending.clear()
+        self.stream.socket.close()
+
+    async def read_loop(self) -> None:
+        why = "server closed the connection"
+        try:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                self.conn.receive_data(data)
+                while True:
+                    ev = self.conn.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        raise _LinkLost(why)
+                    assert isinstance(ev, Reply)
+                    if isinstance(ev, Error) and ev.req_id == 0:
+                        why = f"server ended the connection: {ev.message}"
+                        continue
+                    waiter = self.pending.pop(ev.req_id, None)
+                    if waiter is not None:  # else its requester was cancelled
+                        waiter.reply = ev
+                        waiter.event.set()
+        except (_LinkLost, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.fail(str(e) or why)
+        except RemoteProtocolError as e:
+            log.error("server sent a malformed message (%s); reconnecting", e)
+            self.fail(str(e))
+
+
+class RemoteStore:
+    """A page server, reached over one reconnecting connection."""
+
+    def __init__(
+        self,
+        address: str,
+        nursery: trio.Nursery,
+        *,
+        token: bytes | None,
+        retry_for_s: float,
+    ) -> None:
+        self.host, self.port = parse_host_port(address, DEFAULT_PORT)
+        self.address = f"{self.host}:{self.port}"
+        self.token = token
+        self.retry_for_s = retry_for_s
+        self.reconnects = 0
+        self._nursery = nursery
+        self._ids = itertools.count(1)
+        self._link: _Link | None = None
+        self._link_lock = trio.Lock()
+        self._client_id = os.urandom(8)
+        self._txn_seq = itertools.count(1)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, address: str, *, token: bytes | None = None, retry_for_s: float = 30.0
+    ) -> AsyncIterator[RemoteStore]:
+        """Connect (retrying for up to retry_for_s), run the connection, close on exit."""
+        async with open_quiet_nursery() as nursery:
+            store = cls(address, nursery, token=token, retry_for_s=retry_for_s)
+            await store._get_link(trio.current_time() + retry_for_s, "connect")
+            try:
+                yield store
+            finally:
+                store.close()
+                nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.fail("closed by the client")
+
+    def new_txn(self) -> bytes:
+        """A transaction id no other client or call of ours uses."""
+        return self._client_id + next(self._txn_seq).to_bytes(8, "big")
+
+    async def force_reconnect(self) -> None:
+        """Drop the connection; the next request makes a new one (tests, recovery)."""
+        if self._link is not None:
+            self._link.fail("reconnect requested")
+            await trio.lowlevel.checkpoint()
+
+    # --- connection management ---------------------------------------------------
+
+    async def _get_link(self, deadline: float, what: str) -> _Link:
+        link = self._link
+        if link is not None and link.lost is None:
+            return link
+        async with self._link_lock:
+            link = self._link
+            if link is not None and link.lost is None:
+                return link
+            delay = RECONNECT_MIN_S
+            while True:
+                try:
+                    link = await self._open_link()
+                    break
+                except (OSError, trio.BrokenResourceError, _LinkLost) as e:
+                    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise ServerUnreachable(
+                        f"cannot reach netmemfs server {self.address} for {what}: {why}; "
+                        f"retried for {self.retry_for_s:g} s. Is netmemfs-server running "
+                        "there, and is the address right?"
+                    )
+                await trio.sleep(min(delay, left))
+                delay = min(delay * 2, RECONNECT_MAX_S)
+            if self._link is not None:
+                self.reconnects += 1
+            self._link = link
+            self._nursery.start_soon(link.read_loop)
+            return link
+
+    async def _open_link(self) -> _Link:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        try:
+            with trio.fail_after(max(self.retry_for_s, 1.0)):
+                return await self._handshake(stream)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
+    async def _handshake(self, stream: trio.SocketStream) -> _Link:
+        conn = Connection(Role.CLIENT)
+        nonce = auth.new_nonce()
+
+        async def ask(msg: Request) -> Reply:
+            await stream.send_all(conn.send(msg))
+            while True:
+                ev = conn.next_event()
+                if ev is CLOSED:
+                    raise _LinkLost("server closed the connection during the handshake")
+                if ev is NEED_DATA:
+                    conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
+                    continue
+                assert isinstance(ev, Reply)
+                if isinstance(ev, Error):
+                    raise error_for_code(ev.code)(f"server {self.address}: {ev.message}")
+                return ev
+
+        hello = await ask(Hello(0, PROTOCOL_VERSION, nonce))
+        if not isinstance(hello, HelloReply):
+            raise RemoteProtocolError(f"server {self.address} answered Hello with {hello!r}")
+        if hello.auth_required:
+            if self.token is None:
+                raise AuthFailed(
+                    f"server {self.address} requires a token; pass the token file its "
+                    "operator gave you (--token-file)"
+                )
+            proof = auth.client_proof(self.token, hello.server_nonce, nonce)
+            reply = await ask(Authenticate(0, proof))
+            expected = auth.server_proof(self.token, hello.server_nonce, nonce)
+            if not isinstance(reply, AuthReply) or not auth.proofs_match(reply.proof, expected):
+                raise AuthFailed(
+                    f"server {self.address} could not prove it knows the token; it may not "
+                    "be the server you meant"
+                )
+        return _Link(stream, conn)
+
+    async def _with_link(self, what: str, body: Callable[[_Link], Awaitable[T]]) -> T:
+        """Run body on a live link, again on a new one if the link breaks, until
+        retry_for_s has passed."""
+        deadline = trio.current_time() + self.retry_for_s
+        while True:
+            link = await self._get_link(deadline, what)
+            try:
+                return await body(link)
+            except _LinkLost as e:
+                if trio.current_time() >= deadline:
+                    raise ServerUnreachable(
+                        f"lost the connection to netmemfs server {self.address} during "
+                        f"{what} ({e}) and could not get it back within {self.retry_for_s:g} s"
+                    ) from None
+                log.info("connection to %s lost during %s (%s); retrying", self.address, what, e)
+
+    def _check(self, reply: Reply, expect: type[T], what: str) -> T:
+        if isinstance(reply, Error):
+            raise error_for_code(reply.code)(f"server {self.address}: {reply.message}")
+        if not isinstance(reply, expect):
+            raise RemoteProtocolError(
+                f"server {self.address} answered {what} with {type(reply).__name__}"
+            )
+        return reply
+
+    async def _call(self, what: str, make: Callable[[int], Request], expect: type[T]) -> T:
+        async def body(link: _Link) -> Reply:
+            return await link.request(make(next(self._ids)))
+
+        return self._check(await self._with_link(what, body), expect, what)
+
+    # --- operations --------------------------------------------------------------
+
+    async def list_segments(self) -> list[str]:
+        reply = await self._call("listing segments", ListSegments, SegmentList)
+        return list(reply.names)
+
+    async def stat(self, name: str) -> SegmentStat:
+        r = await self._call(f"stat of {name!r}", lambda i: StatSegment(i, name), SegmentInfo)
+        return SegmentStat(r.name, r.size, r.version, r.stored_pages)
+
+    async def server_stat(self) -> ServerStat:
+        r = await self._call("server stat", StatServer, ServerInfo)
+        return ServerStat(r.capacity_bytes, r.used_bytes, r.segments)
+
+    async def _mutate(
+        self, what: str, make: Callable[[int, bytes], Request], txn: bytes | None
+    ) -> CommitResult:
+        txn = txn or self.new_txn()
+        r = await self._call(what, lambda i: make(i, txn), Committed)
+        return CommitResult(r.txn, dict(r.versions), r.replayed)
+
+    async def create(self, name: str, size: int, *, txn: bytes | None = None) -> CommitResult:
+        return await self._mutate(
+            f"create {name!r}", lambda i, t: CreateSegment(i, t, name, size), txn
+        )
+
+    async def resize(self, name: str, size: int, *, txn: bytes | None = None) -> CommitResult:
+        return await self._mutate(
+            f"resize {name!r} to {size}", lambda i, t: ResizeSegment(i, t, name, size), txn
+        )
+
+    async def rename(self, name: str, new_name: str, *, txn: bytes | None = None) -> CommitResult:
+        return await self._mutate(
+            f"rename {name!r} to {new_name!r}",
+            lambda i, t: RenameSegment(i, t, name, new_name),
+            txn,
+        )
+
+    async def delete(self, name: str, *, txn: bytes | None = None) -> CommitResult:
+        return await self._mutate(f"delete {name!r}", lambda i, t: DeleteSegment(i, t, name), txn)
+
+    async def read_pages(self, name: str, first: int, count: int) -> PageRead:
+        """Pages first..first+count-1 of name (at most MAX_MESSAGE_PAGES)."""
+        what = f"read of pages {first}..{first + count - 1} of {name!r}"
+        r = await self._call(what, lambda i: ReadPages(i, name, first, count), Pages)
+        return PageRead(r.segment, r.first, r.count, r.version, r.runs)
+
+    async def read_bytes(self, name: str, first: int, count: int) -> bytes:
+        """Like read_pages, any count, holes as zeros; large reads are pipelined."""
+        if count <= MAX_MESSAGE_PAGES:
+            return (await self.read_pages(name, first, count)).to_bytes()
+        out = bytearray(count * PAGE_SIZE)
+
+        async def part(start: int, n: int) -> None:
+            data = (await self.read_pages(name, start, n)).to_bytes()
+            off = (start - first) * PAGE_SIZE
+            out[off : off + len(data)] = data
+
+        async with open_quiet_nursery() as nursery:
+            for start in range(first, first + count, MAX_MESSAGE_PAGES):
+                nursery.start_soon(part, start, min(MAX_MESSAGE_PAGES, first + count - start))
+        return bytes(out)
+
+    async def commit(self, writes: Sequence[PageRun], *, txn: bytes | None = None) -> CommitResult:
+        """Write all runs as one transaction, exactly once: all of them land or none.
+
+        If the connection breaks, the whole transaction is sent again under the same id;
+        the server applies it only if it had not already.
+        """
+        txn = txn or self.new_txn()
+        total_pages = sum(r.count for r in writes)
+        segments = sorted({r.segment for r in writes})
+        what = f"commit of {total_pages} pages to {', '.join(map(repr, segments)) or 'nothing'}"
+        pieces = _split(writes, STAGE_PAGES) if total_pages > MAX_MESSAGE_PAGES else []
+
+        async def body(link: _Link) -> Reply:
+            msgs: list[Request] = [
+                StagePages(next(self._ids), txn, p.segment, p.first, p.data) for p in pieces
+            ]
+            msgs.append(Commit(next(self._ids), txn, () if pieces else tuple(writes)))
+            replies = [link.start(m) for m in msgs]
+            try:
+                await link.send(msgs)
+                for m, reply in zip(msgs[:-1], replies[:-1], strict=True):
+                    self._check(await reply, Staged, f"{what} (staging {m.req_id})")
+                return await replies[-1]
+            finally:
+                for m in msgs:
+                    link.pending.pop(m.req_id, None)
+
+        try:
+            r = self._check(await self._with_link(what, body), Committed, what)
+        except NetmemError:
+            if pieces:
+                await self._abort_quietly(txn)
+            raise
+        return CommitResult(r.txn, dict(r.versions), r.replayed)
+
+    async def _abort_quietly(self, txn: bytes) -> None:
+        link = self._link
+        if link is None or link.lost is not None:
+            return  # staged pages died with the connection
+        with trio.move_on_after(1):
+            with suppress(_LinkLost, ProtocolError, LocalProtocolError):
+                await link.request(Abort(next(self._ids), txn))
+
+
+def _split(writes: Sequence[PageRun], pages: int) -> list[PageRun]:
+    out = []
+    for run in writes:
+        view = memoryview(run.data)
+        for i in range(0, run.count, pages):
+            n = min(pages, run.count - i)
+            data = view[i * PAGE_SIZE : (i + n) * PAGE_SIZE]
+            out.append(PageRun(run.segment, run.first + i, data))
+    return out
+
+
+__all__ = [
+    "CommitResult",
+    "PageRead",
+    "RemoteStore",
+    "SegmentStat",
+    "ServerStat",
+]

@@ -1,0 +1,162 @@
+"""`netmemfs-server`: the command line of the page server."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+from netmemfs.auth import read_token_file
+from netmemfs.errors import NetmemError
+from netmemfs.sizes import parse_host_port, parse_size
+from netmemfs_server.log import LogPageStore
+from netmemfs_server.serve import DEFAULT_PORT, PageServer
+from netmemfs_server.store import MemoryPageStore
+
+DESCRIPTION = """\
+Serve netmemfs pages over TCP. Clients (`netmemfs mount --server HOST`) read pages from
+this server and commit their writes to it as atomic transactions.
+
+Pages are kept in memory. With --data-dir every commit is also appended to a log there
+and fsynced before it is acknowledged, so a restart (even after kill -9) comes back with
+every acknowledged commit and no half-applied one.
+
+examples:
+  netmemfs-server                                  # in memory, on 127.0.0.1:7733
+  netmemfs-server --data-dir /var/lib/netmemfs --max-memory 8G
+  netmemfs-server --listen 0.0.0.0:7733 --token-file /etc/netmemfs/token
+"""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netmemfs-server",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
+        help="address to listen on (default %(default)s; port 0 picks a free one and prints it)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep a durable log and checkpoints in DIR (default: memory only, lost on exit)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=parse_size,
+        metavar="SIZE",
+        help="refuse commits that would store more page data than SIZE (e.g. 8G); "
+        "default: no limit",
+    )
+    p.add_argument(
+        "--checkpoint-size",
+        type=parse_size,
+        default=parse_size("256M"),
+        metavar="SIZE",
+        help="with --data-dir, write a checkpoint and start a new log once the log "
+        "reaches SIZE (default 256M)",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="require clients to prove they know the token in FILE (mode 0600); the "
+        "token never crosses the network",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without --token-file",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="netmemfs-server: %(levelname)s %(message)s",
+    )
+    try:
+        host, port = parse_host_port(args.listen, DEFAULT_PORT)
+    except ValueError as e:
+        print(f"netmemfs-server: --listen {e}", file=sys.stderr)
+        return 2
+    token = None
+    try:
+        if args.token_file is not None:
+            token = read_token_file(args.token_file)
+    except NetmemError as e:
+        print(f"netmemfs-server: {e}", file=sys.stderr)
+        return 2
+    if token is None and not args.insecure and not _is_loopback(host):
+        print(
+            f"netmemfs-server: refusing to listen on {host}, which other machines can reach, "
+            "without --token-file FILE (or --insecure to accept anyone who can connect)",
+            file=sys.stderr,
+        )
+        return 2
+    durable = None
+    try:
+        if args.data_dir is not None:
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(args.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(
+                    f"netmemfs-server: {args.data_dir} is in use by another netmemfs-server",
+                    file=sys.stderr,
+                )
+                return 1
+            durable = LogPageStore.open(
+                args.data_dir,
+                capacity_bytes=args.max_memory,
+                checkpoint_bytes=args.checkpoint_size,
+            )
+            mem = durable.mem
+        else:
+            mem = MemoryPageStore(args.max_memory)
+    except (NetmemError, OSError) as e:
+        print(f"netmemfs-server: cannot open {args.data_dir}: {e}", file=sys.stderr)
+        return 1
+    server = PageServer(mem, durable, token)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, host, port)
+            print(f"netmemfs-server listening on {host}:{bound}", flush=True)
+
+    try:
+        trio.run(run)
+    except OSError as e:
+        print(f"netmemfs-server: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Durable page store: a write-ahead log plus checkpoints in a data directory.
+
+Where it sits: below serve.py, beside store.py (it replays into a MemoryPageStore and
+never touches the network). The on-disk format is described in docs/protocol.md
+("Data directory"). Files in DIR:
+
+    checkpoint        the whole state as of the end of log generation C (may be absent)
+    log.<gen>         commit records appended after that, one file per generation
+
+Each record: magic (4 bytes), payload length (u32 BE), CRC-32 of the payload (u32 BE),
+payload (msgpack). A commit is one record, fsynced before it is acknowledged, so after a
+crash it is either wholly in the log or it is the torn tail that recovery cuts off.
+Checkpoints are written to checkpoint.tmp, fsynced, renamed over checkpoint and the
+directory fsynced; only then are the logs it covers removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from netmemfs.errors import NetmemError, RemoteProtocolError, ServerError
+from netmemfs.protocol import Buffer, PageRun, pack_parts, unpack
+from netmemfs_server.store import (
+    Create,
+    Delete,
+    MemoryPageStore,
+    Op,
+    Rename,
+    Resize,
+    Segment,
+    Write,
+)
+
+log = logging.getLogger("netmemfs.server.log")
+
+RECORD = struct.Struct(">4sII")
+LOG_MAGIC = b"NMLG"
+CKPT_MAGIC = b"NMCK"
+FORMAT_VERSION = 1
+MAX_RECORD_BYTES = 1 << 30
+TXNS_PER_CHECKPOINT_RECORD = 4096
+_LOG_NAME = re.compile(r"^log\.(\d{16})$")
+
+
+class CorruptDataDir(NetmemError):
+    """The data directory holds damage that is not a torn tail: refuse to guess."""
+
+
+def _log_path(data_dir: Path, gen: int) -> Path:
+    return data_dir / f"log.{gen:016d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(magic: bytes, payload: object) -> list[Buffer]:
+    parts: list[Buffer] = []
+    pack_parts(payload, parts)
+    crc = 0
+    length = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        length += len(part)
+    return [RECORD.pack(magic, length, crc), *parts]
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    total = sum(len(p) for p in parts)
+    done = os.writev(fd, parts) if len(parts) <= 512 else 0
+    if done < total:
+        rest = memoryview(b"".join(parts))[done:]
+        while rest:
+            n = os.write(fd, rest)
+            rest = rest[n:]
+    return total
+
+
+def read_records(f: BinaryIO, magic: bytes) -> Iterator[tuple[int, object]]:
+    """Yield (end offset, payload) for each whole, valid record; stop at the first that
+    is not (a torn or damaged tail). The caller compares the last end with the size."""
+    offset = 0
+    while True:
+        head = f.read(RECORD.size)
+        if len(head) < RECORD.size:
+            return
+        got_magic, length, crc = RECORD.unpack(head)
+        if got_magic != magic or length > MAX_RECORD_BYTES:
+            return
+        payload = f.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        try:
+            obj = unpack(payload)
+        except RemoteProtocolError:
+            return
+        offset += RECORD.size + length
+        yield offset, obj
+
+
+# --- ops <-> records -------------------------------------------------------------------
+
+
+def ops_to_payload(txn: bytes, ops: Sequence[Op]) -> list[object]:
+    out: list[object] = []
+    for op in ops:
+        if isinstance(op, Write):
+            out.append(("w", op.run.segment, op.run.first, op.run.data))
+        elif isinstance(op, Create):
+            out.append(("c", op.name, op.size))
+        elif isinstance(op, Resize):
+            out.append(("r", op.name, op.size))
+        elif isinstance(op, Rename):
+            out.append(("m", op.name, op.new_name))
+        else:
+            out.append(("d", op.name))
+    return ["commit", txn, out]
+
+
+def payload_to_ops(obj: object) -> tuple[bytes, list[Op]]:
+    try:
+        assert isinstance(obj, list) and len(obj) == 3
+        kind, txn, items = obj
+        assert kind == "commit" and isinstance(txn, bytes)
+        ops: list[Op] = []
+        for item in items:
+            tag = item[0]
+            if tag == "w":
+                ops.append(Write(PageRun(item[1], item[2], item[3])))
+            elif tag == "c":
+                ops.append(Create(item[1], item[2]))
+            elif tag == "r":
+                ops.append(Resize(item[1], item[2]))
+            elif tag == "m":
+                ops.append(Rename(item[1], item[2]))
+            elif tag == "d":
+                ops.append(Delete(item[1]))
+            else:
+                raise ValueError(tag)
+        return txn, ops
+    except (ValueError, TypeError, IndexError, AssertionError) as e:
+        raise CorruptDataDir(f"a log record that passed its checksum is not a commit: {e}") from e
+
+
+# --- the store -------------------------------------------------------------------------
+
+
+class LogPageStore:
+    """Appends commits to the log and checkpoints the in-memory state it mirrors.
+
+    Not thread-safe: the server calls append() and checkpoint() one at a time (under its
+    commit lock), from worker threads; the event loop meanwhile only reads `mem`.
+    """
+
+    def __init__(self, data_dir: Path, mem: MemoryPageStore, gen: int, checkpoint_bytes: int):
+        self.data_dir = data_dir
+        self.mem = mem
+        self.gen = gen
+        self.checkpoint_bytes = checkpoint_bytes
+        self.checkpoints = 0
+        self._fd = os.open(_log_path(data_dir, gen), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._end = os.fstat(self._fd).st_size
+        self._broken: str | None = None
+
+    @classmethod
+    def open(
+        cls, data_dir: Path, *, capacity_bytes: int | None, checkpoint_bytes: int
+    ) -> LogPageStore:
+        """Recover the state in data_dir (creating it if need be) and open it for appends."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        mem = MemoryPageStore(capacity_bytes)
+        covered = 0
+        ckpt = data_dir / "checkpoint"
+        if ckpt.exists():
+            covered = _load_checkpoint(ckpt, mem)
+        (data_dir / "checkpoint.tmp").unlink(missing_ok=True)
+        gens = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _LOG_NAME.match(p.name)))
+        for gen in gens:
+            if gen <= covered:
+                _log_path(data_dir, gen).unlink()
+        live = [g for g in gens if g > covered]
+        for i, gen in enumerate(live):
+            _replay_log(_log_path(data_dir, gen), mem, last=i == len(live) - 1)
+        gen = live[-1] if live else covered + 1
+        store = cls(data_dir, mem, gen, checkpoint_bytes)
+        _fsync_dir(data_dir)
+        log.info(
+            "recovered %d segments, %d pages from %s (checkpoint covers log %d, replayed %d logs)",
+            len(mem.segments),
+            mem.used_pages,
+            data_dir,
+            covered,
+            len(live),
+        )
+        return store
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise ServerError(
+                f"the data directory {self.data_dir} could not be written ({self._broken}); "
+                "commits are refused until the server is restarted"
+            )
+
+    def append(self, txn: bytes, ops: Sequence[Op]) -> None:
+        """Write one commit record and fsync it. Blocking: call from a worker thread."""
+        self._check_usable()
+        parts = encode_record(LOG_MAGIC, ops_to_payload(txn, ops))
+        try:
+            n = _write_all(self._fd, parts)
+            os.fsync(self._fd)
+        except OSError as e:
+            self._cut_back(e)
+            raise ServerError(
+                f"could not append to the log in {self.data_dir}: {e.strerror}; "
+                "free space there and retry the commit"
+            ) from e
+        self._end += n
+
+    def _cut_back(self, err: OSError) -> None:
+        """Remove a partial record after a failed write, or stop taking commits."""
+        try:
+            os.ftruncate(self._fd, self._end)
+            os.fsync(self._fd)
+        except OSError as e2:
+            self._broken = f"{err.strerror}, then {e2.strerror} while undoing it"
+            log.error("log %d is unusable: %s", self.gen, self._broken)
+
+    def wants_checkpoint(self) -> bool:
+        return self._end >= self.checkpoint_bytes
+
+    def checkpoint(self) -> None:
+        """Write the whole state, then start a new log. Blocking: call from a thread.
+
+        The event loop may read `mem` meanwhile but nothing may change it.
+        """
+        self._check_usable()
+        old_gen = self.gen
+        tmp = self.data_dir / "checkpoint.tmp"
+        with open(tmp, "wb") as f:
+            for record in _checkpoint_records(self.mem, old_gen):
+                f.writelines(encode_record(CKPT_MAGIC, record))
+            f.flush()
+            os.fsync(f.fileno())
+        new_fd = os.open(
+            _log_path(self.data_dir, old_gen + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        os.replace(tmp, self.data_dir / "checkpoint")
+        _fsync_dir(self.data_dir)
+        os.close(self._fd)
+        self._fd, self.gen, self._end = new_fd, old_gen + 1, 0
+        _log_path(self.data_dir, old_gen).unlink()
+        self.checkpoints += 1
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _checkpoint_records(mem: MemoryPageStore, covers_gen: int) -> Iterator[object]:
+    yield ["head", FORMAT_VERSION, covers_gen, len(mem.segments)]
+    for name, seg in mem.segments.items():
+        yield ["seg", name, seg.size, seg.version]
+        for ci, mask, chunk in seg.chunk_items():
+            yield ["chunk", ci, mask, chunk]
+    txns = list(mem.committed.items())
+    for i in range(0, len(txns), TXNS_PER_CHECKPOINT_RECORD):
+        batch = txns[i : i + TXNS_PER_CHECKPOINT_RECORD]
+        yield ["txns", [[t, [list(v) for v in vs]] for t, vs in batch]]
+    yield ["end"]
+
+
+def _load_checkpoint(path: Path, mem: MemoryPageStore) -> int:
+    covers = -1
+    seg: Segment | None = None
+    ended = False
+    with open(path, "rb") as f:
+        try:
+            for _, rec in read_records(f, CKPT_MAGIC):
+                assert isinstance(rec, list)
+                tag = rec[0]
+                if tag == "head":
+                    if rec[1] != FORMAT_VERSION:
+                        raise CorruptDataDir(
+                            f"{path} has format {rec[1]}; this server reads {FORMAT_VERSION}"
+                        )
+                    covers = rec[2]
+                elif tag == "seg":
+                    seg = mem.segments[rec[1]] = Segment(rec[2], rec[3])
+                elif tag == "chunk":
+                    assert seg is not None
+                    seg.load_chunk(rec[1], rec[2], rec[3])
+                    mem.used_pages += rec[2].bit_count()
+                elif tag == "txns":
+                    for txn, vs in rec[1]:
+                        mem.remember(txn, tuple((n, v) for n, v in vs))
+                elif tag == "end":
+                    ended = True
+        except (AssertionError, ValueError, TypeError, IndexError, KeyError) as e:
+            raise CorruptDataDir(f"{path} is damaged ({e!r}); restore it from a backup") from e
+    if covers < 0 or not ended:
+        raise CorruptDataDir(
+            f"{path} is incomplete or damaged (checkpoints are renamed into place only "
+            "when whole, so this is not a crash); restore it from a backup"
+        )
+    return int(covers)
+
+
+def _replay_log(path: Path, mem: MemoryPageStore, *, last: bool) -> None:
+    size = path.stat().st_size
+    end = 0
+    with open(path, "rb") as f:
+        for end, rec in read_records(f, LOG_MAGIC):  # noqa: B007 - end is used below
+            txn, ops = payload_to_ops(rec)
+            try:
+                mem.check(ops, enforce_capacity=False)
+            except NetmemError as e:
+                raise CorruptDataDir(f"{path}: a logged commit no longer applies: {e}") from e
+            mem.apply(txn, ops)
+    if end == size:
+        return
+    if not last:
+        raise CorruptDataDir(
+            f"{path} is damaged at byte {end} of {size}, yet a later log exists, so this is "
+            "not a torn tail from a crash; restore the data directory from a backup"
+        )
+    log.warning(
+        "cutting a torn tail of %d bytes off %s (a commit never acknowledged)", size - end, path
+    )
+    with open(path, "r+b") as f:
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())

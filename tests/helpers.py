@@ -1,0 +1,139 @@
+"""Test helpers: real server processes, page patterns that name themselves, waiting."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from netmemfs.pages import PAGE_SIZE
+
+T = TypeVar("T")
+
+START_TIMEOUT_S = 20.0
+_LISTENING = re.compile(rb"netmemfs-server listening on ([\d.]+):(\d+)")
+# Log lines a test did not ask for fail it (S3QL's checklogs).
+_UNEXPECTED = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback)\b")
+
+
+def stamp_page(segment: str, page: int, generation: int) -> bytes:
+    """A page that says which segment, page and generation it belongs to."""
+    head = f"nm|{segment}|{page}|{generation}|".encode()
+    return (head * (PAGE_SIZE // len(head) + 1))[:PAGE_SIZE]
+
+
+def describe_page(data: bytes) -> str:
+    if data == bytes(PAGE_SIZE):
+        return "a hole (zeros)"
+    head = data[:64].split(b"|")
+    if len(head) >= 4 and head[0] == b"nm":
+        return f"segment {head[1].decode()!r} page {head[2].decode()} gen {head[3].decode()}"
+    return f"unrecognised bytes {data[:24]!r}"
+
+
+def run_trio(fn: Callable[[], Awaitable[T]], timeout_s: float = 60.0) -> T:
+    async def main() -> T:
+        with trio.fail_after(timeout_s):
+            return await fn()
+
+    return trio.run(main)
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll cond until true or the deadline; no fixed sleeps in tests."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class ServerProc:
+    """A real netmemfs-server process on 127.0.0.1 with an ephemeral port."""
+
+    def __init__(self, workdir: Path, *args: str, data_dir: Path | None = None) -> None:
+        self.workdir = workdir
+        self.args = list(args)
+        self.data_dir = data_dir
+        self.expected_log: list[re.Pattern[str]] = []
+        self.log_path = workdir / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "netmemfs_server", "--listen", "127.0.0.1:0", *self.args]
+        if self.data_dir is not None:
+            cmd += ["--data-dir", str(self.data_dir)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+            )
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                self.kill()
+                raise AssertionError(f"server did not start within {START_TIMEOUT_S} s")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"server exited at start:\n{self.log_text()}")
+            line += chunk
+        sel.close()
+        m = _LISTENING.search(line)
+        assert m, line
+        self.port = int(m.group(2))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def expect_log(self, pattern: str) -> None:
+        """Allow log lines matching pattern (warnings the test provokes on purpose)."""
+        self.expected_log.append(re.compile(pattern))
+
+    def unexpected_log_lines(self) -> list[str]:
+        return [
+            line
+            for line in self.log_text().splitlines()
+            if _UNEXPECTED.search(line) and not any(p.search(line) for p in self.expected_log)
+        ]

@@ -1,0 +1,165 @@
+"""Layer 1: the sans-IO protocol alone."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netmemfs import protocol as p
+from netmemfs.errors import LocalProtocolError, RemoteProtocolError
+from netmemfs.pages import PAGE_SIZE
+
+names = st.text(min_size=1, max_size=20)
+u64 = st.integers(min_value=0, max_value=p.MAX_U64)
+small = st.integers(min_value=0, max_value=1 << 40)
+txns = st.binary(min_size=1, max_size=p.MAX_TXN_ID_BYTES)
+pages = st.integers(min_value=1, max_value=3).flatmap(
+    lambda n: st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE)
+)
+runs = st.builds(p.PageRun, names, small, pages)
+
+requests = st.one_of(
+    st.builds(p.Hello, u64, u64, st.binary(min_size=1, max_size=64)),
+    st.builds(p.Authenticate, u64, st.binary(max_size=64)),
+    st.builds(p.ListSegments, u64),
+    st.builds(p.StatSegment, u64, names),
+    st.builds(p.CreateSegment, u64, txns, names, small),
+    st.builds(p.ResizeSegment, u64, txns, names, small),
+    st.builds(p.RenameSegment, u64, txns, names, names),
+    st.builds(p.DeleteSegment, u64, txns, names),
+    st.builds(p.ReadPages, u64, names, small, small),
+    st.builds(p.StagePages, u64, txns, names, small, pages),
+    st.builds(p.Commit, u64, txns, st.lists(runs, max_size=3).map(tuple)),
+    st.builds(p.Abort, u64, txns),
+    st.builds(p.StatServer, u64),
+)
+replies = st.one_of(
+    st.builds(p.HelloReply, u64, u64, st.binary(min_size=1, max_size=64), st.booleans()),
+    st.builds(p.SegmentList, u64, st.lists(names, max_size=5).map(tuple)),
+    st.builds(p.SegmentInfo, u64, names, small, small, small),
+    st.builds(p.Pages, u64, names, small, small, small, st.lists(runs, max_size=3).map(tuple)),
+    st.builds(
+        p.Committed,
+        u64,
+        txns,
+        st.lists(st.tuples(names, small), max_size=3).map(tuple),
+        st.booleans(),
+    ),
+    st.builds(p.Error, u64, st.text(max_size=10), st.text(max_size=50)),
+    st.builds(p.ServerInfo, u64, small, small, small),
+)
+
+
+def _feed_in_chunks(conn: p.Connection, data: bytes, cuts: list[int]) -> list[p.Message]:
+    out: list[p.Message] = []
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for a, b in itertools.pairwise(points):
+        conn.receive_data(data[a:b])
+        while True:
+            ev = conn.next_event()
+            if ev is p.NEED_DATA:
+                break
+            assert isinstance(ev, p.Message)
+            out.append(ev)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(requests, min_size=1, max_size=6), st.lists(st.integers(0, 1 << 20), max_size=8))
+def test_any_chunking_of_any_request_sequence(msgs: list[p.Message], cuts: list[int]) -> None:
+    client, server = p.Connection(p.Role.CLIENT), p.Connection(p.Role.SERVER)
+    wire = b"".join(client.send(m) for m in msgs)
+    assert _feed_in_chunks(server, wire, cuts) == msgs
+    server.receive_data(b"")
+    assert server.next_event() is p.CLOSED
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(replies, min_size=1, max_size=6), st.lists(st.integers(0, 1 << 20), max_size=8))
+def test_any_chunking_of_any_reply_sequence(msgs: list[p.Message], cuts: list[int]) -> None:
+    client, server = p.Connection(p.Role.CLIENT), p.Connection(p.Role.SERVER)
+    wire = b"".join(server.send(m) for m in msgs)
+    assert _feed_in_chunks(client, wire, cuts) == msgs
+
+
+def test_roles_are_enforced() -> None:
+    with pytest.raises(LocalProtocolError):
+        p.Connection(p.Role.CLIENT).send(p.Error(1, "x", "y"))
+    with pytest.raises(LocalProtocolError):
+        p.Connection(p.Role.SERVER).send(p.ListSegments(1))
+    # A reply arriving at a server is an unknown type there.
+    server = p.Connection(p.Role.SERVER)
+    server.receive_data(p.Connection(p.Role.SERVER).send(p.Error(1, "x", "y")))
+    with pytest.raises(RemoteProtocolError, match="unknown message type 127"):
+        server.next_event()
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"\xc1", "not msgpack"),
+        (msgpack.packb({"a": 1}), "expected an array"),
+        (msgpack.packb([]), "starts with its type"),
+        (msgpack.packb([99, 1]), "unknown message type 99"),
+        (msgpack.packb([3]), "has 1 fields, got 0"),
+        (msgpack.packb([3, -1]), "unsigned 64-bit"),
+        (msgpack.packb([3, True]), "unsigned 64-bit"),
+        (msgpack.packb([4, 1, b"bytes-not-str"]), "expected a string"),
+        (msgpack.packb([10, 1, b"t", "s", 0, b"x" * 100]), "whole number of pages"),
+        (msgpack.packb([12, 1, b""]), "1..64 bytes"),
+        (msgpack.packb([11, 1, b"t", [["s", 0]]]), "3 fields"),
+        (msgpack.packb([3, 1]) + b"\x00", "not msgpack"),
+    ],
+)
+def test_malformed_bodies_are_remote_errors(body: bytes, why: str) -> None:
+    server = p.Connection(p.Role.SERVER)
+    server.receive_data(_frame(body))
+    with pytest.raises(RemoteProtocolError, match=why):
+        server.next_event()
+
+
+def test_oversized_frame_is_refused_before_buffering() -> None:
+    server = p.Connection(p.Role.SERVER)
+    server.receive_data(struct.pack(">I", p.MAX_FRAME_BYTES + 1))
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        server.next_event()
+
+
+def test_sender_refuses_frames_past_the_limit() -> None:
+    big = bytes((p.MAX_MESSAGE_PAGES + 1) * PAGE_SIZE)
+    with pytest.raises(LocalProtocolError, match="at most 4096 pages per message"):
+        p.Connection(p.Role.CLIENT).send(p.StagePages(1, b"t", "s", 0, big))
+    with pytest.raises(LocalProtocolError, match="whole number of pages"):
+        p.Connection(p.Role.CLIENT).send(p.StagePages(1, b"t", "s", 0, b"x"))
+
+
+def test_eof_mid_frame_is_an_error() -> None:
+    server = p.Connection(p.Role.SERVER)
+    wire = p.Connection(p.Role.CLIENT).send(p.ListSegments(5))
+    server.receive_data(wire[:-1])
+    server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        server.next_event()
+
+
+def test_page_data_passes_through_without_copy() -> None:
+    data = bytearray(PAGE_SIZE * 4)
+    parts = p.encode_parts(p.StagePages(1, b"t", "s", 0, data))
+    assert any(part is data for part in parts)
+
+
+def test_holes_and_runs_rejects_runs_outside_the_request() -> None:
+    run = p.PageRun("s", 10, bytes(PAGE_SIZE))
+    with pytest.raises(RemoteProtocolError, match="outside"):
+        p.holes_and_runs(0, 4, [run])
+    out = p.holes_and_runs(8, 4, [run])
+    assert len(out) == 4 * PAGE_SIZE
