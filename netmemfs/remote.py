@@ -158,11 +158,11 @@ class _Link:
         self.send_lock = trio.Lock()
         self.lost: str | None = None
 
-    def start(self, msg: Request) -> Awaitable[Reply]:
-        """Queue msg; returns the awaitable of its reply. Sending happens in send()."""
+    def start(self, msg: Request) -> _Waiter:
+        """Register msg's id; its reply arrives in the waiter. Sending happens in send()."""
         waiter = _Waiter()
         self.pending[msg.req_id] = waiter
-        return waiter.wait()
+        return waiter
 
     async def send(self, msgs: Sequence[Request]) -> None:
         parts = []
@@ -183,10 +183,10 @@ class _Link:
                 raise
 
     async def request(self, msg: Request) -> Reply:
-        reply = self.start(msg)
+        waiter = self.start(msg)
         try:
             await self.send([msg])
-            return await reply
+            return await waiter.wait()
         finally:
             self.pending.pop(msg.req_id, None)
 
@@ -472,8 +472,8 @@ class RemoteStore:
             try:
                 await link.send(msgs)
                 for m, reply in zip(msgs[:-1], replies[:-1], strict=True):
-                    self._check(await reply, Staged, f"{what} (staging {m.req_id})")
-                return await replies[-1]
+                    self._check(await reply.wait(), Staged, f"{what} (staging {m.req_id})")
+                return await replies[-1].wait()
             finally:
                 for m in msgs:
                     link.pending.pop(m.req_id, None)

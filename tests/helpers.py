@@ -137,3 +137,18 @@ class ServerProc:
             for line in self.log_text().splitlines()
             if _UNEXPECTED.search(line) and not any(p.search(line) for p in self.expected_log)
         ]
+
+
+async def wait_for_async(
+    cond: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 10.0
+) -> None:
+    """Poll an async condition until true or the deadline (for state in another process)."""
+    delay = 0.001
+    with trio.move_on_after(timeout_s) as scope:
+        while True:
+            if await cond():
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+    if scope.cancelled_caught:
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

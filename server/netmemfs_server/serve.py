@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from netmemfs import auth
+from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.errors import (
     AuthFailed,
     NetmemError,
@@ -180,7 +181,7 @@ class _Session:
                 await self.stream.send_all(part)
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
+        async with open_quiet_nursery() as nursery:
             while True:
                 while True:
                     try:
