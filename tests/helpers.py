@@ -96,9 +96,11 @@ class ServerProc:
                 raise AssertionError(f"server did not start within {START_TIMEOUT_S} s")
             chunk = os.read(self.proc.stdout.fileno(), 4096)
             if not chunk:
+                self.kill()
                 raise AssertionError(f"server exited at start:\n{self.log_text()}")
             line += chunk
         sel.close()
+        self.proc.stdout.close()  # the server prints nothing after this line
         m = _LISTENING.search(line)
         assert m, line
         self.port = int(m.group(2))
@@ -109,6 +111,8 @@ class ServerProc:
             self.proc.wait(10)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.proc is not None:
+            self.proc.wait(10)
 
     def restart(self) -> None:
         self.kill()
