@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import trio
 
 from netmemfs.errors import NetmemError
+from netmemfs.protocol import Buffer, Connection, coalesce
 
 
 @asynccontextmanager
@@ -37,3 +38,52 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         else:
             out.append(e)
     return out
+
+
+# Reads outside a large frame are this long at most, so that little of a large frame is
+# read before it is recognised and received in place.
+SMALL_RECEIVE_BYTES = 64 * 1024
+
+
+async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None:
+    """Read what the peer sent next into conn (b"" at EOF), large frames in place."""
+    view = conn.receive_buffer()
+    if view is not None and isinstance(stream, trio.SocketStream):
+        try:
+            # view is a slice of the frame buffer conn owns; recv_into writes at most
+            # len(view) bytes into it, and conn.received() is told how many.
+            n = await stream.socket.recv_into(view)
+        except OSError as e:
+            raise trio.BrokenResourceError(f"receive failed: {e}") from e
+        finally:
+            view.release()
+        conn.received(n)
+    else:
+        if view is not None:
+            view.release()
+        conn.receive_data(await stream.receive_some(SMALL_RECEIVE_BYTES))
+
+
+# sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
+_MAX_IOV = 512
+
+
+async def send_parts(stream: trio.abc.SendStream, parts: Sequence[Buffer]) -> None:
+    """Write parts in order, gathered into as few system calls as the kernel allows."""
+    if not isinstance(stream, trio.SocketStream):
+        for part in coalesce(parts):
+            await stream.send_all(part)
+        return
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    sock = stream.socket
+    try:
+        while views:
+            # Each view stays alive in `views` until the kernel has copied all of it.
+            sent = await sock.sendmsg(views[:_MAX_IOV])
+            while sent and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+    except OSError as e:
+        raise trio.BrokenResourceError(f"send failed: {e}") from e

@@ -38,6 +38,8 @@ MAX_FRAME_BYTES = MAX_MESSAGE_PAGES * PAGE_SIZE + 64 * 1024
 MAX_TXN_ID_BYTES = 64
 MAX_NONCE_BYTES = 64
 MAX_U64 = (1 << 64) - 1
+# Socket buffer size both ends ask for: a 1 MiB message then moves in few system calls.
+SOCKET_BUFFER_BYTES = 4 << 20
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -337,6 +339,8 @@ REPLIES: dict[int, type[Message]] = {
 
 # --- encoding -------------------------------------------------------------------------
 
+# Frames at least this long are received into a buffer of their own and decoded in place.
+LARGE_FRAME_BYTES = 64 * 1024
 # Payloads at least this long are passed through as they are (no copy) rather than
 # packed; see _bin_header.
 _PASSTHROUGH_BYTES = 512
@@ -384,6 +388,75 @@ def unpack(data: Buffer) -> object:
         return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on hostile input
         raise _bad(f"not msgpack ({type(e).__name__}: {e})") from None
+
+
+def unpack_in_place(data: Buffer) -> object:
+    """Decode the msgpack subset this protocol uses, byte strings of a page or more as
+    memoryviews of data (no copy). RemoteProtocolError on anything else."""
+    view = memoryview(data)
+    try:
+        obj, pos = _unpack_at(view, 0, 0)
+    except (IndexError, ValueError) as e:  # past the end; bad UTF-8
+        raise _bad(f"not msgpack ({type(e).__name__}: {e})") from None
+    if pos != len(view):
+        raise _bad(f"{len(view) - pos} bytes after the message")
+    return obj
+
+
+_MAX_DEPTH = 8
+_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_STR = {0xD9: 1, 0xDA: 2, 0xDB: 4}
+_ARRAY = {0xDC: 2, 0xDD: 4}
+
+
+def _unpack_at(b: memoryview, pos: int, depth: int) -> tuple[object, int]:
+    t = b[pos]
+    pos += 1
+    if t <= 0x7F:
+        return t, pos
+    n = -1
+    if t in _UINT:
+        size = _UINT[t]
+        if pos + size > len(b):
+            raise IndexError("truncated integer")
+        return int.from_bytes(b[pos : pos + size], "big"), pos + size
+    if t == 0xC2 or t == 0xC3:
+        return t == 0xC3, pos
+    if t == 0xC0:
+        return None, pos
+    if 0x90 <= t <= 0x9F or t in _ARRAY:
+        if t in _ARRAY:
+            size = _ARRAY[t]
+            n, pos = int.from_bytes(b[pos : pos + size], "big"), pos + size
+        else:
+            n = t & 0x0F
+        if depth >= _MAX_DEPTH:
+            raise _bad(f"arrays nested more than {_MAX_DEPTH} deep")
+        if n > len(b) - pos:
+            raise IndexError(f"array of {n} items in {len(b) - pos} bytes")
+        items = []
+        for _ in range(n):
+            item, pos = _unpack_at(b, pos, depth + 1)
+            items.append(item)
+        return items, pos
+    if 0xA0 <= t <= 0xBF:
+        n = t & 0x1F
+    elif t in _STR:
+        size = _STR[t]
+        n, pos = int.from_bytes(b[pos : pos + size], "big"), pos + size
+    if n >= 0:
+        if pos + n > len(b):
+            raise IndexError("truncated string")
+        return str(b[pos : pos + n], "utf-8"), pos + n
+    if t in _BIN:
+        size = _BIN[t]
+        n, pos = int.from_bytes(b[pos : pos + size], "big"), pos + size
+        if pos + n > len(b):
+            raise IndexError("truncated byte string")
+        data = b[pos : pos + n]
+        return (data if n >= PAGE_SIZE else bytes(data)), pos + n
+    raise _bad(f"msgpack type byte 0x{t:02x} is not used by this protocol")
 
 
 def _check_pages(data: Buffer, what: str) -> None:
@@ -463,8 +536,8 @@ def _bytes(v: object, limit: int | None = None) -> bytes:
     return v
 
 
-def _pages(v: object) -> bytes:
-    data = _bytes(v)
+def _pages(v: object) -> Buffer:
+    data = v if type(v) is memoryview else _bytes(v)
     if not data or len(data) % PAGE_SIZE:
         raise _bad(f"page data of {len(data)} bytes is not a whole number of pages")
     _check_total(len(data), RemoteProtocolError)
@@ -524,8 +597,12 @@ def _decode_field(kind: str, v: object) -> object:
 
 
 def decode_body(body: Buffer, table: dict[int, type[Message]]) -> Message:
-    """Decode one frame body (without its length prefix) into a message from table."""
-    items = _list(unpack(body))
+    """Decode one frame body (without its length prefix) into a message from table.
+
+    A body of LARGE_FRAME_BYTES or more must be a view of a buffer owned by this message
+    alone: its page payloads are returned as views of it, not copies.
+    """
+    items = _list(unpack(body) if len(body) < LARGE_FRAME_BYTES else unpack_in_place(body))
     if not items or type(items[0]) is not int:
         raise _bad("a message starts with its type number")
     cls = table.get(items[0])
@@ -538,12 +615,21 @@ def decode_body(body: Buffer, table: dict[int, type[Message]]) -> Message:
 
 
 class Connection:
-    """One end of a netmemfs connection: framing and message codec, no I/O."""
+    """One end of a netmemfs connection: framing and message codec, no I/O.
+
+    Bytes arrive through receive_data(). For a large frame (LARGE_FRAME_BYTES or more
+    still missing) the caller may instead ask receive_buffer() for the place the rest of
+    the frame goes, receive into it directly, and report received(n): page data then
+    crosses from the kernel into its final buffer once, and the decoded message's page
+    payloads are views of that buffer.
+    """
 
     def __init__(self, role: Role, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.role = role
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
+        self._frame: bytearray | None = None  # a large frame being received in place
+        self._fill = 0
         self._eof = False
         self._send_kind: type[Message] = Request if role is Role.CLIENT else Reply
         self._receive_table = REPLIES if role is Role.CLIENT else REQUESTS
@@ -560,40 +646,71 @@ class Connection:
         """Feed bytes read from the peer; b"" means the peer closed its side."""
         if self._eof:
             raise LocalProtocolError("receive_data after end of stream")
+        if not data:
+            self._eof = True
+            return
+        frame = self._frame
+        if frame is not None:
+            take = min(len(data), len(frame) - self._fill)
+            frame[self._fill : self._fill + take] = data[:take]
+            self._fill += take
+            data = data[take:]
         if data:
             self._buf += data
-        else:
+
+    def receive_buffer(self) -> memoryview | None:
+        """A writable view for the rest of a large frame under way, else None."""
+        if self._frame is None:
+            if len(self._buf) < FRAME_HEADER.size:
+                return None
+            (length,) = FRAME_HEADER.unpack_from(self._buf)
+            total = FRAME_HEADER.size + length
+            if length > self.max_frame_bytes or total - len(self._buf) < LARGE_FRAME_BYTES:
+                return None
+            self._frame = bytearray(total)
+            self._frame[: len(self._buf)] = self._buf
+            self._fill = len(self._buf)
+            self._buf.clear()
+        return memoryview(self._frame)[self._fill :]
+
+    def received(self, nbytes: int) -> None:
+        """nbytes were written into the view receive_buffer() gave; 0 means EOF."""
+        if nbytes == 0:
             self._eof = True
-
-    def bytes_wanted(self) -> int:
-        """How many more bytes complete the frame being received (0: unknown yet)."""
-        if len(self._buf) < FRAME_HEADER.size:
-            return 0
-        (length,) = FRAME_HEADER.unpack_from(self._buf)
-        return max(0, FRAME_HEADER.size + int(length) - len(self._buf))
-
-    @property
-    def buffered_bytes(self) -> int:
-        return len(self._buf)
+        else:
+            assert self._frame is not None and self._fill + nbytes <= len(self._frame)
+            self._fill += nbytes
 
     def next_event(self) -> Message | Event:
-        buf = self._buf
-        if len(buf) >= FRAME_HEADER.size:
-            (length,) = FRAME_HEADER.unpack_from(buf)
-            if length > self.max_frame_bytes:
-                raise RemoteProtocolError(
-                    f"frame of {length} bytes announced; the limit is {self.max_frame_bytes}"
-                )
-            end = FRAME_HEADER.size + length
-            if len(buf) >= end:
-                with memoryview(buf) as view, view[FRAME_HEADER.size : end] as body:
-                    msg = decode_body(body, self._receive_table)
-                del buf[:end]
-                return msg
+        frame = self._frame
+        if frame is not None:
+            if self._fill == len(frame):
+                self._frame = None
+                return decode_body(memoryview(frame)[FRAME_HEADER.size :], self._receive_table)
+        else:
+            buf = self._buf
+            if len(buf) >= FRAME_HEADER.size:
+                (length,) = FRAME_HEADER.unpack_from(buf)
+                if length > self.max_frame_bytes:
+                    raise RemoteProtocolError(
+                        f"frame of {length} bytes announced; the limit is {self.max_frame_bytes}"
+                    )
+                end = FRAME_HEADER.size + length
+                if len(buf) >= end:
+                    if length >= LARGE_FRAME_BYTES:
+                        # Its own buffer, so page payloads can be views of it.
+                        body: Buffer = bytearray(buf[FRAME_HEADER.size : end])
+                        del buf[:end]
+                        return decode_body(memoryview(body), self._receive_table)
+                    with memoryview(buf) as view, view[FRAME_HEADER.size : end] as body:
+                        msg = decode_body(body, self._receive_table)
+                    del buf[:end]
+                    return msg
         if self._eof:
-            if buf:
+            pending = len(self._buf) + (self._fill if frame is not None else 0)
+            if pending:
                 raise RemoteProtocolError(
-                    f"connection closed in the middle of a frame ({len(buf)} bytes pending)"
+                    f"connection closed in the middle of a frame ({pending} bytes pending)"
                 )
             return CLOSED
         return NEED_DATA

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import TypeVar
 import trio
 
 from netmemfs import auth
-from netmemfs._trio_util import open_quiet_nursery
+from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts
 from netmemfs.errors import (
     AuthFailed,
     LocalProtocolError,
@@ -44,6 +45,7 @@ from netmemfs.protocol import (
     MAX_MESSAGE_PAGES,
     NEED_DATA,
     PROTOCOL_VERSION,
+    SOCKET_BUFFER_BYTES,
     Abort,
     Authenticate,
     AuthReply,
@@ -71,7 +73,6 @@ from netmemfs.protocol import (
     StagePages,
     StatSegment,
     StatServer,
-    coalesce,
     holes_and_runs,
 )
 from netmemfs.sizes import parse_host_port
@@ -87,6 +88,12 @@ RECONNECT_MAX_S = 1.0
 STAGE_PAGES = 1024
 
 T = TypeVar("T")
+
+
+def tune_socket(sock: trio.socket.SocketType) -> None:
+    """Large buffers both ways (the kernel caps them at net.core.[rw]mem_max)."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
 
 
 class _LinkLost(Exception):
@@ -172,8 +179,7 @@ class _Link:
             if self.lost is not None:
                 raise _LinkLost(self.lost)
             try:
-                for part in coalesce(parts):
-                    await self.stream.send_all(part)
+                await send_parts(self.stream, parts)
             except BaseException as e:
                 # A frame cut short (cancelled, or the peer went away) leaves the stream
                 # unusable: nobody may write after it.
@@ -204,8 +210,7 @@ class _Link:
         why = "server closed the connection"
         try:
             while True:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-                self.conn.receive_data(data)
+                await receive_into(self.stream, self.conn)
                 while True:
                     ev = self.conn.next_event()
                     if ev is NEED_DATA:
@@ -313,6 +318,7 @@ class RemoteStore:
 
     async def _open_link(self) -> _Link:
         stream = await trio.open_tcp_stream(self.host, self.port)
+        tune_socket(stream.socket)
         try:
             with trio.fail_after(max(self.retry_for_s, 1.0)):
                 return await self._handshake(stream)

@@ -112,3 +112,21 @@ def test_reads_past_the_end_are_refused() -> None:
     assert s.read("a", 0, 2)[1] == ()
     with pytest.raises(OutOfRange):
         s.read("a", 1, 2)
+
+
+def test_reads_lend_views_that_later_commits_do_not_change() -> None:
+    s = MemoryPageStore()
+    _commit(s, b"1", Create("a", 2 * CHUNK_PAGES * PAGE_SIZE), _w("a", 0, 1, 1))
+    _, lent = s.read("a", 0, 2)
+    assert isinstance(lent[0].data, memoryview)
+    _commit(s, b"2", _w("a", 0, 2))  # copy-on-write: the lent view keeps generation 1
+    _commit(s, b"3", Resize("a", 100))  # zeroing a tail in place must not reach it either
+    assert bytes(lent[0].data) == stamp_page("a", 0, 1) + stamp_page("a", 1, 1)
+    _, now = s.read("a", 0, 1)
+    assert bytes(now[0].data)[:100] == stamp_page("a", 0, 2)[:100]
+    assert bytes(now[0].data)[100:] == bytes(PAGE_SIZE - 100)
+    del lent, now
+    # With no view alive, writes go in place again (no copy).
+    chunk = s.segments["a"].chunks[0]
+    _commit(s, b"4", _w("a", 0, 4))
+    assert s.segments["a"].chunks[0] is chunk

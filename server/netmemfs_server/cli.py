@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.auth import read_token_file
 from netmemfs.errors import NetmemError
 from netmemfs.sizes import parse_host_port, parse_size
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     server = PageServer(mem, durable, token)
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
+        async with open_quiet_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             print(f"netmemfs-server listening on {host}:{bound}", flush=True)
 
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netmemfs-server: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("netmemfs-server: interrupted; stopping", file=sys.stderr)
         return 0
     return 0
 

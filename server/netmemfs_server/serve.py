@@ -12,12 +12,13 @@ order, which the request ids allow. All commits of the server pass through one l
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 
 import trio
 
 from netmemfs import auth
-from netmemfs._trio_util import open_quiet_nursery
+from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts
 from netmemfs.errors import (
     AuthFailed,
     NetmemError,
@@ -31,6 +32,7 @@ from netmemfs.protocol import (
     CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
+    SOCKET_BUFFER_BYTES,
     Abort,
     Aborted,
     Authenticate,
@@ -59,7 +61,6 @@ from netmemfs.protocol import (
     StagePages,
     StatSegment,
     StatServer,
-    coalesce,
 )
 from netmemfs_server.log import LogPageStore
 from netmemfs_server.store import (
@@ -76,7 +77,6 @@ from netmemfs_server.store import (
 log = logging.getLogger("netmemfs.server")
 
 DEFAULT_PORT = 7733
-RECEIVE_BYTES = 1 << 20
 # Per connection: pages staged in open transactions, and commits running at once (the
 # connection stops reading while that many wait, which pushes back on the client).
 MAX_STAGED_BYTES = 256 << 20
@@ -146,6 +146,8 @@ class PageServer:
         except OSError:
             peer = "?"
         self.connections += 1
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            stream.socket.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
         try:
             await _Session(self, stream, peer).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
@@ -175,10 +177,9 @@ class _Session:
         self.inflight = trio.Semaphore(MAX_INFLIGHT_COMMITS)
 
     async def send(self, msg: Reply) -> None:
-        parts = coalesce(self.conn.send_parts(msg))
+        parts = self.conn.send_parts(msg)
         async with self.send_lock:
-            for part in parts:
-                await self.stream.send_all(part)
+            await send_parts(self.stream, parts)
 
     async def run(self) -> None:
         async with open_quiet_nursery() as nursery:
@@ -195,7 +196,7 @@ class _Session:
                         return  # the nursery lets running commits finish
                     assert isinstance(ev, Message)
                     await self.dispatch(ev, nursery)
-                self.conn.receive_data(await self.stream.receive_some(RECEIVE_BYTES))
+                await receive_into(self.stream, self.conn)
 
     async def dispatch(self, msg: Message, nursery: trio.Nursery) -> None:
         if self.state != "ready":

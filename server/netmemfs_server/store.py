@@ -87,9 +87,7 @@ class Segment:
         added = 0
         pos = 0
         for ci, lo, hi in _chunk_spans(first, len(data) // PAGE_SIZE):
-            chunk = self.chunks.get(ci)
-            if chunk is None:
-                chunk = self.chunks[ci] = bytearray(CHUNK_BYTES)
+            chunk = self._writable(ci)
             n = (hi - lo) * PAGE_SIZE
             chunk[lo * PAGE_SIZE : lo * PAGE_SIZE + n] = data[pos : pos + n]
             pos += n
@@ -100,16 +98,41 @@ class Segment:
         self.stored_pages += added
         return added
 
-    def read(self, first: int, count: int) -> Iterator[tuple[int, bytes]]:
-        """Yield (page, data) for each run of stored pages in the range, copied."""
+    def _writable(self, ci: int) -> bytearray:
+        """Chunk ci, ready to be changed in place without touching data lent out.
+
+        read() lends views of chunks rather than copies. A bytearray with a live view
+        cannot change size, so a one-byte append fails exactly when some view (a reply
+        still being sent) may be looking at it; then the chunk is copied, and the
+        reader keeps the old bytes, which nobody changes any more (copy-on-write).
+        """
+        chunk = self.chunks.get(ci)
+        if chunk is None:
+            chunk = self.chunks[ci] = bytearray(CHUNK_BYTES)
+            return chunk
+        try:
+            chunk.append(0)
+        except BufferError:
+            chunk = self.chunks[ci] = bytearray(chunk)
+        else:
+            chunk.pop()
+        return chunk
+
+    def read(self, first: int, count: int) -> Iterator[tuple[int, memoryview]]:
+        """Yield (page, data) for each run of stored pages in the range.
+
+        data is a read-only view of the store, not a copy: it stays as it is even if a
+        commit changes those pages later (see _writable), and should be dropped once
+        sent, since a chunk with a view alive is copied on its next write.
+        """
         for ci, lo, hi in _chunk_spans(first, count):
             mask = self.masks.get(ci, 0)
             if not mask:
                 continue
-            chunk = self.chunks[ci]
+            chunk = memoryview(self.chunks[ci]).toreadonly()
             base = ci * CHUNK_PAGES
             if mask == FULL_MASK:
-                yield base + lo, bytes(chunk[lo * PAGE_SIZE : hi * PAGE_SIZE])
+                yield base + lo, chunk[lo * PAGE_SIZE : hi * PAGE_SIZE]
                 continue
             p = lo
             while p < hi:
@@ -119,7 +142,7 @@ class Segment:
                 start = p
                 while p < hi and mask >> p & 1:
                     p += 1
-                yield base + start, bytes(chunk[start * PAGE_SIZE : p * PAGE_SIZE])
+                yield base + start, chunk[start * PAGE_SIZE : p * PAGE_SIZE]
 
     def truncate(self, size: int) -> int:
         """Drop everything at and past size bytes; return how many pages were freed."""
@@ -132,14 +155,14 @@ class Segment:
             freed += mask.bit_count() - kept.bit_count()
             if kept:
                 self.masks[ci] = kept
-                self.chunks[ci][lo * PAGE_SIZE :] = bytes(CHUNK_BYTES - lo * PAGE_SIZE)
+                self._writable(ci)[lo * PAGE_SIZE :] = bytes(CHUNK_BYTES - lo * PAGE_SIZE)
             else:
                 del self.masks[ci]
                 del self.chunks[ci]
         tail = size % PAGE_SIZE
         if tail and self.is_stored(size // PAGE_SIZE):
             # Bytes past the end of a partial last page read as zeros if the segment grows.
-            chunk = self.chunks[size // PAGE_SIZE // CHUNK_PAGES]
+            chunk = self._writable(size // PAGE_SIZE // CHUNK_PAGES)
             start = (size // PAGE_SIZE % CHUNK_PAGES) * PAGE_SIZE + tail
             end = start - tail + PAGE_SIZE
             chunk[start:end] = bytes(end - start)
