@@ -163,3 +163,66 @@ def test_holes_and_runs_rejects_runs_outside_the_request() -> None:
         p.holes_and_runs(0, 4, [run])
     out = p.holes_and_runs(8, 4, [run])
     assert len(out) == 4 * PAGE_SIZE
+
+
+subset = st.recursive(
+    st.one_of(
+        st.integers(0, p.MAX_U64),
+        st.text(max_size=40),
+        st.binary(max_size=64),
+        st.binary(min_size=PAGE_SIZE, max_size=PAGE_SIZE + 5),
+        st.booleans(),
+        st.none(),
+    ),
+    lambda inner: st.lists(inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(subset, st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4))
+def test_in_place_decoder_agrees_with_msgpack(obj: object, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(msgpack.packb(obj))
+    assert p.unpack_in_place(data) == obj
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    try:
+        mine = p.unpack_in_place(bytes(data))
+    except RemoteProtocolError:
+        return  # refusing what the protocol never sends (maps, floats...) is allowed
+    assert mine == msgpack.unpackb(bytes(data))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    st.lists(st.integers(1, 1 << 18), min_size=1, max_size=30),
+)
+def test_large_frames_received_in_place(sizes: list[int], reads: list[int]) -> None:
+    """Frames arriving through receive_buffer() in arbitrary pieces decode to the same
+    messages, their page data as views of the frame."""
+    msgs = [
+        p.Pages(i, "s", 0, n, 1, (p.PageRun("s", 0, bytes([i]) * (n * PAGE_SIZE)),))
+        for i, n in enumerate(sizes)
+    ]
+    wire = memoryview(b"".join(p.Connection(p.Role.SERVER).send(m) for m in msgs))
+    client = p.Connection(p.Role.CLIENT)
+    got: list[p.Message] = []
+    pos = 0
+    step = itertools.cycle(reads)
+    while pos < len(wire):
+        n = next(step)
+        view = client.receive_buffer()
+        if view is not None:
+            n = min(n, len(view), len(wire) - pos)
+            view[:n] = wire[pos : pos + n]
+            client.received(n)
+        else:
+            client.receive_data(wire[pos : pos + n])
+            n = min(n, len(wire) - pos)
+        pos += n
+        while isinstance(ev := client.next_event(), p.Message):
+            got.append(ev)
+    assert got == msgs
+    big = [m for m in got if isinstance(m, p.Pages) and m.count * PAGE_SIZE >= p.LARGE_FRAME_BYTES]
+    assert all(isinstance(m.runs[0].data, memoryview) for m in big)
