@@ -4,7 +4,10 @@
 
 For 4 KiB, 64 KiB and 1 MiB batches it measures:
   plain   a plain TCP socket between two processes streaming batches one way (sendall,
-          recv_into): what loopback and Python can do with no protocol at all;
+          recv_into) from and into 256 MiB buffers: what loopback and Python can do
+          moving that much memory with no protocol at all (the ratios are to this);
+  plain-hot  the same, but one batch-sized buffer each side, reused (cache-hot): an
+          upper bound no page server can reach, shown for reference;
   read    ReadPages requests of one batch each, `depth` in flight, through remote.py;
   commit  one transaction per batch, `depth` in flight, through remote.py;
 against a real netmemfs-server process (memory mode). It prints MB/s and the ratio to plain.
@@ -33,31 +36,41 @@ BATCHES = [("4 KiB", 4 << 10), ("64 KiB", 64 << 10), ("1 MiB", 1 << 20)]
 SEGMENT_BYTES = 256 << 20
 
 
-def plain_sink(port: int, batch: int) -> None:
-    """Child process: receive until the sender stops, then acknowledge the byte count."""
-    buf = bytearray(max(batch, 1 << 16))
+def plain_sink(port: int, batch: int, span: int) -> None:
+    """Child process: receive until the sender stops, then acknowledge the byte count.
+
+    Batches land one after another in a buffer of span bytes (1 batch: the same buffer
+    every time, cache-hot; SEGMENT_BYTES: memory moving through, as for pages)."""
+    buf = memoryview(bytearray(max(span, batch)))
+    pos = 0
     with socket.create_connection(("127.0.0.1", port)) as s:
         got = 0
-        while n := s.recv_into(buf):
+        while n := s.recv_into(buf[pos : pos + batch]):
             got += n
+            pos = (pos + n) % (len(buf) - batch + 1)
         s.sendall(got.to_bytes(8, "big"))
 
 
-def plain_throughput(batch: int, seconds: float) -> float:
+def plain_throughput(batch: int, seconds: float, span: int) -> float:
+    """A plain socket between two processes streaming batches one way, from and into
+    buffers of span bytes."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         child = subprocess.Popen(
-            [sys.executable, __file__, "--plain-sink", str(port), str(batch)],
+            [sys.executable, __file__, "--plain-sink", str(port), str(batch), str(span)],
             stdin=subprocess.DEVNULL,
         )
         conn, _ = listener.accept()
-        data = os.urandom(batch)
+        data = memoryview(os.urandom(max(span, batch)))
+        batches = len(data) // batch
         sent = 0
+        i = 0
         t0 = time.perf_counter()
         deadline = t0 + seconds
         while time.perf_counter() < deadline:
             for _ in range(64):
-                conn.sendall(data)
+                conn.sendall(data[i * batch : (i + 1) * batch])
+                i = (i + 1) % batches
             sent += 64 * batch
         conn.shutdown(socket.SHUT_WR)
         got = int.from_bytes(conn.recv(8), "big")
@@ -116,7 +129,7 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement (default 2)")
     ap.add_argument("--depth", type=int, default=8, help="requests in flight (default 8)")
-    ap.add_argument("--plain-sink", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--plain-sink", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain_sink:
         plain_sink(*args.plain_sink)
@@ -131,16 +144,22 @@ def main() -> None:
                 f"{args.seconds:g} s per figure"
             )
             print(
-                f"{'batch':>8} {'plain MB/s':>11} {'read MB/s':>10} {'read/plain':>10} "
-                f"{'commit MB/s':>12} {'commit/plain':>12}"
+                "plain-hot: the same batch buffer sent and received again and again (cache-hot)\n"
+                f"plain: batches moved from and into {SEGMENT_BYTES >> 20} MiB buffers, as pages "
+                "are; ratios are to this one"
+            )
+            print(
+                f"{'batch':>8} {'plain-hot':>10} {'plain MB/s':>11} {'read MB/s':>10} "
+                f"{'read/plain':>10} {'commit MB/s':>12} {'commit/plain':>12}"
             )
             for label, batch in BATCHES:
-                plain = plain_throughput(batch, args.seconds)
+                hot = plain_throughput(batch, args.seconds, batch)
+                plain = plain_throughput(batch, args.seconds, SEGMENT_BYTES)
                 read, commit = trio.run(
                     netmemfs_throughput, srv.address, batch, args.seconds, args.depth
                 )
                 print(
-                    f"{label:>8} {plain:11.0f} {read:10.0f} {read / plain:10.2f} "
+                    f"{label:>8} {hot:10.0f} {plain:11.0f} {read:10.0f} {read / plain:10.2f} "
                     f"{commit:12.0f} {commit / plain:12.2f}",
                     flush=True,
                 )

@@ -681,6 +681,17 @@ class Connection:
             assert self._frame is not None and self._fill + nbytes <= len(self._frame)
             self._fill += nbytes
 
+    def message_ready(self) -> bool:
+        """Whether next_event() has a whole frame (or the end of the stream) to give."""
+        if self._eof:
+            return True
+        if self._frame is not None:
+            return self._fill == len(self._frame)
+        if len(self._buf) < FRAME_HEADER.size:
+            return False
+        (length,) = FRAME_HEADER.unpack_from(self._buf)
+        return bool(length > self.max_frame_bytes or len(self._buf) >= FRAME_HEADER.size + length)
+
     def next_event(self) -> Message | Event:
         frame = self._frame
         if frame is not None:
