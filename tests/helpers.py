@@ -114,8 +114,11 @@ class ServerProc:
         if self.proc is not None:
             self.proc.wait(10)
 
-    def restart(self) -> None:
+    def restart(self, *, same_port: bool = False) -> None:
+        """Kill -9 and start again on the same data dir (and port, if asked)."""
         self.kill()
+        if same_port:
+            self.args += ["--listen", f"127.0.0.1:{self.port}"]  # the last --listen wins
         self.start()
 
     def rss_bytes(self) -> int:

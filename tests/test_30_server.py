@@ -378,10 +378,7 @@ def test_client_survives_server_restart(
         async with RemoteStore.connect(srv.address) as store:
             await store.create("s", PAGE_SIZE)
             await store.commit([p.PageRun("s", 0, stamp_page("s", 0, 1))])
-            port = srv.port
-            srv.kill()
-            srv.args += ["--listen", f"127.0.0.1:{port}"]  # last --listen wins
-            srv.start()
+            srv.restart(same_port=True)
             got = await store.read_pages("s", 0, 1)
             assert got.to_bytes() == stamp_page("s", 0, 1)
             assert store.reconnects == 1

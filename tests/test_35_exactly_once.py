@@ -79,9 +79,7 @@ def test_replayed_txn_ids_apply_nothing_after_reconnect_and_restart(
             await store.create("t", 0, txn=create_txn)
             assert (await store.create("t", 0, txn=create_txn)).replayed
 
-            srv.kill()
-            srv.args += ["--listen", f"127.0.0.1:{srv.port}"]
-            srv.start()
+            srv.restart(same_port=True)
             after = await store.commit([PageRun("s", 0, stamp_page("s", 0, 98))], txn=txn)
             assert after.replayed and after.versions == first.versions
             assert (await store.read_pages("s", 0, 1)).to_bytes() == stamp_page("s", 0, 1)
