@@ -192,11 +192,13 @@ class StagePages(Request):
 
 @dataclass(frozen=True, slots=True)
 class Commit(Request):
-    """Commit the pages staged under txn plus the inline writes, all or nothing."""
+    """Resize segments, then write the pages staged under txn and the inline writes,
+    all or nothing."""
 
     TYPE = 11
-    KINDS = (U64, TXN, RUNS)
+    KINDS = (U64, TXN, VERSIONS, RUNS)
     txn: bytes
+    resizes: tuple[tuple[str, int], ...]
     writes: tuple[PageRun, ...]
 
 

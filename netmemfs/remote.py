@@ -457,15 +457,22 @@ class RemoteStore:
                 nursery.start_soon(part, start, min(MAX_MESSAGE_PAGES, first + count - start))
         return bytes(out)
 
-    async def commit(self, writes: Sequence[PageRun], *, txn: bytes | None = None) -> CommitResult:
-        """Write all runs as one transaction, exactly once: all of them land or none.
+    async def commit(
+        self,
+        writes: Sequence[PageRun],
+        *,
+        resizes: Sequence[tuple[str, int]] = (),
+        txn: bytes | None = None,
+    ) -> CommitResult:
+        """Resize segments (name, size bytes), then write all runs, as one transaction,
+        exactly once: all of it lands or none.
 
         If the connection breaks, the whole transaction is sent again under the same id;
         the server applies it only if it had not already.
         """
         txn = txn or self.new_txn()
         total_pages = sum(r.count for r in writes)
-        segments = sorted({r.segment for r in writes})
+        segments = sorted({r.segment for r in writes} | {name for name, _ in resizes})
         what = f"commit of {total_pages} pages to {', '.join(map(repr, segments)) or 'nothing'}"
         pieces = _split(writes, STAGE_PAGES) if total_pages > MAX_MESSAGE_PAGES else []
 
@@ -473,7 +480,8 @@ class RemoteStore:
             msgs: list[Request] = [
                 StagePages(next(self._ids), txn, p.segment, p.first, p.data) for p in pieces
             ]
-            msgs.append(Commit(next(self._ids), txn, () if pieces else tuple(writes)))
+            inline = () if pieces else tuple(writes)
+            msgs.append(Commit(next(self._ids), txn, tuple(resizes), inline))
             replies = [link.start(m) for m in msgs]
             try:
                 await link.send(msgs)

@@ -34,7 +34,13 @@ requests = st.one_of(
     st.builds(p.DeleteSegment, u64, txns, names),
     st.builds(p.ReadPages, u64, names, small, small),
     st.builds(p.StagePages, u64, txns, names, small, pages),
-    st.builds(p.Commit, u64, txns, st.lists(runs, max_size=3).map(tuple)),
+    st.builds(
+        p.Commit,
+        u64,
+        txns,
+        st.lists(st.tuples(names, small), max_size=2).map(tuple),
+        st.lists(runs, max_size=3).map(tuple),
+    ),
     st.builds(p.Abort, u64, txns),
     st.builds(p.StatServer, u64),
 )
@@ -116,7 +122,7 @@ def _frame(body: bytes) -> bytes:
         (msgpack.packb([4, 1, b"bytes-not-str"]), "expected a string"),
         (msgpack.packb([10, 1, b"t", "s", 0, b"x" * 100]), "whole number of pages"),
         (msgpack.packb([12, 1, b""]), "1..64 bytes"),
-        (msgpack.packb([11, 1, b"t", [["s", 0]]]), "3 fields"),
+        (msgpack.packb([11, 1, b"t", [], [["s", 0]]]), "3 fields"),
         (msgpack.packb([3, 1]) + b"\x00", "not msgpack"),
     ],
 )

@@ -241,7 +241,7 @@ def test_typed_errors_keep_the_connection(server: ServerProc) -> None:
     raw.hello()
     raw.send(
         p.ReadPages(2, "nope", 0, 1),
-        p.Commit(3, b"t", (p.PageRun("nope", 0, bytes(PAGE_SIZE)),)),
+        p.Commit(3, b"t", (), (p.PageRun("nope", 0, bytes(PAGE_SIZE)),)),
         p.CreateSegment(4, b"c", "s", PAGE_SIZE),
     )
     replies = {}
@@ -272,7 +272,7 @@ def test_staged_pages_die_with_the_connection(server: ServerProc) -> None:
     raw.close()
     raw = RawClient(server.address)
     raw.hello()
-    raw.send(p.Commit(3, b"t1", (p.PageRun("s", 3, stamp_page("s", 3, 1)),)))
+    raw.send(p.Commit(3, b"t1", (), (p.PageRun("s", 3, stamp_page("s", 3, 1)),)))
     ev = raw.receive()
     assert isinstance(ev, p.Committed)
     raw.send(p.ReadPages(4, "s", 0, 4))
@@ -385,3 +385,23 @@ def test_client_survives_server_restart(
 
     run_trio(main)
     assert os.path.exists(tmp_path / "d" / "lock")
+
+
+def test_commit_resizes_and_writes_together(server: ServerProc) -> None:
+    async def main() -> None:
+        async with RemoteStore.connect(server.address) as store:
+            await store.create("s", PAGE_SIZE)
+            # Grow and write past the old end in one transaction.
+            r = await store.commit(
+                [p.PageRun("s", 3, stamp_page("s", 3, 1))], resizes=[("s", 4 * PAGE_SIZE)]
+            )
+            assert r.versions == {"s": 2}
+            assert (await store.stat("s")).size == 4 * PAGE_SIZE
+            # A failing write undoes the resize with it.
+            with pytest.raises(OutOfRange):
+                await store.commit(
+                    [p.PageRun("s", 9, stamp_page("s", 9, 1))], resizes=[("s", 8 * PAGE_SIZE)]
+                )
+            assert (await store.stat("s")).size == 4 * PAGE_SIZE
+
+    run_trio(main)

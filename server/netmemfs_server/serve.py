@@ -213,7 +213,8 @@ class _Session:
             elif isinstance(msg, Commit):
                 staged = self.staged.pop(msg.txn, [])
                 self.staged_bytes -= sum(len(r.data) for r in staged)
-                ops: list[Op] = [Write(r) for r in staged]
+                ops: list[Op] = [Resize(name, size) for name, size in msg.resizes]
+                ops += [Write(r) for r in staged]
                 ops += [Write(r) for r in msg.writes]
                 await self.start_commit(nursery, msg.req_id, msg.txn, ops)
             elif isinstance(msg, CreateSegment):
