@@ -7,9 +7,10 @@ never touches the network). The on-disk format is described in docs/protocol.md
     checkpoint        the whole state as of the end of log generation C (may be absent)
     log.<gen>         commit records appended after that, one file per generation
 
-Each record: magic (4 bytes), payload length (u32 BE), CRC-32 of the payload (u32 BE),
-payload (msgpack). A commit is one record, fsynced before it is acknowledged, so after a
-crash it is either wholly in the log or it is the torn tail that recovery cuts off.
+Each record is framed by netmemfs.records: magic (4 bytes), payload length (u32 BE),
+CRC-32 of the payload (u32 BE), payload (msgpack). A commit is one record, fsynced
+before it is acknowledged, so after a crash it is either wholly in the log or it is the
+torn tail that recovery cuts off.
 Checkpoints are written to checkpoint.tmp, fsynced, renamed over checkpoint and the
 directory fsynced; only then are the logs it covers removed.
 """
@@ -19,14 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
-from netmemfs.errors import NetmemError, RemoteProtocolError, ServerError
-from netmemfs.protocol import Buffer, PageRun, pack_parts, unpack
+from netmemfs.errors import NetmemError, ServerError
+from netmemfs.protocol import PageRun
+from netmemfs.records import encode_record, read_records, write_all
 from netmemfs_server.store import (
     Create,
     Delete,
@@ -40,11 +39,9 @@ from netmemfs_server.store import (
 
 log = logging.getLogger("netmemfs.server.log")
 
-RECORD = struct.Struct(">4sII")
 LOG_MAGIC = b"NMLG"
 CKPT_MAGIC = b"NMCK"
 FORMAT_VERSION = 1
-MAX_RECORD_BYTES = 1 << 30
 TXNS_PER_CHECKPOINT_RECORD = 4096
 _LOG_NAME = re.compile(r"^log\.(\d{16})$")
 
@@ -63,50 +60,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def encode_record(magic: bytes, payload: object) -> list[Buffer]:
-    parts: list[Buffer] = []
-    pack_parts(payload, parts)
-    crc = 0
-    length = 0
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-        length += len(part)
-    return [RECORD.pack(magic, length, crc), *parts]
-
-
-def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    total = sum(len(p) for p in parts)
-    done = os.writev(fd, parts) if len(parts) <= 512 else 0
-    if done < total:
-        rest = memoryview(b"".join(parts))[done:]
-        while rest:
-            n = os.write(fd, rest)
-            rest = rest[n:]
-    return total
-
-
-def read_records(f: BinaryIO, magic: bytes) -> Iterator[tuple[int, object]]:
-    """Yield (end offset, payload) for each whole, valid record; stop at the first that
-    is not (a torn or damaged tail). The caller compares the last end with the size."""
-    offset = 0
-    while True:
-        head = f.read(RECORD.size)
-        if len(head) < RECORD.size:
-            return
-        got_magic, length, crc = RECORD.unpack(head)
-        if got_magic != magic or length > MAX_RECORD_BYTES:
-            return
-        payload = f.read(length)
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            return
-        try:
-            obj = unpack(payload)
-        except RemoteProtocolError:
-            return
-        offset += RECORD.size + length
-        yield offset, obj
 
 
 # --- ops <-> records -------------------------------------------------------------------
@@ -217,7 +170,7 @@ class LogPageStore:
         self._check_usable()
         parts = encode_record(LOG_MAGIC, ops_to_payload(txn, ops))
         try:
-            n = _write_all(self._fd, parts)
+            n = write_all(self._fd, parts)
             os.fsync(self._fd)
         except OSError as e:
             self._cut_back(e)
