@@ -1,14 +1,12 @@
-"""`netmemfs`: the client command line.
-
-Today it has `demo`, which starts a page server inside this process on loopback (or uses
---server) and walks one segment through create, write, commit and read back through
-remote.py. The mount (`netmemfs mount`) arrives with the FUSE door.
-"""
+"""`netmemfs`: the client command line (mount, umount, demo)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +15,8 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.auth import read_token_file
+from netmemfs.daemon import MountOptions, default_cache_dir, lock_cache_dir
+from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
@@ -26,8 +26,28 @@ DESCRIPTION = """\
 netmemfs: memory that a process maps, whose pages live on a netmemfs-server.
 
 commands:
+  mount    mount the server's segments as files: mmap one, write, fsync to commit
+  umount   unmount (writes never fsynced are dropped, as a crash would)
   demo     create a segment, commit pages to it and read them back, printing each step
-           (without --server, a private in-memory server is started on 127.0.0.1)
+
+examples:
+  netmemfs mount /mnt/nm                         # private in-memory server on this machine
+  netmemfs mount /mnt/nm --server memhost:7733   # pages live on memhost
+  python3 -c 'import mmap,os; fd=os.open("/mnt/nm/seg0",os.O_RDWR|os.O_CREAT); ...'
+  netmemfs umount /mnt/nm
+"""
+
+MOUNT_DESCRIPTION = """\
+Mount a netmemfs server's segments as files under MOUNTPOINT. Each file is one segment:
+read, write, truncate and mmap(MAP_SHARED) it like any file. Writes (and pages written
+through a mapping) are kept in a journal under --cache-dir until fsync (or msync(MS_SYNC)
+then fsync), which commits all of that file's changes to the server as one transaction,
+all or nothing. A process opening the file later, on any mount of the same server, sees
+what was committed.
+
+Without --server a private in-memory server is started on 127.0.0.1 for this mount
+(its pages are gone when the mount ends). The command returns once the mount is ready
+and the daemon keeps serving in the background; `netmemfs umount MOUNTPOINT` ends it.
 """
 
 
@@ -38,6 +58,48 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    m = sub.add_parser(
+        "mount",
+        help="mount a server's segments as files",
+        description=MOUNT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
+    m.add_argument(
+        "--server",
+        metavar="HOST[:PORT]",
+        help="the netmemfs-server (port 7733 by default); default: a private in-memory one",
+    )
+    m.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="journal and log of this mount (default ~/.cache/netmemfs/mounts/<mountpoint>); "
+        "reuse it after a crash and commits under way are finished",
+    )
+    m.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long an operation waits for an unreachable server before failing with "
+        "EIO (default %(default)g)",
+    )
+    m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
+    m.add_argument("--allow-other", action="store_true", help="let other users use the mount too")
+    m.add_argument(
+        "-f", "--foreground", action="store_true", help="serve in this process, log to stderr"
+    )
+    m.add_argument("-v", "--verbose", action="store_true", help="log more")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    u = sub.add_parser(
+        "umount",
+        help="unmount",
+        description="Unmount MOUNTPOINT and wait for its daemon to exit. Writes that were "
+        "never fsynced are dropped.",
+    )
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.add_argument("--cache-dir", type=Path, metavar="DIR", help="as given to mount")
     demo = sub.add_parser(
         "demo",
         help="write, commit and read back a segment",
@@ -90,10 +152,114 @@ async def _demo(address: str | None, token: bytes | None, name: str, pages: int)
         nursery.cancel_scope.cancel()
 
 
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    mountpoint = args.mountpoint.absolute()
+    return MountOptions(
+        mountpoint=mountpoint,
+        server=args.server,
+        cache_dir=(args.cache_dir or default_cache_dir(mountpoint)).absolute(),
+        timeout_s=args.timeout,
+        token=read_token_file(args.token_file) if args.token_file else None,
+        allow_other=args.allow_other,
+    )
+
+
+def _mount(args: argparse.Namespace) -> int:
+    opts = _mount_options(args)
+    if not opts.mountpoint.is_dir() and not opts.mountpoint.is_mount():
+        print(
+            f"netmemfs: mount point {opts.mountpoint} is not a directory; create it first",
+            file=sys.stderr,
+        )
+        return 2
+    if args.foreground:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s netmemfs: %(levelname)s %(message)s",
+            force=True,
+        )
+        lock = lock_cache_dir(opts.cache_dir)
+        try:
+            trio.run(daemon_run, opts, args.ready_fd)
+        finally:
+            os.close(lock)
+        return 0
+    opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = opts.cache_dir / "daemon.log"
+    cmd = [sys.executable, "-m", "netmemfs", *(argv_of_mount(args, opts))]
+    r, w = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [*cmd, "--foreground", "--ready-fd", str(w)],
+            pass_fds=(w,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+        )
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        said = ready.read()  # EOF when the daemon is ready or has died
+    if b"ready" in said:
+        print(f"netmemfs: mounted {opts.mountpoint} (daemon pid {proc.pid}, log {log_path})")
+        return 0
+    proc.wait(30)
+    tail = log_path.read_text(errors="replace").splitlines()[-8:]
+    print(f"netmemfs: mounting {opts.mountpoint} failed:", *tail, sep="\n  ", file=sys.stderr)
+    return 1
+
+
+def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
+    out = ["mount", str(opts.mountpoint), "--cache-dir", str(opts.cache_dir)]
+    out += ["--timeout", str(opts.timeout_s)]
+    if args.server:
+        out += ["--server", args.server]
+    if args.token_file:
+        out += ["--token-file", str(args.token_file.absolute())]
+    if args.allow_other:
+        out.append("--allow-other")
+    if args.verbose:
+        out.append("--verbose")
+    return out
+
+
+def _umount(args: argparse.Namespace) -> int:
+    mountpoint = args.mountpoint.absolute()
+    cache_dir = args.cache_dir or default_cache_dir(mountpoint)
+    pid = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int((cache_dir / "lock").read_text().split()[0])
+    r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(
+            f"netmemfs: cannot unmount {mountpoint}: {r.stderr.strip()}\n"
+            "  (if it is busy, close the files and mappings in it first)",
+            file=sys.stderr,
+        )
+        return 1
+    deadline = time.monotonic() + 30
+    while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a process we did not start: polling is all there is
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="netmemfs: %(levelname)s %(message)s")
     try:
+        if args.command == "mount":
+            return _mount(args)
+        if args.command == "umount":
+            return _umount(args)
         if args.command == "demo":
             token = read_token_file(args.token_file) if args.token_file else None
             trio.run(_demo, args.server, token, args.segment, args.pages)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServerProc
+from tests.helpers import MountProc, ServerProc
 
 
 @pytest.fixture
@@ -30,3 +30,22 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
 @pytest.fixture
 def server(server_factory: Callable[..., ServerProc]) -> ServerProc:
     return server_factory()
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
+    """Real mounts (daemons in the background); unmounted at teardown even on failure,
+    and their logs must hold no warning the test did not declare."""
+    made: list[MountProc] = []
+
+    def make(server: str | None, *args: str, name: str = "mnt") -> MountProc:
+        m = MountProc(tmp_path, server, *args, name=name)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.cleanup()
+    for m in made:
+        bad = m.unexpected_log_lines()
+        assert not bad, f"unexpected log lines of {m.mountpoint}:\n" + "\n".join(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
@@ -159,3 +160,88 @@ async def wait_for_async(
             delay = min(delay * 2, 0.05)
     if scope.cancelled_caught:
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class MountProc:
+    """A real `netmemfs mount` (daemon in the background) in a temp dir."""
+
+    def __init__(self, workdir: Path, server: str | None, *args: str, name: str = "mnt") -> None:
+        self.mountpoint = workdir / name
+        self.cache_dir = workdir / f"{name}-cache"
+        self.mountpoint.mkdir(exist_ok=True)
+        self.server = server
+        self.args = list(args)
+        self.expected_log: list[re.Pattern[str]] = []
+        self.pid = 0
+        self.start()
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "netmemfs", "mount", str(self.mountpoint)]
+        cmd += ["--cache-dir", str(self.cache_dir), *self.args]
+        if self.server is not None:
+            cmd += ["--server", self.server]
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        assert r.returncode == 0, f"mount failed:\n{r.stdout}{r.stderr}"
+        self.pid = int((self.cache_dir / "lock").read_text().split()[0])
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and take its dead mount away."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        wait_for(lambda: not _pid_alive(self.pid), f"daemon {self.pid} to die")
+        subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+
+    def umount(self) -> None:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "netmemfs",
+                "umount",
+                str(self.mountpoint),
+                "--cache-dir",
+                str(self.cache_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: not _pid_alive(self.pid), f"daemon {self.pid} to exit after umount")
+
+    def cleanup(self) -> None:
+        if _pid_alive(self.pid):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def log_text(self) -> str:
+        path = self.cache_dir / "daemon.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def expect_log(self, pattern: str) -> None:
+        self.expected_log.append(re.compile(pattern))
+
+    def unexpected_log_lines(self) -> list[str]:
+        return [
+            line
+            for line in self.log_text().splitlines()
+            if _UNEXPECTED.search(line) and not any(p.search(line) for p in self.expected_log)
+        ]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -1,0 +1,5 @@
+import sys
+
+from netmemfs.cli import main
+
+sys.exit(main())

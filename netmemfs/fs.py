@@ -1,0 +1,571 @@
+"""The FUSE door: files in a mount whose pages live on the page server.
+
+Where it sits: at the top, beside the other doors; the only module that imports
+pyfuse3. It turns FUSE requests into calls on the journal (journal.py) and the server
+(remote.py), and NetmemErrors into errnos in one place (fuse_errors).
+
+One file is one segment. Reads are served from the journal (pages written here and not
+yet committed), else from the server. Writes, including the kernel's writeback of mmap'ed
+pages, go to the journal only. fsync commits the file's journal to the server as one
+transaction. Creating, deleting and renaming a file act on the server at once.
+docs/semantics.md states what each operation promises.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from netmemfs.errors import (
+    NetmemError,
+    NoSpace,
+    ProtocolError,
+    SegmentExists,
+    SegmentNotFound,
+    ServerUnreachable,
+)
+from netmemfs.journal import JournalError, SealedCommit, SegmentJournal
+from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, check_name, pages_for
+from netmemfs.protocol import MAX_MESSAGE_PAGES
+from netmemfs.remote import CommitResult, RemoteStore
+
+log = logging.getLogger("netmemfs.fs")
+
+ROOT = pyfuse3.ROOT_INODE
+ATTR_TIMEOUT_S = 1.0
+BLOCK_SIZE = 1 << 20  # st_blksize: what `cp` and friends should read at a time
+
+
+@contextmanager
+def fuse_errors(what: str) -> Iterator[None]:
+    """Turn NetmemErrors into the FUSEError pyfuse3 expects, with one log line that says
+    what to do; anything else is a bug and propagates."""
+    try:
+        yield
+    except NetmemError as e:
+        if isinstance(e, ServerUnreachable | NoSpace | JournalError):
+            log.error("%s: %s", what, e)
+        raise pyfuse3.FUSEError(e.errno) from e
+    except trio.TooSlowError as e:
+        log.error(
+            "%s: no answer from the server within --timeout; the operation failed with EIO",
+            what,
+        )
+        raise pyfuse3.FUSEError(errno.EIO) from e
+
+
+@dataclass
+class _Inode:
+    name: str
+    journal: SegmentJournal
+    version: int
+    lookups: int = 0
+    opens: int = 0
+    commit_lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class NetmemFS(pyfuse3.Operations):
+    def __init__(self, store: RemoteStore, cache_dir: Path, *, timeout_s: float) -> None:
+        super().__init__()
+        self.store = store
+        self.cache_dir = cache_dir
+        self.timeout_s = timeout_s
+        self.inodes: dict[int, _Inode] = {}  # files the kernel knows (looked up)
+        self.by_name: dict[str, int] = {}  # name -> its entry in inodes
+        self.numbers: dict[str, int] = {}  # name -> inode number, stable for the mount
+        self.next_inode = ROOT + 1
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.started_ns = time.time_ns()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _deadline(self) -> AbstractContextManager[trio.CancelScope]:
+        return trio.fail_after(self.timeout_s)
+
+    def _attrs(self, ino: int, size: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(ino)
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT_S
+        a.attr_timeout = ATTR_TIMEOUT_S
+        if ino == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        else:
+            a.st_mode = stat.S_IFREG | 0o644
+            a.st_nlink = 1
+        a.st_size = size
+        a.st_blksize = BLOCK_SIZE
+        a.st_blocks = (size + 511) // 512
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started_ns
+        return a
+
+    def _name(self, name: bytes) -> str:
+        try:
+            text = name.decode("utf-8")
+            return check_name(text)
+        except (UnicodeDecodeError, NetmemError) as e:
+            raise pyfuse3.FUSEError(errno.EINVAL) from e
+
+    def _inode(self, ino: int) -> _Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _number(self, name: str) -> int:
+        ino = self.numbers.get(name)
+        if ino is None:
+            ino = self.numbers[name] = self.next_inode
+            self.next_inode += 1
+        return ino
+
+    async def _lookup_name(self, name: str) -> int:
+        """The inode for segment name, refreshed from the server."""
+        with fuse_errors(f"lookup of {name!r}"), self._deadline():
+            st = await self.store.stat(name)
+        ino = self.by_name.get(name)
+        if ino is None:
+            ino = self._number(name)
+            journal = SegmentJournal(self.cache_dir, st.size)
+            self.inodes[ino] = _Inode(name, journal, st.version)
+            self.by_name[name] = ino
+        else:
+            node = self.inodes[ino]
+            if not node.journal.has_changes() and node.journal.sealed is None:
+                node.journal.committed_size = st.size
+                node.version = st.version
+        return ino
+
+    # --- namespace -----------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name in (b".", b".."):
+            return self._attrs(ROOT, 0)
+        if len(name) > MAX_NAME_BYTES:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        ino = await self._lookup_name(self._name(name))
+        node = self.inodes[ino]
+        node.lookups += 1
+        return self._attrs(ino, node.journal.size)
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, n in inode_list:
+            node = self.inodes.get(ino)
+            if node is None:
+                continue
+            node.lookups -= n
+            idle = node.lookups <= 0 and node.opens == 0
+            if idle and not node.journal.has_changes() and node.journal.sealed is None:
+                node.journal.discard()
+                del self.inodes[ino]
+                if self.by_name.get(node.name) == ino:
+                    del self.by_name[node.name]
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._attrs(ROOT, 0)
+        node = self._inode(inode)
+        return self._attrs(inode, node.journal.size)
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._attrs(ROOT, 0)
+        node = self._inode(inode)
+        if fields.update_size:
+            size = attr.st_size
+            with fuse_errors(f"truncate of {node.name!r} to {size}"):
+                if size > node.journal.size and node.journal.size % PAGE_SIZE:
+                    await self._complete_last_page(node)
+                node.journal.set_size(size)
+        # Mode, owner and times are not kept: files are 0644 and owned by the mounter.
+        return self._attrs(inode, node.journal.size)
+
+    async def _complete_last_page(self, node: _Inode) -> None:
+        """Before growing a file whose last page is partial, make sure the journal holds
+        that page whole, so the bytes past the old end are zeros (the server's may not
+        be, if the segment was shrunk since)."""
+        size = node.journal.size
+        last = size // PAGE_SIZE
+        if node.journal.read_page(last) is None:
+            data = await self._read_pages(node, last, 1)
+            tail = size % PAGE_SIZE
+            node.journal.write_page(last, data[:tail] + bytes(PAGE_SIZE - tail))
+
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        text = self._name(name)
+        with fuse_errors(f"unlink of {text!r}"), self._deadline():
+            await self.store.delete(text)
+        ino = self.by_name.pop(text, None)
+        self.numbers.pop(text, None)
+        if ino is not None:
+            node = self.inodes[ino]
+            node.journal.discard()
+            node.journal = SegmentJournal(self.cache_dir, 0)  # open handles write nowhere
+            node.name = ""
+
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old, new = self._name(name_old), self._name(name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        ino = self.by_name.get(old)
+        if ino is not None:
+            # A commit that failed earlier names the old segment: finish it first.
+            node = self.inodes[ino]
+            async with node.commit_lock:
+                await self._retry_sealed(node)
+        with fuse_errors(f"rename of {old!r} to {new!r}"), self._deadline():
+            if flags & pyfuse3.RENAME_NOREPLACE and new in await self.store.list_segments():
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            await self.store.rename(old, new)
+        replaced = self.by_name.pop(new, None)
+        if replaced is not None:
+            gone = self.inodes[replaced]
+            gone.journal.discard()
+            gone.journal = SegmentJournal(self.cache_dir, 0)
+            gone.name = ""
+        self.numbers.pop(new, None)
+        if ino is not None:
+            del self.by_name[old]
+            self.by_name[new] = ino
+            self.numbers[new] = self.numbers.pop(old)
+            self.inodes[ino].name = new
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(0)
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        with fuse_errors("readdir"), self._deadline():
+            names = sorted(await self.store.list_segments())
+        for i, name in enumerate(names[start_id:], start_id):
+            # pyfuse3 answers with readdirplus: each entry the kernel takes counts as a
+            # lookup, and its attributes are cached like a lookup's.
+            try:
+                ino = await self._lookup_name(name)
+            except pyfuse3.FUSEError as e:
+                if e.errno == errno.ENOENT:
+                    continue  # deleted since the listing
+                raise
+            node = self.inodes[ino]
+            attrs = self._attrs(ino, node.journal.size)
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name.encode()), attrs, i + 1):
+                break
+            node.lookups += 1
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        with fuse_errors("statfs"), self._deadline():
+            info = await self.store.server_stat()
+        capacity = info.capacity_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = PAGE_SIZE
+        s.f_blocks = capacity // PAGE_SIZE
+        s.f_bfree = s.f_bavail = max(0, capacity - info.used_bytes) // PAGE_SIZE
+        s.f_files = info.segments
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = MAX_NAME_BYTES
+        return s
+
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # one flat directory of segments
+
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    # --- files ---------------------------------------------------------------------
+
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        text = self._name(name)
+        try:
+            with fuse_errors(f"create of {text!r}"), self._deadline():
+                await self.store.create(text, 0)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+        ino = await self._lookup_name(text)
+        node = self.inodes[ino]
+        node.lookups += 1
+        node.opens += 1
+        return self._file_info(ino, keep_cache=False), self._attrs(ino, node.journal.size)
+
+    def _file_info(self, ino: int, *, keep_cache: bool) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(ino))
+        fi.keep_cache = keep_cache
+        return fi
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if not node.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        # Close-to-open: what another mount committed since we last looked is seen now.
+        before = node.version
+        log.debug("open %r ino=%d version=%d", node.name, inode, before)
+        await self._lookup_name(node.name)
+        node.opens += 1
+        if flags & os.O_TRUNC:
+            with fuse_errors(f"truncate of {node.name!r}"):
+                node.journal.set_size(0)
+        return self._file_info(inode, keep_cache=node.version == before)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        node = self.inodes.get(fh)
+        if node is not None:
+            node.opens -= 1
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        node = self._inode(fh)
+        end = min(off + size, node.journal.size)
+        if off >= end:
+            return b""
+        first = off // PAGE_SIZE
+        count = pages_for(end) - first
+        with fuse_errors(f"read of {node.name!r} at {off}"):
+            data = await self._read_pages(node, first, count)
+        start = off - first * PAGE_SIZE
+        return data[start : start + end - off]
+
+    async def _read_pages(self, node: _Inode, first: int, count: int) -> bytes:
+        """Pages first..first+count-1 as the file shows them: journal, then server."""
+        out = bytearray(count * PAGE_SIZE)
+        missing: list[int] = []
+        for i in range(count):
+            data = node.journal.read_page(first + i)
+            if data is None:
+                missing.append(first + i)
+            else:
+                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
+        # Only pages the server has can be asked for: past its size they are zeros.
+        server_pages = pages_for(node.journal.committed_size)
+        runs = _consecutive([p for p in missing if p < server_pages])
+        if runs:
+            with self._deadline():
+                for p, n in runs:
+                    for q in range(p, p + n, MAX_MESSAGE_PAGES):
+                        m = min(MAX_MESSAGE_PAGES, p + n - q)
+                        got = await self.store.read_pages(node.name, q, m)
+                        for run in got.runs:
+                            off = (run.first - first) * PAGE_SIZE
+                            out[off : off + len(run.data)] = run.data
+            # A page written while we waited for the server: the journal's is newer.
+            for p in missing:
+                data = node.journal.read_page(p)
+                if data is not None:
+                    out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = data
+        return bytes(out)
+
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        node = self._inode(fh)
+        if not node.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        end = off + len(buf)
+        with fuse_errors(f"write to {node.name!r} at {off}"):
+            if end > node.journal.size:
+                if node.journal.size % PAGE_SIZE:
+                    await self._complete_last_page(node)
+                node.journal.set_size(end)
+            first = off // PAGE_SIZE
+            last = (end - 1) // PAGE_SIZE
+            view = memoryview(buf)
+            for page in range(first, last + 1):
+                lo = max(off, page * PAGE_SIZE)
+                hi = min(end, (page + 1) * PAGE_SIZE)
+                if hi - lo == PAGE_SIZE:
+                    data = bytes(view[lo - off : hi - off])
+                else:
+                    old = await self._read_pages(node, page, 1)
+                    a = lo - page * PAGE_SIZE
+                    data = old[:a] + bytes(view[lo - off : hi - off]) + old[a + hi - lo :]
+                node.journal.write_page(page, data)
+        return len(buf)
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        node = self._inode(fh)
+        if not node.name:
+            return
+        with fuse_errors(f"fsync of {node.name!r}"):
+            async with node.commit_lock:
+                await self._retry_sealed(node)
+                if node.journal.has_changes():
+                    node.journal.seal_start()
+                    await self._retry_sealed(node)
+
+    async def _retry_sealed(self, node: _Inode) -> None:
+        """Commit the sealed journal, if any (the caller holds node.commit_lock)."""
+        journal = node.journal
+        if journal.sealed is None:
+            return
+        txn = self.store.new_txn()
+        commit = await trio.to_thread.run_sync(journal.seal_finish, txn, node.name)
+        try:
+            result = await self._send(commit)
+        except (ServerUnreachable, ProtocolError):
+            raise  # it may have landed: the next try resends the same transaction
+        except NetmemError:
+            # The server refused it, so it did not apply: keep the pages for later.
+            journal.unseal()
+            raise
+        journal.trim(_final_size(commit, journal.committed_size))
+        node.version = result.versions.get(commit.name, node.version)
+
+    async def _send(self, commit: SealedCommit) -> CommitResult:
+        try:
+            with self._deadline():
+                r = await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
+        except SegmentNotFound:
+            log.error(
+                "commit to %r failed: the segment no longer exists on the server (deleted "
+                "or renamed by another client); its pages stay in the journal",
+                commit.name,
+            )
+            raise
+        return r
+
+    async def resend_recovered(self, commits: list[tuple[SealedCommit, Path]]) -> None:
+        """At start: finish the commits a dead daemon left sealed."""
+        for commit, path in commits:
+            try:
+                r = await self._send(commit)
+            except (SegmentNotFound, SegmentExists) as e:
+                log.error("dropping the recovered commit to %r: %s", commit.name, e)
+            else:
+                log.info(
+                    "finished a commit to %r left by a previous daemon (%s)",
+                    commit.name,
+                    "it had already landed" if r.replayed else "sent now",
+                )
+            path.unlink()
+
+
+def _final_size(commit: SealedCommit, committed: int) -> int:
+    return commit.resizes[-1][1] if commit.resizes else committed
+
+
+def _consecutive(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted page numbers as (first, count) runs."""
+    runs: list[tuple[int, int]] = []
+    for p in pages:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
+
+
+__all__ = ["NetmemFS", "fuse_errors"]
+
+
+# --- mounting (pyfuse3's session lives here, the only module that imports it) ----------
+
+# Concurrent FUSE requests: enough for the kernel's readahead and writeback to overlap
+# with round trips to the server.
+MAX_TASKS = 32
+
+
+def mount(ops: NetmemFS, mountpoint: Path, *, allow_other: bool) -> None:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=netmemfs", "subtype=netmemfs"}
+    if allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, str(mountpoint), options)
+
+
+async def serve() -> None:
+    """Serve requests until the file system is unmounted or terminate() is called."""
+    await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def close(*, unmount: bool) -> None:
+    pyfuse3.close(unmount=unmount)

@@ -1,0 +1,317 @@
+"""The mount's write-back journal: pages written but not yet committed, on disk.
+
+Where it sits: below the FUSE door (fs.py), beside remote.py; it imports neither trio nor
+pyfuse3, and does plain file I/O only. The caller (fs.py) decides when to commit.
+
+Each segment with uncommitted changes has, in the cache directory:
+
+    <id>.active     records of pages written and size changes since the last seal
+    <id>.sealed     at most one: a commit under way, or one that failed and waits to be
+                    retried; it ends with a "begin" record naming the transaction
+
+Records are framed by netmemfs.records (magic b"NMJR"); payloads:
+
+    ["page", page, data]          a whole 4096-byte page
+    ["size", size]                the file's size became size bytes
+    ["begin", txn, name, min_size]  sealed: commit all of the above as transaction txn
+                                  to segment name; min_size is the smallest size the file
+                                  had since the previous commit
+
+Sealing renames <id>.active to <id>.sealed, appends the begin record and fsyncs before
+the commit is sent, so a daemon that dies at any moment finds, at the next start, either
+no sealed file (the commit was acknowledged and trimmed, or never begun) or a sealed file
+whose transaction it sends again under the same id: the server applies a transaction id
+at most once, so the commit ends up applied exactly once, whole. Active files (writes
+never fsynced) are dropped at start; docs/semantics.md says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netmemfs.errors import NetmemError
+from netmemfs.pages import PAGE_SIZE, pages_for
+from netmemfs.protocol import PageRun
+from netmemfs.records import encode_record, read_records, write_all
+
+log = logging.getLogger("netmemfs.journal")
+
+MAGIC = b"NMJR"
+
+
+class JournalError(NetmemError):
+    """The journal could not be written (the cache directory's disk is full or failing)."""
+
+
+@dataclass
+class _File:
+    """One journal file and the index of what it holds."""
+
+    path: Path
+    fd: int
+    end: int = 0
+    pages: dict[int, int] = field(default_factory=dict)  # page -> offset of its data
+    size: int | None = None  # last size record
+    min_size: int | None = None  # smallest size recorded
+
+    def append(self, payload: list[object]) -> int:
+        """Append one record; return the offset of its last PAGE_SIZE bytes (page data)."""
+        parts = encode_record(MAGIC, payload)
+        try:
+            n = write_all(self.fd, parts)
+        except OSError as e:
+            raise JournalError(
+                f"cannot write the journal {self.path}: {e.strerror}; free space in the "
+                "cache directory (--cache-dir)"
+            ) from e
+        self.end += n
+        return self.end - PAGE_SIZE
+
+    def read_page(self, page: int) -> bytes | None:
+        off = self.pages.get(page)
+        if off is None:
+            return None
+        return os.pread(self.fd, PAGE_SIZE, off)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _open_new(path: Path) -> _File:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    return _File(path, fd)
+
+
+@dataclass(frozen=True)
+class SealedCommit:
+    """What a sealed journal asks the server to do, as one transaction."""
+
+    txn: bytes
+    name: str
+    resizes: list[tuple[str, int]]
+    runs: list[PageRun]
+
+
+class SegmentJournal:
+    """The uncommitted changes of one file (segment)."""
+
+    def __init__(self, directory: Path, committed_size: int) -> None:
+        self.directory = directory
+        self.id = uuid.uuid4().hex
+        self.generation = 0
+        self.committed_size = committed_size
+        self.active = self._new_active()
+        self.sealed: _File | None = None
+        self.sealed_commit: SealedCommit | None = None
+
+    def _new_active(self) -> _File:
+        self.generation += 1
+        return _open_new(self.directory / f"{self.id}-{self.generation}.active")
+
+    # --- what a reader sees ------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The file's size including uncommitted changes."""
+        for f in (self.active, self.sealed):
+            if f is not None and f.size is not None:
+                return f.size
+        return self.committed_size
+
+    def read_page(self, page: int) -> bytes | None:
+        """The newest uncommitted content of page, or None if it has none."""
+        data = self.active.read_page(page)
+        if data is None and self.sealed is not None:
+            data = self.sealed.read_page(page)
+        return data
+
+    def has_changes(self) -> bool:
+        return bool(self.active.pages) or self.active.size is not None
+
+    # --- changes -----------------------------------------------------------------
+
+    def write_page(self, page: int, data: bytes) -> None:
+        assert len(data) == PAGE_SIZE
+        if page >= pages_for(self.size):
+            raise AssertionError(f"page {page} past the end ({self.size} bytes): resize first")
+        self.active.pages[page] = self.active.append(["page", page, data])
+
+    def set_size(self, size: int) -> None:
+        old = self.size
+        f = self.active
+        f.append(["size", size])
+        f.size = size
+        low = min(old, size) if f.min_size is None else min(f.min_size, size)
+        f.min_size = low
+        if size < old:
+            keep = pages_for(size)
+            for page in [p for p in f.pages if p >= keep]:
+                del f.pages[page]
+            tail = size % PAGE_SIZE
+            if tail:
+                # Bytes past the new end read as zeros if the file grows again.
+                last = size // PAGE_SIZE
+                data = self.read_page(last)
+                if data is not None:
+                    self.write_page(last, data[:tail] + bytes(PAGE_SIZE - tail))
+
+    # --- commit ------------------------------------------------------------------
+
+    def seal_start(self) -> None:
+        """Freeze the changes so far; later writes go to a new active file.
+
+        Runs in the event loop and does not block; seal_finish() then makes it durable.
+        Reads keep seeing the frozen pages (now `sealed`) until trim().
+        """
+        assert self.sealed is None
+        self.sealed = self.active
+        self.active = self._new_active()
+
+    def seal_finish(self, txn: bytes, name: str) -> SealedCommit:
+        """Write the begin record and make the sealed file durable, as transaction txn.
+
+        Blocking (fsync): call from a worker thread; nothing else touches `sealed`
+        meanwhile (writes go to the active file). Retry after a JournalError.
+        """
+        f = self.sealed
+        assert f is not None
+        if self.sealed_commit is not None:
+            return self.sealed_commit
+        min_size = f.min_size if f.min_size is not None else self.size
+        f.append(["begin", txn, name, min_size])
+        sealed_path = f.path.with_suffix(".sealed")
+        try:
+            os.fsync(f.fd)
+            os.rename(f.path, sealed_path)
+            _fsync_dir(self.directory)
+        except OSError as e:
+            raise JournalError(f"cannot make the journal {f.path} durable: {e.strerror}") from e
+        f.path = sealed_path
+        self.sealed_commit = _commit_of(f, txn, name, min_size)
+        return self.sealed_commit
+
+    def trim(self, committed_size: int) -> None:
+        """The sealed commit was acknowledged: forget it."""
+        f = self.sealed
+        assert f is not None
+        f.close()
+        f.path.unlink()
+        self.sealed = None
+        self.sealed_commit = None
+        self.committed_size = committed_size
+
+    def unseal(self) -> None:
+        """The sealed commit was refused, so it did not apply: put its changes back in
+        front of the newer ones, for the next fsync to commit together (after the user
+        made room, say)."""
+        old, newer = self.sealed, self.active
+        assert old is not None
+        merged = self._new_active()
+        pages: dict[int, bytes] = {p: os.pread(old.fd, PAGE_SIZE, o) for p, o in old.pages.items()}
+        size, low = old.size, old.min_size
+        if newer.min_size is not None:
+            keep = pages_for(newer.min_size)
+            pages = {p: d for p, d in pages.items() if p < keep}
+            low = newer.min_size if low is None else min(low, newer.min_size)
+        if newer.size is not None:
+            size = newer.size
+        for p, o in newer.pages.items():
+            pages[p] = os.pread(newer.fd, PAGE_SIZE, o)
+        if size is not None:
+            merged.append(["size", size])
+        merged.size, merged.min_size = size, low
+        for p in sorted(pages):
+            merged.pages[p] = merged.append(["page", p, pages[p]])
+        for f in (old, newer):
+            f.close()
+            f.path.unlink()
+        self.active, self.sealed, self.sealed_commit = merged, None, None
+
+    def discard(self) -> None:
+        for f in (self.active, self.sealed):
+            if f is not None:
+                f.close()
+                f.path.unlink(missing_ok=True)
+        self.sealed = None
+        self.sealed_commit = None
+
+
+def _commit_of(f: _File, txn: bytes, name: str, min_size: int) -> SealedCommit:
+    resizes = []
+    npages = None
+    if f.size is not None:
+        # Shrinking first zeroes what a shrink then a growth left beyond the low mark.
+        if min_size < f.size:
+            resizes.append((name, min_size))
+        resizes.append((name, f.size))
+        npages = pages_for(f.size)
+    runs = list(_runs(f, name, npages))
+    return SealedCommit(txn, name, resizes, runs)
+
+
+def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
+    """The file's pages (below npages, if given) as runs of consecutive pages."""
+    pages = sorted(p for p in f.pages if npages is None or p < npages)
+    i = 0
+    while i < len(pages):
+        j = i
+        while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1 and j - i < 1023:
+            j += 1
+        data = b"".join(os.pread(f.fd, PAGE_SIZE, f.pages[p]) for p in pages[i : j + 1])
+        yield PageRun(name, pages[i], data)
+        i = j + 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
+    """Index a journal file; the begin record's (txn, name, min_size) if it has one."""
+    fd = os.open(path, os.O_RDWR)
+    f = _File(path, fd)
+    begin = None
+    with open(path, "rb", buffering=0) as raw:
+        for end, rec in read_records(raw, MAGIC):
+            if not isinstance(rec, list) or not rec:
+                break
+            if rec[0] == "page":
+                f.pages[int(rec[1])] = end - PAGE_SIZE
+            elif rec[0] == "size":
+                f.size = int(rec[1])
+            elif rec[0] == "begin":
+                begin = (bytes(rec[1]), str(rec[2]), int(rec[3]))
+            f.end = end
+    return f, begin
+
+
+def recover(directory: Path) -> list[tuple[SealedCommit, Path]]:
+    """At start: the sealed commits a daemon that died left (to send again, then delete
+    the path), after dropping every active journal (writes never fsynced)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix == ".active":
+            log.info("dropping %s: writes that were never fsynced", path.name)
+            path.unlink()
+        elif path.suffix == ".sealed":
+            f, begin = _load(path)
+            try:
+                if begin is None:  # cannot happen: a file is renamed only after its begin
+                    log.warning("dropping %s: it has no begin record", path.name)
+                    path.unlink()
+                    continue
+                txn, name, min_size = begin
+                out.append((_commit_of(f, txn, name, min_size), path))
+            finally:
+                f.close()
+    return out
