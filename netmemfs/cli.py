@@ -21,6 +21,7 @@ from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
+from netmemfs.sizes import parse_size
 
 DESCRIPTION = """\
 netmemfs: memory that a process maps, whose pages live on a netmemfs-server.
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long an operation waits for an unreachable server before failing with "
         "EIO (default %(default)g)",
+    )
+    m.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=parse_size("256M"),
+        metavar="SIZE",
+        help="memory for pages fetched from the server, kept while the file is unchanged "
+        "(default 256M; 0 turns it off)",
     )
     m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount too")
@@ -161,6 +170,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         timeout_s=args.timeout,
         token=read_token_file(args.token_file) if args.token_file else None,
         allow_other=args.allow_other,
+        cache_bytes=args.cache_size,
     )
 
 
@@ -211,7 +221,7 @@ def _mount(args: argparse.Namespace) -> int:
 
 def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
     out = ["mount", str(opts.mountpoint), "--cache-dir", str(opts.cache_dir)]
-    out += ["--timeout", str(opts.timeout_s)]
+    out += ["--timeout", str(opts.timeout_s), "--cache-size", str(opts.cache_bytes)]
     if args.server:
         out += ["--server", args.server]
     if args.token_file:

@@ -39,6 +39,7 @@ class MountOptions:
     timeout_s: float
     token: bytes | None
     allow_other: bool
+    cache_bytes: int
 
 
 class MountError(NetmemError):
@@ -129,7 +130,9 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
         ) as store:
             journal_dir = opts.cache_dir / "journal"
             recovered = journal.recover(journal_dir)
-            ops = fs.NetmemFS(store, journal_dir, timeout_s=opts.timeout_s)
+            ops = fs.NetmemFS(
+                store, journal_dir, timeout_s=opts.timeout_s, cache_bytes=opts.cache_bytes
+            )
             if recovered:
                 await ops.resend_recovered(recovered)
             clear_stale_mount(opts.mountpoint)

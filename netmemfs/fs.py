@@ -26,6 +26,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from netmemfs.cache import PageCache
 from netmemfs.errors import (
     NetmemError,
     NoSpace,
@@ -44,6 +45,7 @@ log = logging.getLogger("netmemfs.fs")
 ROOT = pyfuse3.ROOT_INODE
 ATTR_TIMEOUT_S = 1.0
 BLOCK_SIZE = 1 << 20  # st_blksize: what `cp` and friends should read at a time
+DEFAULT_CACHE_BYTES = 256 << 20
 
 
 @contextmanager
@@ -75,8 +77,16 @@ class _Inode:
 
 
 class NetmemFS(pyfuse3.Operations):
-    def __init__(self, store: RemoteStore, cache_dir: Path, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: RemoteStore,
+        cache_dir: Path,
+        *,
+        timeout_s: float,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         super().__init__()
+        self.cache = PageCache(cache_bytes)
         self.store = store
         self.cache_dir = cache_dir
         self.timeout_s = timeout_s
@@ -147,6 +157,8 @@ class NetmemFS(pyfuse3.Operations):
             node = self.inodes[ino]
             if not node.journal.has_changes() and node.journal.sealed is None:
                 node.journal.committed_size = st.size
+                if node.version != st.version:
+                    self.cache.drop(ino)  # another client committed to it
                 node.version = st.version
         return ino
 
@@ -201,9 +213,19 @@ class NetmemFS(pyfuse3.Operations):
         if fields.update_size:
             size = attr.st_size
             with fuse_errors(f"truncate of {node.name!r} to {size}"):
-                if size > node.journal.size and node.journal.size % PAGE_SIZE:
+                old = node.journal.size
+                if size > old and old % PAGE_SIZE:
                     await self._complete_last_page(node)
+                tail = size % PAGE_SIZE
+                last = None
+                if size < old and tail:
+                    # Keep the new last page whole in the journal, zeros past the end.
+                    last = await self._read_pages(node, size // PAGE_SIZE, 1)
                 node.journal.set_size(size)
+                if last is not None:
+                    node.journal.write_page(
+                        size // PAGE_SIZE, last[:tail] + bytes(PAGE_SIZE - tail)
+                    )
         # Mode, owner and times are not kept: files are 0644 and owned by the mounter.
         return self._attrs(inode, node.journal.size)
 
@@ -423,9 +445,20 @@ class NetmemFS(pyfuse3.Operations):
                 missing.append(first + i)
             else:
                 out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
-        # Only pages the server has can be asked for: past its size they are zeros.
-        server_pages = pages_for(node.journal.committed_size)
-        runs = _consecutive([p for p in missing if p < server_pages])
+        # Only pages the server has for this file can be asked for: past its size, or
+        # past a shrink not committed yet, they are zeros.
+        server_pages = pages_for(node.journal.low_water())
+        ino = self.by_name.get(node.name, 0)
+        fetch = []
+        for p in missing:
+            if p >= server_pages:
+                continue
+            data = self.cache.get(ino, p)
+            if data is None:
+                fetch.append(p)
+            else:
+                out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = data
+        runs = _consecutive(fetch)
         if runs:
             with self._deadline():
                 for p, n in runs:
@@ -435,6 +468,10 @@ class NetmemFS(pyfuse3.Operations):
                         for run in got.runs:
                             off = (run.first - first) * PAGE_SIZE
                             out[off : off + len(run.data)] = run.data
+                        if got.version == node.version:  # else it changed: do not keep
+                            for i in range(m):
+                                o = (q - first + i) * PAGE_SIZE
+                                self.cache.put(ino, q + i, bytes(out[o : o + PAGE_SIZE]))
             # A page written while we waited for the server: the journal's is newer.
             for p in missing:
                 data = node.journal.read_page(p)
@@ -454,17 +491,19 @@ class NetmemFS(pyfuse3.Operations):
                 node.journal.set_size(end)
             first = off // PAGE_SIZE
             last = (end - 1) // PAGE_SIZE
-            view = memoryview(buf)
-            for page in range(first, last + 1):
-                lo = max(off, page * PAGE_SIZE)
-                hi = min(end, (page + 1) * PAGE_SIZE)
-                if hi - lo == PAGE_SIZE:
-                    data = bytes(view[lo - off : hi - off])
-                else:
-                    old = await self._read_pages(node, page, 1)
-                    a = lo - page * PAGE_SIZE
-                    data = old[:a] + bytes(view[lo - off : hi - off]) + old[a + hi - lo :]
-                node.journal.write_page(page, data)
+            head, tail = off - first * PAGE_SIZE, (last + 1) * PAGE_SIZE - end
+            if not head and not tail:
+                data = buf
+            else:
+                # Partial first or last page: complete it from what the file holds.
+                whole = bytearray(await self._read_pages(node, first, 1)) + bytes(
+                    (last - first) * PAGE_SIZE
+                )
+                if last != first and tail:
+                    whole[-PAGE_SIZE:] = await self._read_pages(node, last, 1)
+                whole[head : head + len(buf)] = buf
+                data = bytes(whole)
+            node.journal.write_pages(first, data)
         return len(buf)
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
@@ -484,7 +523,9 @@ class NetmemFS(pyfuse3.Operations):
         if journal.sealed is None:
             return
         txn = self.store.new_txn()
+        t0 = time.perf_counter()
         commit = await trio.to_thread.run_sync(journal.seal_finish, txn, node.name)
+        t1 = time.perf_counter()
         try:
             result = await self._send(commit)
         except (ServerUnreachable, ProtocolError):
@@ -495,6 +536,14 @@ class NetmemFS(pyfuse3.Operations):
             raise
         journal.trim(_final_size(commit, journal.committed_size))
         node.version = result.versions.get(commit.name, node.version)
+        self.cache.drop(self.by_name.get(node.name, 0))  # cached pages may be older
+        log.debug(
+            "committed %d pages of %r: sealed in %.1f ms, sent in %.1f ms",
+            sum(r.count for r in commit.runs),
+            commit.name,
+            (t1 - t0) * 1000,
+            (time.perf_counter() - t1) * 1000,
+        )
 
     async def _send(self, commit: SealedCommit) -> CommitResult:
         try:

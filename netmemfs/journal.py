@@ -11,23 +11,32 @@ Each segment with uncommitted changes has, in the cache directory:
 
 Records are framed by netmemfs.records (magic b"NMJR"); payloads:
 
-    ["page", page, data]          a whole 4096-byte page
+    ["pages", first, data]        whole 4096-byte pages first, first+1, ...
     ["size", size]                the file's size became size bytes
     ["begin", txn, name, min_size]  sealed: commit all of the above as transaction txn
                                   to segment name; min_size is the smallest size the file
                                   had since the previous commit
 
-Sealing renames <id>.active to <id>.sealed, appends the begin record and fsyncs before
+Sealing appends the begin record and renames <id>-<n>.active to <id>-<n>.sealed before
 the commit is sent, so a daemon that dies at any moment finds, at the next start, either
 no sealed file (the commit was acknowledged and trimmed, or never begun) or a sealed file
 whose transaction it sends again under the same id: the server applies a transaction id
 at most once, so the commit ends up applied exactly once, whole. Active files (writes
 never fsynced) are dropped at start; docs/semantics.md says so.
+
+The journal is not fsynced. A daemon that dies leaves its writes in the kernel's page
+cache, which the next daemon reads. Only a crash of the whole machine can lose or tear
+journal files, and then every record is checksummed: a sealed file whose begin record
+is missing or follows a damaged record is dropped, which for a commit that may or may
+not have reached the server means "dropped or finished, never half done" all the same
+(the server's commit is atomic and keyed by the transaction id). An fsync() the
+application saw succeed was acknowledged by the server, so it needs no journal.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import uuid
 from collections.abc import Iterator
@@ -42,6 +51,7 @@ from netmemfs.records import encode_record, read_records, write_all
 log = logging.getLogger("netmemfs.journal")
 
 MAGIC = b"NMJR"
+MAX_RUN_PAGES = 1024  # pages per run handed to the server (4 MiB)
 
 
 class JournalError(NetmemError):
@@ -60,7 +70,8 @@ class _File:
     min_size: int | None = None  # smallest size recorded
 
     def append(self, payload: list[object]) -> int:
-        """Append one record; return the offset of its last PAGE_SIZE bytes (page data)."""
+        """Append one record; return the offset where it ends (where page data, which
+        comes last in its record, ends too)."""
         parts = encode_record(MAGIC, payload)
         try:
             n = write_all(self.fd, parts)
@@ -70,7 +81,7 @@ class _File:
                 "cache directory (--cache-dir)"
             ) from e
         self.end += n
-        return self.end - PAGE_SIZE
+        return self.end
 
     def read_page(self, page: int) -> bytes | None:
         off = self.pages.get(page)
@@ -123,6 +134,13 @@ class SegmentJournal:
                 return f.size
         return self.committed_size
 
+    def low_water(self) -> int:
+        """The smallest size the file had since its last acknowledged commit: past it,
+        what the server holds is not the file's any more (a shrink not committed yet)."""
+        sizes = [self.committed_size]
+        sizes += [f.min_size for f in (self.active, self.sealed) if f and f.min_size is not None]
+        return min(sizes)
+
     def read_page(self, page: int) -> bytes | None:
         """The newest uncommitted content of page, or None if it has none."""
         data = self.active.read_page(page)
@@ -136,10 +154,18 @@ class SegmentJournal:
     # --- changes -----------------------------------------------------------------
 
     def write_page(self, page: int, data: bytes) -> None:
-        assert len(data) == PAGE_SIZE
-        if page >= pages_for(self.size):
-            raise AssertionError(f"page {page} past the end ({self.size} bytes): resize first")
-        self.active.pages[page] = self.active.append(["page", page, data])
+        self.write_pages(page, data)
+
+    def write_pages(self, first: int, data: bytes) -> None:
+        """Record whole pages first, first+1, ... (one record, one write)."""
+        n = len(data) // PAGE_SIZE
+        assert n and len(data) == n * PAGE_SIZE
+        if first + n > pages_for(self.size):
+            raise AssertionError(f"pages {first}+{n} past the end ({self.size} bytes)")
+        f = self.active
+        start = f.append(["pages", first, data]) - len(data)
+        for i in range(n):
+            f.pages[first + i] = start + i * PAGE_SIZE
 
     def set_size(self, size: int) -> None:
         old = self.size
@@ -173,10 +199,10 @@ class SegmentJournal:
         self.active = self._new_active()
 
     def seal_finish(self, txn: bytes, name: str) -> SealedCommit:
-        """Write the begin record and make the sealed file durable, as transaction txn.
+        """Write the begin record and rename the file to .sealed, as transaction txn.
 
-        Blocking (fsync): call from a worker thread; nothing else touches `sealed`
-        meanwhile (writes go to the active file). Retry after a JournalError.
+        Call from a worker thread (it reads the whole file back); nothing else touches
+        `sealed` meanwhile (writes go to the active file). Retry after a JournalError.
         """
         f = self.sealed
         assert f is not None
@@ -186,11 +212,9 @@ class SegmentJournal:
         f.append(["begin", txn, name, min_size])
         sealed_path = f.path.with_suffix(".sealed")
         try:
-            os.fsync(f.fd)
             os.rename(f.path, sealed_path)
-            _fsync_dir(self.directory)
         except OSError as e:
-            raise JournalError(f"cannot make the journal {f.path} durable: {e.strerror}") from e
+            raise JournalError(f"cannot seal the journal {f.path}: {e.strerror}") from e
         f.path = sealed_path
         self.sealed_commit = _commit_of(f, txn, name, min_size)
         return self.sealed_commit
@@ -226,7 +250,7 @@ class SegmentJournal:
             merged.append(["size", size])
         merged.size, merged.min_size = size, low
         for p in sorted(pages):
-            merged.pages[p] = merged.append(["page", p, pages[p]])
+            merged.pages[p] = merged.append(["pages", p, pages[p]]) - PAGE_SIZE
         for f in (old, newer):
             f.close()
             f.path.unlink()
@@ -255,24 +279,39 @@ def _commit_of(f: _File, txn: bytes, name: str, min_size: int) -> SealedCommit:
 
 
 def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
-    """The file's pages (below npages, if given) as runs of consecutive pages."""
+    """The file's pages (below npages, if given) as runs of consecutive pages.
+
+    Pages that also lie one after another in the file (as those of one write do) are
+    views of a read-only mapping of it, not copies; the mapping lives as long as the
+    views do. The file is only ever appended to, and a sealed file not at all.
+    """
+    if not f.pages:
+        return
+    mm = mmap.mmap(f.fd, f.end, prot=mmap.PROT_READ)
+    view = memoryview(mm)
     pages = sorted(p for p in f.pages if npages is None or p < npages)
     i = 0
     while i < len(pages):
+        parts = []
         j = i
-        while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1 and j - i < 1023:
-            j += 1
-        data = b"".join(os.pread(f.fd, PAGE_SIZE, f.pages[p]) for p in pages[i : j + 1])
-        yield PageRun(name, pages[i], data)
-        i = j + 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        k = i
+        while True:
+            # A stretch: page numbers and file offsets both run on.
+            while (
+                k + 1 < len(pages)
+                and pages[k + 1] == pages[k] + 1
+                and f.pages[pages[k + 1]] == f.pages[pages[k]] + PAGE_SIZE
+                and k + 1 - i < MAX_RUN_PAGES
+            ):
+                k += 1
+            off = f.pages[pages[j]]
+            parts.append(view[off : off + (k - j + 1) * PAGE_SIZE])
+            if k + 1 < len(pages) and pages[k + 1] == pages[k] + 1 and k + 1 - i < MAX_RUN_PAGES:
+                j = k = k + 1
+                continue
+            break
+        yield PageRun(name, pages[i], parts[0] if len(parts) == 1 else b"".join(parts))
+        i = k + 1
 
 
 def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
@@ -284,8 +323,10 @@ def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
         for end, rec in read_records(raw, MAGIC):
             if not isinstance(rec, list) or not rec:
                 break
-            if rec[0] == "page":
-                f.pages[int(rec[1])] = end - PAGE_SIZE
+            if rec[0] == "pages":
+                first, n = int(rec[1]), len(rec[2]) // PAGE_SIZE
+                for i in range(n):
+                    f.pages[first + i] = end - (n - i) * PAGE_SIZE
             elif rec[0] == "size":
                 f.size = int(rec[1])
             elif rec[0] == "begin":

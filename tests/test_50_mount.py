@@ -265,3 +265,21 @@ def test_mount_help_teaches() -> None:
     assert r.returncode == 0
     for word in ("--server", "--cache-dir", "--timeout", "fsync", "umount"):
         assert word in r.stdout
+
+
+def test_uncommitted_shrink_then_grow_reads_zeros(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    a = mount_factory(server.address)
+    p = a.path("z")
+    p.write_bytes(b"\xee" * (6 * PAGE_SIZE))
+    fd = os.open(p, os.O_RDWR)
+    os.fsync(fd)
+    assert os.pread(fd, PAGE_SIZE, 4 * PAGE_SIZE) == b"\xee" * PAGE_SIZE  # now cached
+    os.ftruncate(fd, PAGE_SIZE + 5)
+    os.ftruncate(fd, 6 * PAGE_SIZE)
+    # Not committed yet: the server still has the old pages, which must not show.
+    want = b"\xee" * (PAGE_SIZE + 5) + bytes(5 * PAGE_SIZE - 5)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert os.pread(fd, 6 * PAGE_SIZE, 0) == want
+    os.close(fd)
