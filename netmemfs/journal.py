@@ -279,38 +279,26 @@ def _commit_of(f: _File, txn: bytes, name: str, min_size: int) -> SealedCommit:
 
 
 def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
-    """The file's pages (below npages, if given) as runs of consecutive pages.
-
-    Pages that also lie one after another in the file (as those of one write do) are
-    views of a read-only mapping of it, not copies; the mapping lives as long as the
-    views do. The file is only ever appended to, and a sealed file not at all.
-    """
+    """The file's pages (below npages, if given) as runs of pages consecutive both in
+    number and in the file (those of one write are), each a view of a read-only mapping
+    of the file, not a copy: the mapping lives as long as the views do. The file is only
+    ever appended to, and a sealed file not at all, so the views never change."""
     if not f.pages:
         return
-    mm = mmap.mmap(f.fd, f.end, prot=mmap.PROT_READ)
-    view = memoryview(mm)
+    view = memoryview(mmap.mmap(f.fd, f.end, prot=mmap.PROT_READ))
     pages = sorted(p for p in f.pages if npages is None or p < npages)
     i = 0
     while i < len(pages):
-        parts = []
-        j = i
         k = i
-        while True:
-            # A stretch: page numbers and file offsets both run on.
-            while (
-                k + 1 < len(pages)
-                and pages[k + 1] == pages[k] + 1
-                and f.pages[pages[k + 1]] == f.pages[pages[k]] + PAGE_SIZE
-                and k + 1 - i < MAX_RUN_PAGES
-            ):
-                k += 1
-            off = f.pages[pages[j]]
-            parts.append(view[off : off + (k - j + 1) * PAGE_SIZE])
-            if k + 1 < len(pages) and pages[k + 1] == pages[k] + 1 and k + 1 - i < MAX_RUN_PAGES:
-                j = k = k + 1
-                continue
-            break
-        yield PageRun(name, pages[i], parts[0] if len(parts) == 1 else b"".join(parts))
+        while (
+            k + 1 < len(pages)
+            and pages[k + 1] == pages[k] + 1
+            and f.pages[pages[k + 1]] == f.pages[pages[k]] + PAGE_SIZE
+            and k + 1 - i < MAX_RUN_PAGES
+        ):
+            k += 1
+        off = f.pages[pages[i]]
+        yield PageRun(name, pages[i], view[off : off + (k - i + 1) * PAGE_SIZE])
         i = k + 1
 
 
