@@ -168,6 +168,9 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
                     nursery.cancel_scope.cancel()
             finally:
                 fs.close(unmount=not unmounted)
+                # Writes never fsynced die with the mount; sealed commits that failed
+                # stay, to be sent again by the next mount with this cache dir.
+                journal.drop_unsynced(journal_dir)
     finally:
         if private is not None:
             private.terminate()

@@ -13,6 +13,7 @@ docs/semantics.md states what each operation promises.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.cache import PageCache
 from netmemfs.errors import (
     NetmemError,
@@ -38,7 +40,7 @@ from netmemfs.errors import (
 from netmemfs.journal import JournalError, SealedCommit, SegmentJournal
 from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, check_name, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
-from netmemfs.remote import CommitResult, RemoteStore
+from netmemfs.remote import CommitResult, RemoteStore, SegmentStat
 
 log = logging.getLogger("netmemfs.fs")
 
@@ -46,6 +48,7 @@ ROOT = pyfuse3.ROOT_INODE
 ATTR_TIMEOUT_S = 1.0
 BLOCK_SIZE = 1 << 20  # st_blksize: what `cp` and friends should read at a time
 DEFAULT_CACHE_BYTES = 256 << 20
+READDIR_BATCH = 128  # directory entries whose attributes are fetched at once
 
 
 @contextmanager
@@ -147,6 +150,10 @@ class NetmemFS(pyfuse3.Operations):
         """The inode for segment name, refreshed from the server."""
         with fuse_errors(f"lookup of {name!r}"), self._deadline():
             st = await self.store.stat(name)
+        return self._adopt(name, st)
+
+    def _adopt(self, name: str, st: SegmentStat) -> int:
+        """The inode for name, created or refreshed from what the server said of it."""
         ino = self.by_name.get(name)
         if ino is None:
             ino = self._number(name)
@@ -301,15 +308,23 @@ class NetmemFS(pyfuse3.Operations):
     ) -> None:
         with fuse_errors("readdir"), self._deadline():
             names = sorted(await self.store.list_segments())
-        for i, name in enumerate(names[start_id:], start_id):
+            window = names[start_id : start_id + READDIR_BATCH]
+            stats: dict[str, SegmentStat] = {}
+
+            async def stat(name: str) -> None:
+                with contextlib.suppress(SegmentNotFound):  # deleted since the listing
+                    stats[name] = await self.store.stat(name)
+
+            async with open_quiet_nursery() as nursery:  # requests pipelined on one link
+                for name in window:
+                    nursery.start_soon(stat, name)
+        for i, name in enumerate(window, start_id):
             # pyfuse3 answers with readdirplus: each entry the kernel takes counts as a
-            # lookup, and its attributes are cached like a lookup's.
-            try:
-                ino = await self._lookup_name(name)
-            except pyfuse3.FUSEError as e:
-                if e.errno == errno.ENOENT:
-                    continue  # deleted since the listing
-                raise
+            # lookup, and its attributes are cached like a lookup's. The kernel asks
+            # again from the next id for what did not fit, or lay past this window.
+            if name not in stats:
+                continue
+            ino = self._adopt(name, stats[name])
             node = self.inodes[ino]
             attrs = self._attrs(ino, node.journal.size)
             if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name.encode()), attrs, i + 1):

@@ -323,16 +323,24 @@ def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
     return f, begin
 
 
+def drop_unsynced(directory: Path) -> int:
+    """Delete the active journals in directory (writes never fsynced); return how many."""
+    gone = 0
+    for path in directory.glob("*.active"):
+        log.info("dropping %s: writes that were never fsynced", path.name)
+        path.unlink()
+        gone += 1
+    return gone
+
+
 def recover(directory: Path) -> list[tuple[SealedCommit, Path]]:
     """At start: the sealed commits a daemon that died left (to send again, then delete
     the path), after dropping every active journal (writes never fsynced)."""
     directory.mkdir(parents=True, exist_ok=True)
+    drop_unsynced(directory)
     out = []
     for path in sorted(directory.iterdir()):
-        if path.suffix == ".active":
-            log.info("dropping %s: writes that were never fsynced", path.name)
-            path.unlink()
-        elif path.suffix == ".sealed":
+        if path.suffix == ".sealed":
             f, begin = _load(path)
             try:
                 if begin is None:  # cannot happen: a file is renamed only after its begin

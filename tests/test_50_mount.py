@@ -54,6 +54,7 @@ def test_unsynced_writes_stay_local_and_umount_drops_them(
     assert b.path("f").read_bytes() == stamp_page("f", 0, 1)
     a.umount()
     assert b.path("f").read_bytes() == stamp_page("f", 0, 1)
+    assert list((a.cache_dir / "journal").iterdir()) == []  # nothing left on disk
 
 
 C_WRITER = r"""
@@ -283,3 +284,17 @@ def test_uncommitted_shrink_then_grow_reads_zeros(
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     assert os.pread(fd, 6 * PAGE_SIZE, 0) == want
     os.close(fd)
+
+
+def test_listing_many_files(server: ServerProc, mount_factory: MountFactory) -> None:
+    a = mount_factory(server.address, name="a")
+    b = mount_factory(server.address, name="b")
+    names = [f"file{i:04d}" for i in range(300)]  # more than one readdir window
+    for i, name in enumerate(names):
+        with open(a.path(name), "wb") as f:
+            f.write(b"x" * i)
+            f.flush()
+            os.fsync(f.fileno())
+    assert sorted(os.listdir(b.mountpoint)) == names
+    sizes = {e.name: e.stat().st_size for e in os.scandir(b.mountpoint)}
+    assert sizes == {name: i for i, name in enumerate(names)}
