@@ -60,7 +60,28 @@ def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> No
         delay = min(delay * 2, 0.05)
 
 
-class ServerProc:
+class LogChecked:
+    """A process whose log (at log_path) may hold no warning a test did not declare."""
+
+    log_path: Path
+    expected_log: list[re.Pattern[str]]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def expect_log(self, pattern: str) -> None:
+        """Allow log lines matching pattern (warnings the test provokes on purpose)."""
+        self.expected_log.append(re.compile(pattern))
+
+    def unexpected_log_lines(self) -> list[str]:
+        return [
+            line
+            for line in self.log_text().splitlines()
+            if _UNEXPECTED.search(line) and not any(p.search(line) for p in self.expected_log)
+        ]
+
+
+class ServerProc(LogChecked):
     """A real netmemfs-server process on 127.0.0.1 with an ephemeral port."""
 
     def __init__(self, workdir: Path, *args: str, data_dir: Path | None = None) -> None:
@@ -132,20 +153,6 @@ class ServerProc:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def expect_log(self, pattern: str) -> None:
-        """Allow log lines matching pattern (warnings the test provokes on purpose)."""
-        self.expected_log.append(re.compile(pattern))
-
-    def unexpected_log_lines(self) -> list[str]:
-        return [
-            line
-            for line in self.log_text().splitlines()
-            if _UNEXPECTED.search(line) and not any(p.search(line) for p in self.expected_log)
-        ]
-
 
 async def wait_for_async(
     cond: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 10.0
@@ -162,12 +169,13 @@ async def wait_for_async(
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-class MountProc:
+class MountProc(LogChecked):
     """A real `netmemfs mount` (daemon in the background) in a temp dir."""
 
     def __init__(self, workdir: Path, server: str | None, *args: str, name: str = "mnt") -> None:
         self.mountpoint = workdir / name
         self.cache_dir = workdir / f"{name}-cache"
+        self.log_path = self.cache_dir / "daemon.log"
         self.mountpoint.mkdir(exist_ok=True)
         self.server = server
         self.args = list(args)
@@ -219,20 +227,6 @@ class MountProc:
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-
-    def log_text(self) -> str:
-        path = self.cache_dir / "daemon.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def expect_log(self, pattern: str) -> None:
-        self.expected_log.append(re.compile(pattern))
-
-    def unexpected_log_lines(self) -> list[str]:
-        return [
-            line
-            for line in self.log_text().splitlines()
-            if _UNEXPECTED.search(line) and not any(p.search(line) for p in self.expected_log)
-        ]
 
 
 def _pid_alive(pid: int) -> bool:
