@@ -239,6 +239,9 @@ def _umount(args: argparse.Namespace) -> int:
     pid = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int((cache_dir / "lock").read_text().split()[0])
+    if not os.path.ismount(mountpoint):
+        print(f"netmemfs: {mountpoint} is not mounted", file=sys.stderr)
+        return 1
     r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if r.returncode != 0:
         print(
