@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import subprocess
@@ -239,10 +240,16 @@ def _umount(args: argparse.Namespace) -> int:
     pid = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int((cache_dir / "lock").read_text().split()[0])
-    if not os.path.ismount(mountpoint):
+    dead = False
+    try:
+        os.lstat(mountpoint)
+    except OSError as e:
+        dead = e.errno == errno.ENOTCONN  # its daemon died: take the mount away lazily
+    if not dead and not os.path.ismount(mountpoint):
         print(f"netmemfs: {mountpoint} is not mounted", file=sys.stderr)
         return 1
-    r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    flags = "-uz" if dead else "-u"
+    r = subprocess.run(["fusermount3", flags, str(mountpoint)], capture_output=True, text=True)
     if r.returncode != 0:
         print(
             f"netmemfs: cannot unmount {mountpoint}: {r.stderr.strip()}\n"

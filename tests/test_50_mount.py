@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from netmemfs.pages import PAGE_SIZE
-from tests.helpers import MountProc, ServerProc, stamp_page
+from tests.helpers import MountProc, ServerProc, stamp_page, wait_for
 
 MountFactory = Callable[..., MountProc]
 
@@ -298,3 +299,27 @@ def test_listing_many_files(server: ServerProc, mount_factory: MountFactory) -> 
     assert sorted(os.listdir(b.mountpoint)) == names
     sizes = {e.name: e.stat().st_size for e in os.scandir(b.mountpoint)}
     assert sizes == {name: i for i, name in enumerate(names)}
+
+
+def test_umount_takes_away_the_mount_of_a_dead_daemon(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    a = mount_factory(server.address)
+    os.kill(a.pid, signal.SIGKILL)
+
+    def dead() -> bool:
+        try:
+            os.stat(a.mountpoint)
+        except OSError as e:
+            return e.errno == errno.ENOTCONN
+        return False
+
+    wait_for(dead, "the dead mount to answer ENOTCONN")
+    a.umount()
+    assert os.listdir(a.mountpoint) == []
+    r = subprocess.run(
+        [sys.executable, "-m", "netmemfs", "umount", str(a.mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "is not mounted" in r.stderr
