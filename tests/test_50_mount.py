@@ -297,7 +297,8 @@ def test_listing_many_files(server: ServerProc, mount_factory: MountFactory) -> 
             f.flush()
             os.fsync(f.fileno())
     assert sorted(os.listdir(b.mountpoint)) == names
-    sizes = {e.name: e.stat().st_size for e in os.scandir(b.mountpoint)}
+    with os.scandir(b.mountpoint) as entries:
+        sizes = {e.name: e.stat().st_size for e in entries}
     assert sizes == {name: i for i, name in enumerate(names)}
 
 
