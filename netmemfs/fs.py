@@ -67,6 +67,9 @@ def fuse_errors(what: str) -> Iterator[None]:
             what,
         )
         raise pyfuse3.FUSEError(errno.EIO) from e
+    except OSError as e:  # the cache dir's files (journal): disk full or failing
+        log.error("%s: %s; check the disk of --cache-dir", what, e)
+        raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
 
 
 @dataclass
@@ -148,9 +151,10 @@ class NetmemFS(pyfuse3.Operations):
 
     async def _lookup_name(self, name: str) -> int:
         """The inode for segment name, refreshed from the server."""
-        with fuse_errors(f"lookup of {name!r}"), self._deadline():
-            st = await self.store.stat(name)
-        return self._adopt(name, st)
+        with fuse_errors(f"lookup of {name!r}"):
+            with self._deadline():
+                st = await self.store.stat(name)
+            return self._adopt(name, st)
 
     def _adopt(self, name: str, st: SegmentStat) -> int:
         """The inode for name, created or refreshed from what the server said of it."""
@@ -217,6 +221,8 @@ class NetmemFS(pyfuse3.Operations):
         if inode == ROOT:
             return self._attrs(ROOT, 0)
         node = self._inode(inode)
+        if fields.update_size and not node.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
         if fields.update_size:
             size = attr.st_size
             with fuse_errors(f"truncate of {node.name!r} to {size}"):
@@ -256,10 +262,13 @@ class NetmemFS(pyfuse3.Operations):
         ino = self.by_name.pop(text, None)
         self.numbers.pop(text, None)
         if ino is not None:
-            node = self.inodes[ino]
-            node.journal.discard()
-            node.journal = SegmentJournal(self.cache_dir, 0)  # open handles write nowhere
-            node.name = ""
+            self._orphan(self.inodes[ino])
+
+    def _orphan(self, node: _Inode) -> None:
+        """node's segment is gone: drop its changes; open handles now write nowhere
+        (their writes fail with ENOENT)."""
+        node.journal.discard()
+        node.name = ""
 
     async def rename(
         self,
@@ -285,10 +294,7 @@ class NetmemFS(pyfuse3.Operations):
             await self.store.rename(old, new)
         replaced = self.by_name.pop(new, None)
         if replaced is not None:
-            gone = self.inodes[replaced]
-            gone.journal.discard()
-            gone.journal = SegmentJournal(self.cache_dir, 0)
-            gone.name = ""
+            self._orphan(self.inodes[replaced])
         self.numbers.pop(new, None)
         if ino is not None:
             del self.by_name[old]
@@ -324,7 +330,8 @@ class NetmemFS(pyfuse3.Operations):
             # again from the next id for what did not fit, or lay past this window.
             if name not in stats:
                 continue
-            ino = self._adopt(name, stats[name])
+            with fuse_errors(f"readdir entry {name!r}"):
+                ino = self._adopt(name, stats[name])
             node = self.inodes[ino]
             attrs = self._attrs(ino, node.journal.size)
             if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name.encode()), attrs, i + 1):
@@ -440,6 +447,8 @@ class NetmemFS(pyfuse3.Operations):
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._inode(fh)
+        if not node.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # deleted, here or by another client
         end = min(off + size, node.journal.size)
         if off >= end:
             return b""

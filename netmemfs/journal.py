@@ -94,7 +94,13 @@ class _File:
 
 
 def _open_new(path: Path) -> _File:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise JournalError(
+            f"cannot create the journal {path}: {e.strerror}; check the cache directory "
+            "(--cache-dir)"
+        ) from e
     return _File(path, fd)
 
 
@@ -119,6 +125,7 @@ class SegmentJournal:
         self.active = self._new_active()
         self.sealed: _File | None = None
         self.sealed_commit: SealedCommit | None = None
+        self.discarded = False
 
     def _new_active(self) -> _File:
         self.generation += 1
@@ -149,6 +156,8 @@ class SegmentJournal:
         return data
 
     def has_changes(self) -> bool:
+        if self.discarded:
+            return False
         return bool(self.active.pages) or self.active.size is not None
 
     # --- changes -----------------------------------------------------------------
@@ -257,6 +266,10 @@ class SegmentJournal:
         self.active, self.sealed, self.sealed_commit = merged, None, None
 
     def discard(self) -> None:
+        """Drop every change and close the files; the journal is unusable afterwards."""
+        if self.discarded:
+            return
+        self.discarded = True
         for f in (self.active, self.sealed):
             if f is not None:
                 f.close()

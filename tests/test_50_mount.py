@@ -324,3 +324,26 @@ def test_umount_takes_away_the_mount_of_a_dead_daemon(
         text=True,
     )
     assert r.returncode == 1 and "is not mounted" in r.stderr
+
+
+def test_a_file_deleted_while_open_fails_cleanly(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    a = mount_factory(server.address)
+    fd = os.open(a.path("gone"), os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"x" * 100)
+    os.unlink(a.path("gone"))
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    for op in (
+        lambda: os.pwrite(fd, b"y" * PAGE_SIZE, 0),
+        lambda: os.ftruncate(fd, 10),
+        lambda: os.pread(fd, 10, 0),
+    ):
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.ENOENT
+    os.fsync(fd)  # nothing left to commit
+    os.close(fd)
+    assert os.listdir(a.mountpoint) == []
+    a.path("gone").write_bytes(b"new")  # the name can be used again
+    assert a.path("gone").read_bytes() == b"new"
