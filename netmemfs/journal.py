@@ -2,6 +2,7 @@
 
 Where it sits: below the FUSE door (fs.py), beside remote.py; it imports neither trio nor
 pyfuse3, and does plain file I/O only. The caller (fs.py) decides when to commit.
+docs/journal.md describes the files and records.
 
 Each segment with uncommitted changes has, in the cache directory:
 
