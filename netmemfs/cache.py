@@ -4,50 +4,85 @@ Where it sits: beside journal.py, below fs.py; pure data structure, no I/O. The 
 page cache is the first cache; this one keeps what the kernel dropped (memory pressure,
 drop_caches, MADV_RANDOM faults) so that a page fetched once is not fetched again while
 the file is unchanged. fs.py drops a file's pages whenever it may have changed: when
-another client's commit is seen at open, and when this mount commits or truncates it.
+another client's commit is seen at open, and when this mount commits to it.
+
+It keeps runs of pages as the server sent them (views of the received frames, so
+caching copies nothing) and evicts whole runs, least recently used first. A page sent
+again in a newer run is found there; the older run still counts until it is evicted.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from netmemfs.pages import PAGE_SIZE
+from netmemfs.protocol import Buffer
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    file: int
+    first: int
+    data: memoryview
+
+    @property
+    def count(self) -> int:
+        return len(self.data) // PAGE_SIZE
 
 
 class PageCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_pages = budget_bytes // PAGE_SIZE
-        self._lru: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._runs: OrderedDict[int, _Run] = OrderedDict()
+        self._index: dict[tuple[int, int], int] = {}  # (file, page) -> run id
         self._by_file: dict[int, set[int]] = {}
+        self._next_id = 0
+        self.pages = 0  # pages held by the runs, superseded ones included
         self.hits = 0
         self.misses = 0
 
-    def get(self, file: int, page: int) -> bytes | None:
-        data = self._lru.get((file, page))
-        if data is None:
+    def get(self, file: int, page: int) -> memoryview | None:
+        rid = self._index.get((file, page))
+        if rid is None:
             self.misses += 1
             return None
-        self._lru.move_to_end((file, page))
+        run = self._runs[rid]
+        self._runs.move_to_end(rid)
         self.hits += 1
-        return data
+        off = (page - run.first) * PAGE_SIZE
+        return run.data[off : off + PAGE_SIZE]
 
-    def put(self, file: int, page: int, data: bytes) -> None:
-        if self.budget_pages <= 0:
+    def put(self, file: int, first: int, data: Buffer) -> None:
+        """Keep pages first, first+1, ... of file (data: whole pages, not copied)."""
+        run = _Run(file, first, memoryview(data).toreadonly())
+        if self.budget_pages <= 0 or run.count > self.budget_pages:
             return
-        assert len(data) == PAGE_SIZE
-        self._lru[(file, page)] = data
-        self._lru.move_to_end((file, page))
-        self._by_file.setdefault(file, set()).add(page)
-        while len(self._lru) > self.budget_pages:
-            (f, p), _ = self._lru.popitem(last=False)
-            pages = self._by_file[f]
-            pages.discard(p)
-            if not pages:
-                del self._by_file[f]
+        rid = self._next_id
+        self._next_id += 1
+        self._runs[rid] = run
+        self._by_file.setdefault(file, set()).add(rid)
+        for page in range(first, first + run.count):
+            self._index[(file, page)] = rid
+        self.pages += run.count
+        while self.pages > self.budget_pages:
+            old, _ = next(iter(self._runs.items()))
+            self._remove(old)
+
+    def _remove(self, rid: int) -> None:
+        run = self._runs.pop(rid)
+        for page in range(run.first, run.first + run.count):
+            if self._index.get((run.file, page)) == rid:
+                del self._index[(run.file, page)]
+        rids = self._by_file[run.file]
+        rids.discard(rid)
+        if not rids:
+            del self._by_file[run.file]
+        self.pages -= run.count
 
     def drop(self, file: int) -> None:
-        for page in self._by_file.pop(file, ()):
-            del self._lru[(file, page)]
+        for rid in list(self._by_file.get(file, ())):
+            self._remove(rid)
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._index)

@@ -477,11 +477,11 @@ class NetmemFS(pyfuse3.Operations):
         for p in missing:
             if p >= server_pages:
                 continue
-            data = self.cache.get(ino, p)
-            if data is None:
+            cached = self.cache.get(ino, p)
+            if cached is None:
                 fetch.append(p)
             else:
-                out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = data
+                out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = cached
         runs = _consecutive(fetch)
         if runs:
             with self._deadline():
@@ -489,13 +489,12 @@ class NetmemFS(pyfuse3.Operations):
                     for q in range(p, p + n, MAX_MESSAGE_PAGES):
                         m = min(MAX_MESSAGE_PAGES, p + n - q)
                         got = await self.store.read_pages(node.name, q, m)
+                        keep = got.version == node.version  # else it changed: do not keep
                         for run in got.runs:
                             off = (run.first - first) * PAGE_SIZE
                             out[off : off + len(run.data)] = run.data
-                        if got.version == node.version:  # else it changed: do not keep
-                            for i in range(m):
-                                o = (q - first + i) * PAGE_SIZE
-                                self.cache.put(ino, q + i, bytes(out[o : o + PAGE_SIZE]))
+                            if keep:
+                                self.cache.put(ino, run.first, run.data)
             # A page written while we waited for the server: the journal's is newer.
             for p in missing:
                 data = node.journal.read_page(p)
