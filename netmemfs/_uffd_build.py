@@ -55,6 +55,8 @@ int nm_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t nm_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
 void *nm_mmap_anon(uint64_t len, int *err);
 int nm_munmap(void *addr, uint64_t len);
+int nm_madvise(void *addr, uint64_t len, int advice);
+#define MADV_DONTNEED ...
 """
 
 SOURCE = r"""
@@ -192,6 +194,11 @@ void *nm_mmap_anon(uint64_t len, int *err)
 int nm_munmap(void *addr, uint64_t len)
 {
 	return munmap(addr, len) < 0 ? -errno : 0;
+}
+
+int nm_madvise(void *addr, uint64_t len, int advice)
+{
+	return madvise(addr, len, advice) < 0 ? -errno : 0;
 }
 """
 

@@ -279,6 +279,16 @@ class AnonMapping:
         registered range blocks this thread until the fault is served."""
         return memoryview(ffi.buffer(self._ptr, self.length))
 
+    def dontneed(self, offset: int, length: int) -> None:
+        """madvise(MADV_DONTNEED): drop the pages; a registered range sees a REMOVE
+        event (with FEATURE_EVENT_REMOVE) and later faults them in again.
+
+        With that feature the call blocks until the uffd's reader has read the event:
+        never call it from the thread that reads the events (it would wait forever).
+        """
+        ret = lib.nm_madvise(self._ptr + offset, length, lib.MADV_DONTNEED)
+        _check(ret, _what("madvise", self.address + offset, length))
+
     def close(self) -> None:
         if self.length:
             _check(
