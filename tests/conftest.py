@@ -1,17 +1,23 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MountProc, ServerProc
+from tests.helpers import LogChecked, MountProc, ServerProc
+
+
+def _assert_quiet_logs(procs: Sequence[LogChecked]) -> None:
+    """Every process's log holds no warning its test did not declare (expect_log)."""
+    for proc in procs:
+        bad = proc.unexpected_log_lines()
+        assert not bad, f"unexpected lines in {proc.log_path}:\n" + "\n".join(bad)
 
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
-    """Start real servers; each is killed at teardown, and its log must hold no
-    warning the test did not declare with expect_log()."""
+    """Start real servers; each is killed at teardown, even when the test failed."""
     started: list[ServerProc] = []
 
     def make(*args: str, data_dir: Path | None = None) -> ServerProc:
@@ -22,9 +28,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
     yield make
     for srv in started:
         srv.kill()
-    for srv in started:
-        bad = srv.unexpected_log_lines()
-        assert not bad, "unexpected server log lines:\n" + "\n".join(bad)
+    _assert_quiet_logs(started)
 
 
 @pytest.fixture
@@ -34,8 +38,7 @@ def server(server_factory: Callable[..., ServerProc]) -> ServerProc:
 
 @pytest.fixture
 def mount_factory(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
-    """Real mounts (daemons in the background); unmounted at teardown even on failure,
-    and their logs must hold no warning the test did not declare."""
+    """Real mounts (daemons in the background); unmounted at teardown even on failure."""
     made: list[MountProc] = []
 
     def make(server: str | None, *args: str, name: str = "mnt") -> MountProc:
@@ -46,6 +49,4 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
     yield make
     for m in made:
         m.cleanup()
-    for m in made:
-        bad = m.unexpected_log_lines()
-        assert not bad, f"unexpected log lines of {m.mountpoint}:\n" + "\n".join(bad)
+    _assert_quiet_logs(made)
