@@ -223,10 +223,17 @@ class MountProc(LogChecked):
         wait_for(lambda: not _pid_alive(self.pid), f"daemon {self.pid} to exit after umount")
 
     def cleanup(self) -> None:
+        """Leave no daemon and no mount behind, dead ones (ENOTCONN) included."""
         if _pid_alive(self.pid):
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+        try:
+            mounted = os.path.ismount(self.mountpoint)
+            os.stat(self.mountpoint)
+        except OSError:
+            mounted = True  # a dead FUSE mount answers ENOTCONN
+        if mounted:
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
 
 def _pid_alive(pid: int) -> bool:
