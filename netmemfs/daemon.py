@@ -28,7 +28,6 @@ from netmemfs.remote import RemoteStore
 log = logging.getLogger("netmemfs.daemon")
 
 READ_AHEAD_KB = 4096
-SERVER_START_TIMEOUT_S = 30.0
 
 
 @dataclass

@@ -231,8 +231,9 @@ class NetmemFS(pyfuse3.Operations):
                     await self._complete_last_page(node)
                 tail = size % PAGE_SIZE
                 last = None
-                if size < old and tail:
-                    # Keep the new last page whole in the journal, zeros past the end.
+                if size < old and tail and node.journal.read_page(size // PAGE_SIZE) is None:
+                    # Keep the new last page whole in the journal, zeros past the end
+                    # (set_size zeroes the tail of a page the journal already holds).
                     last = await self._read_pages(node, size // PAGE_SIZE, 1)
                 node.journal.set_size(size)
                 if last is not None:

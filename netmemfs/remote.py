@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import TypeVar
 import trio
 
 from netmemfs import auth
-from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts
+from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts, tune_socket
 from netmemfs.errors import (
     AuthFailed,
     LocalProtocolError,
@@ -45,7 +44,6 @@ from netmemfs.protocol import (
     MAX_MESSAGE_PAGES,
     NEED_DATA,
     PROTOCOL_VERSION,
-    SOCKET_BUFFER_BYTES,
     Abort,
     Authenticate,
     AuthReply,
@@ -88,12 +86,6 @@ RECONNECT_MAX_S = 1.0
 STAGE_PAGES = 1024
 
 T = TypeVar("T")
-
-
-def tune_socket(sock: trio.socket.SocketType) -> None:
-    """Large buffers both ways (the kernel caps them at net.core.[rw]mem_max)."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
 
 
 class _LinkLost(Exception):

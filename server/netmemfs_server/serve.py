@@ -12,13 +12,12 @@ order, which the request ids allow. All commits of the server pass through one l
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Sequence
 
 import trio
 
 from netmemfs import auth
-from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts
+from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts, tune_socket
 from netmemfs.errors import (
     AuthFailed,
     NetmemError,
@@ -32,7 +31,6 @@ from netmemfs.protocol import (
     CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
-    SOCKET_BUFFER_BYTES,
     Abort,
     Aborted,
     Authenticate,
@@ -146,8 +144,7 @@ class PageServer:
         except OSError:
             peer = "?"
         self.connections += 1
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            stream.socket.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        tune_socket(stream.socket)
         try:
             await _Session(self, stream, peer).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
