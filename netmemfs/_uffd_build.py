@@ -68,42 +68,9 @@ SOURCE = r"""
 #include <sys/syscall.h>
 #include <unistd.h>
 #include "netmem_uapi.h"
+#include "uffd_open.h"
 
 #define UFFD_MSG_BYTES ((int)sizeof(struct uffd_msg))
-
-/*
- * Open a userfaultfd: through /dev/userfaultfd (Linux 6.1+, permission on the device
- * node), else the system call (vm.unprivileged_userfaultfd or CAP_SYS_PTRACE). Each
- * attempt's errno is reported so the caller can say which failed and why.
- */
-int nm_uffd_open(int flags, int *dev_errno, int *sys_errno, int *how)
-{
-	int dev, fd;
-	long sfd;
-
-	*dev_errno = 0;
-	*sys_errno = 0;
-	*how = 0;
-	dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-	if (dev >= 0) {
-		fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
-		*dev_errno = fd < 0 ? errno : 0;
-		close(dev);
-		if (fd >= 0) {
-			*how = 1;
-			return fd;
-		}
-	} else {
-		*dev_errno = errno;
-	}
-	sfd = syscall(SYS_userfaultfd, flags);
-	if (sfd >= 0) {
-		*how = 2;
-		return (int)sfd;
-	}
-	*sys_errno = errno;
-	return -*sys_errno;
-}
 
 int nm_uffd_api(int fd, uint64_t features, uint64_t *got, uint64_t *ioctls)
 {
@@ -207,7 +174,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "netmemfs._uffd_cffi",
     SOURCE,
-    include_dirs=[str(ROOT / "include")],
+    include_dirs=[str(ROOT / "include"), str(ROOT / "lib")],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
 )
 

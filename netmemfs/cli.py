@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from netmemfs._trio_util import open_quiet_nursery
+from netmemfs.agent import run_private
 from netmemfs.auth import read_token_file
 from netmemfs.daemon import MountOptions, default_cache_dir, lock_cache_dir
 from netmemfs.daemon import run as daemon_run
@@ -31,6 +32,7 @@ commands:
   mount    mount the server's segments as files: mmap one, write, fsync to commit
   umount   unmount (writes never fsynced are dropped, as a crash would)
   demo     create a segment, commit pages to it and read them back, printing each step
+  agent    (started by libnetmem) serve one anonymous region's pages over a socket
 
 examples:
   netmemfs mount /mnt/nm                         # private in-memory server on this machine
@@ -121,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--segment", default="demo", help="segment name (default %(default)s)")
     demo.add_argument(
         "--pages", type=int, default=2048, help="pages to write (default %(default)s = 8 MiB)"
+    )
+    a = sub.add_parser(
+        "agent",
+        help="serve one anonymous region (started by libnetmem, not by hand)",
+        description="The network side of an anonymous region mapped with libnetmem "
+        "(netmem_map in C, netmemfs.anon.map in Python): serves the region's requests on "
+        "the Unix socket FD until it closes. The library starts it; see docs/anon.md.",
+    )
+    a.add_argument("--fd", type=int, required=True, help="the region's socket")
+    a.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the netmemfs-server")
+    a.add_argument(
+        "--timeout-ms", type=int, default=30000, metavar="MS", help="server retry period"
+    )
+    a.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get("NETMEMFS_TOKEN_FILE"),
+        metavar="FILE",
+        help="the server's token (default $NETMEMFS_TOKEN_FILE)",
     )
     return p
 
@@ -280,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args)
         if args.command == "umount":
             return _umount(args)
+        if args.command == "agent":
+            token = read_token_file(args.token_file) if args.token_file else None
+            trio.run(run_private, args.fd, args.server, token, max(args.timeout_ms, 1) / 1000)
         if args.command == "demo":
             token = read_token_file(args.token_file) if args.token_file else None
             trio.run(_demo, args.server, token, args.segment, args.pages)

@@ -1,0 +1,1366 @@
+// SPDX-License-Identifier: MIT
+/*
+ * netmem.c - anonymous regions whose pages live on a netmemfs server.
+ *
+ * A region is a private anonymous mapping registered with a userfaultfd. Its
+ * faults are served by a native thread of this process (the handler), so a
+ * program that faults while holding a lock of its own runtime (Python's GIL)
+ * never stalls it. The network stays out of this file: the handler asks the
+ * netmemfs agent (netmemfs/agent.py, a process of its own) for pages and hands
+ * it written pages, over one Unix socket (netmem_wire.h).
+ *
+ * Per page the handler keeps a state byte:
+ *
+ *   MISSING -> FETCHING -> PRESENT -> (evicted) MISSING
+ *                      \-> HELD (readahead marker) -> PRESENT on its fault
+ *   any -> POISONED when the agent or the server failed (access: SIGBUS)
+ *
+ * Only the handler thread changes page state, installs or evicts pages; an
+ * application thread asks it to sync and waits. Dirty tracking has two modes:
+ *
+ *  async  (UFFD_FEATURE_WP_ASYNC and UFFD_FEATURE_MOVE, Linux 6.8+): the kernel
+ *         clears a page's write-protect bit on its first write, without a
+ *         fault; a sync finds written pages and protects them again in one
+ *         PAGEMAP_SCAN call. Eviction moves pages out with UFFDIO_MOVE (an
+ *         atomic unmap), then compares each moved page with the hash of the
+ *         last version the agent has: changed pages are staged.
+ *  sync   (older kernels, or NETMEM_WP_MODE=sync): the first write to a
+ *         protected page faults; the handler marks it dirty and unprotects
+ *         it. Eviction protects a run again first, so writers wait.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "netmem.h"
+#include "netmem_uapi.h"
+#include "netmem_wire.h"
+#include "uffd_open.h"
+
+extern char **environ;
+
+#define PS 4096UL
+#define BATCH 64		/* pages per fetch or eviction */
+#define WINDOW (4 * BATCH)	/* pages a sequential reader runs ahead */
+#define MAX_FETCHES 256		/* fetches in flight */
+#define MAX_HELD 16		/* readahead markers held back */
+#define DEFAULT_TIMEOUT_MS 30000
+#define DEFAULT_SERVER "127.0.0.1:7733"
+
+#ifndef NETMEM_AGENT_DEFAULT
+#define NETMEM_AGENT_DEFAULT "netmemfs"
+#endif
+
+enum { MISSING, FETCHING, PRESENT, HELD, POISONED };
+#define ST_MASK 0x0f
+#define WANT_WRITE 0x10		/* a write fault waits for this page */
+#define WANTED 0x20		/* some fault waits for this page */
+
+struct fetch {
+	uint64_t id;		/* 0: free slot */
+	size_t first;
+	size_t count;
+	uint64_t started_ms;
+	bool marker;		/* hold the first page back (readahead) */
+};
+
+struct held {
+	size_t page;		/* (size_t)-1: free */
+	unsigned char data[PS];
+};
+
+struct region {
+	struct region *next;
+	char *base;
+	size_t size, npages;
+	char *scratch;		/* BATCH pages: where eviction moves pages */
+	int uffd, pagemap, sock, evfd;
+	pid_t agent;
+	pthread_t thread;
+	bool async;		/* WP_ASYNC + MOVE, else sync write-protect */
+	bool borrowed;		/* the caller's mapping: not ours to unmap */
+	bool can_poison;
+	char segment[256];
+	unsigned int timeout_ms;
+
+	/* Owned by the handler thread. */
+	unsigned char *state;
+	unsigned char *dirty;	/* sync mode: written since the last sync */
+	uint64_t *hash;		/* async mode: hash of the agent's version */
+	size_t resident, fetching, budget;	/* pages */
+	size_t hand;		/* eviction: first in, first out */
+	uint64_t next_id;
+	struct fetch fetches[MAX_FETCHES];
+	size_t nfetches;
+	struct held held[MAX_HELD];
+	size_t seq_lo, seq_next, seq_ahead;	/* the sequential stream */
+	unsigned char *buf;	/* replies and staging */
+	size_t buf_len;
+	uint64_t commit_id;
+	uint64_t stage_failures;
+
+	/* Shared with application threads, under mu. */
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	bool stop, failed;
+	uint64_t sync_asked, sync_done;
+	int sync_errno;
+	char sync_msg[512];
+	char fail_msg[512];
+	pthread_mutex_t sync_mu;	/* one sync at a time */
+};
+
+static pthread_mutex_t regions_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct region *regions;
+static __thread char err_buf[1024];
+static const unsigned char zero_page[PS] __attribute__((aligned(4096)));
+
+const char *netmem_error(void)
+{
+	return err_buf[0] ? err_buf : "no error";
+}
+
+__attribute__((format(printf, 2, 3)))
+static int fail(int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(err_buf, sizeof(err_buf), fmt, ap);
+	va_end(ap);
+	errno = err;
+	return -1;
+}
+
+__attribute__((format(printf, 2, 3)))
+static void logmsg(struct region *r, const char *fmt, ...)
+{
+	char line[768];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "netmem: segment %s: %s\n", r->segment, line);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A 64-bit hash of one page: four multiply-xor lanes, each a bijection of
+ * its words, so changing any one word always changes the result. */
+static uint64_t page_hash(const void *page)
+{
+	const uint64_t *w = page;
+	const uint64_t m = 0x9fb21c651e98df25ULL;
+	uint64_t a = 1, b = 2, c = 3, d = 4;
+	size_t i;
+
+	for (i = 0; i < PS / 8; i += 4) {
+		a = (a ^ w[i]) * m;
+		b = (b ^ w[i + 1]) * m;
+		c = (c ^ w[i + 2]) * m;
+		d = (d ^ w[i + 3]) * m;
+	}
+	return a ^ (b << 17 | b >> 47) ^ (c << 31 | c >> 33) ^ (d << 47 | d >> 17);
+}
+
+static uint64_t zero_hash;
+
+/* ---- the agent's socket ------------------------------------------------ */
+
+static int send_all(int fd, struct iovec *iov, int n)
+{
+	while (n > 0) {
+		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n };
+		ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		while (n > 0 && (size_t)w >= iov->iov_len) {
+			w -= iov->iov_len;
+			iov++;
+			n--;
+		}
+		if (n > 0) {
+			iov->iov_base = (char *)iov->iov_base + w;
+			iov->iov_len -= w;
+		}
+	}
+	return 0;
+}
+
+static int send_msg(int fd, uint32_t op, uint64_t id, uint64_t first,
+		    uint32_t count, const void *data, size_t len)
+{
+	struct nm_wire_header h = {
+		.op = op, .id = id, .first = first, .count = count,
+		.len = (uint32_t)len,
+	};
+	struct iovec iov[2] = {
+		{ &h, sizeof(h) }, { (void *)data, len },
+	};
+
+	return send_all(fd, iov, len ? 2 : 1);
+}
+
+static int recv_all(int fd, void *p, size_t len)
+{
+	char *c = p;
+
+	while (len) {
+		ssize_t n = read(fd, c, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EPIPE;
+		c += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* ---- installing, poisoning, protecting ---------------------------------- */
+
+/*
+ * Install len bytes of src at dst with UFFDIO_COPY. The kernel's answers are
+ * outcomes (../shared/UFFD-PITFALLS.md): a partial copy goes on with the
+ * rest, EEXIST (someone installed it) still wakes the range, EAGAIN (the
+ * address space changes; we ask for no such events, so only a munmap racing
+ * with us) is retried a bounded number of times.
+ * Invariant: dst lies in the registered region, src in our own memory.
+ */
+static int install(struct region *r, char *dst, const void *src, size_t len,
+		   bool wp)
+{
+	size_t done = 0;
+	int tries;
+
+	for (tries = 0; done < len && tries < 100; tries++) {
+		struct uffdio_copy c = {
+			.dst = (uintptr_t)dst + done,
+			.src = (uintptr_t)src + done,
+			.len = len - done,
+			.mode = wp ? UFFDIO_COPY_MODE_WP : 0,
+		};
+
+		if (ioctl(r->uffd, UFFDIO_COPY, &c) == 0) {
+			done += c.copy;
+			continue;
+		}
+		if (c.copy > 0) {
+			done += c.copy;
+			continue;
+		}
+		if (errno == EEXIST) {
+			struct uffdio_range w = { (uintptr_t)dst, len };
+
+			ioctl(r->uffd, UFFDIO_WAKE, &w);
+			return 0;
+		}
+		if (errno != EAGAIN && errno != EINTR) {
+			logmsg(r, "UFFDIO_COPY of %zu bytes at %p: %s", len - done,
+			       dst + done, strerror(errno));
+			return -errno;
+		}
+	}
+	return done < len ? -EAGAIN : 0;
+}
+
+/* Make [page, page+n) raise SIGBUS when touched, and wake its waiters.
+ * Without UFFDIO_POISON (before 6.6) the pages are made inaccessible
+ * instead: a toucher gets SIGSEGV, never a zero page it could mistake for
+ * data. */
+static void poison(struct region *r, size_t page, size_t n)
+{
+	char *a = r->base + page * PS;
+	size_t i;
+
+	for (i = page; i < page + n; i++)
+		r->state[i] = POISONED;
+	if (r->can_poison) {
+		struct uffdio_poison p = {
+			.range = { (uintptr_t)a, n * PS },
+		};
+
+		if (ioctl(r->uffd, UFFDIO_POISON, &p) == 0 || errno == EEXIST) {
+			struct uffdio_range w = { (uintptr_t)a, n * PS };
+
+			ioctl(r->uffd, UFFDIO_WAKE, &w);
+			return;
+		}
+	}
+	mprotect(a, n * PS, PROT_NONE);
+	{
+		struct uffdio_range w = { (uintptr_t)a, n * PS };
+
+		ioctl(r->uffd, UFFDIO_WAKE, &w);
+	}
+}
+
+static int writeprotect(struct region *r, size_t page, size_t n, bool on)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { (uintptr_t)(r->base + page * PS), n * PS },
+		.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+	};
+
+	if (ioctl(r->uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+		logmsg(r, "UFFDIO_WRITEPROTECT of pages %zu..%zu: %s", page,
+		       page + n - 1, strerror(errno));
+		return -errno;
+	}
+	return 0;
+}
+
+/* ---- failure ------------------------------------------------------------ */
+
+/* The agent is gone or stuck: every page it owes us and every later fault
+ * gets SIGBUS; syncs fail with EIO. */
+static void fail_region(struct region *r, const char *why)
+{
+	size_t i;
+
+	pthread_mutex_lock(&r->mu);
+	if (r->failed) {
+		pthread_mutex_unlock(&r->mu);
+		return;
+	}
+	r->failed = true;
+	snprintf(r->fail_msg, sizeof(r->fail_msg), "%s", why);
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	logmsg(r, "%s; threads touching pages not resident get SIGBUS from now on",
+	       why);
+	for (i = 0; i < MAX_FETCHES; i++) {
+		struct fetch *f = &r->fetches[i];
+
+		if (f->id) {
+			poison(r, f->first, f->count);
+			r->fetching -= f->count;
+			f->id = 0;
+		}
+	}
+	r->nfetches = 0;
+	for (i = 0; i < MAX_HELD; i++) {
+		if (r->held[i].page != (size_t)-1)
+			r->state[r->held[i].page] = MISSING;	/* poisoned on touch */
+		r->held[i].page = (size_t)-1;
+	}
+}
+
+/* ---- eviction ----------------------------------------------------------- */
+
+static int stage(struct region *r, size_t first, size_t n, const void *data)
+{
+	int ret = send_msg(r->sock, NM_OP_STAGE, ++r->next_id, first,
+			   (uint32_t)n, data, n * PS);
+
+	if (ret < 0) {
+		char why[256];
+
+		snprintf(why, sizeof(why),
+			 "cannot hand pages %zu..%zu to the agent: %s", first,
+			 first + n - 1, strerror(-ret));
+		fail_region(r, why);
+	}
+	return ret;
+}
+
+/* Stage the pages of [first, first+n) whose flag is set, from src. */
+static void stage_marked(struct region *r, size_t first, size_t n,
+			 const unsigned char *marks, const char *src)
+{
+	size_t i = 0, j;
+
+	while (i < n) {
+		if (!marks[i]) {
+			i++;
+			continue;
+		}
+		for (j = i; j < n && marks[j]; j++)
+			;
+		stage(r, first + i, j - i, src + i * PS);
+		i = j;
+	}
+}
+
+/* Evict the run [first, first+n) of PRESENT pages; return how many went. */
+static size_t evict_run(struct region *r, size_t first, size_t n)
+{
+	unsigned char marks[BATCH];
+	char *a = r->base + first * PS;
+	size_t moved, i;
+
+	if (r->async) {
+		struct uffdio_move mv = {
+			.dst = (uintptr_t)r->scratch, .src = (uintptr_t)a,
+			.len = n * PS, .mode = UFFDIO_MOVE_MODE_DONTWAKE,
+		};
+
+		/* Invariant: the scratch area is ours, registered with this
+		 * uffd and empty; after the move the region's pages are gone
+		 * (a toucher faults and waits for us), so what we read from
+		 * scratch is exactly what the region held. */
+		if (ioctl(r->uffd, UFFDIO_MOVE, &mv) < 0 && mv.move <= 0) {
+			logmsg(r, "UFFDIO_MOVE of pages %zu..%zu: %s", first,
+			       first + n - 1, strerror(errno));
+			return 0;
+		}
+		moved = (size_t)mv.move / PS;
+		for (i = 0; i < moved; i++)
+			marks[i] = page_hash(r->scratch + i * PS) !=
+				   r->hash[first + i];
+		stage_marked(r, first, moved, marks, r->scratch);
+		madvise(r->scratch, moved * PS, MADV_DONTNEED);
+	} else {
+		/* Writers now fault and wait for us; the dirty flags are
+		 * exact. */
+		if (writeprotect(r, first, n, true) < 0)
+			return 0;
+		stage_marked(r, first, n, r->dirty + first, a);
+		madvise(a, n * PS, MADV_DONTNEED);
+		memset(r->dirty + first, 0, n);
+		moved = n;
+	}
+	for (i = 0; i < moved; i++)
+		r->state[first + i] = MISSING;
+	r->resident -= moved;
+	return moved;
+}
+
+/* Make room for `need` more pages under the budget. */
+static void make_room(struct region *r, size_t need)
+{
+	size_t scanned = 0;
+
+	while (r->resident + r->fetching + need > r->budget &&
+	       scanned < r->npages) {
+		size_t p = r->hand, n = 0;
+
+		while (p + n < r->npages && n < BATCH &&
+		       (r->state[p + n] & ST_MASK) == PRESENT)
+			n++;
+		if (n) {
+			size_t over = r->resident + r->fetching + need - r->budget;
+
+			if (n > over)
+				n = over;
+			evict_run(r, p, n);
+		} else {
+			n = 1;
+		}
+		scanned += n;
+		r->hand = p + n >= r->npages ? 0 : p + n;
+	}
+}
+
+/* ---- fetching ----------------------------------------------------------- */
+
+static struct fetch *find_fetch(struct region *r, uint64_t id)
+{
+	size_t i;
+
+	for (i = 0; i < MAX_FETCHES; i++)
+		if (r->fetches[i].id == id)
+			return &r->fetches[i];
+	return NULL;
+}
+
+static int process_reply(struct region *r);
+
+/* Ask for [first, first+count) (MISSING pages, count <= BATCH). */
+static void fetch(struct region *r, size_t first, size_t count, bool marker)
+{
+	struct fetch *f;
+	size_t i;
+	int ret;
+
+	while (r->nfetches >= MAX_FETCHES && !r->failed)
+		if (process_reply(r) < 0)
+			break;
+	if (r->failed) {
+		poison(r, first, count);
+		return;
+	}
+	make_room(r, count);
+	f = find_fetch(r, 0);
+	f->id = ++r->next_id;
+	f->first = first;
+	f->count = count;
+	f->started_ms = now_ms();
+	f->marker = marker;
+	r->nfetches++;
+	r->fetching += count;
+	for (i = first; i < first + count; i++)
+		r->state[i] = FETCHING | (r->state[i] & (WANTED | WANT_WRITE));
+	ret = send_msg(r->sock, NM_OP_FETCH, f->id, first, (uint32_t)count,
+		       NULL, 0);
+	if (ret < 0) {
+		char why[256];
+
+		snprintf(why, sizeof(why), "cannot ask the agent for pages: %s",
+			 strerror(-ret));
+		fail_region(r, why);
+	}
+}
+
+/* Up to BATCH MISSING pages from first (at least first itself). */
+static size_t missing_run(struct region *r, size_t first, size_t max)
+{
+	size_t n = 0;
+
+	while (first + n < r->npages && n < max &&
+	       (r->state[first + n] & ST_MASK) == MISSING)
+		n++;
+	return n;
+}
+
+/* Keep a sequential reader's window full: fetch ahead up to from + WINDOW. */
+static void read_ahead(struct region *r, size_t from)
+{
+	size_t end = from + WINDOW, p;
+
+	if (end > r->npages)
+		end = r->npages;
+	p = r->seq_ahead > from ? r->seq_ahead : from;
+	while (p < end && r->nfetches < MAX_FETCHES / 2 && !r->failed) {
+		size_t n = missing_run(r, p, BATCH);
+
+		if (!n) {
+			p++;
+			continue;
+		}
+		fetch(r, p, n, true);
+		p += n;
+	}
+	r->seq_ahead = p;
+}
+
+static struct held *find_held(struct region *r, size_t page)
+{
+	size_t i;
+
+	for (i = 0; i < MAX_HELD; i++)
+		if (r->held[i].page == page)
+			return &r->held[i];
+	return NULL;
+}
+
+static void on_missing(struct region *r, size_t p, bool write)
+{
+	bool seq = p == r->seq_next || (p >= r->seq_lo && p < r->seq_ahead);
+	size_t n;
+
+	r->state[p] |= WANTED | (write ? WANT_WRITE : 0);
+	if (!seq) {
+		r->seq_lo = p;
+		r->seq_next = p + 1;
+		r->seq_ahead = p + 1;
+		fetch(r, p, 1, false);
+		return;
+	}
+	n = missing_run(r, p, BATCH);
+	r->seq_lo = p;
+	r->seq_next = p + n;
+	if (r->seq_ahead < p + n)
+		r->seq_ahead = p + n;
+	fetch(r, p, n, false);
+	read_ahead(r, p + n);
+}
+
+static void on_held(struct region *r, size_t p, bool write)
+{
+	struct held *h = find_held(r, p);
+
+	make_room(r, 1);
+	r->state[p] = PRESENT;
+	r->resident++;
+	r->hash[p] = page_hash(h->data);
+	if (write && !r->async)
+		r->dirty[p] = 1;
+	install(r, r->base + p * PS, h->data, PS, !write);
+	h->page = (size_t)-1;
+	/* The reader reached a marker: keep its window ahead of it. */
+	r->seq_lo = p;
+	read_ahead(r, p + 1);
+}
+
+static void on_fault(struct region *r, const struct uffd_msg *m)
+{
+	uintptr_t addr = m->arg.pagefault.address & ~(PS - 1);
+	bool write = m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE;
+	bool wp = m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP;
+	struct uffdio_range w = { addr, PS };
+	size_t p;
+
+	if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->size) {
+		logmsg(r, "fault at %#lx outside the region; waking it",
+		       (unsigned long)addr);
+		ioctl(r->uffd, UFFDIO_WAKE, &w);
+		return;
+	}
+	p = (addr - (uintptr_t)r->base) / PS;
+	switch (r->state[p] & ST_MASK) {
+	case MISSING:
+		if (r->failed)
+			poison(r, p, 1);
+		else
+			on_missing(r, p, write);
+		break;
+	case FETCHING:
+		r->state[p] |= WANTED | (write ? WANT_WRITE : 0);
+		break;
+	case HELD:
+		on_held(r, p, write);
+		break;
+	case PRESENT:
+		if (wp && !r->async) {
+			/* The first write since the last sync or install. */
+			r->dirty[p] = 1;
+			writeprotect(r, p, 1, false);
+		}
+		ioctl(r->uffd, UFFDIO_WAKE, &w);
+		break;
+	default: /* POISONED: the toucher gets SIGBUS */
+		ioctl(r->uffd, UFFDIO_WAKE, &w);
+		break;
+	}
+}
+
+/* Install the pages of one FETCH reply (payload in r->buf). */
+static void on_pages(struct region *r, struct fetch *f, size_t len)
+{
+	const uint64_t *bits = (const uint64_t *)r->buf;
+	const unsigned char *data = r->buf + NM_WIRE_BITMAP_BYTES(f->count);
+	size_t i = 0, with_data = 0;
+
+	for (i = 0; i < f->count; i++)
+		with_data += (bits[i / 64] >> (i % 64)) & 1;
+	if (NM_WIRE_BITMAP_BYTES(f->count) + with_data * PS != len) {
+		fail_region(r, "the agent sent a malformed reply");
+		return;
+	}
+	for (i = 0; i < f->count; i++) {
+		size_t p = f->first + i;
+		bool has = (bits[i / 64] >> (i % 64)) & 1;
+		const unsigned char *src = has ? data : zero_page;
+		unsigned char st = r->state[p];
+
+		if (has)
+			data += PS;
+		if ((st & ST_MASK) != FETCHING)
+			continue;
+		r->fetching--;
+		if (i == 0 && f->marker && !(st & WANTED)) {
+			struct held *h = find_held(r, (size_t)-1);
+
+			if (h) {
+				h->page = p;
+				memcpy(h->data, src, PS);
+				r->state[p] = HELD;
+				continue;
+			}
+		}
+		r->state[p] = PRESENT;
+		r->resident++;
+		r->hash[p] = has ? page_hash(src) : zero_hash;
+		if ((st & WANT_WRITE) && !r->async)
+			r->dirty[p] = 1;
+		/* A page a writer waits for is installed writable (and so
+		 * counts as written): installing it protected would make
+		 * the writer's retry a second fault (UFFD-PITFALLS.md). */
+		install(r, r->base + p * PS, src, PS, !(st & WANT_WRITE));
+	}
+}
+
+static void finish_sync(struct region *r, int err, const char *msg)
+{
+	pthread_mutex_lock(&r->mu);
+	r->sync_errno = err;
+	snprintf(r->sync_msg, sizeof(r->sync_msg), "%s", msg);
+	r->sync_done = r->sync_asked;
+	r->commit_id = 0;
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+}
+
+/* Read and act on one message from the agent. */
+static int process_reply(struct region *r)
+{
+	struct nm_wire_header h;
+	struct fetch *f;
+	int ret = recv_all(r->sock, &h, sizeof(h));
+
+	if (ret == 0 && h.len > r->buf_len)
+		ret = -EPROTO;
+	if (ret == 0)
+		ret = recv_all(r->sock, r->buf, h.len);
+	if (ret < 0) {
+		fail_region(r, ret == -EPIPE ? "the agent went away" :
+			    "the agent's connection broke");
+		return ret;
+	}
+	if (h.op == NM_OP_FETCH) {
+		f = find_fetch(r, h.id);
+		if (!f)
+			return 0;
+		if (h.status) {
+			logmsg(r, "fetch of pages %zu..%zu failed: %.*s", f->first,
+			       f->first + f->count - 1, (int)h.len, r->buf);
+			r->fetching -= f->count;
+			poison(r, f->first, f->count);
+		} else {
+			on_pages(r, f, h.len);
+		}
+		f->id = 0;
+		r->nfetches--;
+	} else if (h.op == NM_OP_STAGE && h.status) {
+		r->stage_failures++;
+		logmsg(r, "staging pages failed: %.*s", (int)h.len, r->buf);
+	} else if (h.op == NM_OP_COMMIT && h.id == r->commit_id) {
+		char msg[512];
+
+		snprintf(msg, sizeof(msg), "%.*s", (int)h.len, r->buf);
+		finish_sync(r, (int)h.status, msg);
+	}
+	return 0;
+}
+
+/* ---- sync --------------------------------------------------------------- */
+
+static void sync_async_mode(struct region *r)
+{
+	struct page_region vec[64];
+	struct pm_scan_arg a = {
+		.size = sizeof(a),
+		.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+		.start = (uintptr_t)r->base,
+		.end = (uintptr_t)r->base + r->size,
+		.vec = (uintptr_t)vec,
+		.vec_len = 64,
+		/* Present and written: a hole or an evicted page also counts as
+		 * "written" (it has no write-protect bit), but it is not ours to
+		 * read: touching it would fault on this very thread. */
+		.category_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+		.return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+	};
+
+	while (a.start < a.end && !r->failed) {
+		long n = ioctl(r->pagemap, PAGEMAP_SCAN, &a);
+		long i;
+
+		if (n < 0) {
+			char why[256];
+
+			snprintf(why, sizeof(why), "PAGEMAP_SCAN: %s",
+				 strerror(errno));
+			finish_sync(r, EIO, why);
+			return;
+		}
+		for (i = 0; i < n; i++) {
+			size_t p = (vec[i].start - (uintptr_t)r->base) / PS;
+			size_t end = (vec[i].end - (uintptr_t)r->base) / PS;
+
+			while (p < end) {
+				size_t k = end - p < NM_WIRE_MAX_PAGES ?
+					   end - p : NM_WIRE_MAX_PAGES, j;
+
+				for (j = 0; j < k; j++)
+					if ((r->state[p + j] & ST_MASK) != PRESENT)
+						break;
+				if (j == 0) {
+					/* Never: only this thread installs
+					 * and evicts. Skip, do not touch. */
+					logmsg(r, "PAGEMAP_SCAN reported page "
+					       "%zu written but it is not "
+					       "resident", p);
+					p++;
+					continue;
+				}
+				k = j;
+
+				/* A copy, so the hash is of exactly what
+				 * the agent gets, even if a writer races. */
+				memcpy(r->buf, r->base + p * PS, k * PS);
+				for (j = 0; j < k; j++)
+					r->hash[p + j] =
+						page_hash(r->buf + j * PS);
+				stage(r, p, k, r->buf);
+				p += k;
+			}
+		}
+		a.start = a.walk_end;
+	}
+}
+
+static void sync_sync_mode(struct region *r)
+{
+	size_t p = 0, j;
+
+	while (p < r->npages && !r->failed) {
+		if (!r->dirty[p]) {
+			p++;
+			continue;
+		}
+		for (j = p; j < r->npages && r->dirty[j] &&
+		     j - p < NM_WIRE_MAX_PAGES; j++)
+			r->dirty[j] = 0;
+		/* Protect first: a write after this faults and marks the
+		 * page dirty again, for the next sync. */
+		writeprotect(r, p, j - p, true);
+		stage(r, p, j - p, r->base + p * PS);
+		p = j;
+	}
+}
+
+static void start_sync(struct region *r)
+{
+	int ret;
+
+	if (r->failed) {
+		finish_sync(r, EIO, r->fail_msg);
+		return;
+	}
+	if (r->async)
+		sync_async_mode(r);
+	else
+		sync_sync_mode(r);
+	if (r->failed) {
+		finish_sync(r, EIO, r->fail_msg);
+		return;
+	}
+	r->commit_id = ++r->next_id;
+	ret = send_msg(r->sock, NM_OP_COMMIT, r->commit_id, 0, 0, NULL, 0);
+	if (ret < 0)
+		fail_region(r, "the agent went away during a sync");
+}
+
+/* ---- the handler thread ------------------------------------------------- */
+
+static void check_timeouts(struct region *r)
+{
+	uint64_t now = now_ms(), limit = r->timeout_ms + 5000;
+	size_t i;
+
+	for (i = 0; i < MAX_FETCHES; i++) {
+		struct fetch *f = &r->fetches[i];
+
+		if (f->id && now - f->started_ms > limit) {
+			char why[256];
+
+			snprintf(why, sizeof(why),
+				 "the agent did not answer a fetch of pages "
+				 "%zu..%zu within %u ms", f->first,
+				 f->first + f->count - 1, (unsigned)limit);
+			fail_region(r, why);
+			return;
+		}
+	}
+}
+
+static void *handler_main(void *arg)
+{
+	struct region *r = arg;
+	struct uffd_msg msgs[32];
+	struct pollfd fds[3];
+	sigset_t all;
+
+	/* Signals are the application's business, not this thread's. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	for (;;) {
+		bool stop, want_sync;
+		ssize_t n;
+		int i;
+
+		pthread_mutex_lock(&r->mu);
+		stop = r->stop;
+		want_sync = r->sync_asked != r->sync_done && !r->commit_id;
+		pthread_mutex_unlock(&r->mu);
+		if (stop)
+			break;
+		if (want_sync)
+			start_sync(r);
+		fds[0] = (struct pollfd){ r->uffd, POLLIN, 0 };
+		fds[1] = (struct pollfd){ r->failed ? -1 : r->sock, POLLIN, 0 };
+		fds[2] = (struct pollfd){ r->evfd, POLLIN, 0 };
+		if (poll(fds, 3, 200) < 0 && errno != EINTR)
+			break;
+		if (fds[2].revents) {
+			uint64_t v;
+
+			if (read(r->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+				break;
+		}
+		if (fds[1].revents)
+			process_reply(r);
+		if (fds[0].revents) {
+			n = read(r->uffd, msgs, sizeof(msgs));
+			for (i = 0; n > 0 && i < n / (ssize_t)sizeof(msgs[0]); i++)
+				if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+					on_fault(r, &msgs[i]);
+		}
+		if (r->nfetches)
+			check_timeouts(r);
+	}
+	return NULL;
+}
+
+static void kick(struct region *r)
+{
+	uint64_t one = 1;
+
+	if (write(r->evfd, &one, sizeof(one)) < 0) {
+		/* The counter cannot overflow in practice; the handler also
+		 * polls every 200 ms. */
+	}
+}
+
+/* ---- connecting to the agent -------------------------------------------- */
+
+static int spawn_agent(struct region *r, const struct netmem_options *o,
+		       const char *server)
+{
+	const char *prog = o->agent;
+	char timeout[32];
+	posix_spawn_file_actions_t fa;
+	int sv[2], child_fd, ret;
+
+	if (!prog)
+		prog = getenv("NETMEMFS_BIN");
+	if (!prog)
+		prog = NETMEM_AGENT_DEFAULT;
+	if (access(prog, X_OK) < 0 && strchr(prog, '/'))
+		prog = "netmemfs";
+	snprintf(timeout, sizeof(timeout), "%u", r->timeout_ms);
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return fail(errno, "socketpair: %s", strerror(errno));
+	/* Move the child's end above 3 so dup2 onto 3 always clears its
+	 * close-on-exec flag. */
+	child_fd = fcntl(sv[1], F_DUPFD_CLOEXEC, 10);
+	close(sv[1]);
+	if (child_fd < 0) {
+		close(sv[0]);
+		return fail(errno, "fcntl: %s", strerror(errno));
+	}
+	{
+		char *argv[] = {
+			(char *)prog, "agent", "--server", (char *)server,
+			"--fd", "3", "--timeout-ms", timeout, NULL,
+		};
+
+		posix_spawn_file_actions_init(&fa);
+		posix_spawn_file_actions_adddup2(&fa, child_fd, 3);
+		ret = posix_spawnp(&r->agent, prog, &fa, NULL, argv, environ);
+		posix_spawn_file_actions_destroy(&fa);
+	}
+	close(child_fd);
+	if (ret) {
+		close(sv[0]);
+		return fail(ret,
+			    "cannot start the netmemfs agent `%s`: %s; install "
+			    "netmemfs (bash scripts/setup) or set NETMEMFS_BIN "
+			    "to its `netmemfs` program", prog, strerror(ret));
+	}
+	r->sock = sv[0];
+	return 0;
+}
+
+static int connect_daemon(struct region *r, const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd;
+
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return fail(EINVAL, "socket path %s is too long", path);
+	strcpy(sa.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return fail(errno, "socket: %s", strerror(errno));
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+
+		close(fd);
+		return fail(e, "cannot reach the netmemfs daemon at %s: %s; is "
+			    "`netmemfs mount` running?", path, strerror(e));
+	}
+	r->sock = fd;
+	return 0;
+}
+
+/* OPEN: the agent connects to the server and creates or checks the segment. */
+static int open_segment(struct region *r)
+{
+	struct nm_wire_header h;
+	char msg[512];
+	struct pollfd pfd = { r->sock, POLLIN, 0 };
+	int ret;
+
+	ret = send_msg(r->sock, NM_OP_OPEN, ++r->next_id, r->size,
+		       r->timeout_ms, r->segment, strlen(r->segment));
+	if (ret == 0) {
+		ret = poll(&pfd, 1, (int)r->timeout_ms + 10000);
+		if (ret == 0)
+			return fail(ETIMEDOUT, "the netmemfs agent did not answer "
+				    "within %u ms", r->timeout_ms + 10000);
+		ret = ret < 0 ? -errno : recv_all(r->sock, &h, sizeof(h));
+	}
+	if (ret < 0)
+		return fail(EIO, "the netmemfs agent went away before it "
+			    "answered (%s); its error is above", strerror(-ret));
+	if (h.len >= sizeof(msg) || recv_all(r->sock, msg, h.len) < 0)
+		return fail(EPROTO, "the netmemfs agent sent a malformed reply");
+	msg[h.len] = 0;
+	if (h.status)
+		return fail((int)h.status, "%s", msg);
+	return 0;
+}
+
+/* ---- the API ------------------------------------------------------------ */
+
+static void destroy(struct region *r)
+{
+	if (r->thread) {
+		pthread_mutex_lock(&r->mu);
+		r->stop = true;
+		pthread_mutex_unlock(&r->mu);
+		kick(r);
+		pthread_join(r->thread, NULL);
+	}
+	if (r->sock >= 0)
+		close(r->sock);
+	if (r->agent > 0) {
+		int i, status;
+
+		/* The agent exits when its socket closes; give it 5 s. */
+		for (i = 0; i < 500; i++) {
+			if (waitpid(r->agent, &status, WNOHANG) != 0)
+				break;
+			usleep(10000);
+		}
+		if (i == 500) {
+			kill(r->agent, SIGKILL);
+			waitpid(r->agent, &status, 0);
+		}
+	}
+	if (r->pagemap >= 0)
+		close(r->pagemap);
+	if (r->evfd >= 0)
+		close(r->evfd);
+	if (r->base && r->uffd >= 0) {
+		/* Hand the range back as plain memory; a borrowed mapping
+		 * outlives us. */
+		struct uffdio_range range = { (uintptr_t)r->base, r->size };
+
+		ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
+	}
+	if (r->uffd >= 0)
+		close(r->uffd);
+	if (r->base && !r->borrowed)
+		munmap(r->base, r->size);
+	if (r->scratch)
+		munmap(r->scratch, BATCH * PS);
+	free(r->state);
+	free(r->dirty);
+	free(r->hash);
+	free(r->buf);
+	pthread_mutex_destroy(&r->mu);
+	pthread_cond_destroy(&r->cv);
+	pthread_mutex_destroy(&r->sync_mu);
+	free(r);
+}
+
+static int setup_uffd(struct region *r)
+{
+	int dev_errno, sys_errno, how;
+	uint64_t want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_POISON |
+			UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_MOVE;
+	const char *mode = getenv("NETMEM_WP_MODE");
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_register reg;
+
+	r->uffd = nm_uffd_open(O_CLOEXEC | O_NONBLOCK, &dev_errno, &sys_errno,
+			       &how);
+	if (r->uffd < 0)
+		return fail(EPERM,
+			    "cannot use userfaultfd: /dev/userfaultfd: %s; "
+			    "userfaultfd(2): %s. Enable one: give this user "
+			    "access to /dev/userfaultfd (a udev rule, or chmod "
+			    "0660 with a group), or `sysctl "
+			    "vm.unprivileged_userfaultfd=1`, or run with "
+			    "CAP_SYS_PTRACE",
+			    strerror(dev_errno), strerror(sys_errno));
+	/* Ask for what this kernel offers of what we want: a first handshake
+	 * on a throwaway uffd tells (the API call can be made only once). */
+	{
+		int probe = nm_uffd_open(O_CLOEXEC, &dev_errno, &sys_errno,
+					 &how);
+
+		if (probe >= 0) {
+			if (ioctl(probe, UFFDIO_API, &api) == 0)
+				want &= api.features;
+			close(probe);
+		}
+	}
+	if (!(want & UFFD_FEATURE_PAGEFAULT_FLAG_WP))
+		return fail(ENOTSUP, "this kernel's userfaultfd cannot "
+			    "write-protect anonymous memory (Linux 5.7+ needed)");
+	r->async = (want & UFFD_FEATURE_WP_ASYNC) && (want & UFFD_FEATURE_MOVE);
+	if (mode && !strcmp(mode, "sync"))
+		r->async = false;
+	if (!r->async)
+		want &= ~(uint64_t)UFFD_FEATURE_WP_ASYNC;
+	r->can_poison = want & UFFD_FEATURE_POISON;
+	api = (struct uffdio_api){ .api = UFFD_API, .features = want };
+	if (ioctl(r->uffd, UFFDIO_API, &api) < 0)
+		return fail(errno, "UFFDIO_API: %s", strerror(errno));
+	reg = (struct uffdio_register){
+		.range = { (uintptr_t)r->base, r->size },
+		.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+	};
+	if (ioctl(r->uffd, UFFDIO_REGISTER, &reg) < 0)
+		return fail(errno, "UFFDIO_REGISTER of %zu bytes: %s", r->size,
+			    strerror(errno));
+	reg = (struct uffdio_register){
+		.range = { (uintptr_t)r->scratch, BATCH * PS },
+		.mode = UFFDIO_REGISTER_MODE_MISSING,
+	};
+	if (ioctl(r->uffd, UFFDIO_REGISTER, &reg) < 0)
+		return fail(errno, "UFFDIO_REGISTER of the scratch area: %s",
+			    strerror(errno));
+	return 0;
+}
+
+void *netmem_map_opts(const struct netmem_options *o)
+{
+	const char *server = o->server ? o->server : getenv("NETMEM_SERVER");
+	struct region *r;
+	int e;
+
+	err_buf[0] = 0;
+	if (!server)
+		server = DEFAULT_SERVER;
+	if (!o->segment || !o->segment[0] || strlen(o->segment) > 255) {
+		fail(EINVAL, "the segment name must be 1 to 255 bytes");
+		return NULL;
+	}
+	if (!o->size || o->size % PS || sysconf(_SC_PAGESIZE) != (long)PS) {
+		fail(EINVAL, "size %zu is not a positive multiple of %lu",
+		     o->size, PS);
+		return NULL;
+	}
+	if (o->budget && o->budget < 2 * BATCH * PS) {
+		fail(EINVAL, "budget %zu is below the smallest, %lu bytes",
+		     o->budget, 2 * BATCH * PS);
+		return NULL;
+	}
+	r = calloc(1, sizeof(*r));
+	if (!r) {
+		fail(ENOMEM, "out of memory");
+		return NULL;
+	}
+	r->uffd = r->pagemap = r->sock = r->evfd = -1;
+	pthread_mutex_init(&r->mu, NULL);
+	pthread_cond_init(&r->cv, NULL);
+	pthread_mutex_init(&r->sync_mu, NULL);
+	snprintf(r->segment, sizeof(r->segment), "%s", o->segment);
+	r->size = o->size;
+	r->npages = o->size / PS;
+	r->budget = (o->budget && o->budget < o->size ? o->budget : o->size) / PS;
+	r->timeout_ms = o->timeout_ms ? o->timeout_ms : DEFAULT_TIMEOUT_MS;
+	r->buf_len = NM_WIRE_BITMAP_BYTES(NM_WIRE_MAX_PAGES) +
+		     NM_WIRE_MAX_PAGES * PS;
+	r->state = calloc(r->npages, 1);
+	r->dirty = calloc(r->npages, 1);
+	r->hash = calloc(r->npages, sizeof(*r->hash));
+	r->buf = malloc(r->buf_len);
+	for (e = 0; e < MAX_HELD; e++)
+		r->held[e].page = (size_t)-1;
+	if (!r->state || !r->dirty || !r->hash || !r->buf) {
+		fail(ENOMEM, "out of memory for the state of %zu pages",
+		     r->npages);
+		goto out;
+	}
+	zero_hash = page_hash(zero_page);
+	r->borrowed = o->addr != NULL;
+	if (o->addr && (uintptr_t)o->addr % PS) {
+		fail(EINVAL, "address %p is not page-aligned", o->addr);
+		goto out;
+	}
+	/* Invariant for a borrowed mapping: the caller made it private,
+	 * anonymous and `size` bytes long, and keeps it until netmem_unmap;
+	 * registering anything else fails with EINVAL below. */
+	r->base = o->addr ? o->addr :
+		  mmap(NULL, r->size, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	r->scratch = mmap(NULL, BATCH * PS, PROT_READ | PROT_WRITE,
+			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (r->base == MAP_FAILED || r->scratch == MAP_FAILED) {
+		fail(errno, "mmap of %zu bytes: %s", r->size, strerror(errno));
+		if (r->base == MAP_FAILED)
+			r->base = NULL;
+		if (r->scratch == MAP_FAILED)
+			r->scratch = NULL;
+		goto out;
+	}
+	/* Start empty, so every page the program touches faults to us. */
+	if (r->borrowed)
+		madvise(r->base, r->size, MADV_DONTNEED);
+	/* A forked child must not see the region: its copy would not be
+	 * registered, and its faults would read zero pages. */
+	madvise(r->base, r->size, MADV_DONTFORK);
+	madvise(r->scratch, BATCH * PS, MADV_DONTFORK);
+	if (setup_uffd(r) < 0)
+		goto out;
+	r->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (r->async && r->pagemap < 0) {
+		fail(errno, "cannot open /proc/self/pagemap: %s",
+		     strerror(errno));
+		goto out;
+	}
+	r->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (r->evfd < 0) {
+		fail(errno, "eventfd: %s", strerror(errno));
+		goto out;
+	}
+	if (!strncmp(server, "unix:", 5) ? connect_daemon(r, server + 5) < 0 :
+	    spawn_agent(r, o, server) < 0)
+		goto out;
+	if (open_segment(r) < 0)
+		goto out;
+	e = pthread_create(&r->thread, NULL, handler_main, r);
+	if (e) {
+		r->thread = 0;
+		fail(e, "cannot start the fault handler thread: %s",
+		     strerror(e));
+		goto out;
+	}
+	pthread_mutex_lock(&regions_mu);
+	r->next = regions;
+	regions = r;
+	pthread_mutex_unlock(&regions_mu);
+	return r->base;
+out:
+	e = errno;
+	destroy(r);
+	errno = e;
+	return NULL;
+}
+
+void *netmem_map(const char *server, const char *segment, size_t size,
+		 size_t budget)
+{
+	struct netmem_options o = {
+		.server = server, .segment = segment, .size = size,
+		.budget = budget,
+	};
+
+	return netmem_map_opts(&o);
+}
+
+static struct region *lookup(void *addr, bool unlink)
+{
+	struct region **pp, *r = NULL;
+
+	pthread_mutex_lock(&regions_mu);
+	for (pp = &regions; *pp; pp = &(*pp)->next) {
+		if ((*pp)->base == addr) {
+			r = *pp;
+			if (unlink)
+				*pp = r->next;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&regions_mu);
+	if (!r)
+		fail(EINVAL, "%p is not the start of a netmem region", addr);
+	return r;
+}
+
+int netmem_sync(void *addr)
+{
+	struct region *r = lookup(addr, false);
+	struct timespec deadline;
+	uint64_t ticket;
+	int ret = 0;
+
+	if (!r)
+		return -1;
+	pthread_mutex_lock(&r->sync_mu);
+	pthread_mutex_lock(&r->mu);
+	ticket = ++r->sync_asked;
+	pthread_mutex_unlock(&r->mu);
+	kick(r);
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += 2 * r->timeout_ms / 1000 + 10;
+	pthread_mutex_lock(&r->mu);
+	while (r->sync_done < ticket && !r->failed && ret == 0)
+		ret = pthread_cond_timedwait(&r->cv, &r->mu, &deadline);
+	if (r->failed) {
+		ret = fail(EIO, "sync of segment %s failed: %s", r->segment,
+			   r->fail_msg);
+	} else if (ret) {
+		ret = fail(EIO, "sync of segment %s: the agent did not answer "
+			   "in time; the pages stay dirty", r->segment);
+	} else if (r->sync_errno) {
+		ret = fail(r->sync_errno, "sync of segment %s failed: %s; the "
+			   "pages stay staged for the next sync", r->segment,
+			   r->sync_msg);
+	}
+	pthread_mutex_unlock(&r->mu);
+	pthread_mutex_unlock(&r->sync_mu);
+	return ret;
+}
+
+int netmem_unmap(void *addr)
+{
+	struct region *r = lookup(addr, true);
+
+	if (!r)
+		return -1;
+	destroy(r);
+	return 0;
+}
+
+long netmem_resident(void *addr)
+{
+	struct region *r = lookup(addr, false);
+	long n;
+
+	if (!r)
+		return -1;
+	/* The handler thread owns the count; a relaxed read is a sample. */
+	n = (long)(__atomic_load_n(&r->resident, __ATOMIC_RELAXED) * PS);
+	return n;
+}

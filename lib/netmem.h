@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * netmem.h - anonymous regions backed by a netmemfs server segment.
+ *
+ *	char *p = netmem_map("127.0.0.1:7733", "seg0", 256 << 20, 32 << 20);
+ *	if (!p)
+ *		errx(1, "%s", netmem_error());
+ *	p[0] = 1;			// faults are served from the server
+ *	if (netmem_sync(p) < 0)		// commits every page written, all or nothing
+ *		errx(1, "%s", netmem_error());
+ *	netmem_unmap(p);		// changes not synced are dropped
+ *
+ * Link with -lnetmem (it uses threads: -pthread). See docs/anon.md.
+ */
+#ifndef NETMEM_H
+#define NETMEM_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct netmem_options {
+	/*
+	 * Where pages come from: "HOST:PORT" of a netmemfs-server (a private
+	 * agent process is started for the region), or "unix:PATH", the socket
+	 * of a running netmemfs daemon. NULL: $NETMEM_SERVER, else
+	 * 127.0.0.1:7733.
+	 */
+	const char *server;
+	const char *segment;	/* created with `size` bytes if missing */
+	size_t size;		/* bytes, a multiple of the page size */
+	size_t budget;		/* resident bytes at most; 0: size */
+	unsigned int timeout_ms; /* then a fault gets SIGBUS; 0: 30000 */
+	/* The netmemfs program run as the agent; NULL: $NETMEMFS_BIN, else
+	 * the one this library was built with, else `netmemfs` in PATH. */
+	const char *agent;
+	/* An existing private anonymous mapping of `size` bytes to serve (the
+	 * caller unmaps it after netmem_unmap); NULL: the library maps one. */
+	void *addr;
+};
+
+/* Map a region; NULL with errno set (and netmem_error()) on failure. */
+void *netmem_map(const char *server, const char *segment, size_t size,
+		 size_t budget);
+void *netmem_map_opts(const struct netmem_options *opts);
+
+/*
+ * Commit every page written since the last sync as one transaction. 0, or
+ * -1 with errno set: EIO (the server or agent failed; the pages stay dirty
+ * and the next sync tries again), ENOSPC (the server is full), EINVAL (not
+ * a region).
+ */
+int netmem_sync(void *addr);
+
+/* Unmap the region; changes not synced are dropped. 0 or -1 (EINVAL). */
+int netmem_unmap(void *addr);
+
+/* Bytes of the region resident in this process (what the budget caps). */
+long netmem_resident(void *addr);
+
+/* The last error of this thread, in words: what failed and what to do. */
+const char *netmem_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NETMEM_H */

@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * netmem_wire.h - the messages between libnetmem's fault handler and the
+ * netmemfs agent (netmemfs/agent.py mirrors this; docs/anon.md explains).
+ *
+ * One Unix stream socket per region. Every message is a 32-byte header,
+ * little-endian, then `len` bytes of payload. Requests carry an id that the
+ * reply repeats; replies to fetches may come out of order, the others come
+ * in order. A reply's status is 0 or an errno, and a failed reply's payload
+ * is a message in UTF-8.
+ */
+#ifndef NETMEM_WIRE_H
+#define NETMEM_WIRE_H
+
+#include <stdint.h>
+
+struct nm_wire_header {
+	uint32_t op;
+	uint32_t status;
+	uint64_t id;
+	uint64_t first;		/* OPEN: the size in bytes; else a page number */
+	uint32_t count;		/* OPEN: the timeout in ms; else pages */
+	uint32_t len;		/* payload bytes */
+} __attribute__((packed));
+
+enum nm_wire_op {
+	NM_OP_OPEN = 1,		/* payload: segment name; reply: empty */
+	NM_OP_FETCH = 2,	/* reply: bitmap, then data of set pages */
+	NM_OP_STAGE = 3,	/* payload: count pages; replied to only on failure */
+	NM_OP_COMMIT = 4,	/* commit all staged pages as one transaction */
+};
+
+#define NM_WIRE_HEADER_BYTES 32
+#define NM_WIRE_MAX_PAGES 256	/* pages in one FETCH or STAGE */
+/* FETCH's reply: one bit per page (set: data follows, clear: a hole),
+ * padded to 8-byte words, then the pages with data in order. */
+#define NM_WIRE_BITMAP_BYTES(count) ((((count) + 63) / 64) * 8)
+
+#endif /* NETMEM_WIRE_H */

@@ -1,0 +1,286 @@
+"""The agent: the network side of an anonymous region (the uffd door, issue 4).
+
+Where it sits: beside fs.py, above remote.py and journal.py. libnetmem (lib/netmem.c)
+serves a region's faults in a native thread of the mapping process and asks this agent,
+over one Unix socket (lib/netmem_wire.h), for pages, hands it pages written (evicted or
+synced) and asks it to commit. The agent keeps what it was handed in a journal (as the
+mount does for a file) and commits it as one transaction, exactly once; a fetch sees the
+journal's pages before the server's.
+
+`netmemfs agent --fd 3 --server HOST:PORT` is the private agent libnetmem starts for a
+region; it serves that one socket and exits when it closes (the mapping process ended or
+unmapped: changes not synced are dropped).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Sequence
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+
+import trio
+
+from netmemfs._trio_util import open_quiet_nursery, send_parts
+from netmemfs.errors import NetmemError, ProtocolError, SegmentNotFound, ServerUnreachable
+from netmemfs.journal import SegmentJournal
+from netmemfs.pages import PAGE_SIZE, check_name
+from netmemfs.protocol import Buffer
+from netmemfs.remote import RemoteStore
+
+log = logging.getLogger("netmemfs.agent")
+
+HEADER = struct.Struct("<IIQQII")  # op, status, id, first, count, len: netmem_wire.h
+assert HEADER.size == 32
+OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT = 1, 2, 3, 4
+MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
+MAX_NAME = 255
+
+
+def bitmap_bytes(count: int) -> int:
+    return (count + 63) // 64 * 8
+
+
+class WireError(NetmemError):
+    """The region's side sent something this agent cannot take."""
+
+    errno = errno.EPROTO
+
+
+class _Socket:
+    """Whole messages in and out of the region's socket."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.stream = trio.SocketStream(sock)
+        # Replies wait here for the writer task, so the reader never waits on a send:
+        # the handler may be blocked sending us pages while its socket's receive side is
+        # full of our replies (each side must keep reading). The queue is bounded by the
+        # requests the handler has in flight.
+        self._out_send, self._out_receive = trio.open_memory_channel[list[Buffer]](math.inf)
+
+    async def write_replies(self) -> None:
+        """Send queued replies until finish() (then the rest) or the peer goes away."""
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for parts in self._out_receive:
+                await send_parts(self.stream, parts)
+
+    def finish(self) -> None:
+        self._out_send.close()
+
+    async def _read_exactly(self, n: int) -> bytearray | None:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = await self.sock.recv_into(view[got:])
+            if k == 0:
+                return None
+            got += k
+        return buf
+
+    async def receive(self) -> tuple[tuple[int, int, int, int, int, int], bytearray] | None:
+        """The next message, or None at EOF."""
+        head = await self._read_exactly(HEADER.size)
+        if head is None:
+            return None
+        h = HEADER.unpack(head)
+        length = h[5]
+        if length > bitmap_bytes(MAX_PAGES) + MAX_PAGES * PAGE_SIZE:
+            raise WireError(f"a message of {length} bytes is larger than any allowed")
+        payload = await self._read_exactly(length) if length else bytearray()
+        if payload is None:
+            return None
+        return h, payload
+
+    def reply(
+        self, op: int, req_id: int, first: int, count: int, parts: Sequence[Buffer], status: int = 0
+    ) -> None:
+        length = sum(len(p) for p in parts)
+        head = HEADER.pack(op, status, req_id, first, count, length)
+        self._out_send.send_nowait([head, *parts])
+
+    def error(self, op: int, req_id: int, e: BaseException, what: str) -> None:
+        code = getattr(e, "errno", None) or errno.EIO
+        self.reply(op, req_id, 0, 0, [f"{what}: {e}".encode()], status=code)
+
+
+class Region:
+    """One mapped region: its segment, its journal, its requests."""
+
+    def __init__(
+        self, io: _Socket, store: RemoteStore, name: str, size: int, journal_dir: Path
+    ) -> None:
+        self.io = io
+        self.store = store
+        self.name = name
+        self.npages = size // PAGE_SIZE
+        self.journal = SegmentJournal(journal_dir, size)
+        self.commit_lock = trio.Lock()
+
+    async def serve(self) -> None:
+        async with open_quiet_nursery() as nursery:
+            while True:
+                msg = await self.io.receive()
+                if msg is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                (op, _, req_id, first, count, _), payload = msg
+                if op == OP_FETCH:
+                    self._check_range(first, count)
+                    nursery.start_soon(self.fetch, req_id, first, count)
+                elif op == OP_STAGE:
+                    self._check_range(first, count)
+                    if len(payload) != count * PAGE_SIZE:
+                        raise WireError(f"STAGE of {count} pages carried {len(payload)} bytes")
+                    try:
+                        self.journal.write_pages(first, bytes(payload))
+                    except NetmemError as e:  # only failures are answered
+                        self.io.error(OP_STAGE, req_id, e, f"staging pages {first}+{count}")
+                elif op == OP_COMMIT:
+                    # What was handed over before this message is what commits; the
+                    # pages that arrive while it is under way are the next sync's.
+                    if self.journal.sealed is None and self.journal.has_changes():
+                        self.journal.seal_start()
+                    nursery.start_soon(self.commit, req_id)
+                else:
+                    raise WireError(f"unknown request {op}")
+
+    def _check_range(self, first: int, count: int) -> None:
+        if not 0 < count <= MAX_PAGES or first + count > self.npages:
+            raise WireError(f"pages {first}+{count} are outside the region ({self.npages})")
+
+    async def fetch(self, req_id: int, first: int, count: int) -> None:
+        """Pages first..first+count-1: the journal's, else the server's; holes as bits."""
+        pages: list[Buffer | None] = [
+            self.journal.read_page(p) for p in range(first, first + count)
+        ]
+        try:
+            if any(p is None for p in pages):
+                got = await self.store.read_pages(self.name, first, count)
+                for run in got.runs:
+                    view = memoryview(run.data)
+                    for i in range(run.count):
+                        k = run.first - first + i
+                        if pages[k] is None:
+                            pages[k] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                # Handed over while we waited for the server: the journal's is newer.
+                for k in range(count):
+                    newer = self.journal.read_page(first + k)
+                    if newer is not None:
+                        pages[k] = newer
+        except NetmemError as e:
+            self.io.error(OP_FETCH, req_id, e, f"read of pages {first}..{first + count - 1}")
+            return
+        bits = 0
+        parts: list[Buffer] = []
+        for k, page in enumerate(pages):
+            if page is not None:
+                bits |= 1 << k
+                parts.append(page)
+        bitmap = bits.to_bytes(bitmap_bytes(count), "little")
+        self.io.reply(OP_FETCH, req_id, first, count, [bitmap, *parts])
+
+    async def commit(self, req_id: int) -> None:
+        try:
+            async with self.commit_lock:
+                await self._commit_sealed()
+                if self.journal.sealed is None and self.journal.has_changes():
+                    # A COMMIT that came while an earlier one was still sending.
+                    self.journal.seal_start()
+                    await self._commit_sealed()
+        except NetmemError as e:
+            log.warning("commit to %r failed: %s", self.name, e)
+            self.io.error(OP_COMMIT, req_id, e, f"commit to {self.name!r}")
+            return
+        self.io.reply(OP_COMMIT, req_id, 0, 0, [])
+
+    async def _commit_sealed(self) -> None:
+        journal = self.journal
+        if journal.sealed is None:
+            return
+        commit = await trio.to_thread.run_sync(journal.seal_finish, self.store.new_txn(), self.name)
+        try:
+            await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
+        except (ServerUnreachable, ProtocolError):
+            raise  # it may have landed: the next sync resends the same transaction
+        except NetmemError:
+            journal.unseal()  # refused, so not applied: the next sync tries again
+            raise
+        journal.trim(journal.committed_size)
+
+
+async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Region | None:
+    """Answer the region's OPEN: create its segment, or check the one there."""
+    msg = await io.receive()
+    if msg is None:
+        return None
+    (op, _, req_id, size, _, _), payload = msg
+    if op != OP_OPEN:
+        raise WireError(f"expected OPEN, got request {op}")
+    try:
+        name = payload.decode()
+        check_name(name)
+        try:
+            st = await store.stat(name)
+        except SegmentNotFound:
+            await store.create(name, size)
+        else:
+            if st.size != size:
+                raise NetmemError(
+                    f"segment {name!r} has {st.size} bytes on the server, not {size}: map it "
+                    "with its size, or use another name"
+                )
+    except (NetmemError, UnicodeDecodeError) as e:
+        io.error(OP_OPEN, req_id, e, "cannot open the segment")
+        return None
+    io.reply(OP_OPEN, req_id, 0, 0, [])
+    return Region(io, store, name, size, journal_dir)
+
+
+async def run_private(fd: int, server: str, token: bytes | None, timeout_s: float) -> None:
+    """Serve the one region on socket fd (libnetmem's end), then return."""
+    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    io = _Socket(sock)
+    journal_dir = Path(tempfile.mkdtemp(prefix="netmemfs-anon-"))
+    try:
+        async with open_quiet_nursery() as nursery:
+            nursery.start_soon(io.write_replies)
+            try:
+                await _serve_private(io, server, token, timeout_s, journal_dir)
+            finally:
+                io.finish()  # the writer sends what is queued, then ends
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        pass  # the mapping process went away: what it did not sync is dropped
+    except WireError as e:
+        log.error("closing the region's connection: %s", e)
+    finally:
+        sock.close()
+        shutil.rmtree(journal_dir, ignore_errors=True)
+
+
+async def _serve_private(
+    io: _Socket, server: str, token: bytes | None, timeout_s: float, journal_dir: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(
+                RemoteStore.connect(server, token=token, retry_for_s=timeout_s)
+            )
+        except NetmemError as e:
+            msg = await io.receive()
+            if msg is not None:
+                io.error(OP_OPEN, msg[0][2], e, f"cannot reach the server {server}")
+            return
+        region = await open_region(io, store, journal_dir)
+        if region is not None:
+            try:
+                await region.serve()
+            finally:
+                region.journal.discard()

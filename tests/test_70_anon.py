@@ -1,0 +1,297 @@
+"""Anonymous regions (issue 4): real server, real userfaultfd, real processes.
+
+Each region lives in a worker process (tests/anon_worker.py in Python, tests/c/anon_test.c
+in C, linked with the installed -lnetmem); the test samples the region's resident memory
+from /proc/<pid>/smaps while the worker runs, so the budget is checked from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netmemfs import anon
+from netmemfs.errors import NetmemError
+from tests.helpers import ServerProc, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+SIZE, BUDGET = 256 * MiB, 32 * MiB
+BATCH_BYTES = 64 * 4096  # libnetmem's BATCH: the budget may be passed by one batch
+_MAPPED = re.compile(r"mapped (0x[0-9a-f]+)")
+
+
+@pytest.fixture(scope="module")
+def anon_test_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/anon_test.c, built the way a user builds: `gcc prog.c -lnetmem`."""
+    out = tmp_path_factory.mktemp("c") / "anon_test"
+    subprocess.run(
+        [
+            "gcc",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(out),
+            str(ROOT / "tests/c/anon_test.c"),
+            "-lnetmem",
+        ],
+        check=True,
+    )
+    return out
+
+
+class Worker:
+    """A worker process; samples the Rss of its region while it runs."""
+
+    def __init__(self, argv: list[str], *, stdin: bool = False) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = _MAPPED.search(line)
+        if not m:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"worker did not map: {line!r} {err}")
+        self.address = int(m.group(1), 16)
+        self.samples: list[int] = []
+
+    def region_rss(self) -> int | None:
+        """Rss of the mapping that starts at the region's address (None once gone)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/smaps").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        blocks = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text)
+        for block in blocks:
+            start = block.partition("-")[0]
+            if start and int(start, 16) == self.address:
+                m = re.search(r"^Rss:\s+(\d+) kB", block, re.M)
+                return int(m.group(1)) * 1024 if m else None
+        return None
+
+    def run_sampling(self, timeout_s: float = 120) -> tuple[int, str, str]:
+        """Sample every 20 ms until the worker exits; its (returncode, stdout, stderr)."""
+        deadline_polls = int(timeout_s / 0.02)
+        for _ in range(deadline_polls):
+            rss = self.region_rss()
+            if rss is not None:
+                self.samples.append(rss)
+            try:
+                self.proc.wait(timeout=0.02)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            self.proc.kill()
+            out, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"{self.argv} still running after {timeout_s} s: {out} {err}")
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, err
+
+
+def _python(
+    mode: str, server: ServerProc, segment: str, size: int, budget: int, arg: int
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tests.anon_worker",
+        mode,
+        server.address,
+        segment,
+        str(size),
+        str(budget),
+        str(arg),
+    ]
+
+
+def _c(
+    binary: Path, mode: str, server: ServerProc, segment: str, size: int, budget: int, gen: int
+) -> list[str]:
+    return [str(binary), mode, server.address, segment, str(size), str(budget), str(gen)]
+
+
+def _run_checked(argv: list[str], budget: int) -> Worker:
+    w = Worker(argv)
+    code, out, err = w.run_sampling()
+    assert code == 0, f"{argv[1:3]} exited {code}: {out} {err}"
+    assert w.samples, "no resident-memory sample was taken"
+    peak = max(w.samples)
+    assert peak <= budget + BATCH_BYTES, (
+        f"the region had {peak} bytes resident; budget {budget} + one batch {BATCH_BYTES}"
+    )
+    return w
+
+
+def test_python_256mib_with_32mib_budget(server: ServerProc) -> None:
+    w = _run_checked(_python("write", server, "py", SIZE, BUDGET, 1), BUDGET)
+    # The region was written over (eight times its budget), so the budget was reached.
+    assert max(w.samples) > BUDGET // 2, f"samples never came near the budget: {max(w.samples)}"
+    _run_checked(_python("verify", server, "py", SIZE, BUDGET, 1), BUDGET)
+
+
+def test_c_256mib_with_32mib_budget(server: ServerProc, anon_test_bin: Path) -> None:
+    _run_checked(_c(anon_test_bin, "write", server, "c", SIZE, BUDGET, 2), BUDGET)
+    _run_checked(_c(anon_test_bin, "verify", server, "c", SIZE, BUDGET, 2), BUDGET)
+    # C wrote it, Python reads it: one stamp, one segment, two languages.
+    _run_checked(_python("verify", server, "c", SIZE, BUDGET, 2), BUDGET)
+
+
+def test_four_threads_fault_the_same_pages(server: ServerProc, anon_test_bin: Path) -> None:
+    size = 64 * MiB
+    _run_checked(_c(anon_test_bin, "write", server, "t4", size, 8 * MiB, 3), 8 * MiB)
+    _run_checked(_c(anon_test_bin, "threads", server, "t4", size, 8 * MiB, 3), 8 * MiB)
+    # And with room for everything: no eviction, every page fetched once.
+    _run_checked(_c(anon_test_bin, "threads", server, "t4", size, size, 3), size)
+
+
+def test_sync_mode_write_protect_faults(
+    server: ServerProc, anon_test_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The older kernels' path (synchronous write-protect faults), forced on this one."""
+    monkeypatch.setenv("NETMEM_WP_MODE", "sync")
+    size = 32 * MiB
+    _run_checked(_c(anon_test_bin, "write", server, "wp", size, 4 * MiB, 4), 4 * MiB)
+    _run_checked(_python("verify", server, "wp", size, 4 * MiB, 4), 4 * MiB)
+    _run_checked(_python("write", server, "wp", size, 4 * MiB, 5), 4 * MiB)
+    _run_checked(_c(anon_test_bin, "verify", server, "wp", size, 4 * MiB, 5), 4 * MiB)
+
+
+def test_in_process_api(server: ServerProc) -> None:
+    with anon.map(4 * MiB, segment="inproc", server=server.address, budget=1 * MiB) as region:
+        region[0:5] = b"hello"
+        region[3 * MiB : 3 * MiB + 5] = b"world"
+        view = memoryview(region)
+        with pytest.raises(BufferError, match="views"):
+            region.close()
+        view.release()
+        region.sync()
+        # Written after the sync: dropped by close, not committed.
+        region[0:5] = b"HELLO"
+    with anon.map(4 * MiB, segment="inproc", server=server.address) as region:
+        assert region[0:5] == b"hello"
+        assert region[3 * MiB : 3 * MiB + 5] == b"world"
+        assert region[MiB : MiB + 5] == bytes(5)  # a hole
+    with pytest.raises(NetmemError, match="has 4194304 bytes on the server"):
+        anon.map(8 * MiB, segment="inproc", server=server.address)
+    with pytest.raises(NetmemError, match="budget"):
+        anon.map(8 * MiB, segment="other", server=server.address, budget=4096)
+
+
+def test_unreachable_server_fails_the_map(tmp_path: Path) -> None:
+    with pytest.raises(NetmemError, match=r"cannot reach the server 127\.0\.0\.1:1"):
+        anon.map(MiB, segment="x", server="127.0.0.1:1", timeout=0.5)
+
+
+def _agent_pid(worker: Worker) -> int:
+    kids = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()
+    for kid in kids:
+        if b"agent" in Path(f"/proc/{kid}/cmdline").read_bytes():
+            return int(kid)
+    raise AssertionError(f"no agent among the worker's children {kids}")
+
+
+def _in_fault(pid: int) -> bool:
+    """Whether a thread of pid waits in the kernel for a userfaultfd fault."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == "handle_userfault":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture
+def stopped_server(server: ServerProc) -> Iterator[ServerProc]:
+    """A server the test freezes with SIGSTOP (thawed at teardown)."""
+    yield server
+    if server.alive():
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def _touch_while_server_frozen(server: ServerProc) -> Worker:
+    w = Worker(_python("touch", server, "frozen", 4 * MiB, 0, 7), stdin=True)
+    assert server.proc is not None and w.proc.stdin is not None and w.proc.stdout is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    w.proc.stdin.write("go\n")
+    w.proc.stdin.flush()
+    assert w.proc.stdout.readline() == "touching\n"
+    wait_for(lambda: _in_fault(w.proc.pid), "the worker to wait in a fault")
+    return w
+
+
+def test_agent_killed_mid_fault_gives_sigbus(stopped_server: ServerProc) -> None:
+    w = _touch_while_server_frozen(stopped_server)
+    os.kill(_agent_pid(w), signal.SIGKILL)
+    code, out, err = w.run_sampling(timeout_s=30)
+    assert code == -signal.SIGBUS, f"exited {code}: {out} {err}"
+    assert "the agent went away" in err and "SIGBUS" in err, err
+
+
+def test_server_killed_mid_fault_gives_sigbus(stopped_server: ServerProc) -> None:
+    w = _touch_while_server_frozen(stopped_server)
+    stopped_server.kill()
+    code, out, err = w.run_sampling(timeout_s=30)
+    assert code == -signal.SIGBUS, f"exited {code}: {out} {err}"
+    assert "fetch of pages" in err and "failed" in err, err
+
+
+def test_stalled_server_gives_sigbus_after_the_timeout(stopped_server: ServerProc) -> None:
+    w = _touch_while_server_frozen(stopped_server)
+    code, out, err = w.run_sampling(timeout_s=30)  # the worker's timeout is 3 s
+    assert code == -signal.SIGBUS, f"exited {code}: {out} {err}"
+
+
+def test_without_userfaultfd_privilege_the_message_says_how(anon_test_bin: Path) -> None:
+    """As an unprivileged user, with both ways to a userfaultfd closed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user and set the sysctl")
+    sysctl = Path("/proc/sys/vm/unprivileged_userfaultfd")
+    dev = Path("/dev/userfaultfd")
+    old_sysctl = sysctl.read_text()
+    old_mode = dev.stat().st_mode & 0o777 if dev.exists() else None
+    with tempfile.TemporaryDirectory() as d:
+        binary = Path(d) / "anon_test"
+        shutil.copy(anon_test_bin, binary)
+        Path(d).chmod(0o755)
+        try:
+            sysctl.write_text("0\n")
+            if dev.exists():
+                dev.chmod(0o600)
+            out = subprocess.run(
+                [str(binary), "verify", "127.0.0.1:1", "x", str(MiB), "0", "0"],
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            sysctl.write_text(old_sysctl)
+            if old_mode is not None:
+                dev.chmod(old_mode)
+    assert out.returncode == 1, out
+    assert "cannot use userfaultfd" in out.stderr, out.stderr
+    assert "vm.unprivileged_userfaultfd" in out.stderr and "/dev/userfaultfd" in out.stderr
+    assert "(errno 1)" in out.stderr  # EPERM, which netmemfs.anon raises as UffdUnavailable
