@@ -201,7 +201,7 @@ class MountProc(LogChecked):
         """SIGKILL the daemon and take its dead mount away."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        wait_for(lambda: not _pid_alive(self.pid), f"daemon {self.pid} to die")
+        wait_for(lambda: not pid_alive(self.pid), f"daemon {self.pid} to die")
         subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
     def umount(self) -> None:
@@ -220,11 +220,11 @@ class MountProc(LogChecked):
             timeout=60,
         )
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: not _pid_alive(self.pid), f"daemon {self.pid} to exit after umount")
+        wait_for(lambda: not pid_alive(self.pid), f"daemon {self.pid} to exit after umount")
 
     def cleanup(self) -> None:
         """Leave no daemon and no mount behind, dead ones (ENOTCONN) included."""
-        if _pid_alive(self.pid):
+        if pid_alive(self.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
         try:
@@ -236,7 +236,7 @@ class MountProc(LogChecked):
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
