@@ -46,7 +46,6 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -997,28 +996,6 @@ static int spawn_agent(struct region *r, const struct netmem_options *o,
 	return 0;
 }
 
-static int connect_daemon(struct region *r, const char *path)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int fd;
-
-	if (strlen(path) >= sizeof(sa.sun_path))
-		return fail(EINVAL, "socket path %s is too long", path);
-	strcpy(sa.sun_path, path);
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return fail(errno, "socket: %s", strerror(errno));
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		int e = errno;
-
-		close(fd);
-		return fail(e, "cannot reach the netmemfs daemon at %s: %s; is "
-			    "`netmemfs mount` running?", path, strerror(e));
-	}
-	r->sock = fd;
-	return 0;
-}
-
 /* OPEN: the agent connects to the server and creates or checks the segment. */
 static int open_segment(struct region *r)
 {
@@ -1254,8 +1231,7 @@ void *netmem_map_opts(const struct netmem_options *o)
 		fail(errno, "eventfd: %s", strerror(errno));
 		goto out;
 	}
-	if (!strncmp(server, "unix:", 5) ? connect_daemon(r, server + 5) < 0 :
-	    spawn_agent(r, o, server) < 0)
+	if (spawn_agent(r, o, server) < 0)
 		goto out;
 	if (open_segment(r) < 0)
 		goto out;

@@ -24,9 +24,8 @@ extern "C" {
 struct netmem_options {
 	/*
 	 * Where pages come from: "HOST:PORT" of a netmemfs-server (a private
-	 * agent process is started for the region), or "unix:PATH", the socket
-	 * of a running netmemfs daemon. NULL: $NETMEM_SERVER, else
-	 * 127.0.0.1:7733.
+	 * agent process is started for the region). NULL: $NETMEM_SERVER,
+	 * else 127.0.0.1:7733.
 	 */
 	const char *server;
 	const char *segment;	/* created with `size` bytes if missing */

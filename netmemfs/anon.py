@@ -113,8 +113,8 @@ def map(
     budget: int = 0,
     timeout: float = 30.0,
 ) -> Region:
-    """Map `size` bytes backed by `segment` (created if missing) of `server` ("HOST:PORT",
-    or "unix:PATH" of a running daemon; default $NETMEM_SERVER or 127.0.0.1:7733), with
+    """Map `size` bytes backed by `segment` (created if missing) of `server` ("HOST:PORT";
+    default $NETMEM_SERVER or 127.0.0.1:7733), with
     at most `budget` bytes resident (0: all of it). A fault the server cannot serve within
     `timeout` seconds gets SIGBUS."""
     check_name(segment)

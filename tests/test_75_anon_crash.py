@@ -9,6 +9,7 @@ NETMEMFS_ANON_KILLS sets the rounds (20), NETMEMFS_CRASH_SEED replays a run.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -35,6 +36,10 @@ def _generation(server: ServerProc, low: int, high: int) -> int:
             want = bytes(PAGE) if gen == 0 else stamp(n, gen)
             assert page == want, f"torn: page 0 has gen {gen}, page {n} has {describe(page)}"
     return gen
+
+
+def _gone(pid: int) -> bool:
+    return not pid_alive(pid)
 
 
 def _sync_seconds(server: ServerProc) -> float:
@@ -70,7 +75,7 @@ def test_kill_owner_during_sync(server: ServerProc) -> None:
         if "synced" in out:
             confirmed = gen
         # The agent sees its socket close and exits; only then is the round over.
-        wait_for(lambda a=agent: not pid_alive(a), f"agent {agent} to exit")
+        wait_for(functools.partial(_gone, agent), f"agent {agent} to exit")
         got = _generation(server, confirmed, gen)
         outcomes["new" if got == gen else "old"] += 1
         confirmed = got

@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default: no limit",
     )
     p.add_argument(
+        "--max-transaction",
+        type=parse_size,
+        default=parse_size("1G"),
+        metavar="SIZE",
+        help="largest transaction a connection may stage, held in memory until it commits "
+        "(default 1G; an fsync or sync of more pages than this fails)",
+    )
+    p.add_argument(
         "--checkpoint-size",
         type=parse_size,
         default=parse_size("256M"),
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NetmemError, OSError) as e:
         print(f"netmemfs-server: cannot open {args.data_dir}: {e}", file=sys.stderr)
         return 1
-    server = PageServer(mem, durable, token)
+    server = PageServer(mem, durable, token, max_staged_bytes=args.max_transaction)
 
     async def run() -> None:
         async with open_quiet_nursery() as nursery:

@@ -77,7 +77,7 @@ log = logging.getLogger("netmemfs.server")
 DEFAULT_PORT = 7733
 # Per connection: pages staged in open transactions, and commits running at once (the
 # connection stops reading while that many wait, which pushes back on the client).
-MAX_STAGED_BYTES = 256 << 20
+MAX_STAGED_BYTES = 1 << 30  # the default of --max-transaction
 MAX_INFLIGHT_COMMITS = 16
 AUTH_FAILURE_DELAY_S = 0.5
 
@@ -88,9 +88,15 @@ class _Close(Exception):
 
 class PageServer:
     def __init__(
-        self, mem: MemoryPageStore, durable: LogPageStore | None = None, token: bytes | None = None
+        self,
+        mem: MemoryPageStore,
+        durable: LogPageStore | None = None,
+        token: bytes | None = None,
+        *,
+        max_staged_bytes: int = MAX_STAGED_BYTES,
     ) -> None:
         self.mem = mem
+        self.max_staged_bytes = max_staged_bytes
         self.durable = durable
         self.token = token
         self._commit_lock = trio.Lock()
@@ -246,10 +252,11 @@ class _Session:
 
     def stage(self, msg: StagePages) -> None:
         check_name(msg.segment)
-        if self.staged_bytes + len(msg.data) > MAX_STAGED_BYTES:
+        limit = self.server.max_staged_bytes
+        if self.staged_bytes + len(msg.data) > limit:
             raise TooLarge(
-                f"transaction would stage more than {MAX_STAGED_BYTES} bytes on one "
-                "connection; commit in smaller transactions"
+                f"transaction would stage more than {limit} bytes on one connection "
+                "(the server's --max-transaction); commit in smaller transactions"
             )
         self.staged.setdefault(msg.txn, []).append(PageRun(msg.segment, msg.first, msg.data))
         self.staged_bytes += len(msg.data)
