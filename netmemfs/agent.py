@@ -28,11 +28,11 @@ from pathlib import Path
 import trio
 
 from netmemfs._trio_util import open_quiet_nursery, send_parts
-from netmemfs.errors import NetmemError, ProtocolError, SegmentNotFound, ServerUnreachable
-from netmemfs.journal import SegmentJournal
+from netmemfs.errors import NetmemError, SegmentNotFound
+from netmemfs.journal import SealedCommit, SegmentJournal
 from netmemfs.pages import PAGE_SIZE, check_name
 from netmemfs.protocol import Buffer
-from netmemfs.remote import RemoteStore
+from netmemfs.remote import CommitResult, RemoteStore
 
 log = logging.getLogger("netmemfs.agent")
 
@@ -205,15 +205,11 @@ class Region:
         journal = self.journal
         if journal.sealed is None:
             return
-        commit = await trio.to_thread.run_sync(journal.seal_finish, self.store.new_txn(), self.name)
-        try:
-            await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
-        except (ServerUnreachable, ProtocolError):
-            raise  # it may have landed: the next sync resends the same transaction
-        except NetmemError:
-            journal.unseal()  # refused, so not applied: the next sync tries again
-            raise
-        journal.trim(journal.committed_size)
+        await trio.to_thread.run_sync(journal.seal_finish, self.store.new_txn(), self.name)
+        await journal.send_sealed(self._send)
+
+    async def _send(self, commit: SealedCommit) -> CommitResult:
+        return await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
 
 
 async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Region | None:

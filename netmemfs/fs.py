@@ -32,7 +32,6 @@ from netmemfs.cache import PageCache
 from netmemfs.errors import (
     NetmemError,
     NoSpace,
-    ProtocolError,
     SegmentExists,
     SegmentNotFound,
     ServerUnreachable,
@@ -550,15 +549,7 @@ class NetmemFS(pyfuse3.Operations):
         t0 = time.perf_counter()
         commit = await trio.to_thread.run_sync(journal.seal_finish, txn, node.name)
         t1 = time.perf_counter()
-        try:
-            result = await self._send(commit)
-        except (ServerUnreachable, ProtocolError):
-            raise  # it may have landed: the next try resends the same transaction
-        except NetmemError:
-            # The server refused it, so it did not apply: keep the pages for later.
-            journal.unseal()
-            raise
-        journal.trim(_final_size(commit, journal.committed_size))
+        result = await journal.send_sealed(self._send)
         node.version = result.versions.get(commit.name, node.version)
         self.cache.drop(self.by_name.get(node.name, 0))  # cached pages may be older
         log.debug(
@@ -596,10 +587,6 @@ class NetmemFS(pyfuse3.Operations):
                     "it had already landed" if r.replayed else "sent now",
                 )
             path.unlink()
-
-
-def _final_size(commit: SealedCommit, committed: int) -> int:
-    return commit.resizes[-1][1] if commit.resizes else committed
 
 
 def _consecutive(pages: list[int]) -> list[tuple[int, int]]:

@@ -1,7 +1,8 @@
-"""The mount's write-back journal: pages written but not yet committed, on disk.
+"""The write-back journal: pages written but not yet committed, on disk.
 
-Where it sits: below the FUSE door (fs.py), beside remote.py; it imports neither trio nor
-pyfuse3, and does plain file I/O only. The caller (fs.py) decides when to commit.
+Where it sits: below the FUSE door (fs.py) and the anonymous regions' agent (agent.py),
+beside remote.py; it imports neither trio nor pyfuse3, and does plain file I/O only. The
+caller decides when to commit and how to send the commit (send_sealed).
 docs/journal.md describes the files and records.
 
 Each segment with uncommitted changes has, in the cache directory:
@@ -40,14 +41,17 @@ import logging
 import mmap
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from netmemfs.errors import NetmemError
+from netmemfs.errors import NetmemError, ProtocolError, ServerUnreachable
 from netmemfs.pages import PAGE_SIZE, pages_for
 from netmemfs.protocol import PageRun
 from netmemfs.records import encode_record, read_records, write_all
+
+T = TypeVar("T")
 
 log = logging.getLogger("netmemfs.journal")
 
@@ -229,15 +233,35 @@ class SegmentJournal:
         self.sealed_commit = _commit_of(f, txn, name, min_size)
         return self.sealed_commit
 
-    def trim(self, committed_size: int) -> None:
-        """The sealed commit was acknowledged: forget it."""
-        f = self.sealed
-        assert f is not None
+    async def send_sealed(self, send: Callable[[SealedCommit], Awaitable[T]]) -> T:
+        """Send the commit seal_finish() made with send, and settle the journal by the
+        outcome: acknowledged, it is trimmed; refused (the server applied nothing), its
+        pages go back in front of the newer ones (unseal); unknown (ServerUnreachable,
+        ProtocolError: it may have landed), it stays sealed, to be sent again under the
+        same transaction id. The exception, if any, goes on to the caller."""
+        commit = self.sealed_commit
+        assert commit is not None, "seal_finish() first"
+        try:
+            result = await send(commit)
+        except (ServerUnreachable, ProtocolError):
+            raise
+        except NetmemError:
+            self.unseal()
+            raise
+        self.trim()
+        return result
+
+    def trim(self) -> None:
+        """The sealed commit was acknowledged: forget it; its last resize, if any, is
+        now the committed size."""
+        f, commit = self.sealed, self.sealed_commit
+        assert f is not None and commit is not None
         f.close()
         f.path.unlink()
         self.sealed = None
         self.sealed_commit = None
-        self.committed_size = committed_size
+        if commit.resizes:
+            self.committed_size = commit.resizes[-1][1]
 
     def unseal(self) -> None:
         """The sealed commit was refused, so it did not apply: put its changes back in
