@@ -251,6 +251,14 @@ static int recv_all(int fd, void *p, size_t len)
 
 /* ---- installing, poisoning, protecting ---------------------------------- */
 
+/* Wake the threads waiting for a fault in [addr, addr+len). */
+static void wake(struct region *r, uintptr_t addr, size_t len)
+{
+	struct uffdio_range w = { addr, len };
+
+	ioctl(r->uffd, UFFDIO_WAKE, &w);
+}
+
 /*
  * Install len bytes of src at dst with UFFDIO_COPY. The kernel's answers are
  * outcomes (../shared/UFFD-PITFALLS.md): a partial copy goes on with the
@@ -282,9 +290,7 @@ static int install(struct region *r, char *dst, const void *src, size_t len,
 			continue;
 		}
 		if (errno == EEXIST) {
-			struct uffdio_range w = { (uintptr_t)dst, len };
-
-			ioctl(r->uffd, UFFDIO_WAKE, &w);
+			wake(r, (uintptr_t)dst, len);
 			return 0;
 		}
 		if (errno != EAGAIN && errno != EINTR) {
@@ -303,28 +309,15 @@ static int install(struct region *r, char *dst, const void *src, size_t len,
 static void poison(struct region *r, size_t page, size_t n)
 {
 	char *a = r->base + page * PS;
+	struct uffdio_poison p = { .range = { (uintptr_t)a, n * PS } };
 	size_t i;
 
 	for (i = page; i < page + n; i++)
 		r->state[i] = POISONED;
-	if (r->can_poison) {
-		struct uffdio_poison p = {
-			.range = { (uintptr_t)a, n * PS },
-		};
-
-		if (ioctl(r->uffd, UFFDIO_POISON, &p) == 0 || errno == EEXIST) {
-			struct uffdio_range w = { (uintptr_t)a, n * PS };
-
-			ioctl(r->uffd, UFFDIO_WAKE, &w);
-			return;
-		}
-	}
-	mprotect(a, n * PS, PROT_NONE);
-	{
-		struct uffdio_range w = { (uintptr_t)a, n * PS };
-
-		ioctl(r->uffd, UFFDIO_WAKE, &w);
-	}
+	if (!r->can_poison ||
+	    (ioctl(r->uffd, UFFDIO_POISON, &p) < 0 && errno != EEXIST))
+		mprotect(a, n * PS, PROT_NONE);
+	wake(r, (uintptr_t)a, n * PS);
 }
 
 static int writeprotect(struct region *r, size_t page, size_t n, bool on)
@@ -620,13 +613,12 @@ static void on_fault(struct region *r, const struct uffd_msg *m)
 	uintptr_t addr = m->arg.pagefault.address & ~(PS - 1);
 	bool write = m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE;
 	bool wp = m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP;
-	struct uffdio_range w = { addr, PS };
 	size_t p;
 
 	if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->size) {
 		logmsg(r, "fault at %#lx outside the region; waking it",
 		       (unsigned long)addr);
-		ioctl(r->uffd, UFFDIO_WAKE, &w);
+		wake(r, addr, PS);
 		return;
 	}
 	p = (addr - (uintptr_t)r->base) / PS;
@@ -649,10 +641,10 @@ static void on_fault(struct region *r, const struct uffd_msg *m)
 			r->dirty[p] = 1;
 			writeprotect(r, p, 1, false);
 		}
-		ioctl(r->uffd, UFFDIO_WAKE, &w);
+		wake(r, addr, PS);
 		break;
 	default: /* POISONED: the toucher gets SIGBUS */
-		ioctl(r->uffd, UFFDIO_WAKE, &w);
+		wake(r, addr, PS);
 		break;
 	}
 }
@@ -1089,15 +1081,11 @@ static int setup_uffd(struct region *r)
 
 	r->uffd = nm_uffd_open(O_CLOEXEC | O_NONBLOCK, &dev_errno, &sys_errno,
 			       &how);
-	if (r->uffd < 0)
-		return fail(EPERM,
-			    "cannot use userfaultfd: /dev/userfaultfd: %s; "
-			    "userfaultfd(2): %s. Enable one: give this user "
-			    "access to /dev/userfaultfd (a udev rule, or chmod "
-			    "0660 with a group), or `sysctl "
-			    "vm.unprivileged_userfaultfd=1`, or run with "
-			    "CAP_SYS_PTRACE",
-			    strerror(dev_errno), strerror(sys_errno));
+	if (r->uffd < 0) {
+		nm_uffd_explain(err_buf, sizeof(err_buf), dev_errno, sys_errno);
+		errno = EPERM;
+		return -1;
+	}
 	/* Ask for what this kernel offers of what we want: a first handshake
 	 * on a throwaway uffd tells (the API call can be made only once). */
 	{

@@ -4,6 +4,8 @@
 #define NETMEM_UFFD_OPEN_H
 
 #include <errno.h>
+#include <stdio.h>
+#include <string.h>
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -43,6 +45,19 @@ static inline int nm_uffd_open(int flags, int *dev_errno, int *sys_errno, int *h
 	}
 	*sys_errno = errno;
 	return -*sys_errno;
+}
+
+/* What nm_uffd_open's failure means and how to enable userfaultfd, into buf. */
+static inline void nm_uffd_explain(char *buf, size_t len, int dev_errno, int sys_errno)
+{
+	snprintf(buf, len,
+		 "cannot use userfaultfd: /dev/userfaultfd: %s; userfaultfd(2): %s. "
+		 "Enable one: give this user access to /dev/userfaultfd (e.g. a udev "
+		 "rule or `chmod 0660 /dev/userfaultfd` with a group), or `sysctl "
+		 "vm.unprivileged_userfaultfd=1`, or run with CAP_SYS_PTRACE. Container "
+		 "policies (seccomp, SELinux) can also forbid it.",
+		 dev_errno ? strerror(dev_errno) : "not tried",
+		 sys_errno ? strerror(sys_errno) : "not tried");
 }
 
 #endif /* NETMEM_UFFD_OPEN_H */

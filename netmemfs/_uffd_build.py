@@ -45,6 +45,7 @@ CDEF = """
 #define UFFD_MSG_BYTES ...
 
 int nm_uffd_open(int flags, int *dev_errno, int *sys_errno, int *how);
+void nm_uffd_explain(char *buf, size_t len, int dev_errno, int sys_errno);
 int nm_uffd_api(int fd, uint64_t features, uint64_t *got, uint64_t *ioctls);
 int nm_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
 int nm_uffd_unregister(int fd, uint64_t start, uint64_t len);

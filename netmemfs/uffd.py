@@ -70,16 +70,11 @@ class UffdUnavailable(UffdError):
 
 
 def explain_unavailable(dev_errno: int, sys_errno: int) -> str:
-    """What failed when opening a userfaultfd, and how to enable one."""
-    dev = os.strerror(dev_errno) if dev_errno else "not tried"
-    sysc = os.strerror(sys_errno) if sys_errno else "not tried"
-    return (
-        f"cannot use userfaultfd: /dev/userfaultfd: {dev}; userfaultfd(2): {sysc}. "
-        "Enable one: give this user access to /dev/userfaultfd (e.g. a udev rule or "
-        "`chmod 0660 /dev/userfaultfd` with a group), or `sysctl "
-        "vm.unprivileged_userfaultfd=1`, or run with CAP_SYS_PTRACE. Container policies "
-        "(seccomp, SELinux) can also forbid it."
-    )
+    """What failed when opening a userfaultfd, and how to enable one (the text libnetmem
+    gives too: lib/uffd_open.h)."""
+    buf = ffi.new("char[]", 1024)
+    lib.nm_uffd_explain(buf, 1024, dev_errno, sys_errno)
+    return str(ffi.string(buf).decode())
 
 
 class Outcome(enum.Enum):
