@@ -713,13 +713,20 @@ static int process_reply(struct region *r)
 	struct fetch *f;
 	int ret = recv_all(r->sock, &h, sizeof(h));
 
-	if (ret == 0 && h.len > r->buf_len)
-		ret = -EPROTO;
+	if (ret == 0 && h.len > r->buf_len) {
+		fail_region(r, "the agent sent a message larger than any allowed");
+		return -EPROTO;
+	}
 	if (ret == 0)
 		ret = recv_all(r->sock, r->buf, h.len);
 	if (ret < 0) {
-		fail_region(r, ret == -EPIPE ? "the agent went away" :
-			    "the agent's connection broke");
+		char why[128];
+
+		/* A killed agent shows as end of stream, or as a reset when
+		 * it died with our requests unread: both mean it is gone. */
+		snprintf(why, sizeof(why), "the agent went away (%s)",
+			 ret == -EPIPE ? "end of stream" : strerror(-ret));
+		fail_region(r, why);
 		return ret;
 	}
 	if (h.op == NM_OP_FETCH) {
