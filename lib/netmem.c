@@ -115,7 +115,7 @@ struct region {
 	unsigned char *buf;	/* replies and staging */
 	size_t buf_len;
 	uint64_t commit_id;
-	uint64_t stage_failures;
+	char stage_error[256];	/* the agent lost staged pages: no sync can be whole */
 
 	/* Shared with application threads, under mu. */
 	pthread_mutex_t mu;
@@ -744,8 +744,10 @@ static int process_reply(struct region *r)
 		f->id = 0;
 		r->nfetches--;
 	} else if (h.op == NM_OP_STAGE && h.status) {
-		r->stage_failures++;
-		logmsg(r, "staging pages failed: %.*s", (int)h.len, r->buf);
+		snprintf(r->stage_error, sizeof(r->stage_error), "%.*s",
+			 (int)h.len, r->buf);
+		logmsg(r, "staging pages failed: %s; syncs of this region fail "
+		       "from now on", r->stage_error);
 	} else if (h.op == NM_OP_COMMIT && h.id == r->commit_id) {
 		char msg[512];
 
@@ -757,7 +759,8 @@ static int process_reply(struct region *r)
 
 /* ---- sync --------------------------------------------------------------- */
 
-static void sync_async_mode(struct region *r)
+/* Stage the written pages; 0, or -1 after finish_sync() said why. */
+static int sync_async_mode(struct region *r)
 {
 	struct page_region vec[64];
 	struct pm_scan_arg a = {
@@ -784,7 +787,7 @@ static void sync_async_mode(struct region *r)
 			snprintf(why, sizeof(why), "PAGEMAP_SCAN: %s",
 				 strerror(errno));
 			finish_sync(r, EIO, why);
-			return;
+			return -1;
 		}
 		for (i = 0; i < n; i++) {
 			size_t p = (vec[i].start - (uintptr_t)r->base) / PS;
@@ -820,6 +823,7 @@ static void sync_async_mode(struct region *r)
 		}
 		a.start = a.walk_end;
 	}
+	return 0;
 }
 
 static void sync_sync_mode(struct region *r)
@@ -850,10 +854,23 @@ static void start_sync(struct region *r)
 		finish_sync(r, EIO, r->fail_msg);
 		return;
 	}
-	if (r->async)
-		sync_async_mode(r);
-	else
+	if (r->stage_error[0]) {
+		char why[512];
+
+		snprintf(why, sizeof(why), "the agent lost pages handed to it "
+			 "(%s), so no commit of this region can be whole; unmap "
+			 "it and map it again", r->stage_error);
+		finish_sync(r, EIO, why);
+		return;
+	}
+	if (r->async) {
+		/* A failed scan staged only some pages: committing them
+		 * would not be the whole sync. */
+		if (sync_async_mode(r) < 0)
+			return;
+	} else {
 		sync_sync_mode(r);
+	}
 	if (r->failed) {
 		finish_sync(r, EIO, r->fail_msg);
 		return;
