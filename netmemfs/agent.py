@@ -40,7 +40,6 @@ HEADER = struct.Struct("<IIQQII")  # op, status, id, first, count, len: netmem_w
 assert HEADER.size == 32
 OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT = 1, 2, 3, 4
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
-MAX_NAME = 255
 
 
 def bitmap_bytes(count: int) -> int:

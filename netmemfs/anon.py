@@ -29,7 +29,6 @@ from netmemfs.errors import NetmemError, NoSpace, SegmentNotFound
 from netmemfs.pages import PAGE_SIZE, check_name
 from netmemfs.uffd import UffdUnavailable
 
-DEFAULT_SERVER = "127.0.0.1:7733"
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
