@@ -53,6 +53,7 @@
 #include "netmem.h"
 #include "netmem_uapi.h"
 #include "netmem_wire.h"
+#include "server_wire.h"
 #include "uffd_open.h"
 
 extern char **environ;
@@ -80,6 +81,7 @@ struct fetch {
 	size_t count;
 	uint64_t started_ms;
 	bool marker;		/* hold the first page back (readahead) */
+	bool direct;		/* asked of the server itself, not the agent */
 };
 
 struct held {
@@ -116,6 +118,15 @@ struct region {
 	size_t buf_len;
 	uint64_t commit_id;
 	char stage_error[256];	/* the agent lost staged pages: no sync can be whole */
+	/* The direct connection to the server (-1: none; reads go through the
+	 * agent). A page handed to the agent since the last whole commit is
+	 * newer there than on the server: `journaled` marks it, and it is
+	 * always read through the agent. */
+	int srv;
+	unsigned char *srv_buf;
+	size_t srv_fill, srv_cap;
+	unsigned char *journaled;
+	uint64_t stages, commit_stages;
 
 	/* Shared with application threads, under mu. */
 	pthread_mutex_t mu;
@@ -364,6 +375,9 @@ static void fail_region(struct region *r, const char *why)
 		}
 	}
 	r->nfetches = 0;
+	if (r->srv >= 0)
+		close(r->srv);
+	r->srv = -1;
 	for (i = 0; i < MAX_HELD; i++) {
 		if (r->held[i].page != (size_t)-1)
 			r->state[r->held[i].page] = MISSING;	/* poisoned on touch */
@@ -377,6 +391,10 @@ static int stage(struct region *r, size_t first, size_t n, const void *data)
 {
 	int ret = send_msg(r->sock, NM_OP_STAGE, ++r->next_id, first,
 			   (uint32_t)n, data, n * PS);
+
+	/* Until a commit covers it, the agent's copy is the newest. */
+	memset(r->journaled + first, 1, n);
+	r->stages++;
 
 	if (ret < 0) {
 		char why[256];
@@ -490,6 +508,9 @@ static struct fetch *find_fetch(struct region *r, uint64_t id)
 }
 
 static int process_reply(struct region *r);
+static void srv_ask(struct region *r, struct fetch *f);
+static void wait_reply(struct region *r);
+static void check_timeouts(struct region *r);
 
 /* Ask for [first, first+count) (MISSING pages, count <= BATCH). */
 static void fetch(struct region *r, size_t first, size_t count, bool marker)
@@ -499,8 +520,7 @@ static void fetch(struct region *r, size_t first, size_t count, bool marker)
 	int ret;
 
 	while (r->nfetches >= MAX_FETCHES && !r->failed)
-		if (process_reply(r) < 0)
-			break;
+		wait_reply(r);
 	if (r->failed) {
 		poison(r, first, count);
 		return;
@@ -512,10 +532,15 @@ static void fetch(struct region *r, size_t first, size_t count, bool marker)
 	f->count = count;
 	f->started_ms = now_ms();
 	f->marker = marker;
+	f->direct = r->srv >= 0 && !memchr(r->journaled + first, 1, count);
 	r->nfetches++;
 	r->fetching += count;
 	for (i = first; i < first + count; i++)
 		r->state[i] = FETCHING | (r->state[i] & (WANTED | WANT_WRITE));
+	if (f->direct) {
+		srv_ask(r, f);
+		return;
+	}
 	ret = send_msg(r->sock, NM_OP_FETCH, f->id, first, (uint32_t)count,
 		       NULL, 0);
 	if (ret < 0) {
@@ -649,27 +674,19 @@ static void on_fault(struct region *r, const struct uffd_msg *m)
 	}
 }
 
-/* Install the pages of one FETCH reply (payload in r->buf). */
-static void on_pages(struct region *r, struct fetch *f, size_t len)
+/* Install the pages of fetch f: src[i] is page f->first + i, NULL for a
+ * hole (a zero page, no transfer). Frees f's slot. */
+static void install_fetched(struct region *r, struct fetch *f,
+			    const unsigned char *const *srcs)
 {
-	const uint64_t *bits = (const uint64_t *)r->buf;
-	const unsigned char *data = r->buf + NM_WIRE_BITMAP_BYTES(f->count);
-	size_t i = 0, with_data = 0;
+	size_t i;
 
-	for (i = 0; i < f->count; i++)
-		with_data += (bits[i / 64] >> (i % 64)) & 1;
-	if (NM_WIRE_BITMAP_BYTES(f->count) + with_data * PS != len) {
-		fail_region(r, "the agent sent a malformed reply");
-		return;
-	}
 	for (i = 0; i < f->count; i++) {
 		size_t p = f->first + i;
-		bool has = (bits[i / 64] >> (i % 64)) & 1;
-		const unsigned char *src = has ? data : zero_page;
+		bool has = srcs[i] != NULL;
+		const unsigned char *src = has ? srcs[i] : zero_page;
 		unsigned char st = r->state[p];
 
-		if (has)
-			data += PS;
 		if ((st & ST_MASK) != FETCHING)
 			continue;
 		r->fetching--;
@@ -693,6 +710,29 @@ static void on_pages(struct region *r, struct fetch *f, size_t len)
 		 * the writer's retry a second fault (UFFD-PITFALLS.md). */
 		install(r, r->base + p * PS, src, PS, !(st & WANT_WRITE));
 	}
+	f->id = 0;
+	r->nfetches--;
+}
+
+/* Install the pages of one FETCH reply from the agent (payload in r->buf). */
+static void on_pages(struct region *r, struct fetch *f, size_t len)
+{
+	const uint64_t *bits = (const uint64_t *)r->buf;
+	const unsigned char *data = r->buf + NM_WIRE_BITMAP_BYTES(f->count);
+	const unsigned char *srcs[NM_WIRE_MAX_PAGES];
+	size_t i, with_data = 0;
+
+	for (i = 0; i < f->count; i++) {
+		bool has = (bits[i / 64] >> (i % 64)) & 1;
+
+		srcs[i] = has ? data + with_data * PS : NULL;
+		with_data += has;
+	}
+	if (NM_WIRE_BITMAP_BYTES(f->count) + with_data * PS != len) {
+		fail_region(r, "the agent sent a malformed reply");
+		return;
+	}
+	install_fetched(r, f, srcs);
 }
 
 static void finish_sync(struct region *r, int err, const char *msg)
@@ -731,18 +771,18 @@ static int process_reply(struct region *r)
 	}
 	if (h.op == NM_OP_FETCH) {
 		f = find_fetch(r, h.id);
-		if (!f)
+		if (!f || f->direct)
 			return 0;
 		if (h.status) {
 			logmsg(r, "fetch of pages %zu..%zu failed: %.*s", f->first,
 			       f->first + f->count - 1, (int)h.len, r->buf);
 			r->fetching -= f->count;
 			poison(r, f->first, f->count);
+			f->id = 0;
+			r->nfetches--;
 		} else {
 			on_pages(r, f, h.len);
 		}
-		f->id = 0;
-		r->nfetches--;
 	} else if (h.op == NM_OP_STAGE && h.status) {
 		snprintf(r->stage_error, sizeof(r->stage_error), "%.*s",
 			 (int)h.len, r->buf);
@@ -752,9 +792,171 @@ static int process_reply(struct region *r)
 		char msg[512];
 
 		snprintf(msg, sizeof(msg), "%.*s", (int)h.len, r->buf);
+		/* Committed, and nothing handed over since: the server has
+		 * the newest version of every page again. */
+		if (!h.status && r->stages == r->commit_stages)
+			memset(r->journaled, 0, r->npages);
 		finish_sync(r, (int)h.status, msg);
 	}
 	return 0;
+}
+
+/* ---- reading from the server directly ------------------------------------ */
+
+/* Ask the agent for f's pages instead (the direct connection is gone, or
+ * the server refused the read: the agent retries, reconnects, and turns a
+ * lasting failure into an error the program sees as SIGBUS). */
+static void reroute(struct region *r, struct fetch *f)
+{
+	int ret;
+
+	f->direct = false;
+	f->started_ms = now_ms();
+	ret = send_msg(r->sock, NM_OP_FETCH, f->id, f->first,
+		       (uint32_t)f->count, NULL, 0);
+	if (ret < 0) {
+		char why[256];
+
+		snprintf(why, sizeof(why), "cannot ask the agent for pages: %s",
+			 strerror(-ret));
+		fail_region(r, why);
+	}
+}
+
+/* Stop reading from the server directly; what it owes us comes through the
+ * agent. */
+static void drop_direct(struct region *r, const char *why)
+{
+	size_t i;
+
+	if (r->srv < 0)
+		return;
+	close(r->srv);
+	r->srv = -1;
+	r->srv_fill = 0;
+	logmsg(r, "direct reads from the server stopped (%s); pages come "
+	       "through the agent from now on", why);
+	for (i = 0; i < MAX_FETCHES && !r->failed; i++)
+		if (r->fetches[i].id && r->fetches[i].direct)
+			reroute(r, &r->fetches[i]);
+}
+
+static void srv_ask(struct region *r, struct fetch *f)
+{
+	unsigned char req[NM_SRV_REQUEST_MAX];
+	size_t len = nm_srv_read_pages(req, f->id, r->segment, f->first,
+				       f->count);
+	ssize_t n = send(r->srv, req, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+
+	/* A request is a few dozen bytes and at most MAX_FETCHES are in
+	 * flight, so a full socket buffer means the server stopped reading. */
+	if (n != (ssize_t)len)
+		drop_direct(r, n < 0 ? strerror(errno) : "a short send");
+}
+
+/* One frame from the server: a Pages or Error reply to a direct fetch.
+ * Return -1 if the connection was dropped. */
+static int srv_frame(struct region *r, const unsigned char *body, size_t len)
+{
+	const unsigned char *srcs[NM_WIRE_MAX_PAGES] = { NULL };
+	struct nm_mp m = { body, body + len };
+	const unsigned char *s;
+	uint64_t n, type, id, first, count, version, nruns, k;
+	struct fetch *f;
+
+	if (!nm_mp_array(&m, &n) || n < 2 || !nm_mp_uint(&m, &type) ||
+	    !nm_mp_uint(&m, &id))
+		goto bad;
+	f = find_fetch(r, id);
+	if (!id || !f || !f->direct)
+		return 0;	/* not ours to install (never sent) */
+	if (type == NM_SRV_ERROR) {
+		reroute(r, f);	/* the agent turns it into a message */
+		return 0;
+	}
+	if (type != NM_SRV_PAGES || n != 7 || !nm_mp_bytes(&m, false, &s, &k) ||
+	    !nm_mp_uint(&m, &first) || !nm_mp_uint(&m, &count) ||
+	    !nm_mp_uint(&m, &version) || !nm_mp_array(&m, &nruns) ||
+	    first != f->first || count != f->count)
+		goto bad;
+	while (nruns--) {
+		uint64_t rfirst, dlen, i;
+
+		if (!nm_mp_array(&m, &n) || n != 3 ||
+		    !nm_mp_bytes(&m, false, &s, &k) ||
+		    !nm_mp_uint(&m, &rfirst) || !nm_mp_bytes(&m, true, &s, &dlen) ||
+		    dlen % PS || rfirst < first ||
+		    rfirst - first + dlen / PS > count)
+			goto bad;
+		for (i = 0; i < dlen / PS; i++)
+			srcs[rfirst - first + i] = s + i * PS;
+	}
+	install_fetched(r, f, srcs);
+	return 0;
+bad:
+	drop_direct(r, "the server sent a reply this library cannot read");
+	return -1;
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Read what the server sent and act on every whole frame. */
+static void srv_readable(struct region *r)
+{
+	while (r->srv >= 0) {
+		ssize_t n = read(r->srv, r->srv_buf + r->srv_fill,
+				 r->srv_cap - r->srv_fill);
+		size_t used = 0;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			return;
+		if (n <= 0) {
+			drop_direct(r, n ? strerror(errno) :
+				    "the server closed the connection");
+			return;
+		}
+		r->srv_fill += (size_t)n;
+		while (r->srv_fill - used >= 4) {
+			uint32_t len = be32(r->srv_buf + used);
+
+			if (len > r->srv_cap - 4) {
+				drop_direct(r, "the server sent a frame larger "
+					    "than any reply to a fetch");
+				return;
+			}
+			if (r->srv_fill - used < 4 + (size_t)len)
+				break;
+			if (srv_frame(r, r->srv_buf + used + 4, len) < 0)
+				return;
+			used += 4 + (size_t)len;
+		}
+		memmove(r->srv_buf, r->srv_buf + used, r->srv_fill - used);
+		r->srv_fill -= used;
+	}
+}
+
+/* Every fetch slot is taken: wait for a reply from either side. */
+static void wait_reply(struct region *r)
+{
+	struct pollfd fds[2] = {
+		{ r->sock, POLLIN, 0 }, { r->srv, POLLIN, 0 },
+	};
+
+	if (poll(fds, 2, 200) < 0 && errno != EINTR) {
+		fail_region(r, "poll failed while waiting for pages");
+		return;
+	}
+	if (fds[0].revents)
+		process_reply(r);
+	if (fds[1].revents)
+		srv_readable(r);
+	check_timeouts(r);
 }
 
 /* ---- sync --------------------------------------------------------------- */
@@ -876,6 +1078,7 @@ static void start_sync(struct region *r)
 		return;
 	}
 	r->commit_id = ++r->next_id;
+	r->commit_stages = r->stages;
 	ret = send_msg(r->sock, NM_OP_COMMIT, r->commit_id, 0, 0, NULL, 0);
 	if (ret < 0)
 		fail_region(r, "the agent went away during a sync");
@@ -891,6 +1094,19 @@ static void check_timeouts(struct region *r)
 	for (i = 0; i < MAX_FETCHES; i++) {
 		struct fetch *f = &r->fetches[i];
 
+		if (f->id && f->direct && now - f->started_ms > r->timeout_ms) {
+			/* As the agent would after its timeout: these pages
+			 * fail, later ones go through the agent. */
+			logmsg(r, "fetch of pages %zu..%zu failed: the server "
+			       "did not answer within %u ms", f->first,
+			       f->first + f->count - 1, r->timeout_ms);
+			r->fetching -= f->count;
+			poison(r, f->first, f->count);
+			f->id = 0;
+			r->nfetches--;
+			drop_direct(r, "the server stalled");
+			continue;
+		}
 		if (f->id && now - f->started_ms > limit) {
 			char why[256];
 
@@ -908,7 +1124,7 @@ static void *handler_main(void *arg)
 {
 	struct region *r = arg;
 	struct uffd_msg msgs[32];
-	struct pollfd fds[3];
+	struct pollfd fds[4];
 	sigset_t all;
 
 	/* Signals are the application's business, not this thread's. */
@@ -930,7 +1146,8 @@ static void *handler_main(void *arg)
 		fds[0] = (struct pollfd){ r->uffd, POLLIN, 0 };
 		fds[1] = (struct pollfd){ r->failed ? -1 : r->sock, POLLIN, 0 };
 		fds[2] = (struct pollfd){ r->evfd, POLLIN, 0 };
-		if (poll(fds, 3, 200) < 0 && errno != EINTR)
+		fds[3] = (struct pollfd){ r->srv, POLLIN, 0 };
+		if (poll(fds, 4, 200) < 0 && errno != EINTR)
 			break;
 		if (fds[2].revents) {
 			uint64_t v;
@@ -940,6 +1157,8 @@ static void *handler_main(void *arg)
 		}
 		if (fds[1].revents)
 			process_reply(r);
+		if (fds[3].revents)
+			srv_readable(r);
 		if (fds[0].revents) {
 			n = read(r->uffd, msgs, sizeof(msgs));
 			for (i = 0; n > 0 && i < n / (ssize_t)sizeof(msgs[0]); i++)
@@ -1012,13 +1231,48 @@ static int spawn_agent(struct region *r, const struct netmem_options *o,
 	return 0;
 }
 
-/* OPEN: the agent connects to the server and creates or checks the segment. */
+/* Read a header that may carry a file descriptor (SCM_RIGHTS); *passed is
+ * that descriptor, or -1. */
+static int recv_header_fd(int fd, struct nm_wire_header *h, int *passed)
+{
+	union {
+		struct cmsghdr align;
+		char buf[CMSG_SPACE(sizeof(int))];
+	} cm;
+	struct iovec iov = { h, sizeof(*h) };
+	struct msghdr mh = {
+		.msg_iov = &iov, .msg_iovlen = 1,
+		.msg_control = cm.buf, .msg_controllen = sizeof(cm.buf),
+	};
+	struct cmsghdr *c;
+	ssize_t n;
+
+	*passed = -1;
+	do {
+		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+	} while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	if (n == 0)
+		return -EPIPE;
+	c = CMSG_FIRSTHDR(&mh);
+	if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
+	    c->cmsg_len == CMSG_LEN(sizeof(int)))
+		memcpy(passed, CMSG_DATA(c), sizeof(int));
+	if ((size_t)n < sizeof(*h))
+		return recv_all(fd, (char *)h + n, sizeof(*h) - (size_t)n);
+	return 0;
+}
+
+/* OPEN: the agent connects to the server and creates or checks the segment.
+ * Its reply may carry a second connection to the server, ready for reads. */
 static int open_segment(struct region *r)
 {
 	struct nm_wire_header h;
 	char msg[512];
 	struct pollfd pfd = { r->sock, POLLIN, 0 };
-	int ret;
+	const char *direct = getenv("NETMEM_DIRECT");
+	int ret, srv = -1;
 
 	ret = send_msg(r->sock, NM_OP_OPEN, ++r->next_id, r->size,
 		       r->timeout_ms, r->segment, strlen(r->segment));
@@ -1027,16 +1281,31 @@ static int open_segment(struct region *r)
 		if (ret == 0)
 			return fail(ETIMEDOUT, "the netmemfs agent did not answer "
 				    "within %u ms", r->timeout_ms + 10000);
-		ret = ret < 0 ? -errno : recv_all(r->sock, &h, sizeof(h));
+		ret = ret < 0 ? -errno : recv_header_fd(r->sock, &h, &srv);
 	}
+	if (ret == 0 && (h.len >= sizeof(msg) ||
+			 recv_all(r->sock, msg, h.len) < 0))
+		ret = -EPROTO;
+	if (ret < 0 || h.status || (direct && !strcmp(direct, "0"))) {
+		if (srv >= 0)
+			close(srv);
+		srv = -1;
+	}
+	if (ret == -EPROTO)
+		return fail(EPROTO, "the netmemfs agent sent a malformed reply");
 	if (ret < 0)
 		return fail(EIO, "the netmemfs agent went away before it "
 			    "answered (%s); its error is above", strerror(-ret));
-	if (h.len >= sizeof(msg) || recv_all(r->sock, msg, h.len) < 0)
-		return fail(EPROTO, "the netmemfs agent sent a malformed reply");
 	msg[h.len] = 0;
 	if (h.status)
 		return fail((int)h.status, "%s", msg);
+	/* Invariant: srv is a connected, handshaken socket to the server that
+	 * only this handler uses from now on. */
+	if (srv >= 0 && fcntl(srv, F_SETFL, O_NONBLOCK) < 0) {
+		close(srv);
+		srv = -1;
+	}
+	r->srv = srv;
 	return 0;
 }
 
@@ -1053,6 +1322,8 @@ static void destroy(struct region *r)
 	}
 	if (r->sock >= 0)
 		close(r->sock);
+	if (r->srv >= 0)
+		close(r->srv);
 	if (r->agent > 0) {
 		int i, status;
 
@@ -1088,6 +1359,8 @@ static void destroy(struct region *r)
 	free(r->dirty);
 	free(r->hash);
 	free(r->buf);
+	free(r->srv_buf);
+	free(r->journaled);
 	pthread_mutex_destroy(&r->mu);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->sync_mu);
@@ -1179,7 +1452,7 @@ void *netmem_map_opts(const struct netmem_options *o)
 		fail(ENOMEM, "out of memory");
 		return NULL;
 	}
-	r->uffd = r->pagemap = r->sock = r->evfd = -1;
+	r->uffd = r->pagemap = r->sock = r->evfd = r->srv = -1;
 	pthread_mutex_init(&r->mu, NULL);
 	pthread_cond_init(&r->cv, NULL);
 	pthread_mutex_init(&r->sync_mu, NULL);
@@ -1194,9 +1467,16 @@ void *netmem_map_opts(const struct netmem_options *o)
 	r->dirty = calloc(r->npages, 1);
 	r->hash = calloc(r->npages, sizeof(*r->hash));
 	r->buf = malloc(r->buf_len);
+	/* A Pages reply to a fetch of BATCH pages: the data, and per run (at
+	 * most one per two pages) an array, the segment name and two
+	 * integers. */
+	r->srv_cap = BATCH * PS + (BATCH / 2 + 1) * 300 + 1024;
+	r->srv_buf = malloc(r->srv_cap);
+	r->journaled = calloc(r->npages, 1);
 	for (e = 0; e < MAX_HELD; e++)
 		r->held[e].page = (size_t)-1;
-	if (!r->state || !r->dirty || !r->hash || !r->buf) {
+	if (!r->state || !r->dirty || !r->hash || !r->buf || !r->srv_buf ||
+	    !r->journaled) {
 		fail(ENOMEM, "out of memory for the state of %zu pages",
 		     r->npages);
 		goto out;

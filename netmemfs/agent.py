@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import shutil
 import socket
 import struct
@@ -62,13 +63,25 @@ class _Socket:
         # the handler may be blocked sending us pages while its socket's receive side is
         # full of our replies (each side must keep reading). The queue is bounded by the
         # requests the handler has in flight.
-        self._out_send, self._out_receive = trio.open_memory_channel[list[Buffer]](math.inf)
+        self._out_send, self._out_receive = trio.open_memory_channel[
+            tuple[list[Buffer], int | None]
+        ](math.inf)
 
     async def write_replies(self) -> None:
         """Send queued replies until finish() (then the rest) or the peer goes away."""
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            async for parts in self._out_receive:
-                await send_parts(self.stream, parts)
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async for parts, fd in self._out_receive:
+                if fd is None:
+                    await send_parts(self.stream, parts)
+                    continue
+                try:
+                    # The descriptor rides with the message's first byte.
+                    data = b"".join(parts)
+                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+                    sent = await self.sock.sendmsg([data], rights)
+                finally:
+                    os.close(fd)  # the peer has its own copy now (or none)
+                await send_parts(self.stream, [data[sent:]])
 
     def finish(self) -> None:
         self._out_send.close()
@@ -99,11 +112,19 @@ class _Socket:
         return h, payload
 
     def reply(
-        self, op: int, req_id: int, first: int, count: int, parts: Sequence[Buffer], status: int = 0
+        self,
+        op: int,
+        req_id: int,
+        first: int,
+        count: int,
+        parts: Sequence[Buffer],
+        status: int = 0,
+        fd: int | None = None,
     ) -> None:
+        """Queue a reply; fd, if given, goes with it (SCM_RIGHTS) and is closed here."""
         length = sum(len(p) for p in parts)
         head = HEADER.pack(op, status, req_id, first, count, length)
-        self._out_send.send_nowait([head, *parts])
+        self._out_send.send_nowait(([head, *parts], fd))
 
     def error(self, op: int, req_id: int, e: BaseException, what: str) -> None:
         code = getattr(e, "errno", None) or errno.EIO
@@ -235,7 +256,14 @@ async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Reg
     except (NetmemError, UnicodeDecodeError) as e:
         io.error(OP_OPEN, req_id, e, "cannot open the segment")
         return None
-    io.reply(OP_OPEN, req_id, 0, 0, [])
+    # A connection of the region's own, for reading pages without this process in
+    # the way; without one, every read comes through here (slower, still right).
+    handover: int | None = None
+    try:
+        handover = await store.open_handover()
+    except NetmemError as e:
+        log.info("no direct connection for the region (%s); reads go through the agent", e)
+    io.reply(OP_OPEN, req_id, 0, 0, [], fd=handover)
     return Region(io, store, name, size, journal_dir)
 
 

@@ -308,6 +308,17 @@ class RemoteStore:
             self._nursery.start_soon(link.read_loop)
             return link
 
+    async def open_handover(self) -> int:
+        """A second connection, handshake done, detached from this store: its file
+        descriptor, for a peer that speaks the protocol itself (libnetmem's direct
+        reads). The caller owns (and must close) the descriptor."""
+        try:
+            link = await self._open_link()
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, _LinkLost) as e:
+            why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
+        return link.stream.socket.detach()
+
     async def _open_link(self) -> _Link:
         stream = await trio.open_tcp_stream(self.host, self.port)
         tune_socket(stream.socket)

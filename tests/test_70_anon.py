@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -194,6 +194,59 @@ def test_in_process_api(server: ServerProc) -> None:
         anon.map(8 * MiB, segment="inproc", server=server.address)
     with pytest.raises(NetmemError, match="budget"):
         anon.map(8 * MiB, segment="other", server=server.address, budget=4096)
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct-reads", "agent-reads"])
+def test_evicted_writes_read_back_before_and_after_the_sync(
+    server: ServerProc, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    """Pages written and evicted before a sync live only in the agent's journal; reads
+    must see them there, not the older commit on the server (libnetmem reads
+    unjournaled pages from the server directly, journaled ones through the agent)."""
+    monkeypatch.setenv("NETMEM_DIRECT", direct)
+    size, budget, npages = 8 * MiB, 512 * 1024, 8 * MiB // 4096
+
+    def page(n: int, gen: int) -> bytes:
+        return (n.to_bytes(4, "little") + bytes([gen])) * 819 + bytes(1)
+
+    def check(region: anon.Region, gen_of: list[int], when: str) -> None:
+        for n in range(npages):
+            got = region[n * 4096 : (n + 1) * 4096]
+            assert got == page(n, gen_of[n]), f"page {n} {when}: want gen {gen_of[n]}"
+
+    with anon.map(size, segment="evict", server=server.address, budget=budget) as region:
+        for n in range(npages):
+            region[n * 4096 : (n + 1) * 4096] = page(n, 1)
+        region.sync()  # the server holds generation 1 of every page
+        gens = [2 if n % 3 else 1 for n in range(npages)]
+        for n in range(npages):
+            if gens[n] == 2:
+                region[n * 4096 : (n + 1) * 4096] = page(n, 2)
+        check(region, gens, "before the sync")  # each page evicted and read back
+        region.sync()
+        check(region, gens, "after the sync")
+        for n in range(0, npages, 2):
+            region[n * 4096 : (n + 1) * 4096] = page(n, 3)
+            gens[n] = 3
+        check(region, gens, "written again, not synced")
+    with anon.map(size, segment="evict", server=server.address, budget=budget) as region:
+        check(region, [2 if n % 3 else 1 for n in range(npages)], "mapped again")
+
+
+def test_reads_survive_a_server_restart(
+    server_factory: Callable[..., ServerProc], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The direct connection breaks; pages come through the agent, which reconnects."""
+    server = server_factory(data_dir=tmp_path / "data")
+    size = 4 * MiB
+    with anon.map(size, segment="rs", server=server.address, budget=512 * 1024) as region:
+        for n in range(size // 4096):
+            region[n * 4096 : n * 4096 + 8] = n.to_bytes(8, "little")
+        region.sync()
+        server.restart(same_port=True)
+        for n in range(size // 4096):
+            assert region[n * 4096 : n * 4096 + 8] == n.to_bytes(8, "little"), f"page {n}"
+    assert "direct reads from the server stopped" in capfd.readouterr().err
 
 
 def test_unreachable_server_fails_the_map(tmp_path: Path) -> None:
