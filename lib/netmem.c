@@ -46,6 +46,8 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/xattr.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -101,6 +103,7 @@ struct region {
 	bool borrowed;		/* the caller's mapping: not ours to unmap */
 	bool can_poison;
 	char segment[256];
+	char agent_name[300];	/* for messages: "the agent", or the daemon's */
 	unsigned int timeout_ms;
 
 	/* Owned by the handler thread. */
@@ -760,11 +763,11 @@ static int process_reply(struct region *r)
 	if (ret == 0)
 		ret = recv_all(r->sock, r->buf, h.len);
 	if (ret < 0) {
-		char why[128];
+		char why[512];
 
 		/* A killed agent shows as end of stream, or as a reset when
 		 * it died with our requests unread: both mean it is gone. */
-		snprintf(why, sizeof(why), "the agent went away (%s)",
+		snprintf(why, sizeof(why), "%s went away (%s)", r->agent_name,
 			 ret == -EPIPE ? "end of stream" : strerror(-ret));
 		fail_region(r, why);
 		return ret;
@@ -1080,8 +1083,13 @@ static void start_sync(struct region *r)
 	r->commit_id = ++r->next_id;
 	r->commit_stages = r->stages;
 	ret = send_msg(r->sock, NM_OP_COMMIT, r->commit_id, 0, 0, NULL, 0);
-	if (ret < 0)
-		fail_region(r, "the agent went away during a sync");
+	if (ret < 0) {
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s went away during a sync",
+			 r->agent_name);
+		fail_region(r, why);
+	}
 }
 
 /* ---- the handler thread ------------------------------------------------- */
@@ -1108,11 +1116,11 @@ static void check_timeouts(struct region *r)
 			continue;
 		}
 		if (f->id && now - f->started_ms > limit) {
-			char why[256];
+			char why[512];
 
 			snprintf(why, sizeof(why),
-				 "the agent did not answer a fetch of pages "
-				 "%zu..%zu within %u ms", f->first,
+				 "%s did not answer a fetch of pages "
+				 "%zu..%zu within %u ms", r->agent_name, f->first,
 				 f->first + f->count - 1, (unsigned)limit);
 			fail_region(r, why);
 			return;
@@ -1261,6 +1269,33 @@ static int recv_header_fd(int fd, struct nm_wire_header *h, int *passed)
 		memcpy(passed, CMSG_DATA(c), sizeof(int));
 	if ((size_t)n < sizeof(*h))
 		return recv_all(fd, (char *)h + n, sizeof(*h) - (size_t)n);
+	return 0;
+}
+
+/* Use the daemon of the netmemfs mount at `mountpoint` as the agent: its
+ * mount root names the daemon's socket in an extended attribute. */
+static int attach_daemon(struct region *r, const char *mountpoint)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	ssize_t n = getxattr(mountpoint, NETMEM_AGENT_XATTR, sa.sun_path,
+			     sizeof(sa.sun_path) - 1);
+
+	if (n < 0 && (errno == ENODATA || errno == ENOTSUP))
+		return fail(EINVAL, "%s is not the root of a netmemfs mount (it "
+			    "has no %s attribute): mount one there with "
+			    "`netmemfs mount %s --server HOST`, or name a server "
+			    "as HOST:PORT", mountpoint, NETMEM_AGENT_XATTR,
+			    mountpoint);
+	if (n < 0)
+		return fail(errno, "cannot ask %s for its netmemfs daemon: %s",
+			    mountpoint, strerror(errno));
+	r->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (r->sock < 0)
+		return fail(errno, "socket: %s", strerror(errno));
+	if (connect(r->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+		return fail(ECONNREFUSED, "cannot reach the netmemfs daemon of "
+			    "%s at %s: %s; is the mount still running?",
+			    mountpoint, sa.sun_path, strerror(errno));
 	return 0;
 }
 
@@ -1523,7 +1558,10 @@ void *netmem_map_opts(const struct netmem_options *o)
 		fail(errno, "eventfd: %s", strerror(errno));
 		goto out;
 	}
-	if (spawn_agent(r, o, server) < 0)
+	snprintf(r->agent_name, sizeof(r->agent_name), server[0] == '/' ?
+		 "the netmemfs daemon of %.255s" : "the agent", server);
+	if (server[0] == '/' ? attach_daemon(r, server) < 0 :
+	    spawn_agent(r, o, server) < 0)
 		goto out;
 	if (open_segment(r) < 0)
 		goto out;

@@ -24,8 +24,10 @@ extern "C" {
 struct netmem_options {
 	/*
 	 * Where pages come from: "HOST:PORT" of a netmemfs-server (a private
-	 * agent process is started for the region). NULL: $NETMEM_SERVER,
-	 * else 127.0.0.1:7733.
+	 * agent process is started for the region), or the mount point of a
+	 * running `netmemfs mount` ("/mnt/nm": that mount's daemon serves the
+	 * region, with its server and token). NULL: $NETMEM_SERVER, else
+	 * 127.0.0.1:7733.
 	 */
 	const char *server;
 	const char *segment;	/* created with `size` bytes if missing */

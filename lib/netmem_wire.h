@@ -24,11 +24,17 @@ struct nm_wire_header {
 } __attribute__((packed));
 
 enum nm_wire_op {
-	NM_OP_OPEN = 1,		/* payload: segment name; reply: empty */
+	NM_OP_OPEN = 1,		/* payload: segment name; reply: empty, and
+				 * maybe (SCM_RIGHTS) a connection to the
+				 * server for direct reads */
 	NM_OP_FETCH = 2,	/* reply: bitmap, then data of set pages */
 	NM_OP_STAGE = 3,	/* payload: count pages; replied to only on failure */
 	NM_OP_COMMIT = 4,	/* commit all staged pages as one transaction */
 };
+
+/* On the root of a netmemfs mount: the path of its daemon's socket, where
+ * a region can be served instead of by a private agent. */
+#define NETMEM_AGENT_XATTR "user.netmemfs.agent"
 
 #define NM_WIRE_HEADER_BYTES 32
 #define NM_WIRE_MAX_PAGES 256	/* pages in one FETCH or STAGE */

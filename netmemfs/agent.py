@@ -7,9 +7,13 @@ synced) and asks it to commit. The agent keeps what it was handed in a journal (
 mount does for a file) and commits it as one transaction, exactly once; a fetch sees the
 journal's pages before the server's.
 
+With the OPEN reply the agent hands libnetmem a second server connection, handshake
+done, on which the handler reads pages that are not in this journal itself.
+
 `netmemfs agent --fd 3 --server HOST:PORT` is the private agent libnetmem starts for a
 region; it serves that one socket and exits when it closes (the mapping process ended or
-unmapped: changes not synced are dropped).
+unmapped: changes not synced are dropped). A mount daemon serves regions the same way on
+its AttachPoint, one connection per region.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
@@ -267,20 +271,23 @@ async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Reg
     return Region(io, store, name, size, journal_dir)
 
 
-async def run_private(fd: int, server: str, token: bytes | None, timeout_s: float) -> None:
-    """Serve the one region on socket fd (libnetmem's end), then return."""
-    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+async def _run_socket(
+    sock: trio.socket.SocketType,
+    journal_dir: Path,
+    body: Callable[[_Socket], Awaitable[None]],
+) -> None:
+    """Run body on the region's socket; end quietly when the region's side goes away
+    (what it did not sync is dropped with journal_dir)."""
     io = _Socket(sock)
-    journal_dir = Path(tempfile.mkdtemp(prefix="netmemfs-anon-"))
     try:
         async with open_quiet_nursery() as nursery:
             nursery.start_soon(io.write_replies)
             try:
-                await _serve_private(io, server, token, timeout_s, journal_dir)
+                await body(io)
             finally:
                 io.finish()  # the writer sends what is queued, then ends
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-        pass  # the mapping process went away: what it did not sync is dropped
+        pass  # the mapping process went away
     except WireError as e:
         log.error("closing the region's connection: %s", e)
     finally:
@@ -288,22 +295,76 @@ async def run_private(fd: int, server: str, token: bytes | None, timeout_s: floa
         shutil.rmtree(journal_dir, ignore_errors=True)
 
 
-async def _serve_private(
-    io: _Socket, server: str, token: bytes | None, timeout_s: float, journal_dir: Path
-) -> None:
-    async with AsyncExitStack() as stack:
+async def _serve_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> None:
+    region = await open_region(io, store, journal_dir)
+    if region is not None:
         try:
-            store = await stack.enter_async_context(
-                RemoteStore.connect(server, token=token, retry_for_s=timeout_s)
-            )
-        except NetmemError as e:
-            msg = await io.receive()
-            if msg is not None:
-                io.error(OP_OPEN, msg[0][2], e, f"cannot reach the server {server}")
-            return
-        region = await open_region(io, store, journal_dir)
-        if region is not None:
+            await region.serve()
+        finally:
+            region.journal.discard()
+
+
+async def run_private(fd: int, server: str, token: bytes | None, timeout_s: float) -> None:
+    """Serve the one region on socket fd (libnetmem's end), then return."""
+    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    journal_dir = Path(tempfile.mkdtemp(prefix="netmemfs-anon-"))
+
+    async def body(io: _Socket) -> None:
+        async with AsyncExitStack() as stack:
             try:
-                await region.serve()
-            finally:
-                region.journal.discard()
+                store = await stack.enter_async_context(
+                    RemoteStore.connect(server, token=token, retry_for_s=timeout_s)
+                )
+            except NetmemError as e:
+                msg = await io.receive()
+                if msg is not None:
+                    io.error(OP_OPEN, msg[0][2], e, f"cannot reach the server {server}")
+                return
+            await _serve_region(io, store, journal_dir)
+
+    await _run_socket(sock, journal_dir, body)
+
+
+class AttachPoint:
+    """A mount daemon's socket where libnetmem maps regions served by the daemon
+    (netmem_map with the mount point as the server): each connection is one region,
+    on the daemon's own server connection. The socket lives in a directory of its own
+    (mode 0700, or 0711 with the socket 0666 for a mount with --allow-other); the
+    mount root names it in the user.netmemfs.agent attribute."""
+
+    XATTR = b"user.netmemfs.agent"  # NETMEM_AGENT_XATTR in lib/netmem_wire.h
+
+    def __init__(self, journal_base: Path, *, allow_other: bool) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="netmemfs-daemon-"))
+        self.path = self.dir / "agent.sock"
+        self.journal_base = journal_base
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.allow_other = allow_other
+
+    async def bind(self) -> None:
+        # Regions of a daemon that died left uncommitted pages only: dropped, as a
+        # private agent's are.
+        shutil.rmtree(self.journal_base, ignore_errors=True)
+        self.journal_base.mkdir(parents=True, mode=0o700)
+        await self.sock.bind(str(self.path))
+        if self.allow_other:
+            self.dir.chmod(0o711)
+            self.path.chmod(0o666)
+        self.sock.listen(64)
+
+    async def serve(self, store: RemoteStore) -> None:
+        """Accept regions until cancelled; their connections end with it."""
+        async with open_quiet_nursery() as nursery:
+            while True:
+                conn, _ = await self.sock.accept()
+                journal_dir = Path(tempfile.mkdtemp(prefix="region-", dir=self.journal_base))
+
+                async def body(io: _Socket, journal_dir: Path = journal_dir) -> None:
+                    await _serve_region(io, store, journal_dir)
+
+                nursery.start_soon(_run_socket, conn, journal_dir, body)
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.journal_base, ignore_errors=True)

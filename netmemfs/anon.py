@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -108,14 +109,20 @@ def map(
     size: int,
     *,
     segment: str,
-    server: str | None = None,
+    server: str | os.PathLike[str] | None = None,
     budget: int = 0,
     timeout: float = 30.0,
 ) -> Region:
-    """Map `size` bytes backed by `segment` (created if missing) of `server` ("HOST:PORT";
-    default $NETMEM_SERVER or 127.0.0.1:7733), with
-    at most `budget` bytes resident (0: all of it). A fault the server cannot serve within
-    `timeout` seconds gets SIGBUS."""
+    """Map `size` bytes backed by `segment` (created if missing), with at most `budget`
+    bytes resident (0: all of it). A fault the server cannot serve within `timeout`
+    seconds gets SIGBUS.
+
+    `server` is "HOST:PORT" of a netmemfs-server (a private agent process serves the
+    region), or the mount point of a running `netmemfs mount` (an absolute path: that
+    mount's daemon serves the region, with its server and token). Default:
+    $NETMEM_SERVER, else 127.0.0.1:7733."""
+    if server is not None:
+        server = os.fspath(server)
     check_name(segment)
     if size <= 0 or size % PAGE_SIZE:
         raise RegionError(f"size {size} is not a positive multiple of {PAGE_SIZE}", errno.EINVAL)

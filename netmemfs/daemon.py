@@ -22,6 +22,7 @@ import trio
 
 from netmemfs import fs, journal
 from netmemfs._trio_util import open_quiet_nursery
+from netmemfs.agent import AttachPoint
 from netmemfs.errors import NetmemError
 from netmemfs.remote import RemoteStore
 
@@ -140,7 +141,10 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
             # there is nothing left to unmount.
             unmounted = False
             terminated = False
+            attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
             try:
+                await attach.bind()
+                ops.attach_path = os.fsencode(attach.path)
                 async with open_quiet_nursery() as nursery:
 
                     async def on_signal() -> None:
@@ -162,10 +166,12 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
 
                     nursery.start_soon(on_signal)
                     nursery.start_soon(started)
+                    nursery.start_soon(attach.serve, store)
                     await fs.serve()
                     unmounted = not terminated
                     nursery.cancel_scope.cancel()
             finally:
+                attach.close()
                 fs.close(unmount=not unmounted)
                 # Writes never fsynced die with the mount; sealed commits that failed
                 # stay, to be sent again by the next mount with this cache dir.

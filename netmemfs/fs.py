@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from netmemfs._trio_util import open_quiet_nursery
+from netmemfs.agent import AttachPoint
 from netmemfs.cache import PageCache
 from netmemfs.errors import (
     NetmemError,
@@ -102,6 +103,9 @@ class NetmemFS(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.started_ns = time.time_ns()
+        # The root's user.netmemfs.agent attribute: where libnetmem maps regions this
+        # daemon serves (agent.AttachPoint), if it serves them.
+        self.attach_path: bytes | None = None
 
     # --- helpers -------------------------------------------------------------------
 
@@ -340,6 +344,20 @@ class NetmemFS(pyfuse3.Operations):
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         pass
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        if inode == ROOT and name == AttachPoint.XATTR and self.attach_path is not None:
+            return self.attach_path
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        if inode == ROOT and self.attach_path is not None:
+            return [pyfuse3.XAttrNameT(AttachPoint.XATTR)]
+        return []
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         with fuse_errors("statfs"), self._deadline():

@@ -21,7 +21,8 @@ import pytest
 
 from netmemfs import anon
 from netmemfs.errors import NetmemError
-from tests.helpers import ServerProc, wait_for
+from tests.anon_worker import stamp
+from tests.helpers import MountProc, ServerProc, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -107,15 +108,20 @@ class Worker:
         return self.proc.returncode, out, err
 
 
+def _where(server: ServerProc | MountProc) -> str:
+    """The region's `server`: a server's address, or a mount point (its daemon)."""
+    return server.address if isinstance(server, ServerProc) else str(server.mountpoint)
+
+
 def _python(
-    mode: str, server: ServerProc, segment: str, size: int, budget: int, arg: int
+    mode: str, server: ServerProc | MountProc, segment: str, size: int, budget: int, arg: int
 ) -> list[str]:
     return [
         sys.executable,
         "-m",
         "tests.anon_worker",
         mode,
-        server.address,
+        _where(server),
         segment,
         str(size),
         str(budget),
@@ -124,9 +130,15 @@ def _python(
 
 
 def _c(
-    binary: Path, mode: str, server: ServerProc, segment: str, size: int, budget: int, gen: int
+    binary: Path,
+    mode: str,
+    server: ServerProc | MountProc,
+    segment: str,
+    size: int,
+    budget: int,
+    gen: int,
 ) -> list[str]:
-    return [str(binary), mode, server.address, segment, str(size), str(budget), str(gen)]
+    return [str(binary), mode, _where(server), segment, str(size), str(budget), str(gen)]
 
 
 def _run_checked(argv: list[str], budget: int) -> Worker:
@@ -282,8 +294,8 @@ def stopped_server(server: ServerProc) -> Iterator[ServerProc]:
         os.kill(server.proc.pid, signal.SIGCONT)
 
 
-def _touch_while_server_frozen(server: ServerProc) -> Worker:
-    w = Worker(_python("touch", server, "frozen", 4 * MiB, 0, 7), stdin=True)
+def _touch_while_server_frozen(server: ServerProc, via: MountProc | None = None) -> Worker:
+    w = Worker(_python("touch", via or server, "frozen", 4 * MiB, 0, 7), stdin=True)
     assert server.proc is not None and w.proc.stdin is not None and w.proc.stdout is not None
     os.kill(server.proc.pid, signal.SIGSTOP)
     w.proc.stdin.write("go\n")
@@ -313,6 +325,40 @@ def test_stalled_server_gives_sigbus_after_the_timeout(stopped_server: ServerPro
     w = _touch_while_server_frozen(stopped_server)
     code, out, err = w.run_sampling(timeout_s=30)  # the worker's timeout is 3 s
     assert code == -signal.SIGBUS, f"exited {code}: {out} {err}"
+
+
+def test_regions_served_by_a_mounts_daemon(
+    server: ServerProc, mount_factory: Callable[..., MountProc], anon_test_bin: Path
+) -> None:
+    """netmem_map with a mount point: the mount's daemon serves the region (no agent
+    process), with the mount's server; the file door sees the same segment."""
+    mount = mount_factory(server.address)
+    size, budget = 32 * MiB, 4 * MiB
+    _run_checked(_python("write", mount, "viamount", size, budget, 6), budget)
+    _run_checked(_c(anon_test_bin, "verify", mount, "viamount", size, budget, 6), budget)
+    _run_checked(_python("verify", server, "viamount", size, budget, 6), budget)
+    with open(mount.path("viamount"), "rb") as f:
+        for n in (0, 1, size // 4096 - 1):
+            f.seek(n * 4096)
+            assert f.read(4096) == stamp(n, 6), f"page {n} through the file door"
+
+
+def test_a_directory_not_mounted_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(NetmemError, match=r"is not the root of a netmemfs mount.*netmemfs mount"):
+        anon.map(MiB, segment="x", server=tmp_path)
+
+
+def test_mount_daemon_killed_mid_fault_gives_sigbus(
+    stopped_server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    mount = mount_factory(stopped_server.address)
+    w = _touch_while_server_frozen(stopped_server, via=mount)
+    # The region's daemon is the mount's: no agent process was started.
+    assert not Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read_text().split()
+    mount.kill()
+    code, out, err = w.run_sampling(timeout_s=30)
+    assert code == -signal.SIGBUS, f"exited {code}: {out} {err}"
+    assert f"the netmemfs daemon of {mount.mountpoint} went away" in err, err
 
 
 def test_without_userfaultfd_privilege_the_message_says_how(anon_test_bin: Path) -> None:
