@@ -7,6 +7,7 @@ from /proc/<pid>/smaps while the worker runs, so the budget is checked from outs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -74,12 +75,39 @@ class Worker:
         self.address = int(m.group(1), 16)
         self.samples: list[int] = []
 
-    def region_rss(self) -> int | None:
-        """Rss of the mapping that starts at the region's address (None once gone)."""
+    def _stopped(self) -> bool:
+        """Whether every thread of the worker is stopped (or gone)."""
         try:
+            tasks = list(Path(f"/proc/{self.proc.pid}/task").iterdir())
+        except OSError:
+            return True
+        for task in tasks:
+            try:
+                state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in ("T", "t", "Z", "X"):
+                return False
+        return True
+
+    def region_rss(self) -> int | None:
+        """Rss of the mapping that starts at the region's address (None once gone).
+
+        Read with the worker stopped: smaps walks the page tables one table at a time,
+        so while the handler evicts at one end and installs at the other, a walk of a
+        running process counts pages that were never resident together."""
+        try:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return None
+        try:
+            wait_for(self._stopped, "the worker's threads to stop")
             text = Path(f"/proc/{self.proc.pid}/smaps").read_text()
         except (FileNotFoundError, ProcessLookupError):
             return None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
         blocks = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text)
         for block in blocks:
             start = block.partition("-")[0]
@@ -148,7 +176,8 @@ def _run_checked(argv: list[str], budget: int) -> Worker:
     assert w.samples, "no resident-memory sample was taken"
     peak = max(w.samples)
     assert peak <= budget + BATCH_BYTES, (
-        f"the region had {peak} bytes resident; budget {budget} + one batch {BATCH_BYTES}"
+        f"the region had {peak} bytes resident; budget {budget} + one batch {BATCH_BYTES}; "
+        f"its stderr: {err}"
     )
     return w
 
