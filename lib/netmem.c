@@ -37,6 +37,7 @@
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1277,6 +1278,7 @@ static int recv_header_fd(int fd, struct nm_wire_header *h, int *passed)
 static int attach_daemon(struct region *r, const char *mountpoint)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	socklen_t len = sizeof(sa);
 	ssize_t n = getxattr(mountpoint, NETMEM_AGENT_XATTR, sa.sun_path,
 			     sizeof(sa.sun_path) - 1);
 
@@ -1289,13 +1291,19 @@ static int attach_daemon(struct region *r, const char *mountpoint)
 	if (n < 0)
 		return fail(errno, "cannot ask %s for its netmemfs daemon: %s",
 			    mountpoint, strerror(errno));
+	/* "@name": a socket in the abstract namespace (no file; its address
+	 * is exactly the name after a NUL byte). */
+	if (n > 0 && sa.sun_path[0] == '@') {
+		sa.sun_path[0] = 0;
+		len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+	}
 	r->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (r->sock < 0)
 		return fail(errno, "socket: %s", strerror(errno));
-	if (connect(r->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+	if (connect(r->sock, (struct sockaddr *)&sa, len) < 0)
 		return fail(ECONNREFUSED, "cannot reach the netmemfs daemon of "
-			    "%s at %s: %s; is the mount still running?",
-			    mountpoint, sa.sun_path, strerror(errno));
+			    "%s: %s; is the mount still running?", mountpoint,
+			    strerror(errno));
 	return 0;
 }
 

@@ -328,35 +328,58 @@ async def run_private(fd: int, server: str, token: bytes | None, timeout_s: floa
 class AttachPoint:
     """A mount daemon's socket where libnetmem maps regions served by the daemon
     (netmem_map with the mount point as the server): each connection is one region,
-    on the daemon's own server connection. The socket lives in a directory of its own
-    (mode 0700, or 0711 with the socket 0666 for a mount with --allow-other); the
-    mount root names it in the user.netmemfs.agent attribute."""
+    on the daemon's own server connection.
+
+    The socket is in the abstract namespace (it goes away with the daemon, even one
+    killed by SIGKILL, and leaves no file behind); the mount root names it in its
+    user.netmemfs.agent attribute as "@name". Anyone in the network namespace can
+    connect to an abstract socket, so the daemon checks the peer's credentials: only
+    its own user and root, or anyone for a mount with --allow-other (as open as the
+    mount itself)."""
 
     XATTR = b"user.netmemfs.agent"  # NETMEM_AGENT_XATTR in lib/netmem_wire.h
 
     def __init__(self, journal_base: Path, *, allow_other: bool) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="netmemfs-daemon-"))
-        self.path = self.dir / "agent.sock"
+        self.name = f"netmemfs-{os.getpid()}-{os.urandom(8).hex()}"
         self.journal_base = journal_base
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.allow_other = allow_other
+
+    @property
+    def address(self) -> bytes:
+        """The attribute's value: "@" and the abstract name."""
+        return b"@" + self.name.encode()
 
     async def bind(self) -> None:
         # Regions of a daemon that died left uncommitted pages only: dropped, as a
         # private agent's are.
         shutil.rmtree(self.journal_base, ignore_errors=True)
         self.journal_base.mkdir(parents=True, mode=0o700)
-        await self.sock.bind(str(self.path))
-        if self.allow_other:
-            self.dir.chmod(0o711)
-            self.path.chmod(0o666)
+        await self.sock.bind("\0" + self.name)
         self.sock.listen(64)
+
+    def _admitted(self, conn: trio.socket.SocketType) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+        if self.allow_other or uid in (0, os.getuid()):
+            return True
+        log.warning(
+            "refused a region from pid %d (uid %d): this mount is private to uid %d "
+            "(mount with --allow-other to share it)",
+            pid,
+            uid,
+            os.getuid(),
+        )
+        return False
 
     async def serve(self, store: RemoteStore) -> None:
         """Accept regions until cancelled; their connections end with it."""
         async with open_quiet_nursery() as nursery:
             while True:
                 conn, _ = await self.sock.accept()
+                if not self._admitted(conn):
+                    conn.close()
+                    continue
                 journal_dir = Path(tempfile.mkdtemp(prefix="region-", dir=self.journal_base))
 
                 async def body(io: _Socket, journal_dir: Path = journal_dir) -> None:
@@ -366,5 +389,4 @@ class AttachPoint:
 
     def close(self) -> None:
         self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.journal_base, ignore_errors=True)

@@ -144,7 +144,7 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
             attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
             try:
                 await attach.bind()
-                ops.attach_path = os.fsencode(attach.path)
+                ops.attach_path = attach.address
                 async with open_quiet_nursery() as nursery:
 
                     async def on_signal() -> None:

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -370,6 +372,52 @@ def test_regions_served_by_a_mounts_daemon(
         for n in (0, 1, size // 4096 - 1):
             f.seek(n * 4096)
             assert f.read(4096) == stamp(n, 6), f"page {n} through the file door"
+
+
+def _recv_as_nobody(address: bytes) -> bytes:
+    """As uid 65534, connect to address, send an OPEN and return what comes back
+    (b"" when the connection is closed)."""
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(20)
+                s.connect(address)
+                s.sendall(struct.pack("<IIQQII", 1, 0, 1, 4096, 1000, 3) + b"seg")
+                try:
+                    os.write(wr, b"reply:" + s.recv(100))
+                except ConnectionResetError:  # closed with the OPEN unread
+                    os.write(wr, b"reply:")
+        except BaseException as e:
+            os.write(wr, f"error: {e!r}".encode())
+        os._exit(0)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    assert out.startswith(b"reply:"), out
+    return out[len(b"reply:") :]
+
+
+def test_the_daemon_refuses_regions_of_other_users(
+    server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    """The attach socket is abstract (anyone may connect), so the daemon checks the
+    peer's uid: another user's region is closed at once, before any OPEN is read."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    mount = mount_factory(server.address)
+    mount.expect_log(r"refused a region from pid \d+ \(uid 65534\)")
+    name = os.getxattr(mount.mountpoint, "user.netmemfs.agent")
+    assert name.startswith(b"@")
+    assert _recv_as_nobody(b"\0" + name[1:]) == b""
+    # Its own user gets the region.
+    with anon.map(MiB, segment="mine", server=mount.mountpoint) as region:
+        region[0:2] = b"ok"
+        region.sync()
 
 
 def test_a_directory_not_mounted_is_refused(tmp_path: Path) -> None:
