@@ -2,7 +2,7 @@
 /*
  * netmem_uapi.h - the one header for kernel interfaces netmemfs uses from C.
  *
- * Shared by the cffi build of netmemfs._uffd_cffi and (later) kmod/ and the C library.
+ * Shared by kmod/netmem.c, libnetmem (lib/) and the cffi build of netmemfs._uffd_cffi.
  * Debian 12's headers (Linux 6.1) are older than the kernels we run on: every constant
  * or structure they lack is defined here, with the value the kernel's uapi headers give
  * it, guarded so that newer headers win. Whether the running kernel supports a feature
@@ -12,6 +12,69 @@
 #define NETMEM_UAPI_H
 
 #include <linux/types.h>
+#include <linux/ioctl.h>
+
+/* ---- /dev/netmem (kmod/netmem.c; docs/kmod.md) -------------------------- */
+
+#define NETMEM_SEGMENT_MAX	64		/* bytes of a segment name, NUL included */
+#define NETMEM_MAX_BYTES	(16ULL << 30)	/* the largest area */
+#define NETMEM_CHUNK_PAGES	64		/* pages in one COMMIT_PAGES message */
+#define NETMEM_PAGE_BYTES	4096
+
+/* NETMEM_IOC_ATTACH: what this file maps (once per open file). */
+struct netmem_attach {
+	char segment[NETMEM_SEGMENT_MAX];	/* 1..63 bytes, then NUL */
+	__u64 size;				/* bytes, a multiple of 4096 */
+};
+
+#define NETMEM_IOC_MAGIC	0xB7
+#define NETMEM_IOC_ATTACH	_IOW(NETMEM_IOC_MAGIC, 1, struct netmem_attach)
+/* This file becomes the page provider: it reads requests and writes replies. */
+#define NETMEM_IOC_PROVIDE	_IO(NETMEM_IOC_MAGIC, 2)
+
+enum netmem_msg_type {
+	NETMEM_MSG_OPEN = 1,		/* create the segment, or check its size */
+	NETMEM_MSG_FETCH = 2,		/* one page's contents */
+	NETMEM_MSG_COMMIT_PAGES = 3,	/* pages of a commit (no reply) */
+	NETMEM_MSG_COMMIT_END = 4,	/* commit them all as one transaction */
+};
+
+/*
+ * One request, as the provider read()s it (its buffer must hold
+ * NETMEM_MSG_MAX bytes): this header, then `len` bytes of payload. A
+ * COMMIT_PAGES payload is NETMEM_CHUNK_PAGES page numbers (__u64; the first
+ * `count` are used), then `count` pages.
+ */
+struct netmem_msg {
+	__u32 type;
+	__u32 count;		/* COMMIT_PAGES: pages here; COMMIT_END: in all */
+	__u64 id;		/* the reply names it */
+	__u64 area;		/* the mapping (unique while the module is loaded) */
+	__u64 page;		/* FETCH: the page number */
+	__u64 size;		/* the area's size in bytes */
+	__u64 commit;		/* COMMIT_*: the commit's number in its area */
+	__u32 len;		/* payload bytes */
+	__u32 reserved;
+	char segment[NETMEM_SEGMENT_MAX];
+};
+
+#define NETMEM_MSG_MAX	(sizeof(struct netmem_msg) + \
+			 NETMEM_CHUNK_PAGES * (8 + NETMEM_PAGE_BYTES))
+
+/*
+ * The provider's answer to OPEN, FETCH and COMMIT_END, one write() each:
+ * this header, then for a FETCH that succeeded and is not a hole exactly one
+ * page of data.
+ */
+struct netmem_reply {
+	__u64 id;
+	__s32 status;		/* 0 or a negative errno */
+	__u32 flags;
+};
+
+#define NETMEM_REPLY_HOLE	1	/* the page is a hole: zeros, no data */
+
+#ifndef __KERNEL__
 #include <linux/userfaultfd.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
@@ -101,5 +164,7 @@ struct pm_scan_arg {
 
 #define PAGEMAP_SCAN	_IOWR('f', 16, struct pm_scan_arg)
 #endif
+
+#endif /* !__KERNEL__ */
 
 #endif /* NETMEM_UAPI_H */

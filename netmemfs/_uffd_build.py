@@ -1,4 +1,5 @@
-"""cffi build (API mode) of netmemfs._uffd_cffi: the ioctls of userfaultfd, in C.
+"""cffi build (API mode) of netmemfs._uffd_cffi: the ioctls of userfaultfd, in C, and the
+request and reply layouts of /dev/netmem (kmod/).
 
 Run by the project's install (setup.py's cffi_modules). Each helper returns >= 0 on
 success and -errno on failure, so Python never sees a raw ioctl number or a struct
@@ -58,6 +59,35 @@ void *nm_mmap_anon(uint64_t len, int *err);
 int nm_munmap(void *addr, uint64_t len);
 int nm_madvise(void *addr, uint64_t len, int advice);
 #define MADV_DONTNEED ...
+
+/* /dev/netmem (kmod/): the daemon's side, netmemfs/kdoor.py */
+#define NETMEM_IOC_PROVIDE ...
+#define NETMEM_IOC_ATTACH ...
+#define NETMEM_SEGMENT_MAX ...
+#define NETMEM_CHUNK_PAGES ...
+#define NETMEM_REPLY_HOLE ...
+static const int NETMEM_MSG_OPEN;
+static const int NETMEM_MSG_FETCH;
+static const int NETMEM_MSG_COMMIT_PAGES;
+static const int NETMEM_MSG_COMMIT_END;
+static const int NETMEM_MSG_BYTES;
+struct netmem_msg {
+    uint32_t type;
+    uint32_t count;
+    uint64_t id;
+    uint64_t area;
+    uint64_t page;
+    uint64_t size;
+    uint64_t commit;
+    uint32_t len;
+    char segment[64];
+    ...;
+};
+struct netmem_reply {
+    uint64_t id;
+    int32_t status;
+    uint32_t flags;
+};
 """
 
 SOURCE = r"""
@@ -72,6 +102,7 @@ SOURCE = r"""
 #include "uffd_open.h"
 
 #define UFFD_MSG_BYTES ((int)sizeof(struct uffd_msg))
+static const int NETMEM_MSG_BYTES = (int)NETMEM_MSG_MAX;
 
 int nm_uffd_api(int fd, uint64_t features, uint64_t *got, uint64_t *ioctls)
 {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from netmemfs import kdoor
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import run_private
 from netmemfs.auth import read_token_file
@@ -32,6 +33,7 @@ commands:
   mount    mount the server's segments as files: mmap one, write, fsync to commit
   umount   unmount (writes never fsynced are dropped, as a crash would)
   demo     create a segment, commit pages to it and read them back, printing each step
+  serve-device  serve the kernel module's /dev/netmem (root; docs/kmod.md)
   agent    (started by libnetmem) serve one anonymous region's pages over a socket
 
 examples:
@@ -123,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--segment", default="demo", help="segment name (default %(default)s)")
     demo.add_argument(
         "--pages", type=int, default=2048, help="pages to write (default %(default)s = 8 MiB)"
+    )
+    d = sub.add_parser(
+        "serve-device",
+        help="serve the kernel module's /dev/netmem with a server's pages",
+        description="Become the page provider of /dev/netmem (kmod/netmem.c): fetch the "
+        "pages that faults on mapped areas ask for, and commit what their syncs hand over, "
+        "with the server's pages. Runs in the foreground until interrupted; while it is "
+        "not running, faults that need a page get SIGBUS. Needs root (the device is "
+        "0600). See docs/kmod.md.",
+    )
+    d.add_argument("--device", type=Path, default=Path("/dev/netmem"), help="default %(default)s")
+    d.add_argument(
+        "--server",
+        metavar="HOST[:PORT]",
+        default="127.0.0.1:7733",
+        help="the netmemfs-server (default %(default)s)",
+    )
+    d.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long to retry the server (default %(default)s s)",
     )
     a = sub.add_parser(
         "agent",
@@ -304,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "agent":
             token = read_token_file(args.token_file) if args.token_file else None
             trio.run(run_private, args.fd, args.server, token, max(args.timeout_ms, 1) / 1000)
+        if args.command == "serve-device":
+            token = read_token_file(args.token_file) if args.token_file else None
+            trio.run(kdoor.run, args.device, args.server, token, args.timeout)
         if args.command == "demo":
             token = read_token_file(args.token_file) if args.token_file else None
             trio.run(_demo, args.server, token, args.segment, args.pages)

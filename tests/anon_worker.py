@@ -7,7 +7,7 @@
 It prints "mapped 0x<address>" once the region is mapped (the test samples the region's
 resident memory there), then "syncing"/"synced" or "ok". `touch` waits for a line on
 stdin, prints "touching" and reads PAGE: the test expects it to die of SIGBUS.
-Pages carry the stamp of tests/c/anon_test.c, so either language can check the other.
+Pages carry the stamp of tests/c/stamp.h, so either language can check the other.
 """
 
 from __future__ import annotations

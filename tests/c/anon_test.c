@@ -19,17 +19,9 @@
 
 #include <netmem.h>
 
+#include "stamp.h"
+
 #define PS 4096
-
-static void stamp(unsigned char *page, uint64_t n, uint64_t gen)
-{
-	size_t i;
-
-	memcpy(page, &n, 8);
-	memcpy(page + 8, &gen, 8);
-	for (i = 16; i < PS; i++)
-		page[i] = (unsigned char)(n * 31 + gen * 7 + i);
-}
 
 struct job {
 	unsigned char *p;

@@ -1,0 +1,736 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * netmem.c - /dev/netmem: a mapped area whose page faults are served by the
+ * netmemfs daemon in user space (docs/kmod.md).
+ *
+ * A process opens /dev/netmem, names a segment and a size (NETMEM_IOC_ATTACH)
+ * and maps the file MAP_SHARED. A fault on a page the area does not hold
+ * allocates a page, queues a FETCH request and sleeps until the daemon (the
+ * file that issued NETMEM_IOC_PROVIDE) has read the request and written the
+ * page's contents back, or until the timeout; then the page is installed.
+ * The network stays in user space: the daemon fetches pages with netmemfs's
+ * own client.
+ *
+ * Each open file has an address_space of its own (file->f_mapping), holding
+ * nothing in its page cache but linking the file's mappings, so that
+ * page_mkclean() finds every PTE of a page. A write to a clean page calls
+ * page_mkwrite(), which marks it dirty. fsync() (and so msync(MS_SYNC))
+ * write-protects every dirty page again, copies it, and hands the copies to
+ * the daemon, which commits them as one transaction.
+ */
+#include <linux/completion.h>
+#include <linux/fs.h>
+#include <linux/highmem.h>
+#include <linux/kref.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/pagemap.h>
+#include <linux/poll.h>
+#include <linux/rmap.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
+#include <linux/xarray.h>
+
+#include "netmem_uapi.h"
+
+static unsigned int timeout_ms = 30000;
+module_param(timeout_ms, uint, 0644);
+MODULE_PARM_DESC(timeout_ms,
+		 "How long a fault or a sync waits for the daemon, in ms");
+
+/**
+ * struct nm_area - what one open file of /dev/netmem maps
+ * @ref: the file and each of its mappings hold one
+ * @mapping: links the file's mappings, for page_mkclean() (no page cache)
+ * @lock: serializes attach and sync
+ * @id: names the area in requests
+ * @segment: the server segment, NUL-terminated
+ * @npages: the area's size in pages; 0 until attached
+ * @pages: page number -> the page (holding a reference)
+ * @dirty: pages written since they were last synced
+ * @commits: syncs started
+ * @provider: this file is the daemon's, not an area
+ */
+struct nm_area {
+	struct kref ref;
+	struct address_space mapping;
+	struct mutex lock;
+	u64 id;
+	char segment[NETMEM_SEGMENT_MAX];
+	unsigned long npages;
+	struct xarray pages;
+	unsigned long *dirty;
+	u64 commits;
+	bool provider;
+};
+
+/**
+ * struct nm_req - a request to the daemon and its answer
+ * @node: on nm.pending, then (if it wants a reply) on nm.waiting
+ * @done: completed when answered, consumed (no reply) or failed
+ * @msg: what the daemon reads
+ * @payload: COMMIT_PAGES: the message's payload (the sync's buffer)
+ * @page: FETCH: where the data goes
+ * @status: 0 or -errno, valid once @done
+ * @claimed: taken off the lists by whoever completes it; the waiter must
+ *           then wait for @done instead of freeing the request
+ */
+struct nm_req {
+	struct list_head node;
+	struct completion done;
+	struct netmem_msg msg;
+	const void *payload;
+	struct page *page;
+	int status;
+	bool claimed;
+};
+
+/**
+ * struct nm_dev - the device
+ * @misc: /dev/netmem
+ * @lock: protects everything below
+ * @provider: the daemon's file, or NULL
+ * @pending: requests the daemon has not read yet
+ * @waiting: requests read, waiting for the daemon's reply
+ * @wq: the daemon waits here for requests
+ * @next_id: request ids
+ * @next_area: area ids
+ */
+struct nm_dev {
+	struct miscdevice misc;
+	spinlock_t lock;
+	struct file *provider;
+	struct list_head pending;
+	struct list_head waiting;
+	wait_queue_head_t wq;
+	u64 next_id;
+	u64 next_area;
+};
+
+static struct nm_dev nm;
+
+static const struct address_space_operations nm_aops = {
+	.dirty_folio = noop_dirty_folio,
+};
+
+/* ---- requests ----------------------------------------------------------- */
+
+/*
+ * Queue @req for the daemon and wait for its answer (or, for COMMIT_PAGES,
+ * for the daemon to have read it). Returns req->status, or -ENXIO (no
+ * daemon), -ETIMEDOUT, -EINTR (a fatal signal). The caller frees @req.
+ */
+static int nm_submit(struct nm_req *req)
+{
+	long left;
+
+	init_completion(&req->done);
+	spin_lock(&nm.lock);
+	if (!nm.provider) {
+		spin_unlock(&nm.lock);
+		return -ENXIO;
+	}
+	req->msg.id = ++nm.next_id;
+	list_add_tail(&req->node, &nm.pending);
+	spin_unlock(&nm.lock);
+	wake_up_interruptible(&nm.wq);
+
+	left = wait_for_completion_killable_timeout(&req->done,
+			msecs_to_jiffies(timeout_ms));
+	if (left > 0)
+		return req->status;
+	spin_lock(&nm.lock);
+	if (!req->claimed) {
+		list_del(&req->node);
+		spin_unlock(&nm.lock);
+		return left == 0 ? -ETIMEDOUT : -EINTR;
+	}
+	spin_unlock(&nm.lock);
+	/* An answer is being copied in right now: it ends soon. */
+	wait_for_completion(&req->done);
+	return req->status;
+}
+
+static const char *nm_why(int err)
+{
+	switch (err) {
+	case -ENXIO:
+		return "no netmemfs daemon serves /dev/netmem (start `netmemfs serve-device`)";
+	case -ETIMEDOUT:
+		return "the daemon did not answer in time (module parameter timeout_ms)";
+	case -EPIPE:
+		return "the daemon went away";
+	case -EINTR:
+		return "the task was killed while waiting";
+	case -ENOMEM:
+		return "out of memory";
+	default:
+		return "the daemon reported an error";
+	}
+}
+
+/* The daemon closed its file: fail everything it owes. */
+static void nm_provider_gone(void)
+{
+	struct nm_req *req, *tmp;
+	LIST_HEAD(failed);
+
+	spin_lock(&nm.lock);
+	nm.provider = NULL;
+	list_splice_init(&nm.pending, &failed);
+	list_splice_tail_init(&nm.waiting, &failed);
+	list_for_each_entry(req, &failed, node)
+		req->claimed = true;
+	spin_unlock(&nm.lock);
+	list_for_each_entry_safe(req, tmp, &failed, node) {
+		list_del_init(&req->node);
+		req->status = -EPIPE;
+		complete(&req->done);	/* the waiter frees req */
+	}
+	pr_warn("netmem: the netmemfs daemon closed /dev/netmem; faults that need it get SIGBUS until a daemon serves it again\n");
+}
+
+/* ---- areas -------------------------------------------------------------- */
+
+static void nm_area_free(struct kref *ref)
+{
+	struct nm_area *area = container_of(ref, struct nm_area, ref);
+	struct page *page;
+	unsigned long idx;
+
+	/* No mapping is left (each holds a reference): no PTE maps a page. */
+	xa_for_each(&area->pages, idx, page) {
+		page->mapping = NULL;
+		ClearPageDirty(page);
+		put_page(page);
+	}
+	xa_destroy(&area->pages);
+	kvfree(area->dirty);
+	kfree(area);
+}
+
+static void nm_area_put(struct nm_area *area)
+{
+	kref_put(&area->ref, nm_area_free);
+}
+
+/* Page @idx of @area from the daemon, installed in the area; NULL and *err. */
+static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err)
+{
+	struct page *page, *old;
+	struct nm_req *req;
+
+	page = alloc_page(GFP_HIGHUSER | __GFP_ZERO);
+	req = kzalloc(sizeof(*req), GFP_KERNEL);
+	if (!page || !req) {
+		*err = -ENOMEM;
+		goto out_free;
+	}
+	req->msg.type = NETMEM_MSG_FETCH;
+	req->msg.area = area->id;
+	req->msg.page = idx;
+	req->msg.size = (u64)area->npages << PAGE_SHIFT;
+	memcpy(req->msg.segment, area->segment, NETMEM_SEGMENT_MAX);
+	req->page = page;
+	*err = nm_submit(req);
+	kfree(req);
+	req = NULL;
+	if (*err)
+		goto out_free;
+	/* A hole stays as allocated: zeros, nothing was copied. */
+	page->mapping = &area->mapping;
+	page->index = idx;
+	old = xa_cmpxchg(&area->pages, idx, NULL, page, GFP_KERNEL);
+	if (!old)
+		return page;
+	/* Another fault installed it first (or the xarray failed). */
+	page->mapping = NULL;
+	put_page(page);
+	if (xa_is_err(old)) {
+		*err = xa_err(old);
+		return NULL;
+	}
+	return old;
+out_free:
+	kfree(req);
+	if (page)
+		put_page(page);
+	return NULL;
+}
+
+static vm_fault_t nm_fault(struct vm_fault *vmf)
+{
+	struct nm_area *area = vmf->vma->vm_private_data;
+	unsigned long idx = vmf->pgoff;
+	struct page *page;
+	int err = 0;
+
+	if (idx >= area->npages)
+		return VM_FAULT_SIGBUS;
+	page = xa_load(&area->pages, idx);
+	if (!page)
+		page = nm_fetch(area, idx, &err);
+	if (!page) {
+		pr_warn_ratelimited("netmem: fault on page %lu of segment %s (pid %d) failed: %s (%d); the task gets SIGBUS\n",
+				    idx, area->segment, task_pid_nr(current),
+				    nm_why(err), err);
+		return err == -ENOMEM ? VM_FAULT_OOM : VM_FAULT_SIGBUS;
+	}
+	get_page(page);		/* the PTE's reference */
+	vmf->page = page;
+	return 0;
+}
+
+/* First write to a clean page: mark it for the next sync. */
+static vm_fault_t nm_page_mkwrite(struct vm_fault *vmf)
+{
+	struct nm_area *area = vmf->vma->vm_private_data;
+	struct page *page = vmf->page;
+
+	lock_page(page);
+	if (WARN_ON_ONCE(page->mapping != &area->mapping)) {
+		unlock_page(page);
+		return VM_FAULT_SIGBUS;
+	}
+	/* Locked until the PTE is writable, so a sync cannot clean it first. */
+	set_bit(page->index, area->dirty);
+	return VM_FAULT_LOCKED;
+}
+
+static void nm_vm_open(struct vm_area_struct *vma)
+{
+	struct nm_area *area = vma->vm_private_data;
+
+	kref_get(&area->ref);
+}
+
+static void nm_vm_close(struct vm_area_struct *vma)
+{
+	nm_area_put(vma->vm_private_data);
+}
+
+static const struct vm_operations_struct nm_vm_ops = {
+	.open = nm_vm_open,
+	.close = nm_vm_close,
+	.fault = nm_fault,
+	.page_mkwrite = nm_page_mkwrite,
+};
+
+/* ---- sync --------------------------------------------------------------- */
+
+static int nm_send_commit(struct nm_area *area, u32 type, u64 commit,
+			  const void *payload, u32 count)
+{
+	struct nm_req *req = kzalloc(sizeof(*req), GFP_KERNEL);
+	int err;
+
+	if (!req)
+		return -ENOMEM;
+	req->msg.type = type;
+	req->msg.area = area->id;
+	req->msg.size = (u64)area->npages << PAGE_SHIFT;
+	req->msg.commit = commit;
+	req->msg.count = count;
+	memcpy(req->msg.segment, area->segment, NETMEM_SEGMENT_MAX);
+	if (payload) {
+		req->payload = payload;
+		req->msg.len = NETMEM_CHUNK_PAGES * sizeof(u64) +
+			       count * PAGE_SIZE;
+	}
+	err = nm_submit(req);
+	kfree(req);
+	return err;
+}
+
+/*
+ * Hand every dirty page to the daemon and have it commit them as one
+ * transaction. Each page is write-protected (page_mkclean) and copied under
+ * its page lock, so a write after that faults into page_mkwrite, waits for
+ * the lock, and marks the page for the next sync.
+ */
+static int nm_sync(struct nm_area *area)
+{
+	u64 *numbers;
+	unsigned long *sent, idx;
+	char *chunk, *data;
+	u32 n = 0, total = 0;
+	u64 commit;
+	int err = 0;
+
+	chunk = kvmalloc(NETMEM_CHUNK_PAGES * (sizeof(u64) + PAGE_SIZE),
+			 GFP_KERNEL);
+	sent = kvcalloc(BITS_TO_LONGS(area->npages), sizeof(long), GFP_KERNEL);
+	if (!chunk || !sent) {
+		err = -ENOMEM;
+		goto out_free;
+	}
+	numbers = (u64 *)chunk;
+	data = chunk + NETMEM_CHUNK_PAGES * sizeof(u64);
+	commit = ++area->commits;
+	for_each_set_bit(idx, area->dirty, area->npages) {
+		struct page *page = xa_load(&area->pages, idx);
+
+		if (WARN_ON_ONCE(!page)) {
+			clear_bit(idx, area->dirty);
+			continue;
+		}
+		lock_page(page);
+		page_mkclean(page);
+		clear_bit(idx, area->dirty);
+		set_bit(idx, sent);
+		numbers[n] = idx;
+		memcpy_from_page(data + n * PAGE_SIZE, page, 0, PAGE_SIZE);
+		unlock_page(page);
+		n++;
+		total++;
+		if (n == NETMEM_CHUNK_PAGES) {
+			err = nm_send_commit(area, NETMEM_MSG_COMMIT_PAGES,
+					     commit, chunk, n);
+			if (err)
+				goto out_redirty;
+			n = 0;
+		}
+	}
+	if (n) {
+		err = nm_send_commit(area, NETMEM_MSG_COMMIT_PAGES, commit,
+				     chunk, n);
+		if (err)
+			goto out_redirty;
+	}
+	if (total)
+		err = nm_send_commit(area, NETMEM_MSG_COMMIT_END, commit, NULL,
+				     total);
+	if (!err)
+		goto out_free;
+out_redirty:
+	/* Not committed: the pages stay dirty for the next sync. */
+	for_each_set_bit(idx, sent, area->npages)
+		set_bit(idx, area->dirty);
+	pr_warn_ratelimited("netmem: sync of %u pages of segment %s failed: %s (%d); they stay dirty for the next sync\n",
+			    total, area->segment, nm_why(err), err);
+out_free:
+	kvfree(sent);
+	kvfree(chunk);
+	return err;
+}
+
+/* ---- the file ----------------------------------------------------------- */
+
+static int nm_open(struct inode *inode, struct file *file)
+{
+	struct nm_area *area = kzalloc(sizeof(*area), GFP_KERNEL);
+
+	if (!area)
+		return -ENOMEM;
+	kref_init(&area->ref);
+	address_space_init_once(&area->mapping);
+	init_rwsem(&area->mapping.invalidate_lock);
+	area->mapping.a_ops = &nm_aops;
+	area->mapping.host = inode;
+	mutex_init(&area->lock);
+	xa_init(&area->pages);
+	spin_lock(&nm.lock);
+	area->id = ++nm.next_area;
+	spin_unlock(&nm.lock);
+	file->private_data = area;
+	/* This file's mappings link here, not into the device inode's. */
+	file->f_mapping = &area->mapping;
+	return 0;
+}
+
+static int nm_release(struct inode *inode, struct file *file)
+{
+	struct nm_area *area = file->private_data;
+
+	if (area->provider)
+		nm_provider_gone();
+	nm_area_put(area);
+	return 0;
+}
+
+static bool nm_segment_ok(const char *s)
+{
+	size_t len = strnlen(s, NETMEM_SEGMENT_MAX), i;
+
+	if (len == 0 || len == NETMEM_SEGMENT_MAX)
+		return false;
+	for (i = 0; i < len; i++)
+		if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f || s[i] == '/')
+			return false;
+	return true;
+}
+
+static long nm_attach(struct nm_area *area, void __user *uarg)
+{
+	struct netmem_attach a;
+	unsigned long npages;
+	struct nm_req *req;
+	int err;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (!nm_segment_ok(a.segment) || !a.size || a.size % PAGE_SIZE ||
+	    a.size > NETMEM_MAX_BYTES)
+		return -EINVAL;
+	npages = a.size >> PAGE_SHIFT;
+	mutex_lock(&area->lock);
+	err = -EBUSY;
+	if (area->npages || area->provider)
+		goto out_unlock;
+	err = -ENOMEM;
+	area->dirty = kvcalloc(BITS_TO_LONGS(npages), sizeof(long),
+			       GFP_KERNEL);
+	req = kzalloc(sizeof(*req), GFP_KERNEL);
+	if (!area->dirty || !req)
+		goto out_free;
+	memcpy(area->segment, a.segment, NETMEM_SEGMENT_MAX);
+	req->msg.type = NETMEM_MSG_OPEN;
+	req->msg.area = area->id;
+	req->msg.size = a.size;
+	memcpy(req->msg.segment, a.segment, NETMEM_SEGMENT_MAX);
+	err = nm_submit(req);
+	if (err)
+		goto out_free;
+	kfree(req);
+	/* Published last: mmap and faults read it without the lock. */
+	smp_store_release(&area->npages, npages);
+	mutex_unlock(&area->lock);
+	return 0;
+out_free:
+	if (err != -EINVAL && err != -ENOSPC)
+		pr_info_ratelimited("netmem: attaching segment %s failed: %s (%d)\n",
+				    a.segment, nm_why(err), err);
+	kfree(req);
+	kvfree(area->dirty);
+	area->dirty = NULL;
+out_unlock:
+	mutex_unlock(&area->lock);
+	return err;
+}
+
+static long nm_provide(struct file *file, struct nm_area *area)
+{
+	long err = 0;
+
+	mutex_lock(&area->lock);
+	spin_lock(&nm.lock);
+	if (area->npages)
+		err = -EINVAL;
+	else if (nm.provider)
+		err = -EBUSY;
+	else
+		nm.provider = file;
+	spin_unlock(&nm.lock);
+	if (!err)
+		area->provider = true;
+	mutex_unlock(&area->lock);
+	return err;
+}
+
+static long nm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct nm_area *area = file->private_data;
+
+	switch (cmd) {
+	case NETMEM_IOC_ATTACH:
+		return nm_attach(area, (void __user *)arg);
+	case NETMEM_IOC_PROVIDE:
+		return nm_provide(file, area);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static int nm_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct nm_area *area = file->private_data;
+	unsigned long npages = smp_load_acquire(&area->npages);
+
+	if (!npages)
+		return -EINVAL;		/* attach first */
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;		/* private copies would never sync */
+	if (vma->vm_pgoff >= npages || vma_pages(vma) > npages - vma->vm_pgoff)
+		return -EINVAL;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP);
+#else
+	vma->vm_flags |= VM_DONTEXPAND | VM_DONTDUMP;
+#endif
+	vma->vm_ops = &nm_vm_ops;
+	vma->vm_private_data = area;
+	kref_get(&area->ref);
+	return 0;
+}
+
+static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
+{
+	struct nm_area *area = file->private_data;
+	int err;
+
+	if (!smp_load_acquire(&area->npages))
+		return -EINVAL;
+	mutex_lock(&area->lock);
+	err = nm_sync(area);
+	mutex_unlock(&area->lock);
+	if (err == -ENOSPC || err == -EINTR || err == -ENOMEM)
+		return err;
+	return err ? -EIO : 0;
+}
+
+/* The daemon reads the next request (it must offer NETMEM_MSG_MAX bytes). */
+static ssize_t nm_read(struct file *file, char __user *buf, size_t count,
+		       loff_t *ppos)
+{
+	struct netmem_msg msg;
+	struct nm_req *req;
+	int err;
+
+	if (file != READ_ONCE(nm.provider))
+		return -EINVAL;
+	if (count < NETMEM_MSG_MAX)
+		return -EINVAL;
+	spin_lock(&nm.lock);
+	while (list_empty(&nm.pending)) {
+		spin_unlock(&nm.lock);
+		if (file->f_flags & O_NONBLOCK)
+			return -EAGAIN;
+		if (wait_event_interruptible(nm.wq,
+					     !list_empty_careful(&nm.pending)))
+			return -ERESTARTSYS;
+		spin_lock(&nm.lock);
+	}
+	req = list_first_entry(&nm.pending, struct nm_req, node);
+	msg = req->msg;
+	if (msg.type == NETMEM_MSG_COMMIT_PAGES) {
+		/* Claimed: its waiter keeps it (and the payload) until done. */
+		list_del_init(&req->node);
+		req->claimed = true;
+	} else {
+		list_move_tail(&req->node, &nm.waiting);
+		req = NULL;	/* its waiter may give up and free it now */
+	}
+	spin_unlock(&nm.lock);
+
+	err = copy_to_user(buf, &msg, sizeof(msg)) ? -EFAULT : 0;
+	if (req) {
+		if (!err && copy_to_user(buf + sizeof(msg), req->payload,
+					 msg.len))
+			err = -EFAULT;
+		req->status = err;
+		complete(&req->done);
+	}
+	return err ? err : (ssize_t)(sizeof(msg) + msg.len);
+}
+
+/* The daemon answers a request: a struct netmem_reply, maybe a page. */
+static ssize_t nm_write(struct file *file, const char __user *buf,
+			size_t count, loff_t *ppos)
+{
+	struct netmem_reply r;
+	struct nm_req *req = NULL, *it;
+	bool with_page = count == sizeof(r) + PAGE_SIZE;
+	int status;
+
+	if (file != READ_ONCE(nm.provider))
+		return -EINVAL;
+	if (count != sizeof(r) && !with_page)
+		return -EINVAL;
+	if (copy_from_user(&r, buf, sizeof(r)))
+		return -EFAULT;
+	if (r.status > 0 || r.status < -MAX_ERRNO || r.flags & ~NETMEM_REPLY_HOLE)
+		return -EINVAL;
+	spin_lock(&nm.lock);
+	list_for_each_entry(it, &nm.waiting, node) {
+		if (it->msg.id == r.id) {
+			req = it;
+			break;
+		}
+	}
+	if (!req) {
+		spin_unlock(&nm.lock);
+		return -ENOENT;	/* its waiter gave up (timeout, kill) */
+	}
+	/* Page data exactly when a FETCH succeeded with one. */
+	if (with_page != (req->msg.type == NETMEM_MSG_FETCH && !r.status &&
+			  !(r.flags & NETMEM_REPLY_HOLE))) {
+		spin_unlock(&nm.lock);
+		return -EINVAL;
+	}
+	list_del_init(&req->node);
+	req->claimed = true;
+	spin_unlock(&nm.lock);
+
+	status = r.status;
+	if (with_page) {
+		void *dst = kmap_local_page(req->page);
+
+		if (copy_from_user(dst, buf + sizeof(r), PAGE_SIZE))
+			status = -EFAULT;
+		kunmap_local(dst);
+	}
+	req->status = status;
+	complete(&req->done);
+	return status == -EFAULT ? -EFAULT : (ssize_t)count;
+}
+
+static __poll_t nm_poll(struct file *file, poll_table *wait)
+{
+	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
+
+	poll_wait(file, &nm.wq, wait);
+	if (!list_empty_careful(&nm.pending))
+		mask |= EPOLLIN | EPOLLRDNORM;
+	return mask;
+}
+
+static const struct file_operations nm_fops = {
+	.owner = THIS_MODULE,
+	.open = nm_open,
+	.release = nm_release,
+	.unlocked_ioctl = nm_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = nm_mmap,
+	.fsync = nm_fsync,
+	.read = nm_read,
+	.write = nm_write,
+	.poll = nm_poll,
+	.llseek = noop_llseek,
+};
+
+static struct nm_dev nm = {
+	.misc = {
+		.minor = MISC_DYNAMIC_MINOR,
+		.name = "netmem",
+		.fops = &nm_fops,
+		.mode = 0600,
+	},
+	.lock = __SPIN_LOCK_UNLOCKED(nm.lock),
+	.pending = LIST_HEAD_INIT(nm.pending),
+	.waiting = LIST_HEAD_INIT(nm.waiting),
+	.wq = __WAIT_QUEUE_HEAD_INITIALIZER(nm.wq),
+};
+
+static int __init nm_init(void)
+{
+	int err = misc_register(&nm.misc);
+
+	if (err)
+		pr_err("netmem: cannot register /dev/netmem: %d\n", err);
+	return err;
+}
+
+static void __exit nm_exit(void)
+{
+	/* Every open file holds a module reference: none is left here. */
+	misc_deregister(&nm.misc);
+}
+
+module_init(nm_init);
+module_exit(nm_exit);
+MODULE_LICENSE("GPL");
+MODULE_AUTHOR("netmemfs");
+MODULE_DESCRIPTION("/dev/netmem: page faults served by the netmemfs daemon");

@@ -1,0 +1,202 @@
+"""The kernel module's door: serve /dev/netmem's page faults and syncs (issue 5).
+
+Where it sits: beside fs.py and agent.py, above remote.py. kmod/netmem.c turns a fault on
+a mapped /dev/netmem area into a request; this module is the page provider that reads
+those requests from the device (NETMEM_IOC_PROVIDE) and writes the answers back:
+
+    OPEN          create the segment with the area's size, or check the size it has
+    FETCH         one page: its data, or "hole" (the kernel leaves the page zeroed)
+    COMMIT_PAGES  pages of a sync, 64 at a time, kept here until...
+    COMMIT_END    ...commit them all as one transaction (exactly once, remote.py)
+
+The layouts come from include/netmem_uapi.h through the cffi module. Requests are
+answered concurrently; the kernel matches answers by id.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from netmemfs._trio_util import open_quiet_nursery
+from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.errors import NetmemError, SegmentNotFound
+from netmemfs.pages import PAGE_SIZE
+from netmemfs.protocol import PageRun
+from netmemfs.remote import RemoteStore
+
+log = logging.getLogger("netmemfs.kdoor")
+
+DEFAULT_DEVICE = Path("/dev/netmem")
+_MSG = ffi.sizeof("struct netmem_msg")
+_NUMBERS = lib.NETMEM_CHUNK_PAGES * 8
+
+
+class DeviceError(NetmemError):
+    """/dev/netmem cannot be served; the message says why and what to do."""
+
+
+@dataclass
+class _Commit:
+    """The pages of one sync of one area, as they arrive."""
+
+    segment: str
+    pages: dict[int, bytes] = field(default_factory=dict)
+
+
+@contextmanager
+def open_device(path: Path) -> Iterator[int]:
+    """The device, opened as its page provider."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DeviceError(
+            f"{path} does not exist: load the module first (insmod kmod/netmem.ko; docs/kmod.md)"
+        ) from None
+    except PermissionError:
+        raise DeviceError(f"{path} is mode 0600: serve it as root") from None
+    try:
+        try:
+            fcntl.ioctl(fd, lib.NETMEM_IOC_PROVIDE)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise DeviceError(f"another daemon already serves {path}; stop it first") from None
+            raise DeviceError(f"cannot serve {path}: {e.strerror}") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class DeviceProvider:
+    """Answers the module's requests with one server's pages."""
+
+    def __init__(self, store: RemoteStore, fd: int) -> None:
+        self.store = store
+        self.fd = fd
+        self.commits: dict[tuple[int, int], _Commit] = {}
+
+    async def serve(self) -> None:
+        """Read and answer requests until cancelled (or the device fails)."""
+        buf = bytearray(lib.NETMEM_MSG_BYTES)
+        async with open_quiet_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    n = os.readv(self.fd, [buf])
+                except BlockingIOError:
+                    continue
+                if n < _MSG:
+                    raise DeviceError(f"the module sent a request of {n} bytes")
+                msg = ffi.from_buffer("struct netmem_msg *", buf)
+                req_id, kind, area = int(msg.id), int(msg.type), int(msg.area)
+                segment = ffi.string(msg.segment).decode("utf-8", "replace")
+                if kind == lib.NETMEM_MSG_OPEN:
+                    nursery.start_soon(self._open, req_id, segment, int(msg.size))
+                elif kind == lib.NETMEM_MSG_FETCH:
+                    nursery.start_soon(self._fetch, req_id, segment, int(msg.page))
+                elif kind == lib.NETMEM_MSG_COMMIT_PAGES:
+                    self._stage(area, int(msg.commit), segment, int(msg.count), buf)
+                elif kind == lib.NETMEM_MSG_COMMIT_END:
+                    commit = self.commits.pop((area, int(msg.commit)), _Commit(segment))
+                    nursery.start_soon(self._commit, req_id, commit, int(msg.count))
+                else:
+                    log.error("ignoring a request of unknown type %d from the module", kind)
+
+    def _reply(
+        self, req_id: int, status: int = 0, data: bytes = b"", *, hole: bool = False
+    ) -> None:
+        """Answer request req_id: status is 0 or an errno; data is a fetched page."""
+        reply = ffi.new("struct netmem_reply *")
+        reply.id = req_id
+        reply.status = -status
+        reply.flags = lib.NETMEM_REPLY_HOLE if hole else 0
+        out = bytes(ffi.buffer(reply)) + data
+        try:
+            os.write(self.fd, out)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # The faulting task gave up (timeout, killed) before the answer came.
+            log.info("request %d was withdrawn before its answer", req_id)
+
+    async def _open(self, req_id: int, segment: str, size: int) -> None:
+        try:
+            try:
+                st = await self.store.stat(segment)
+            except SegmentNotFound:
+                await self.store.create(segment, size)
+            else:
+                if st.size != size:
+                    raise NetmemError(
+                        f"segment {segment!r} has {st.size} bytes on the server, not {size}"
+                    )
+        except NetmemError as e:
+            log.warning("cannot attach an area to segment %r: %s", segment, e)
+            self._reply(req_id, e.errno if e.errno != errno.EIO else errno.EINVAL)
+            return
+        self._reply(req_id)
+
+    async def _fetch(self, req_id: int, segment: str, page: int) -> None:
+        try:
+            got = await self.store.read_pages(segment, page, 1)
+        except NetmemError as e:
+            log.warning("fetch of page %d of %r failed: %s", page, segment, e)
+            self._reply(req_id, e.errno)
+            return
+        if got.runs:
+            self._reply(req_id, 0, bytes(got.runs[0].data))
+        else:
+            self._reply(req_id, hole=True)  # the kernel's page stays zeroed
+
+    def _stage(self, area: int, commit: int, segment: str, count: int, buf: bytearray) -> None:
+        staged = self.commits.setdefault((area, commit), _Commit(segment))
+        view = memoryview(buf)
+        numbers = view[_MSG : _MSG + _NUMBERS].cast("Q")
+        data = _MSG + _NUMBERS
+        for k in range(count):
+            start = data + k * PAGE_SIZE
+            staged.pages[int(numbers[k])] = bytes(view[start : start + PAGE_SIZE])
+
+    async def _commit(self, req_id: int, commit: _Commit, count: int) -> None:
+        if len(commit.pages) != count:
+            log.error(
+                "a sync of %r announced %d pages, %d arrived; refusing it",
+                commit.segment,
+                count,
+                len(commit.pages),
+            )
+            self._reply(req_id, errno.EIO)
+            return
+        runs: list[PageRun] = []
+        pages = sorted(commit.pages)
+        i = 0
+        while i < len(pages):
+            j = i
+            while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
+                j += 1
+            data = b"".join(commit.pages[p] for p in pages[i : j + 1])
+            runs.append(PageRun(commit.segment, pages[i], data))
+            i = j + 1
+        try:
+            await self.store.commit(runs, txn=self.store.new_txn())
+        except NetmemError as e:
+            log.warning("commit of %d pages to %r failed: %s", count, commit.segment, e)
+            self._reply(req_id, e.errno)
+            return
+        self._reply(req_id)
+
+
+async def run(device: Path, server: str, token: bytes | None, timeout_s: float) -> None:
+    """Serve device with server's pages until cancelled."""
+    with open_device(device) as fd:
+        async with RemoteStore.connect(server, token=token, retry_for_s=timeout_s) as store:
+            print(f"serving {device} with pages of {server}", flush=True)
+            await DeviceProvider(store, fd).serve()

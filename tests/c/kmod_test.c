@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: MIT
+/*
+ * kmod_test.c - maps /dev/netmem inside the qemu guest (tests/kmod_guest.py).
+ *
+ *   kmod_test read   SEG SIZE GEN EVERY  page n must hold stamp(n, GEN) if
+ *                                         n % EVERY == 0, else zeros (a hole)
+ *   kmod_test write  SEG SIZE GEN        write stamp(n, GEN) everywhere,
+ *                                         msync(MS_SYNC), unmap, close; map
+ *                                         again and check every page
+ *   kmod_test touch  SEG SIZE PAGE       map, say "mapped", wait for a line on
+ *                                         stdin, say "touching", read PAGE (the
+ *                                         guest expects SIGBUS)
+ *   kmod_test hold   SEG SIZE            map, touch page 0, say "holding",
+ *                                         wait for a line on stdin
+ *   kmod_test ioctls SEG                 every malformed call gets its errno
+ *
+ * Exit 0 when everything held, 1 with a line saying what did not.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "netmem_uapi.h"
+#include "stamp.h"
+
+#define PS 4096UL
+#define DEV "/dev/netmem"
+
+static int attach(const char *seg, uint64_t size)
+{
+	struct netmem_attach a = { .size = size };
+	int fd = open(DEV, O_RDWR | O_CLOEXEC);
+
+	if (fd < 0) {
+		printf("open %s: %s\n", DEV, strerror(errno));
+		exit(1);
+	}
+	snprintf(a.segment, sizeof(a.segment), "%s", seg);
+	if (ioctl(fd, NETMEM_IOC_ATTACH, &a) < 0) {
+		printf("attach %s: %s\n", seg, strerror(errno));
+		exit(1);
+	}
+	return fd;
+}
+
+static unsigned char *map(int fd, uint64_t size)
+{
+	/* Invariant: fd is attached with `size` bytes; the mapping is shared,
+	 * as the module requires. */
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+
+	if (p == MAP_FAILED) {
+		printf("mmap: %s\n", strerror(errno));
+		exit(1);
+	}
+	return p;
+}
+
+static int check(const unsigned char *p, uint64_t size, uint64_t gen,
+		 uint64_t every)
+{
+	unsigned char want[PS];
+	uint64_t n;
+
+	for (n = 0; n < size / PS; n++) {
+		if (gen && n % every == 0)
+			stamp(want, n, gen);
+		else
+			memset(want, 0, PS);
+		if (memcmp(p + n * PS, want, PS)) {
+			uint64_t have_n, have_gen;
+
+			memcpy(&have_n, p + n * PS, 8);
+			memcpy(&have_gen, p + n * PS + 8, 8);
+			printf("page %llu: want gen %llu, have page %llu gen %llu\n",
+			       (unsigned long long)n,
+			       (unsigned long long)(n % every ? 0 : gen),
+			       (unsigned long long)have_n,
+			       (unsigned long long)have_gen);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* ioctl or mmap gave `got` (0 or an errno), the test wanted `want`. */
+static int expect(const char *what, int got, int want)
+{
+	if (got == want) {
+		printf("ok: %s -> %s\n", what, want ? strerror(want) : "0");
+		return 0;
+	}
+	printf("FAILED: %s -> %s, wanted %s\n", what, got ? strerror(got) : "0",
+	       want ? strerror(want) : "0");
+	return 1;
+}
+
+static int try_attach(int fd, const char *seg, size_t seglen, uint64_t size)
+{
+	struct netmem_attach a = { .size = size };
+
+	memset(a.segment, 'x', sizeof(a.segment));
+	memcpy(a.segment, seg, seglen);
+	return ioctl(fd, NETMEM_IOC_ATTACH, &a) < 0 ? errno : 0;
+}
+
+static int ioctls(const char *seg)
+{
+	int fd = open(DEV, O_RDWR | O_CLOEXEC), bad = 0;
+	char buf[64];
+	void *p;
+
+	bad |= expect("mmap before attach",
+		      mmap(NULL, PS, PROT_READ, MAP_SHARED, fd, 0) == MAP_FAILED ?
+		      errno : 0, EINVAL);
+	bad |= expect("attach, size 0", try_attach(fd, seg, strlen(seg) + 1, 0),
+		      EINVAL);
+	bad |= expect("attach, size not whole pages",
+		      try_attach(fd, seg, strlen(seg) + 1, PS + 1), EINVAL);
+	bad |= expect("attach, size above the limit",
+		      try_attach(fd, seg, strlen(seg) + 1,
+				 NETMEM_MAX_BYTES + PS), EINVAL);
+	bad |= expect("attach, empty name", try_attach(fd, "", 1, PS), EINVAL);
+	bad |= expect("attach, name without its NUL",
+		      try_attach(fd, "", 0, PS), EINVAL);
+	bad |= expect("attach, name with a slash",
+		      try_attach(fd, "a/b", 4, PS), EINVAL);
+	bad |= expect("attach, name with a control character",
+		      try_attach(fd, "a\nb", 4, PS), EINVAL);
+	bad |= expect("attach, NULL argument",
+		      ioctl(fd, NETMEM_IOC_ATTACH, NULL) < 0 ? errno : 0, EFAULT);
+	bad |= expect("attach, argument in unmapped memory",
+		      ioctl(fd, NETMEM_IOC_ATTACH, (void *)8) < 0 ? errno : 0,
+		      EFAULT);
+	bad |= expect("unknown ioctl", ioctl(fd, _IO(NETMEM_IOC_MAGIC, 99)) < 0 ?
+		      errno : 0, ENOTTY);
+	bad |= expect("provide while the daemon provides",
+		      ioctl(fd, NETMEM_IOC_PROVIDE) < 0 ? errno : 0, EBUSY);
+	bad |= expect("read by a file that is not the daemon's",
+		      read(fd, buf, sizeof(buf)) < 0 ? errno : 0, EINVAL);
+	bad |= expect("write by a file that is not the daemon's",
+		      write(fd, buf, sizeof(buf)) < 0 ? errno : 0, EINVAL);
+	bad |= expect("fsync before attach", fsync(fd) < 0 ? errno : 0, EINVAL);
+	bad |= expect("attach", try_attach(fd, seg, strlen(seg) + 1, 4 * PS), 0);
+	bad |= expect("attach twice", try_attach(fd, seg, strlen(seg) + 1, 4 * PS),
+		      EBUSY);
+	bad |= expect("mmap private",
+		      mmap(NULL, PS, PROT_READ, MAP_PRIVATE, fd, 0) == MAP_FAILED ?
+		      errno : 0, EINVAL);
+	bad |= expect("mmap past the end",
+		      mmap(NULL, 5 * PS, PROT_READ, MAP_SHARED, fd, 0) == MAP_FAILED ?
+		      errno : 0, EINVAL);
+	bad |= expect("mmap at an offset past the end",
+		      mmap(NULL, PS, PROT_READ, MAP_SHARED, fd, 4 * PS) == MAP_FAILED ?
+		      errno : 0, EINVAL);
+	p = mmap(NULL, 4 * PS, PROT_READ, MAP_SHARED, fd, 0);
+	bad |= expect("mmap", p == MAP_FAILED ? errno : 0, 0);
+	bad |= expect("mremap to grow",
+		      p != MAP_FAILED && mremap(p, 4 * PS, 8 * PS, MREMAP_MAYMOVE) ==
+		      MAP_FAILED ? errno : 0, EFAULT);
+	close(fd);
+	fd = open(DEV, O_RDWR | O_CLOEXEC);
+	bad |= expect("attach with another size than the segment's",
+		      try_attach(fd, seg, strlen(seg) + 1, 8 * PS), EINVAL);
+	close(fd);
+	return bad;
+}
+
+int main(int argc, char **argv)
+{
+	const char *mode = argc > 2 ? argv[1] : "", *seg = argc > 2 ? argv[2] : "";
+	uint64_t size = argc > 3 ? strtoull(argv[3], NULL, 0) : 0;
+	unsigned char *p;
+	int fd;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (!strcmp(mode, "ioctls"))
+		return ioctls(seg);
+	if (argc < 4) {
+		fprintf(stderr, "usage: see the head of tests/c/kmod_test.c\n");
+		return 2;
+	}
+	fd = attach(seg, size);
+	p = map(fd, size);
+	if (!strcmp(mode, "read") && argc == 6) {
+		return check(p, size, strtoull(argv[4], NULL, 0),
+			     strtoull(argv[5], NULL, 0));
+	} else if (!strcmp(mode, "write") && argc == 5) {
+		uint64_t gen = strtoull(argv[4], NULL, 0), n;
+
+		for (n = 0; n < size / PS; n++)
+			stamp(p + n * PS, n, gen);
+		if (msync(p, size, MS_SYNC) < 0) {
+			printf("msync: %s\n", strerror(errno));
+			return 1;
+		}
+		munmap(p, size);
+		close(fd);
+		fd = attach(seg, size);
+		p = map(fd, size);
+		return check(p, size, gen, 1);
+	} else if (!strcmp(mode, "touch") && argc == 5) {
+		char line[16];
+
+		printf("mapped\n");
+		if (!fgets(line, sizeof(line), stdin))
+			return 1;
+		printf("touching\n");
+		return p[strtoull(argv[4], NULL, 0) * PS];	/* SIGBUS */
+	} else if (!strcmp(mode, "hold")) {
+		char line[16];
+
+		printf("holding %d\n", p[0]);
+		return fgets(line, sizeof(line), stdin) ? 0 : 1;
+	}
+	fprintf(stderr, "usage: see the head of tests/c/kmod_test.c\n");
+	return 2;
+}

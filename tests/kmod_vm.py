@@ -1,0 +1,238 @@
+"""Boot Debian's kernel in qemu with the module and run tests/kmod_guest.py in it.
+
+Used by tests/test_80_kmod.py, and by hand:
+
+    .venv/bin/python -m tests.kmod_vm          # build, boot, print the guest's console
+
+The guest is this machine's kernel package (linux-image-amd64), not the running kernel:
+ours cannot load modules. The initramfs is made here: busybox, the virtio and 9p modules
+from /lib/modules/<version>, netmem.ko, and an /init that loads them, mounts this
+machine's root read-only over 9p at /host, and runs the project's own Python there
+(chroot), so the guest runs the real server, daemon and test program on its own loopback.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUSYBOX = Path("/bin/busybox")
+# Load order matters: each after what it needs (modules.dep gives the needs).
+WANTED_MODULES = ["virtio_pci", "9pnet_virtio", "9p"]
+VM_TIMEOUT_S = 420
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    image: Path
+    headers: Path
+    modules: Path
+
+
+class Missing(Exception):
+    """Something the guest needs is not installed; the message names the package."""
+
+
+def find_kernel() -> Kernel:
+    """The newest Debian kernel whose image, headers and modules are all installed."""
+    for image in sorted(Path("/boot").glob("vmlinuz-*-amd64"), reverse=True):
+        version = image.name.removeprefix("vmlinuz-")
+        headers = Path(f"/usr/src/linux-headers-{version}")
+        modules = Path(f"/lib/modules/{version}")
+        if headers.is_dir() and (modules / "modules.dep").is_file():
+            return Kernel(version, image, headers, modules)
+    raise Missing(
+        "no Debian kernel with headers and modules: apt-get install linux-image-amd64 "
+        "linux-headers-amd64"
+    )
+
+
+def module_order(kernel: Kernel, names: list[str]) -> list[Path]:
+    """The .ko files for names and everything they need, needs first."""
+    deps: dict[str, list[str]] = {}
+    for line in (kernel.modules / "modules.dep").read_text().splitlines():
+        path, _, needs = line.partition(":")
+        deps[path] = needs.split()
+    by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for need in deps.get(path, []):
+            visit(need)
+        order.append(path)
+
+    for name in names:
+        if name not in by_name:
+            raise Missing(f"module {name} is not in {kernel.modules}")
+        visit(by_name[name])
+    return [kernel.modules / p for p in order]
+
+
+def build_module(kernel: Kernel) -> Path:
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "kmod"), f"KDIR={kernel.headers}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return ROOT / "kmod" / "netmem.ko"
+
+
+def build_test_program(out: Path) -> Path:
+    binary = out / "kmod_test"
+    subprocess.run(
+        [
+            "gcc",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            f"-I{ROOT / 'include'}",
+            "-o",
+            str(binary),
+            str(ROOT / "tests/c/kmod_test.c"),
+        ],
+        check=True,
+    )
+    return binary
+
+
+INIT = """#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /host
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+for m in $(/bin/busybox cat /mods/order); do
+    /bin/busybox insmod /mods/$m || echo "KMOD-VM: insmod $m failed"
+done
+/bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host \\
+    || echo "KMOD-VM: cannot mount the host's root"
+for d in proc sys dev; do /bin/busybox mount --bind /$d /host/$d; done
+/bin/busybox mount -t tmpfs tmp /host/run
+/bin/busybox ip link set lo up
+/bin/busybox insmod /netmem.ko timeout_ms=@TIMEOUT_MS@ || echo "KMOD-VM: insmod netmem.ko failed"
+echo "KMOD-VM: booted"
+/bin/busybox chroot /host /bin/sh -c 'cd @ROOT@ && TMPDIR=/run HOME=/run \\
+    PYTHONDONTWRITEBYTECODE=1 exec @PYTHON@ -m tests.kmod_guest @TEST_BIN@'
+echo "KMOD-VM: guest exited $?"
+/bin/busybox poweroff -f
+"""
+
+
+def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data) entries."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], 1):
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        out += b"070701" + b"".join(f"{f:08x}".encode() for f in fields) + encoded
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def build_initramfs(kernel: Kernel, module: Path, test_bin: Path, out: Path) -> Path:
+    if not BUSYBOX.is_file():
+        raise Missing("no static busybox: apt-get install busybox-static")
+    mods = module_order(kernel, WANTED_MODULES)
+    init = (
+        INIT.replace("@TIMEOUT_MS@", "3000")
+        .replace("@ROOT@", str(ROOT))
+        .replace("@PYTHON@", sys.executable)
+        .replace("@TEST_BIN@", str(test_bin))
+    )
+    d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
+    entries = [
+        ("bin", d, b""),
+        ("mods", d, b""),
+        ("init", x, init.encode()),
+        ("bin/busybox", x, BUSYBOX.read_bytes()),
+        ("netmem.ko", f, module.read_bytes()),
+        ("mods/order", f, "\n".join(m.name for m in mods).encode() + b"\n"),
+    ]
+    entries += [(f"mods/{m.name}", f, m.read_bytes()) for m in mods]
+    path = out / "initramfs.cpio"
+    path.write_bytes(_cpio(entries))
+    return path
+
+
+def qemu_command(kernel: Kernel, initramfs: Path) -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise Missing("no qemu-system-x86_64: apt-get install qemu-system-x86")
+    # Software emulation: this machine's /dev/kvm (nested) hung the boot, and TCG
+    # boots, runs every check and powers off in about 30 s.
+    return [
+        qemu,
+        "-accel",
+        "tcg",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(kernel.image),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        "console=ttyS0 panic=-1 oops=panic quiet loglevel=4",
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ]
+
+
+def check_prerequisites() -> Kernel:
+    """The kernel to boot; Missing names the package when something is not there."""
+    kernel = find_kernel()
+    if not BUSYBOX.is_file():
+        raise Missing("no static busybox: apt-get install busybox-static")
+    if shutil.which("qemu-system-x86_64") is None:
+        raise Missing("no qemu-system-x86_64: apt-get install qemu-system-x86")
+    return kernel
+
+
+def run_guest(work: Path) -> str:
+    """Build everything, boot, and return the guest's console output (also kept in
+    work/console.log, written as the guest runs)."""
+    kernel = check_prerequisites()
+    module = build_module(kernel)
+    test_bin = build_test_program(work)
+    initramfs = build_initramfs(kernel, module, test_bin, work)
+    console = work / "console.log"
+    with open(console, "wb") as out:
+        try:
+            subprocess.run(
+                qemu_command(kernel, initramfs),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=VM_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            out.write(f"\nKMOD-VM: no power-off within {VM_TIMEOUT_S} s\n".encode())
+    return console.read_bytes().decode(errors="replace")
+
+
+RESULT = re.compile(r"^KMOD-TEST (PASS|FAIL) (\S+)(.*)$", re.M)
+
+
+def results(console: str) -> dict[str, tuple[bool, str]]:
+    return {m[2]: (m[1] == "PASS", m[3].strip()) for m in RESULT.finditer(console)}
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory(prefix="netmem-vm-") as tmp:
+        print(run_guest(Path(tmp)))

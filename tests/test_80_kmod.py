@@ -1,0 +1,66 @@
+"""The kernel module (issue 5) in a real kernel: Debian's, booted in qemu.
+
+Our machines cannot load modules, so tests/kmod_vm.py builds kmod/netmem.ko against
+Debian's headers, boots Debian's kernel with an initramfs it makes, and runs
+tests/kmod_guest.py inside: a real server, `netmemfs serve-device` and
+tests/c/kmod_test.c on the guest's own loopback. The guest prints one line per check;
+each test here reads one. .ci/run installs the packages and sets NETMEMFS_REQUIRE_KMOD=1,
+so there a missing package fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.kmod_vm import Missing, check_prerequisites, results, run_guest
+
+CHECKS = [
+    "fault_in_server_pages_and_holes",
+    "write_msync_visible_to_a_fresh_mapping",
+    "two_processes_map_one_segment",
+    "second_sync_commits_the_new_writes",
+    "malformed_ioctls_get_errors",
+    "stalled_daemon_gives_sigbus_after_the_timeout",
+    "unload_refused_while_mapped",
+    "killed_daemon_gives_sigbus",
+    "unload_after_use",
+]
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The guest's console, from boot to power-off."""
+    if os.geteuid() != 0:
+        pytest.skip("the guest shares this machine's root read-only: run as root")
+    try:
+        check_prerequisites()
+    except Missing as e:
+        if os.environ.get("NETMEMFS_REQUIRE_KMOD") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    work: Path = tmp_path_factory.mktemp("vm")
+    return run_guest(work)
+
+
+def _tail(console: str) -> str:
+    return console[-4000:]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_in_the_guest(console: str, check: str) -> None:
+    got = results(console)
+    assert check in got, f"the guest never reported {check}; its console ends:\n{_tail(console)}"
+    passed, why = got[check]
+    assert passed, why
+
+
+def test_the_guest_ran_every_check_and_powered_off(console: str) -> None:
+    assert set(results(console)) == set(CHECKS), _tail(console)
+    assert re.search(r"KMOD-SUMMARY passed=\d+ failed=0", console), _tail(console)
+    assert "KMOD-VM: guest exited 0" in console, _tail(console)
+    for bad in ("BUG:", "WARNING:", "Oops", "Kernel panic"):
+        assert bad not in console, _tail(console)
