@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount too")
     m.add_argument(
+        "--serve-device",
+        type=Path,
+        nargs="?",
+        const=Path("/dev/netmem"),
+        metavar="DEVICE",
+        help="also be the page provider of the kernel module's device (default "
+        "/dev/netmem; root only; docs/kmod.md)",
+    )
+    m.add_argument(
         "-f", "--foreground", action="store_true", help="serve in this process, log to stderr"
     )
     m.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -219,6 +228,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         token=read_token_file(args.token_file) if args.token_file else None,
         allow_other=args.allow_other,
         cache_bytes=args.cache_size,
+        serve_device=args.serve_device.absolute() if args.serve_device else None,
     )
 
 
@@ -276,6 +286,8 @@ def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
         out += ["--token-file", str(args.token_file.absolute())]
     if args.allow_other:
         out.append("--allow-other")
+    if opts.serve_device:
+        out += ["--serve-device", str(opts.serve_device)]
     if args.verbose:
         out.append("--verbose")
     return out

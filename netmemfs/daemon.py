@@ -15,12 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from netmemfs import fs, journal
+from netmemfs import fs, journal, kdoor
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import AttachPoint
 from netmemfs.errors import NetmemError
@@ -40,6 +41,7 @@ class MountOptions:
     token: bytes | None
     allow_other: bool
     cache_bytes: int
+    serve_device: Path | None = None  # also the provider of kmod/'s device
 
 
 class MountError(NetmemError):
@@ -125,58 +127,73 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
         private, address = start_private_server()
         log.info("started a private in-memory page server on %s", address)
     try:
-        async with RemoteStore.connect(
-            address, token=opts.token, retry_for_s=opts.timeout_s
-        ) as store:
-            journal_dir = opts.cache_dir / "journal"
-            recovered = journal.recover(journal_dir)
-            ops = fs.NetmemFS(
-                store, journal_dir, timeout_s=opts.timeout_s, cache_bytes=opts.cache_bytes
-            )
-            if recovered:
-                await ops.resend_recovered(recovered)
-            clear_stale_mount(opts.mountpoint)
-            fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
-            # True once the kernel has ended the session (fusermount3 -u, umount): then
-            # there is nothing left to unmount.
-            unmounted = False
-            terminated = False
-            attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
-            try:
-                await attach.bind()
-                ops.attach_path = attach.address
-                async with open_quiet_nursery() as nursery:
-
-                    async def on_signal() -> None:
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                            async for sig in sigs:
-                                log.info("signal %d: unmounting", sig)
-                                nonlocal terminated
-                                terminated = True
-                                fs.terminate()
-                                return
-
-                    async def started() -> None:
-                        # os.stat of the mount point is answered by our own loop: thread.
-                        await trio.to_thread.run_sync(_tune_readahead, opts.mountpoint)
-                        if ready_fd is not None:
-                            os.write(ready_fd, b"ready\n")
-                            os.close(ready_fd)
-                        log.info("mounted %s (server %s)", opts.mountpoint, address)
-
-                    nursery.start_soon(on_signal)
-                    nursery.start_soon(started)
-                    nursery.start_soon(attach.serve, store)
-                    await fs.serve()
-                    unmounted = not terminated
-                    nursery.cancel_scope.cancel()
-            finally:
-                attach.close()
-                fs.close(unmount=not unmounted)
-                # Writes never fsynced die with the mount; sealed commits that failed
-                # stay, to be sent again by the next mount with this cache dir.
-                journal.drop_unsynced(journal_dir)
+        with ExitStack() as stack:
+            device = None
+            if opts.serve_device is not None:
+                try:
+                    device = stack.enter_context(kdoor.open_device(opts.serve_device))
+                except kdoor.DeviceError as e:
+                    raise MountError(str(e)) from None
+            await _serve_mount(opts, address, device, ready_fd)
     finally:
         if private is not None:
             private.terminate()
             private.wait(10)
+
+
+async def _serve_mount(
+    opts: MountOptions, address: str, device: int | None, ready_fd: int | None
+) -> None:
+    """The mount's life, with its server: the file door, the attach point for anonymous
+    regions, and (device, if given) the kernel module's requests."""
+    async with RemoteStore.connect(address, token=opts.token, retry_for_s=opts.timeout_s) as store:
+        journal_dir = opts.cache_dir / "journal"
+        recovered = journal.recover(journal_dir)
+        ops = fs.NetmemFS(
+            store, journal_dir, timeout_s=opts.timeout_s, cache_bytes=opts.cache_bytes
+        )
+        if recovered:
+            await ops.resend_recovered(recovered)
+        clear_stale_mount(opts.mountpoint)
+        fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
+        # True once the kernel has ended the session (fusermount3 -u, umount): then
+        # there is nothing left to unmount.
+        unmounted = False
+        terminated = False
+        attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
+        try:
+            await attach.bind()
+            ops.attach_path = attach.address
+            async with open_quiet_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                        async for sig in sigs:
+                            log.info("signal %d: unmounting", sig)
+                            nonlocal terminated
+                            terminated = True
+                            fs.terminate()
+                            return
+
+                async def started() -> None:
+                    # os.stat of the mount point is answered by our own loop: thread.
+                    await trio.to_thread.run_sync(_tune_readahead, opts.mountpoint)
+                    if ready_fd is not None:
+                        os.write(ready_fd, b"ready\n")
+                        os.close(ready_fd)
+                    log.info("mounted %s (server %s)", opts.mountpoint, address)
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(started)
+                nursery.start_soon(attach.serve, store)
+                if device is not None:
+                    nursery.start_soon(kdoor.DeviceProvider(store, device).serve)
+                await fs.serve()
+                unmounted = not terminated
+                nursery.cancel_scope.cancel()
+        finally:
+            attach.close()
+            fs.close(unmount=not unmounted)
+            # Writes never fsynced die with the mount; sealed commits that failed
+            # stay, to be sent again by the next mount with this cache dir.
+            journal.drop_unsynced(journal_dir)

@@ -2,7 +2,7 @@
 
     python -m tests.kmod_guest KMOD_TEST_BINARY
 
-The guest's /init has loaded netmem.ko (timeout_ms=3000). This starts a real
+The guest's /init has loaded netmem.ko (timeout_ms=10000). This starts a real
 netmemfs-server and `netmemfs serve-device` on the guest's loopback, drives
 tests/c/kmod_test.c against /dev/netmem, and prints one line per check:
 "KMOD-TEST PASS name" or "KMOD-TEST FAIL name: why", then "KMOD-SUMMARY ...".
@@ -196,6 +196,45 @@ def main(test_bin: str) -> int:
         assert p.returncode == 1 and "No such device" in out, f"attach without daemon: {out}"
 
     g.check("killed_daemon_gives_sigbus", killed)
+
+    def mount_daemon_serves_the_device() -> None:
+        """`netmemfs mount --serve-device`: one daemon for the file door and the module."""
+        mnt, cache = Path("/run/nm"), Path("/run/nm-cache")
+        mnt.mkdir()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "netmemfs",
+                "mount",
+                str(mnt),
+                "--server",
+                g.address,
+                "--cache-dir",
+                str(cache),
+                "--serve-device",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_S,
+        )
+        try:
+            g.ok("read", "pre", SIZE, 1, 2)
+            g.ok("write", "m", SIZE, 7)
+            with open(mnt / "m", "rb") as f:  # the file door sees the area's commit
+                for n in range(SIZE // PAGE):
+                    assert f.read(PAGE) == stamp(n, 7), f"page {n} of m through the mount"
+        finally:
+            subprocess.run(
+                [sys.executable, "-m", "netmemfs", "umount", str(mnt), "--cache-dir", str(cache)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=DEADLINE_S,
+            )
+
+    g.check("mount_daemon_serves_the_device", mount_daemon_serves_the_device)
 
     def unload() -> None:
         assert holder.stdin is not None

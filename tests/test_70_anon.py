@@ -386,10 +386,10 @@ def _recv_as_nobody(address: bytes) -> bytes:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(20)
                 s.connect(address)
-                s.sendall(struct.pack("<IIQQII", 1, 0, 1, 4096, 1000, 3) + b"seg")
                 try:
+                    s.sendall(struct.pack("<IIQQII", 1, 0, 1, 4096, 1000, 3) + b"seg")
                     os.write(wr, b"reply:" + s.recv(100))
-                except ConnectionResetError:  # closed with the OPEN unread
+                except (ConnectionResetError, BrokenPipeError):  # closed, OPEN unread
                     os.write(wr, b"reply:")
         except BaseException as e:
             os.write(wr, f"error: {e!r}".encode())

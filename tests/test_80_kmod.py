@@ -27,6 +27,7 @@ CHECKS = [
     "stalled_daemon_gives_sigbus_after_the_timeout",
     "unload_refused_while_mapped",
     "killed_daemon_gives_sigbus",
+    "mount_daemon_serves_the_device",
     "unload_after_use",
 ]
 
