@@ -157,7 +157,13 @@ class DeviceProvider:
             self._reply(req_id, hole=True)  # the kernel's page stays zeroed
 
     def _stage(self, area: int, commit: int, segment: str, count: int, buf: bytearray) -> None:
-        staged = self.commits.setdefault((area, commit), _Commit(segment))
+        staged = self.commits.get((area, commit))
+        if staged is None:
+            # An earlier sync of this area that never reached COMMIT_END (the kernel
+            # gave up on it) will not: drop its pages.
+            for key in [k for k in self.commits if k[0] == area]:
+                del self.commits[key]
+            staged = self.commits[(area, commit)] = _Commit(segment)
         view = memoryview(buf)
         numbers = view[_MSG : _MSG + _NUMBERS].cast("Q")
         data = _MSG + _NUMBERS
