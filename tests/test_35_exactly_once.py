@@ -10,8 +10,8 @@ import trio
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import CommitResult, RemoteStore
+from tests.faultproxy import FaultProxy
 from tests.helpers import ServerProc, run_trio, stamp_page, wait_for_async
-from tests.proxy import FaultProxy
 
 
 async def _wait_version(store: RemoteStore, name: str, version: int) -> None:
@@ -22,10 +22,10 @@ async def _wait_version(store: RemoteStore, name: str, version: int) -> None:
 
 
 def test_commit_whose_reply_was_lost_is_retried_once(server: ServerProc) -> None:
+    proxy = FaultProxy(server.address)
+
     async def main() -> None:
-        proxy = FaultProxy(server.port)
         async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.serve)
             async with (
                 RemoteStore.connect(proxy.address, retry_for_s=10) as store,
                 RemoteStore.connect(server.address) as direct,
@@ -45,8 +45,10 @@ def test_commit_whose_reply_was_lost_is_retried_once(server: ServerProc) -> None
                 nursery.start_soon(commit)
                 # The server applied it; the reply is lost in the proxy.
                 await _wait_version(direct, "s", 3)
+                # Cut first: a reply still on its way must die with the old link. No
+                # await between these lines, so the reconnect's handshake is not dropped.
+                proxy.reset_all()
                 proxy.drop_replies = False
-                proxy.reset()
                 with trio.fail_after(10):
                     await done.wait()
                 assert results[0].replayed, "the retry must be recognised as a replay"
@@ -57,7 +59,10 @@ def test_commit_whose_reply_was_lost_is_retried_once(server: ServerProc) -> None
                 assert got == stamp_page("s", 0, 1) + stamp_page("s", 1, 2)
             nursery.cancel_scope.cancel()
 
-    run_trio(main)
+    try:
+        run_trio(main)
+    finally:
+        proxy.close()
 
 
 def test_replayed_txn_ids_apply_nothing_after_reconnect_and_restart(
