@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -64,6 +64,14 @@ def tune_socket(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
 
 
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    """The TCP socket under a plain or a TLS stream."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream), stream
+    return stream.socket
+
+
 def _fd(sock: trio.socket.SocketType) -> int:
     fd = sock.fileno()
     if fd < 0:
@@ -71,9 +79,14 @@ def _fd(sock: trio.socket.SocketType) -> int:
     return fd
 
 
-async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None:
+async def receive_into(
+    stream: trio.abc.ReceiveStream,
+    conn: Connection,
+    on_partial: Callable[[], None] | None = None,
+) -> None:
     """Read from stream into conn until a whole message (or EOF) is there, large frames
-    straight into their own buffer."""
+    straight into their own buffer. on_partial is called after each read that left a
+    message unfinished (the server moves its deadline then)."""
     if not isinstance(stream, trio.SocketStream):
         conn.receive_data(await stream.receive_some(SMALL_RECEIVE_BYTES))
         return
@@ -102,6 +115,8 @@ async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None
                 view.release()
         if n == 0 or conn.message_ready():
             break
+        if on_partial is not None:
+            on_partial()
     if not waited:
         await trio.lowlevel.cancel_shielded_checkpoint()
 

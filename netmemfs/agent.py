@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import socket
+import ssl
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -304,7 +305,9 @@ async def _serve_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> N
             region.journal.discard()
 
 
-async def run_private(fd: int, server: str, token: bytes | None, timeout_s: float) -> None:
+async def run_private(
+    fd: int, server: str, token: bytes | None, tls: ssl.SSLContext | None, timeout_s: float
+) -> None:
     """Serve the one region on socket fd (libnetmem's end), then return."""
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     journal_dir = Path(tempfile.mkdtemp(prefix="netmemfs-anon-"))
@@ -313,7 +316,7 @@ async def run_private(fd: int, server: str, token: bytes | None, timeout_s: floa
         async with AsyncExitStack() as stack:
             try:
                 store = await stack.enter_async_context(
-                    RemoteStore.connect(server, token=token, retry_for_s=timeout_s)
+                    RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
                 )
             except NetmemError as e:
                 msg = await io.receive()

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
-from netmemfs.remote import RemoteStore
+from netmemfs.remote import RemoteStore, tls_client_context
 from netmemfs.sizes import parse_size
 
 DESCRIPTION = """\
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 256M; 0 turns it off)",
     )
     m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
+    _add_tls_ca(m)
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount too")
     m.add_argument(
         "--serve-device",
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--server", metavar="HOST[:PORT]", help="use this netmemfs-server")
     demo.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
+    _add_tls_ca(demo)
     demo.add_argument("--segment", default="demo", help="segment name (default %(default)s)")
     demo.add_argument(
         "--pages", type=int, default=2048, help="pages to write (default %(default)s = 8 MiB)"
@@ -152,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the netmemfs-server (default %(default)s)",
     )
     d.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
+    _add_tls_ca(d)
     d.add_argument(
         "--timeout",
         type=float,
@@ -178,10 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the server's token (default $NETMEMFS_TOKEN_FILE)",
     )
+    _add_tls_ca(a, default=os.environ.get("NETMEMFS_TLS_CA"), env="$NETMEMFS_TLS_CA")
     return p
 
 
-async def _demo(address: str | None, token: bytes | None, name: str, pages: int) -> None:
+def _add_tls_ca(p: argparse.ArgumentParser, default: str | None = None, env: str = "") -> None:
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=default,
+        metavar="PEM",
+        help="reach the server over TLS, trusting the CA certificates in PEM (the server "
+        "runs with --tls-cert; its certificate must name the host given to --server)"
+        + (f" (default {env})" if env else ""),
+    )
+
+
+def _access(args: argparse.Namespace) -> tuple[bytes | None, ssl.SSLContext | None]:
+    """The token and TLS context the command line asks for."""
+    token = read_token_file(args.token_file) if args.token_file else None
+    tls = tls_client_context(args.tls_ca) if args.tls_ca else None
+    return token, tls
+
+
+async def _demo(
+    address: str | None,
+    token: bytes | None,
+    tls: ssl.SSLContext | None,
+    name: str,
+    pages: int,
+) -> None:
     async with open_quiet_nursery() as nursery:
         if address is None:
             from netmemfs_server.serve import PageServer
@@ -190,7 +220,7 @@ async def _demo(address: str | None, token: bytes | None, name: str, pages: int)
             port = await nursery.start(PageServer(MemoryPageStore()).serve, "127.0.0.1", 0)
             address = f"127.0.0.1:{port}"
             print(f"started an in-memory page server on {address}")
-        async with RemoteStore.connect(address, token=token, retry_for_s=5) as store:
+        async with RemoteStore.connect(address, token=token, tls=tls, retry_for_s=5) as store:
             size = pages * PAGE_SIZE
             if name in await store.list_segments():
                 await store.delete(name)
@@ -220,12 +250,14 @@ async def _demo(address: str | None, token: bytes | None, name: str, pages: int)
 
 def _mount_options(args: argparse.Namespace) -> MountOptions:
     mountpoint = args.mountpoint.absolute()
+    token, tls = _access(args)
     return MountOptions(
         mountpoint=mountpoint,
         server=args.server,
         cache_dir=(args.cache_dir or default_cache_dir(mountpoint)).absolute(),
         timeout_s=args.timeout,
-        token=read_token_file(args.token_file) if args.token_file else None,
+        token=token,
+        tls=tls,
         allow_other=args.allow_other,
         cache_bytes=args.cache_size,
         serve_device=args.serve_device.absolute() if args.serve_device else None,
@@ -284,6 +316,8 @@ def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
         out += ["--server", args.server]
     if args.token_file:
         out += ["--token-file", str(args.token_file.absolute())]
+    if args.tls_ca:
+        out += ["--tls-ca", str(args.tls_ca.absolute())]
     if args.allow_other:
         out.append("--allow-other")
     if opts.serve_device:
@@ -340,14 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "umount":
             return _umount(args)
         if args.command == "agent":
-            token = read_token_file(args.token_file) if args.token_file else None
-            trio.run(run_private, args.fd, args.server, token, max(args.timeout_ms, 1) / 1000)
+            token, tls = _access(args)
+            timeout_s = max(args.timeout_ms, 1) / 1000
+            trio.run(run_private, args.fd, args.server, token, tls, timeout_s)
         if args.command == "serve-device":
-            token = read_token_file(args.token_file) if args.token_file else None
-            trio.run(kdoor.run, args.device, args.server, token, args.timeout)
+            token, tls = _access(args)
+            trio.run(kdoor.run, args.device, args.server, token, tls, args.timeout)
         if args.command == "demo":
-            token = read_token_file(args.token_file) if args.token_file else None
-            trio.run(_demo, args.server, token, args.segment, args.pages)
+            token, tls = _access(args)
+            trio.run(_demo, args.server, token, tls, args.segment, args.pages)
     except NetmemError as e:
         print(f"netmemfs: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -39,6 +40,7 @@ class MountOptions:
     cache_dir: Path
     timeout_s: float
     token: bytes | None
+    tls: ssl.SSLContext | None
     allow_other: bool
     cache_bytes: int
     serve_device: Path | None = None  # also the provider of kmod/'s device
@@ -146,7 +148,9 @@ async def _serve_mount(
 ) -> None:
     """The mount's life, with its server: the file door, the attach point for anonymous
     regions, and (device, if given) the kernel module's requests."""
-    async with RemoteStore.connect(address, token=opts.token, retry_for_s=opts.timeout_s) as store:
+    async with RemoteStore.connect(
+        address, token=opts.token, tls=opts.tls, retry_for_s=opts.timeout_s
+    ) as store:
         journal_dir = opts.cache_dir / "journal"
         recovered = journal.recover(journal_dir)
         ops = fs.NetmemFS(

@@ -53,6 +53,20 @@ class TooLarge(NetmemError):
     code = "too_large"
 
 
+class Busy(NetmemError):
+    """The server is at a limit that frees up by itself (--max-connections)."""
+
+    errno = _errno.EAGAIN
+    code = "busy"
+
+
+class TimedOut(NetmemError):
+    """A peer was idle, or too slow to send or take a message, past a configured timeout."""
+
+    errno = _errno.ETIMEDOUT
+    code = "timeout"
+
+
 class UnknownTransaction(NetmemError):
     errno = _errno.EINVAL
     code = "unknown_txn"
@@ -102,6 +116,8 @@ _BY_CODE: dict[str, type[NetmemError]] = {
         OutOfRange,
         NoSpace,
         TooLarge,
+        Busy,
+        TimedOut,
         UnknownTransaction,
         AuthFailed,
         ProtocolError,

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -200,9 +201,16 @@ class DeviceProvider:
         self._reply(req_id)
 
 
-async def run(device: Path, server: str, token: bytes | None, timeout_s: float) -> None:
+async def run(
+    device: Path,
+    server: str,
+    token: bytes | None,
+    tls: ssl.SSLContext | None,
+    timeout_s: float,
+) -> None:
     """Serve device with server's pages until cancelled."""
     with open_device(device) as fd:
-        async with RemoteStore.connect(server, token=token, retry_for_s=timeout_s) as store:
+        connect = RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
+        async with connect as store:
             print(f"serving {device} with pages of {server}", flush=True)
             await DeviceProvider(store, fd).serve()

@@ -683,6 +683,10 @@ class Connection:
             assert self._frame is not None and self._fill + nbytes <= len(self._frame)
             self._fill += nbytes
 
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not."""
+        return self._frame is not None or bool(self._buf)
+
     def message_ready(self) -> bool:
         """Whether next_event() has a whole frame (or the end of the stream) to give."""
         if self._eof:

@@ -20,17 +20,26 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import trio
 
 from netmemfs import auth
-from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts, tune_socket
+from netmemfs._trio_util import (
+    open_quiet_nursery,
+    receive_into,
+    send_parts,
+    socket_of,
+    tune_socket,
+)
 from netmemfs.errors import (
     AuthFailed,
+    Busy,
     LocalProtocolError,
     NetmemError,
     ProtocolError,
@@ -150,7 +159,7 @@ class _Waiter:
 class _Link:
     """One connection after its handshake; a reader task routes replies to waiters."""
 
-    def __init__(self, stream: trio.SocketStream, conn: Connection) -> None:
+    def __init__(self, stream: trio.abc.Stream, conn: Connection) -> None:
         self.stream = stream
         self.conn = conn
         self.pending: dict[int, _Waiter] = {}
@@ -196,7 +205,7 @@ class _Link:
                 waiter.error = _LinkLost(why)
                 waiter.event.set()
         self.pending.clear()
-        self.stream.socket.close()
+        socket_of(self.stream).close()
 
     async def read_loop(self) -> None:
         why = "server closed the connection"
@@ -233,11 +242,13 @@ class RemoteStore:
         nursery: trio.Nursery,
         *,
         token: bytes | None,
+        tls: ssl.SSLContext | None,
         retry_for_s: float,
     ) -> None:
         self.host, self.port = parse_host_port(address, DEFAULT_PORT)
         self.address = f"{self.host}:{self.port}"
         self.token = token
+        self.tls = tls
         self.retry_for_s = retry_for_s
         self.reconnects = 0
         self._nursery = nursery
@@ -250,11 +261,18 @@ class RemoteStore:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, address: str, *, token: bytes | None = None, retry_for_s: float = 30.0
+        cls,
+        address: str,
+        *,
+        token: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+        retry_for_s: float = 30.0,
     ) -> AsyncIterator[RemoteStore]:
-        """Connect (retrying for up to retry_for_s), run the connection, close on exit."""
+        """Connect (retrying for up to retry_for_s), run the connection, close on exit.
+        With tls (see tls_client_context), the connection is TLS and the server's
+        certificate must be valid for the host in address."""
         async with open_quiet_nursery() as nursery:
-            store = cls(address, nursery, token=token, retry_for_s=retry_for_s)
+            store = cls(address, nursery, token=token, tls=tls, retry_for_s=retry_for_s)
             await store._get_link(trio.current_time() + retry_for_s, "connect")
             try:
                 yield store
@@ -291,8 +309,14 @@ class RemoteStore:
                 try:
                     link = await self._open_link()
                     break
-                except (OSError, trio.BrokenResourceError, _LinkLost) as e:
-                    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                except (OSError, trio.BrokenResourceError, _LinkLost, Busy) as e:
+                    _raise_if_tls_refused(e, self.address)
+                    why = (
+                        getattr(e, "strerror", None)
+                        or str(e)
+                        or str(e.__cause__ or "")
+                        or type(e).__name__
+                    )
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise ServerUnreachable(
@@ -312,24 +336,35 @@ class RemoteStore:
         """A second connection, handshake done, detached from this store: its file
         descriptor, for a peer that speaks the protocol itself (libnetmem's direct
         reads). The caller owns (and must close) the descriptor."""
+        if self.tls is not None:
+            raise ServerUnreachable(
+                f"no plain connection to hand over: {self.address} is reached over TLS, "
+                "which only this process speaks"
+            )
         try:
             link = await self._open_link()
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, _LinkLost) as e:
             why = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
-        return link.stream.socket.detach()
+        return socket_of(link.stream).detach()
 
     async def _open_link(self) -> _Link:
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        tune_socket(stream.socket)
+        tcp = await trio.open_tcp_stream(self.host, self.port)
+        tune_socket(tcp.socket)
+        stream: trio.abc.Stream = tcp
         try:
             with trio.fail_after(max(self.retry_for_s, 1.0)):
+                if self.tls is not None:
+                    stream = trio.SSLStream(
+                        tcp, self.tls, server_hostname=self.host, https_compatible=False
+                    )
+                    await stream.do_handshake()
                 return await self._handshake(stream)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
 
-    async def _handshake(self, stream: trio.SocketStream) -> _Link:
+    async def _handshake(self, stream: trio.abc.Stream) -> _Link:
         conn = Connection(Role.CLIENT)
         nonce = auth.new_nonce()
 
@@ -338,7 +373,10 @@ class RemoteStore:
             while True:
                 ev = conn.next_event()
                 if ev is CLOSED:
-                    raise _LinkLost("server closed the connection during the handshake")
+                    raise _LinkLost(
+                        "server closed the connection during the handshake"
+                        + ("" if self.tls else " (if it serves TLS, give --tls-ca)")
+                    )
                 if ev is NEED_DATA:
                     conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
                     continue
@@ -512,6 +550,32 @@ class RemoteStore:
                 await link.request(Abort(next(self._ids), txn))
 
 
+def tls_client_context(ca_file: Path) -> ssl.SSLContext:
+    """A TLS context trusting the certificates ca_file signs (the server's --tls-cert
+    must be valid for the host the client names)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise NetmemError(
+            f"cannot load the TLS CA file {ca_file}: {e}; give a PEM file of the CA "
+            "that signed the server's certificate"
+        ) from e
+    return ctx
+
+
+def _raise_if_tls_refused(e: BaseException, address: str) -> None:
+    """A certificate the client does not trust is not retried: it will not change."""
+    cause = e.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        raise AuthFailed(
+            f"TLS to netmemfs server {address} refused: {cause.verify_message}; check "
+            "that --tls-ca names the CA that signed the server's --tls-cert, and that the "
+            "certificate is for the host you gave"
+        ) from cause
+
+
 def _split(writes: Sequence[PageRun], pages: int) -> list[PageRun]:
     out = []
     for run in writes:
@@ -529,4 +593,5 @@ __all__ = [
     "RemoteStore",
     "SegmentStat",
     "ServerStat",
+    "tls_client_context",
 ]

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from netmemfs.auth import read_token_file
 from netmemfs.errors import NetmemError
 from netmemfs.sizes import parse_host_port, parse_size
 from netmemfs_server.log import LogPageStore
-from netmemfs_server.serve import DEFAULT_PORT, PageServer
+from netmemfs_server.serve import DEFAULT_PORT, Limits, PageServer
 from netmemfs_server.store import MemoryPageStore
 
 DESCRIPTION = """\
@@ -29,10 +30,16 @@ Pages are kept in memory. With --data-dir every commit is also appended to a log
 and fsynced before it is acknowledged, so a restart (even after kill -9) comes back with
 every acknowledged commit and no half-applied one.
 
+Every client connection is bounded (--max-connections, --max-frame, --max-inflight,
+--max-transaction, --idle-timeout, --slow-client-timeout); a client past a bound gets an
+error that names the option, and other clients are not affected. docs/security.md says
+what each protects.
+
 examples:
   netmemfs-server                                  # in memory, on 127.0.0.1:7733
   netmemfs-server --data-dir /var/lib/netmemfs --max-memory 8G
   netmemfs-server --listen 0.0.0.0:7733 --token-file /etc/netmemfs/token
+  netmemfs-server --listen 0.0.0.0:7733 --token-file T --tls-cert cert.pem --tls-key key.pem
 """
 
 
@@ -42,6 +49,21 @@ def _is_loopback(host: str) -> bool:
     except socket.gaierror:
         return False
     return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for plain TCP; ValueError saying what is wrong."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together; give both")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load --tls-cert {cert} / --tls-key {key}: {e}") from e
+    return ctx
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +115,57 @@ def build_parser() -> argparse.ArgumentParser:
         "token never crosses the network",
     )
     p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve TLS with this certificate (chain) file; goes with --tls-key. Clients "
+        "then need --tls-ca naming a CA that signed it",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    limits = Limits()
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        metavar="N",
+        help="connections served at once; more are told the server is busy and closed "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--max-frame",
+        type=parse_size,
+        default=limits.max_frame_bytes,
+        metavar="SIZE",
+        help="largest message a client may send; a larger one closes its connection with "
+        "an error (default and most: 16 MiB of pages + 64K, what clients send; before the "
+        "handshake every client is held to 1K)",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=parse_size,
+        default=limits.max_inflight_bytes,
+        metavar="SIZE",
+        help="page data of one connection's commits received and not yet answered; past "
+        "it the server reads nothing more from that client until replies go out "
+        "(default 256M)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=limits.idle_timeout_s,
+        metavar="SECONDS",
+        help="close a connection that sends nothing for this long; clients reconnect "
+        "when they need to (default %(default)g)",
+    )
+    p.add_argument(
+        "--slow-client-timeout",
+        type=float,
+        default=limits.slow_client_timeout_s,
+        metavar="SECONDS",
+        help="close a connection that takes longer than this to finish its handshake, "
+        "the rest of a message, or to take a reply (default %(default)g)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening on a non-loopback address without --token-file",
@@ -117,6 +190,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.token_file is not None:
             token = read_token_file(args.token_file)
     except NetmemError as e:
+        print(f"netmemfs-server: {e}", file=sys.stderr)
+        return 2
+    try:
+        tls = _tls_context(args.tls_cert, args.tls_key)
+        limits = Limits(
+            max_connections=args.max_connections,
+            max_staged_bytes=args.max_transaction,
+            max_inflight_bytes=args.max_inflight,
+            max_frame_bytes=args.max_frame,
+            idle_timeout_s=args.idle_timeout,
+            slow_client_timeout_s=args.slow_client_timeout,
+        )
+        limits.check()
+    except ValueError as e:
         print(f"netmemfs-server: {e}", file=sys.stderr)
         return 2
     if token is None and not args.insecure and not _is_loopback(host):
@@ -150,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NetmemError, OSError) as e:
         print(f"netmemfs-server: cannot open {args.data_dir}: {e}", file=sys.stderr)
         return 1
-    server = PageServer(mem, durable, token, max_staged_bytes=args.max_transaction)
+    server = PageServer(mem, durable, token, limits=limits, tls=tls)
 
     async def run() -> None:
         async with open_quiet_nursery() as nursery:

@@ -7,28 +7,48 @@ Reads and staging are answered inline, in arrival order. Commits (and the segmen
 operations, which are one-op commits) run in their own tasks so a commit waiting for the
 disk does not hold up reads on the same connection; replies may therefore arrive out of
 order, which the request ids allow. All commits of the server pass through one lock.
+
+Every resource a client can make the server hold has a bound (Limits, each a command-line
+option; docs/security.md adds them up): connections, the frame being received (small until
+the handshake is done), the bytes of unanswered commits (past it the connection is not
+read, which pushes back on the client), staged pages, and time: a connection idle for
+idle_timeout_s, or a frame, a reply or the handshake taking slow_client_timeout_s, is
+closed with an error that says which.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 
 from netmemfs import auth
-from netmemfs._trio_util import open_quiet_nursery, receive_into, send_parts, tune_socket
+from netmemfs._trio_util import (
+    open_quiet_nursery,
+    receive_into,
+    send_parts,
+    socket_of,
+    tune_socket,
+)
 from netmemfs.errors import (
     AuthFailed,
+    Busy,
     NetmemError,
     ProtocolError,
     RemoteProtocolError,
+    TimedOut,
     TooLarge,
     VersionMismatch,
 )
 from netmemfs.pages import PAGE_SIZE, check_name
 from netmemfs.protocol import (
     CLOSED,
+    MAX_FRAME_BYTES,
     NEED_DATA,
     PROTOCOL_VERSION,
     Abort,
@@ -75,11 +95,42 @@ from netmemfs_server.store import (
 log = logging.getLogger("netmemfs.server")
 
 DEFAULT_PORT = 7733
-# Per connection: pages staged in open transactions, and commits running at once (the
-# connection stops reading while that many wait, which pushes back on the client).
-MAX_STAGED_BYTES = 1 << 30  # the default of --max-transaction
+# Per connection: commits running at once (the connection stops reading while that many
+# wait, which pushes back on the client).
 MAX_INFLIGHT_COMMITS = 16
 AUTH_FAILURE_DELAY_S = 0.5
+# Before the handshake is done a peer may send frames of this size at most: Hello and
+# Authenticate are a few dozen bytes, and a stranger must not make us buffer 16 MiB.
+HANDSHAKE_FRAME_BYTES = 1024
+# How long a refusal (busy, timed out) may take to reach a peer before we just close.
+FAREWELL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may make the server hold; the defaults suit one machine."""
+
+    max_connections: int = 256
+    # Pages staged in one connection's open transactions (--max-transaction).
+    max_staged_bytes: int = 1 << 30
+    # Page data of a connection's commits received and not yet answered.
+    max_inflight_bytes: int = 256 << 20
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    idle_timeout_s: float = 3600.0
+    slow_client_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        """ValueError naming the option, for limits that cannot work."""
+        if self.max_connections < 1:
+            raise ValueError("--max-connections must be at least 1")
+        if not HANDSHAKE_FRAME_BYTES <= self.max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(
+                f"--max-frame must be from {HANDSHAKE_FRAME_BYTES} to {MAX_FRAME_BYTES} bytes"
+            )
+        if self.max_inflight_bytes < self.max_frame_bytes:
+            raise ValueError("--max-inflight must be at least --max-frame (one commit must fit)")
+        if self.idle_timeout_s <= 0 or self.slow_client_timeout_s <= 0:
+            raise ValueError("--idle-timeout and --slow-client-timeout must be positive")
 
 
 class _Close(Exception):
@@ -93,14 +144,18 @@ class PageServer:
         durable: LogPageStore | None = None,
         token: bytes | None = None,
         *,
-        max_staged_bytes: int = MAX_STAGED_BYTES,
+        limits: Limits = Limits(),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        limits.check()
         self.mem = mem
-        self.max_staged_bytes = max_staged_bytes
+        self.limits = limits
         self.durable = durable
         self.token = token
+        self.tls = tls
         self._commit_lock = trio.Lock()
         self.connections = 0
+        self.refused_busy = 0
 
     async def commit(self, txn: bytes, ops: Sequence[Op]) -> tuple[Versions, bool]:
         """Apply ops as transaction txn exactly once: (versions, replayed)."""
@@ -139,21 +194,32 @@ class PageServer:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_listeners(port, host=host)
+        bound = tcp[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp)
+        if self.tls is not None:
+            # The TLS handshake runs on the first receive, under the slow-client timeout.
+            listeners = [trio.SSLListener(t, self.tls, https_compatible=False) for t in tcp]
         task_status.started(bound)
         await trio.serve_listeners(self._handle, listeners)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        sock = socket_of(stream)
         try:
-            peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+            peer = "{}:{}".format(*sock.getpeername()[:2])
         except OSError:
             peer = "?"
+        if self.connections >= self.limits.max_connections:
+            await self._refuse_busy(stream, peer)
+            return
         self.connections += 1
-        tune_socket(stream.socket)
+        tune_socket(sock)
         try:
             await _Session(self, stream, peer).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _Close):
+        except trio.BrokenResourceError as e:
+            if isinstance(e.__cause__, ssl.SSLError):
+                log.info("TLS with %s failed: %s", peer, e.__cause__)
+        except (trio.ClosedResourceError, _Close):
             pass
         except RemoteProtocolError as e:
             log.warning("closing connection from %s: %s", peer, e)
@@ -163,14 +229,38 @@ class PageServer:
             self.connections -= 1
             await trio.aclose_forcefully(stream)
 
+    async def _refuse_busy(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Tell a connection past --max-connections why it is closed, then close it."""
+        self.refused_busy += 1
+        if self.refused_busy == 1 or self.refused_busy % 1000 == 0:
+            log.warning(
+                "refusing connection from %s: %d connections open (--max-connections); "
+                "%d refused so far",
+                peer,
+                self.connections,
+                self.refused_busy,
+            )
+        err = Busy(
+            f"the server has {self.connections} connections open, its --max-connections; "
+            "try again later, or ask its operator to raise the limit"
+        )
+        frame = Connection(Role.SERVER).send(Error(0, err.code, str(err)))
+        with (
+            trio.move_on_after(FAREWELL_S),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(frame)
+        await trio.aclose_forcefully(stream)
+
 
 class _Session:
-    def __init__(self, server: PageServer, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, server: PageServer, stream: trio.abc.Stream, peer: str) -> None:
         self.server = server
+        self.limits = server.limits
         self.mem = server.mem
         self.stream = stream
         self.peer = peer
-        self.conn = Connection(Role.SERVER)
+        self.conn = Connection(Role.SERVER, max_frame_bytes=HANDSHAKE_FRAME_BYTES)
         self.send_lock = trio.Lock()
         self.state = "hello"
         self.server_nonce = auth.new_nonce()
@@ -178,11 +268,27 @@ class _Session:
         self.staged: dict[bytes, list[PageRun]] = {}
         self.staged_bytes = 0
         self.inflight = trio.Semaphore(MAX_INFLIGHT_COMMITS)
+        self.inflight_bytes = 0
+        self.inflight_changed = trio.Event()
+        # The receive under way and what its deadline stands for (see _rearm).
+        self._opened = trio.current_time()
+        self._frame_started: float | None = None
+        self._receive_scope: trio.CancelScope | None = None
+        self._timeout_why = ""
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
         async with self.send_lock:
-            await send_parts(self.stream, parts)
+            with trio.move_on_after(self.limits.slow_client_timeout_s) as scope:
+                await send_parts(self.stream, parts)
+        if scope.cancelled_caught:
+            # Part of a frame may have gone out: nothing more can be sent on this stream.
+            log.warning(
+                "closing connection from %s: it took no reply for %g s (--slow-client-timeout)",
+                self.peer,
+                self.limits.slow_client_timeout_s,
+            )
+            raise _Close
 
     async def run(self) -> None:
         async with open_quiet_nursery() as nursery:
@@ -198,8 +304,51 @@ class _Session:
                     if ev is CLOSED:
                         return  # the nursery lets running commits finish
                     assert isinstance(ev, Message)
+                    self._frame_started = None
                     await self.dispatch(ev, nursery)
-                await receive_into(self.stream, self.conn)
+                await self.receive()
+
+    async def receive(self) -> None:
+        """Read more of the peer's bytes, by the deadline the connection's state sets."""
+        with trio.CancelScope() as scope:
+            self._receive_scope = scope
+            self._rearm()
+            try:
+                await receive_into(self.stream, self.conn, self._rearm)
+            finally:
+                self._receive_scope = None
+        if not scope.cancelled_caught:
+            return
+        err = TimedOut(f"connection closed: {self._timeout_why}")
+        log.info("closing connection from %s: %s", self.peer, err)
+        with trio.move_on_after(FAREWELL_S):
+            await self.send(Error(0, err.code, str(err)))
+        raise _Close
+
+    def _rearm(self) -> None:
+        """Set the deadline of the receive under way from the connection's state now: the
+        handshake and each message get --slow-client-timeout from their start (so that
+        a trickle of bytes does not keep a connection forever), a connection whose own
+        commits are running waits as long as they take, any other --idle-timeout."""
+        scope = self._receive_scope
+        if scope is None:
+            return
+        slow_s = self.limits.slow_client_timeout_s
+        why = "(the server's --slow-client-timeout)"
+        if self.state != "ready":
+            scope.deadline = self._opened + slow_s
+            self._timeout_why = f"no handshake within {slow_s:g} s {why}"
+        elif self.conn.mid_frame():
+            if self._frame_started is None:
+                self._frame_started = trio.current_time()
+            scope.deadline = self._frame_started + slow_s
+            self._timeout_why = f"a message begun and not finished within {slow_s:g} s {why}"
+        elif self.inflight.value < MAX_INFLIGHT_COMMITS:
+            scope.deadline = math.inf  # waiting for its own commits is not idling
+        else:
+            idle_s = self.limits.idle_timeout_s
+            scope.deadline = trio.current_time() + idle_s
+            self._timeout_why = f"nothing sent for {idle_s:g} s (the server's --idle-timeout)"
 
     async def dispatch(self, msg: Message, nursery: trio.Nursery) -> None:
         if self.state != "ready":
@@ -252,7 +401,7 @@ class _Session:
 
     def stage(self, msg: StagePages) -> None:
         check_name(msg.segment)
-        limit = self.server.max_staged_bytes
+        limit = self.limits.max_staged_bytes
         if self.staged_bytes + len(msg.data) > limit:
             raise TooLarge(
                 f"transaction would stage more than {limit} bytes on one connection "
@@ -265,10 +414,18 @@ class _Session:
     async def start_commit(
         self, nursery: trio.Nursery, req_id: int, txn: bytes, ops: list[Op]
     ) -> None:
+        """Run a commit in its own task; while the connection's unanswered commits hold
+        --max-inflight bytes (or MAX_INFLIGHT_COMMITS of them run), wait: this loop is
+        what reads the connection, so the client is pushed back, not refused."""
+        nbytes = sum(len(op.run.data) for op in ops if isinstance(op, Write))
+        limit = self.limits.max_inflight_bytes
+        while self.inflight_bytes and self.inflight_bytes + nbytes > limit:
+            await self.inflight_changed.wait()
         await self.inflight.acquire()
-        nursery.start_soon(self.run_commit, req_id, txn, ops)
+        self.inflight_bytes += nbytes
+        nursery.start_soon(self.run_commit, req_id, txn, ops, nbytes)
 
-    async def run_commit(self, req_id: int, txn: bytes, ops: list[Op]) -> None:
+    async def run_commit(self, req_id: int, txn: bytes, ops: list[Op], nbytes: int) -> None:
         try:
             versions, replayed = await self.server.commit(txn, ops)
             reply: Reply = Committed(req_id, txn, versions, replayed)
@@ -276,6 +433,10 @@ class _Session:
             reply = Error(req_id, e.code, str(e))
         finally:
             self.inflight.release()
+            self.inflight_bytes -= nbytes
+            self.inflight_changed.set()
+            self.inflight_changed = trio.Event()
+            self._rearm()  # the last one done: the connection may be idle from now
         await self.send(reply)
 
     async def handshake(self, msg: Message) -> None:
@@ -294,6 +455,8 @@ class _Session:
                 )
             self.client_nonce = msg.client_nonce
             self.state = "ready" if token is None else "auth"
+            if token is None:
+                self.conn.max_frame_bytes = self.limits.max_frame_bytes
             await self.send(
                 HelloReply(msg.req_id, PROTOCOL_VERSION, self.server_nonce, token is not None)
             )
@@ -308,10 +471,12 @@ class _Session:
                     msg, AuthFailed("wrong or missing token; check the client's --token-file")
                 )
             self.state = "ready"
+            self.conn.max_frame_bytes = self.limits.max_frame_bytes
             proof = auth.server_proof(token, self.server_nonce, self.client_nonce)
             await self.send(AuthReply(msg.req_id, proof))
 
     async def refuse(self, msg: Message, err: NetmemError) -> None:
+        """Answer msg with err and close the connection."""
         log.warning("refusing connection from %s: %s", self.peer, err)
         await self.send(Error(msg.req_id, err.code, str(err)))
         raise _Close
