@@ -60,7 +60,8 @@ MAX_RUN_PAGES = 1024  # pages per run handed to the server (4 MiB)
 
 
 class JournalError(NetmemError):
-    """The journal could not be written (the cache directory's disk is full or failing)."""
+    """The journal could not be written (the cache directory's disk is full or failing),
+    or a journal file read back is damaged."""
 
 
 @dataclass
@@ -341,24 +342,66 @@ def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
 
 
 def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
-    """Index a journal file; the begin record's (txn, name, min_size) if it has one."""
+    """Index a journal file; the begin record's (txn, name, min_size) if it has one.
+    A record that passed its checksum yet is not one this module writes makes a
+    JournalError: that is damage (or another program's file), not a torn tail."""
     fd = os.open(path, os.O_RDWR)
     f = _File(path, fd)
     begin = None
-    with open(path, "rb", buffering=0) as raw:
-        for end, rec in read_records(raw, MAGIC):
-            if not isinstance(rec, list) or not rec:
-                break
-            if rec[0] == "pages":
-                first, n = int(rec[1]), len(rec[2]) // PAGE_SIZE
-                for i in range(n):
-                    f.pages[first + i] = end - (n - i) * PAGE_SIZE
-            elif rec[0] == "size":
-                f.size = int(rec[1])
-            elif rec[0] == "begin":
-                begin = (bytes(rec[1]), str(rec[2]), int(rec[3]))
-            f.end = end
+    try:
+        with open(path, "rb", buffering=0) as raw:
+            for end, rec in read_records(raw, MAGIC):
+                kind = _record_kind(rec)
+                assert isinstance(rec, list)
+                if kind == "pages":
+                    first, n = rec[1], len(rec[2]) // PAGE_SIZE
+                    for i in range(n):
+                        f.pages[first + i] = end - (n - i) * PAGE_SIZE
+                elif kind == "size":
+                    f.size = rec[1]
+                else:
+                    begin = (bytes(rec[1]), rec[2], rec[3])
+                f.end = end
+    except ValueError as e:
+        f.close()
+        raise JournalError(
+            f"journal file {path} is damaged: {e}. Move it out of the cache directory to "
+            "mount without it (what it held, never committed, is then lost)"
+        ) from None
     return f, begin
+
+
+def _record_kind(rec: object) -> str:
+    """The kind of a journal record, after checking its fields; ValueError if it is
+    not a record this module writes."""
+    if not isinstance(rec, list) or not rec or not isinstance(rec[0], str):
+        raise ValueError(f"a record is {type(rec).__name__}, not a tagged list")
+    kind, fields = rec[0], rec[1:]
+    if kind == "pages":
+        ok = (
+            len(fields) == 2
+            and _is_count(fields[0])
+            and isinstance(fields[1], bytes)
+            and len(fields[1]) % PAGE_SIZE == 0
+        )
+    elif kind == "size":
+        ok = len(fields) == 1 and _is_count(fields[0])
+    elif kind == "begin":
+        ok = (
+            len(fields) == 3
+            and isinstance(fields[0], bytes)
+            and isinstance(fields[1], str)
+            and _is_count(fields[2])
+        )
+    else:
+        raise ValueError(f"unknown record kind {kind[:40]!r}")
+    if not ok:
+        raise ValueError(f"a {kind!r} record has fields of the wrong number or type")
+    return kind
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def drop_unsynced(directory: Path) -> int:
