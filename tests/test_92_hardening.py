@@ -410,3 +410,26 @@ def test_limits_are_checked_at_start() -> None:
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 2 and "--max-inflight must be at least --max-frame" in r.stderr
+
+
+def test_staging_past_the_servers_total_is_refused_and_frees_with_the_connection(
+    server_factory: Callable[..., ServerProc],
+) -> None:
+    srv = server_factory("--max-staged-total", "64K")
+    holder = RawClient(srv.address)
+    holder.hello()
+    holder.send(p.StagePages(2, b"a" * 16, "s", 0, bytes(12 * PAGE_SIZE)))
+    assert isinstance(holder.receive(), p.Staged)
+    other = RawClient(srv.address)
+    other.hello()
+    other.send(p.StagePages(2, b"b" * 16, "s", 0, bytes(8 * PAGE_SIZE)))
+    err = other.receive()
+    assert isinstance(err, p.Error) and "--max-staged-total" in err.message, err
+    holder.close()  # its open transaction dies with it, and frees the room
+
+    def fits() -> bool:
+        other.send(p.StagePages(3, b"b" * 16, "s", 0, bytes(8 * PAGE_SIZE)))
+        return isinstance(other.receive(), p.Staged)
+
+    wait_for(fits, "the closed connection's staged pages to be freed")
+    other.close()

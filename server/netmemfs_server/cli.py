@@ -31,9 +31,9 @@ and fsynced before it is acknowledged, so a restart (even after kill -9) comes b
 every acknowledged commit and no half-applied one.
 
 Every client connection is bounded (--max-connections, --max-frame, --max-inflight,
---max-transaction, --idle-timeout, --slow-client-timeout); a client past a bound gets an
-error that names the option, and other clients are not affected. docs/security.md says
-what each protects.
+--max-transaction, --max-staged-total, --idle-timeout, --slow-client-timeout); a client
+past a bound gets an error that names the option, and other clients are not affected.
+docs/security.md says what each protects and what they add up to.
 
 examples:
   netmemfs-server                                  # in memory, on 127.0.0.1:7733
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="largest transaction a connection may stage, held in memory until it commits "
         "(default 1G; an fsync or sync of more pages than this fails)",
+    )
+    p.add_argument(
+        "--max-staged-total",
+        type=parse_size,
+        default=Limits().max_staged_total_bytes,
+        metavar="SIZE",
+        help="pages staged by all connections together; staging past it is refused "
+        "(the commit fails and can be retried) (default 4G)",
     )
     p.add_argument(
         "--checkpoint-size",
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(
             max_connections=args.max_connections,
             max_staged_bytes=args.max_transaction,
+            max_staged_total_bytes=args.max_staged_total,
             max_inflight_bytes=args.max_inflight,
             max_frame_bytes=args.max_frame,
             idle_timeout_s=args.idle_timeout,

@@ -111,8 +111,10 @@ class Limits:
     """What one client may make the server hold; the defaults suit one machine."""
 
     max_connections: int = 256
-    # Pages staged in one connection's open transactions (--max-transaction).
+    # Pages staged in one connection's open transactions (--max-transaction), and in
+    # all connections' together (--max-staged-total).
     max_staged_bytes: int = 1 << 30
+    max_staged_total_bytes: int = 4 << 30
     # Page data of a connection's commits received and not yet answered.
     max_inflight_bytes: int = 256 << 20
     max_frame_bytes: int = MAX_FRAME_BYTES
@@ -156,6 +158,7 @@ class PageServer:
         self._commit_lock = trio.Lock()
         self.connections = 0
         self.refused_busy = 0
+        self.staged_bytes = 0  # all connections' staged pages
 
     async def commit(self, txn: bytes, ops: Sequence[Op]) -> tuple[Versions, bool]:
         """Apply ops as transaction txn exactly once: (versions, replayed)."""
@@ -214,8 +217,9 @@ class PageServer:
             return
         self.connections += 1
         tune_socket(sock)
+        session = _Session(self, stream, peer)
         try:
-            await _Session(self, stream, peer).run()
+            await session.run()
         except trio.BrokenResourceError as e:
             if isinstance(e.__cause__, ssl.SSLError):
                 log.info("TLS with %s failed: %s", peer, e.__cause__)
@@ -227,6 +231,7 @@ class PageServer:
             log.exception("internal error serving %s; closing that connection only", peer)
         finally:
             self.connections -= 1
+            session.unstage(session.staged_bytes)  # open transactions die with it
             await trio.aclose_forcefully(stream)
 
     async def _refuse_busy(self, stream: trio.abc.Stream, peer: str) -> None:
@@ -364,7 +369,7 @@ class _Session:
                 await self.send(Staged(msg.req_id, msg.txn, self.staged_bytes))
             elif isinstance(msg, Commit):
                 staged = self.staged.pop(msg.txn, [])
-                self.staged_bytes -= sum(len(r.data) for r in staged)
+                self.unstage(sum(len(r.data) for r in staged))
                 ops: list[Op] = [Resize(name, size) for name, size in msg.resizes]
                 ops += [Write(r) for r in staged]
                 ops += [Write(r) for r in msg.writes]
@@ -380,7 +385,7 @@ class _Session:
                 await self.start_commit(nursery, msg.req_id, msg.txn, [Delete(msg.name)])
             elif isinstance(msg, Abort):
                 dropped = self.staged.pop(msg.txn, [])
-                self.staged_bytes -= sum(len(r.data) for r in dropped)
+                self.unstage(sum(len(r.data) for r in dropped))
                 await self.send(Aborted(msg.req_id, msg.txn))
             elif isinstance(msg, StatSegment):
                 check_name(msg.name)
@@ -401,15 +406,29 @@ class _Session:
 
     def stage(self, msg: StagePages) -> None:
         check_name(msg.segment)
+        assert len(msg.data) % PAGE_SIZE == 0
         limit = self.limits.max_staged_bytes
         if self.staged_bytes + len(msg.data) > limit:
             raise TooLarge(
                 f"transaction would stage more than {limit} bytes on one connection "
                 "(the server's --max-transaction); commit in smaller transactions"
             )
+        total = self.server.staged_bytes
+        limit = self.limits.max_staged_total_bytes
+        if total + len(msg.data) > limit:
+            raise TooLarge(
+                f"the server holds {total} bytes of staged pages for all its clients, its "
+                f"--max-staged-total of {limit}; retry once other commits have finished, "
+                "or commit in smaller transactions"
+            )
         self.staged.setdefault(msg.txn, []).append(PageRun(msg.segment, msg.first, msg.data))
         self.staged_bytes += len(msg.data)
-        assert len(msg.data) % PAGE_SIZE == 0
+        self.server.staged_bytes += len(msg.data)
+
+    def unstage(self, nbytes: int) -> None:
+        """nbytes of this connection's staged pages were committed, aborted or dropped."""
+        self.staged_bytes -= nbytes
+        self.server.staged_bytes -= nbytes
 
     async def start_commit(
         self, nursery: trio.Nursery, req_id: int, txn: bytes, ops: list[Op]
