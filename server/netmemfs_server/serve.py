@@ -369,11 +369,15 @@ class _Session:
                 await self.send(Staged(msg.req_id, msg.txn, self.staged_bytes))
             elif isinstance(msg, Commit):
                 staged = self.staged.pop(msg.txn, [])
-                self.unstage(sum(len(r.data) for r in staged))
                 ops: list[Op] = [Resize(name, size) for name, size in msg.resizes]
                 ops += [Write(r) for r in staged]
                 ops += [Write(r) for r in msg.writes]
-                await self.start_commit(nursery, msg.req_id, msg.txn, ops)
+                # The staged pages stay counted as staged until the commit is done.
+                staged_bytes = sum(len(r.data) for r in staged)
+                inline_bytes = sum(len(r.data) for r in msg.writes)
+                await self.start_commit(
+                    nursery, msg.req_id, msg.txn, ops, inline_bytes, staged_bytes
+                )
             elif isinstance(msg, CreateSegment):
                 await self.start_commit(nursery, msg.req_id, msg.txn, [Create(msg.name, msg.size)])
             elif isinstance(msg, ResizeSegment):
@@ -431,20 +435,29 @@ class _Session:
         self.server.staged_bytes -= nbytes
 
     async def start_commit(
-        self, nursery: trio.Nursery, req_id: int, txn: bytes, ops: list[Op]
+        self,
+        nursery: trio.Nursery,
+        req_id: int,
+        txn: bytes,
+        ops: list[Op],
+        inline_bytes: int = 0,
+        staged_bytes: int = 0,
     ) -> None:
-        """Run a commit in its own task; while the connection's unanswered commits hold
-        --max-inflight bytes (or MAX_INFLIGHT_COMMITS of them run), wait: this loop is
-        what reads the connection, so the client is pushed back, not refused."""
-        nbytes = sum(len(op.run.data) for op in ops if isinstance(op, Write))
+        """Run a commit in its own task. While the connection's unanswered commits hold
+        --max-inflight bytes of pages they brought along (inline_bytes; pages staged
+        before stay counted as staged until the commit is done), or MAX_INFLIGHT_COMMITS
+        of them run, wait: this loop is what reads the connection, so the client is
+        pushed back, not refused."""
         limit = self.limits.max_inflight_bytes
-        while self.inflight_bytes and self.inflight_bytes + nbytes > limit:
+        while self.inflight_bytes and self.inflight_bytes + inline_bytes > limit:
             await self.inflight_changed.wait()
         await self.inflight.acquire()
-        self.inflight_bytes += nbytes
-        nursery.start_soon(self.run_commit, req_id, txn, ops, nbytes)
+        self.inflight_bytes += inline_bytes
+        nursery.start_soon(self.run_commit, req_id, txn, ops, inline_bytes, staged_bytes)
 
-    async def run_commit(self, req_id: int, txn: bytes, ops: list[Op], nbytes: int) -> None:
+    async def run_commit(
+        self, req_id: int, txn: bytes, ops: list[Op], inline_bytes: int, staged_bytes: int
+    ) -> None:
         try:
             versions, replayed = await self.server.commit(txn, ops)
             reply: Reply = Committed(req_id, txn, versions, replayed)
@@ -452,7 +465,8 @@ class _Session:
             reply = Error(req_id, e.code, str(e))
         finally:
             self.inflight.release()
-            self.inflight_bytes -= nbytes
+            self.inflight_bytes -= inline_bytes
+            self.unstage(staged_bytes)
             self.inflight_changed.set()
             self.inflight_changed = trio.Event()
             self._rearm()  # the last one done: the connection may be idle from now
