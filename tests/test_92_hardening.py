@@ -32,6 +32,7 @@ from tests.test_30_server import RawClient, _token_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = (sys.executable, "-m", "netmemfs_server", "--listen", "127.0.0.1:0")
+MOUNT = (sys.executable, "-m", "netmemfs", "mount")
 
 
 def _list_works(address: str, **kw: object) -> None:
@@ -433,3 +434,28 @@ def test_staging_past_the_servers_total_is_refused_and_frees_with_the_connection
 
     wait_for(fits, "the closed connection's staged pages to be freed")
     other.close()
+
+
+def test_mount_refuses_a_token_file_others_may_read(tmp_path: Path) -> None:
+    loose = _token_file(tmp_path)
+    loose.chmod(0o640)
+    (tmp_path / "mnt").mkdir()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "netmemfs",
+            "mount",
+            str(tmp_path / "mnt"),
+            "--server",
+            "127.0.0.1:1",
+            "--token-file",
+            str(loose),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode != 0 and "chmod 600" in r.stderr, r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")

@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=limits.max_frame_bytes,
         metavar="SIZE",
         help="largest message a client may send; a larger one closes its connection with "
-        "an error (default and most: 16 MiB of pages + 64K, what clients send; before the "
-        "handshake every client is held to 1K)",
+        "an error (default, and the most: 16M + 64K, the largest netmemfs clients send, so "
+        "a lower value refuses their large commits; before the handshake every client is "
+        "held to 1K)",
     )
     p.add_argument(
         "--max-inflight",
