@@ -66,6 +66,11 @@ extern char **environ;
 #define WINDOW (4 * BATCH)	/* pages a sequential reader runs ahead */
 #define MAX_FETCHES 256		/* fetches in flight */
 #define MAX_HELD 16		/* readahead markers held back */
+/* A direct connection the server closed (its --idle-timeout, a restart) is
+ * asked of the agent again at the next fetch (so an idle region holds no
+ * connection), this many times in a row at most without a direct reply in
+ * between; after that, reads stay with the agent. */
+#define MAX_REDIALS 3
 #define DEFAULT_TIMEOUT_MS 30000
 #define DEFAULT_SERVER "127.0.0.1:7733"
 
@@ -129,6 +134,9 @@ struct region {
 	int srv;
 	unsigned char *srv_buf;
 	size_t srv_fill, srv_cap;
+	unsigned int redials;	/* REDIALs since the last direct reply */
+	bool redial_wanted;	/* ask for a new one at the next fetch */
+	bool redial_asked;	/* a REDIAL awaits its reply */
 	unsigned char *journaled;
 	uint64_t stages, commit_stages;
 
@@ -513,6 +521,9 @@ static struct fetch *find_fetch(struct region *r, uint64_t id)
 
 static int process_reply(struct region *r);
 static void srv_ask(struct region *r, struct fetch *f);
+static int recv_header_fd(int fd, struct nm_wire_header *h, int *passed);
+static void on_redial(struct region *r, const struct nm_wire_header *h,
+		      int passed);
 static void wait_reply(struct region *r);
 static void check_timeouts(struct region *r);
 
@@ -530,6 +541,13 @@ static void fetch(struct region *r, size_t first, size_t count, bool marker)
 		return;
 	}
 	make_room(r, count);
+	if (r->redial_wanted && !r->redial_asked && r->srv < 0) {
+		/* This fetch goes through the agent; later ones, direct again. */
+		r->redial_wanted = false;
+		r->redial_asked = send_msg(r->sock, NM_OP_REDIAL, ++r->next_id,
+					    0, 0, NULL, 0) == 0;
+		r->redials += r->redial_asked;
+	}
 	f = find_fetch(r, 0);
 	f->id = ++r->next_id;
 	f->first = first;
@@ -750,14 +768,22 @@ static void finish_sync(struct region *r, int err, const char *msg)
 	pthread_mutex_unlock(&r->mu);
 }
 
-/* Read and act on one message from the agent. */
+/* Read and act on one message from the agent (a REDIAL's reply carries a
+ * descriptor). */
 static int process_reply(struct region *r)
 {
 	struct nm_wire_header h;
 	struct fetch *f;
-	int ret = recv_all(r->sock, &h, sizeof(h));
+	int passed;
+	int ret = recv_header_fd(r->sock, &h, &passed);
 
+	if (passed >= 0 && (ret < 0 || h.op != NM_OP_REDIAL)) {
+		close(passed);	/* only a REDIAL's reply may carry one */
+		passed = -1;
+	}
 	if (ret == 0 && h.len > r->buf_len) {
+		if (passed >= 0)
+			close(passed);
 		fail_region(r, "the agent sent a message larger than any allowed");
 		return -EPROTO;
 	}
@@ -770,10 +796,14 @@ static int process_reply(struct region *r)
 		 * it died with our requests unread: both mean it is gone. */
 		snprintf(why, sizeof(why), "%s went away (%s)", r->agent_name,
 			 ret == -EPIPE ? "end of stream" : strerror(-ret));
+		if (passed >= 0)
+			close(passed);
 		fail_region(r, why);
 		return ret;
 	}
-	if (h.op == NM_OP_FETCH) {
+	if (h.op == NM_OP_REDIAL) {
+		on_redial(r, &h, passed);
+	} else if (h.op == NM_OP_FETCH) {
 		f = find_fetch(r, h.id);
 		if (!f || f->direct)
 			return 0;
@@ -828,8 +858,9 @@ static void reroute(struct region *r, struct fetch *f)
 }
 
 /* Stop reading from the server directly; what it owes us comes through the
- * agent. */
-static void drop_direct(struct region *r, const char *why)
+ * agent. With redial (the server closed the connection in good order), the
+ * next fetch asks the agent for a new one, which later fetches use. */
+static void drop_direct(struct region *r, const char *why, bool redial)
 {
 	size_t i;
 
@@ -838,11 +869,37 @@ static void drop_direct(struct region *r, const char *why)
 	close(r->srv);
 	r->srv = -1;
 	r->srv_fill = 0;
-	logmsg(r, "direct reads from the server stopped (%s); pages come "
-	       "through the agent from now on", why);
+	if (redial && r->redials < MAX_REDIALS)
+		r->redial_wanted = true;
+	else
+		logmsg(r, "direct reads from the server stopped (%s); pages "
+		       "come through the agent from now on", why);
 	for (i = 0; i < MAX_FETCHES && !r->failed; i++)
 		if (r->fetches[i].id && r->fetches[i].direct)
 			reroute(r, &r->fetches[i]);
+}
+
+/* The agent's answer to a REDIAL: the new direct connection (passed, which
+ * this takes over), or why there is none (then a later fetch asks again,
+ * up to MAX_REDIALS in a row). */
+static void on_redial(struct region *r, const struct nm_wire_header *h,
+		      int passed)
+{
+	r->redial_asked = false;
+	if (!h->status && passed >= 0 && r->srv < 0 && !r->failed &&
+	    fcntl(passed, F_SETFL, O_NONBLOCK) == 0) {
+		r->srv = passed;	/* srv_fill is 0 since drop_direct() */
+		return;
+	}
+	if (passed >= 0)
+		close(passed);
+	if (r->redials < MAX_REDIALS)
+		r->redial_wanted = true;
+	else
+		logmsg(r, "direct reads from the server stopped (the server "
+		       "closed the connection, and new ones failed: %.*s); pages "
+		       "come through the agent from now on",
+		       h->status ? (int)h->len : 0, r->buf);
 }
 
 static void srv_ask(struct region *r, struct fetch *f)
@@ -855,7 +912,8 @@ static void srv_ask(struct region *r, struct fetch *f)
 	/* A request is a few dozen bytes and at most MAX_FETCHES are in
 	 * flight, so a full socket buffer means the server stopped reading. */
 	if (n != (ssize_t)len)
-		drop_direct(r, n < 0 ? strerror(errno) : "a short send");
+		drop_direct(r, n < 0 ? strerror(errno) : "a short send",
+			    n < 0 && (errno == EPIPE || errno == ECONNRESET));
 }
 
 /* One frame from the server: a Pages or Error reply to a direct fetch.
@@ -895,10 +953,12 @@ static int srv_frame(struct region *r, const unsigned char *body, size_t len)
 		for (i = 0; i < dlen / PS; i++)
 			srcs[rfirst - first + i] = s + i * PS;
 	}
+	r->redials = 0;
 	install_fetched(r, f, srcs);
 	return 0;
 bad:
-	drop_direct(r, "the server sent a reply this library cannot read");
+	drop_direct(r, "the server sent a reply this library cannot read",
+		    false);
 	return -1;
 }
 
@@ -921,8 +981,10 @@ static void srv_readable(struct region *r)
 		if (n < 0 && errno == EAGAIN)
 			return;
 		if (n <= 0) {
+			/* Closed or reset: the server went away or ended an idle
+			 * connection, so a new one may well work. */
 			drop_direct(r, n ? strerror(errno) :
-				    "the server closed the connection");
+				    "the server closed the connection", true);
 			return;
 		}
 		r->srv_fill += (size_t)n;
@@ -931,7 +993,7 @@ static void srv_readable(struct region *r)
 
 			if (len > r->srv_cap - 4) {
 				drop_direct(r, "the server sent a frame larger "
-					    "than any reply to a fetch");
+					    "than any reply to a fetch", false);
 				return;
 			}
 			if (r->srv_fill - used < 4 + (size_t)len)
@@ -1113,7 +1175,7 @@ static void check_timeouts(struct region *r)
 			poison(r, f->first, f->count);
 			f->id = 0;
 			r->nfetches--;
-			drop_direct(r, "the server stalled");
+			drop_direct(r, "the server stalled", false);
 			continue;
 		}
 		if (f->id && now - f->started_ms > limit) {

@@ -30,6 +30,8 @@ enum nm_wire_op {
 	NM_OP_FETCH = 2,	/* reply: bitmap, then data of set pages */
 	NM_OP_STAGE = 3,	/* payload: count pages; replied to only on failure */
 	NM_OP_COMMIT = 4,	/* commit all staged pages as one transaction */
+	NM_OP_REDIAL = 5,	/* reply: empty and (SCM_RIGHTS) a new connection
+				 * for direct reads, or an error message */
 };
 
 /* On the root of a netmemfs mount: the path of its daemon's socket, where

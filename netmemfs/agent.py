@@ -44,7 +44,7 @@ log = logging.getLogger("netmemfs.agent")
 
 HEADER = struct.Struct("<IIQQII")  # op, status, id, first, count, len: netmem_wire.h
 assert HEADER.size == 32
-OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT = 1, 2, 3, 4
+OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT, OP_REDIAL = 1, 2, 3, 4, 5
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
 
 
@@ -174,6 +174,8 @@ class Region:
                     if self.journal.sealed is None and self.journal.has_changes():
                         self.journal.seal_start()
                     nursery.start_soon(self.commit, req_id)
+                elif op == OP_REDIAL:
+                    nursery.start_soon(self.redial, req_id)
                 else:
                     raise WireError(f"unknown request {op}")
 
@@ -211,6 +213,16 @@ class Region:
                 parts.append(page)
         bitmap = bits.to_bytes(bitmap_bytes(count), "little")
         self.io.reply(OP_FETCH, req_id, first, count, [bitmap, *parts])
+
+    async def redial(self, req_id: int) -> None:
+        """A new connection for the region's direct reads: the server closed the last
+        one (its --idle-timeout, or a restart)."""
+        try:
+            fd = await self.store.open_handover()
+        except NetmemError as e:
+            self.io.error(OP_REDIAL, req_id, e, "a new connection to the server")
+            return
+        self.io.reply(OP_REDIAL, req_id, 0, 0, [], fd=fd)
 
     async def commit(self, req_id: int) -> None:
         try:

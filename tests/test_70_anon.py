@@ -289,7 +289,38 @@ def test_reads_survive_a_server_restart(
         server.restart(same_port=True)
         for n in range(size // 4096):
             assert region[n * 4096 : n * 4096 + 8] == n.to_bytes(8, "little"), f"page {n}"
-    assert "direct reads from the server stopped" in capfd.readouterr().err
+
+
+def _established(port: int) -> int:
+    """TCP connections in ESTABLISHED state whose local port is port (the server's ends)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+def test_direct_reads_come_back_after_the_server_ends_an_idle_connection(
+    server_factory: Callable[..., ServerProc], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The server closes both of a region's connections when they idle past
+    --idle-timeout; the agent's reconnects on its next request, and the next fetch asks
+    the agent for a new direct one (REDIAL), so reads go straight to the server again."""
+    server = server_factory("--idle-timeout", "2")
+    size = 4 * MiB
+    with anon.map(size, segment="idle", server=server.address, budget=512 * 1024) as region:
+        for n in range(size // 4096):
+            region[n * 4096 : n * 4096 + 8] = n.to_bytes(8, "little")
+        region.sync()
+        wait_for(lambda: _established(server.port) == 0, "the server to end both connections")
+        for rounds in range(3):  # more rounds than MAX_REDIALS: each one redials anew
+            for n in range(size // 4096):
+                got = region[n * 4096 : n * 4096 + 8]
+                assert got == n.to_bytes(8, "little"), f"page {n}, round {rounds}"
+            assert _established(server.port) == 2, "agent and direct connections"
+            wait_for(lambda: _established(server.port) == 0, "the next idle close")
+    assert "direct reads from the server stopped" not in capfd.readouterr().err
 
 
 def test_unreachable_server_fails_the_map(tmp_path: Path) -> None:
