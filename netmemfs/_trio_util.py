@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -79,14 +79,9 @@ def _fd(sock: trio.socket.SocketType) -> int:
     return fd
 
 
-async def receive_into(
-    stream: trio.abc.ReceiveStream,
-    conn: Connection,
-    on_partial: Callable[[], None] | None = None,
-) -> None:
+async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None:
     """Read from stream into conn until a whole message (or EOF) is there, large frames
-    straight into their own buffer. on_partial is called after each read that left a
-    message unfinished (the server moves its deadline then)."""
+    straight into their own buffer."""
     if not isinstance(stream, trio.SocketStream):
         conn.receive_data(await stream.receive_some(SMALL_RECEIVE_BYTES))
         return
@@ -115,8 +110,6 @@ async def receive_into(
                 view.release()
         if n == 0 or conn.message_ready():
             break
-        if on_partial is not None:
-            on_partial()
     if not waited:
         await trio.lowlevel.cancel_shielded_checkpoint()
 

@@ -367,7 +367,7 @@ def test_idle_connections_are_closed_and_clients_come_back(
 
 def test_slow_clients_are_closed(server_factory: Callable[..., ServerProc]) -> None:
     srv = server_factory("--slow-client-timeout", "1")
-    srv.expect_log("took no reply")
+    srv.expect_log("reply was not taken")
     silent = RawClient(srv.address)  # says nothing at all
     err = _error_then_close(silent)
     assert "no handshake within 1 s" in err.message, err
@@ -397,7 +397,9 @@ def test_slow_clients_are_closed(server_factory: Callable[..., ServerProc]) -> N
     conn = p.Connection(p.Role.CLIENT)
     sock.sendall(conn.send(p.Hello(1, p.PROTOCOL_VERSION, b"n" * 32)))
     sock.sendall(b"".join(conn.send(p.ReadPages(2 + i, "big", 0, 4096)) for i in range(8)))
-    wait_for(lambda: "took no reply" in srv.log_text(), "the server to drop the non-reader", 30)
+    wait_for(
+        lambda: "reply was not taken" in srv.log_text(), "the server to drop the non-reader", 30
+    )
     sock.close()
     _list_works(srv.address)
 
