@@ -10,7 +10,9 @@ For 4 KiB, 64 KiB and 1 MiB batches it measures:
           upper bound no page server can reach, shown for reference;
   read    ReadPages requests of one batch each, `depth` in flight, through remote.py;
   commit  one transaction per batch, `depth` in flight, through remote.py;
-against a real netmemfs-server process (memory mode). It prints MB/s and the ratio to plain.
+against a real netmemfs-server process (memory mode). It prints MB/s and the ratio to plain,
+and the server's CPU time per request (user + system, from /proc), which varies less from
+run to run than throughput on a shared machine.
 """
 
 from __future__ import annotations
@@ -81,9 +83,16 @@ def plain_throughput(batch: int, seconds: float, span: int) -> float:
     return sent / dt / 1e6
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process pid so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def netmemfs_throughput(
-    address: str, batch: int, seconds: float, depth: int
-) -> tuple[float, float]:
+    address: str, pid: int, batch: int, seconds: float, depth: int
+) -> tuple[float, float, float, float]:
+    """(read MB/s, server CPU us per read, commit MB/s, server CPU us per commit)"""
     pages = batch // PAGE_SIZE
     total_pages = SEGMENT_BYTES // PAGE_SIZE
     async with RemoteStore.connect(address) as store:
@@ -91,7 +100,7 @@ async def netmemfs_throughput(
         await store.create(name, SEGMENT_BYTES)
         payload = os.urandom(batch)
 
-        async def run(kind: str) -> float:
+        async def run(kind: str) -> tuple[float, float]:
             done = 0
             deadline = trio.current_time() + seconds
 
@@ -107,20 +116,21 @@ async def netmemfs_throughput(
                         assert sum(len(x.data) for x in r.runs) == batch
                     done += batch
 
-            t0 = trio.current_time()
+            t0, c0 = trio.current_time(), cpu_s(pid)
             async with trio.open_nursery() as nursery:
                 for w in range(depth):
                     nursery.start_soon(worker, w)
-            return done / (trio.current_time() - t0) / 1e6
+            cpu_us = (cpu_s(pid) - c0) * 1e6 / max(done // batch, 1)
+            return done / (trio.current_time() - t0) / 1e6, cpu_us
 
         # Fill the segment so reads return data, not holes.
         fill = os.urandom(1 << 20)
         for first in range(0, total_pages, 256):
             await store.commit([PageRun(name, first, fill)])
-        read = await run("read")
-        commit = await run("commit")
+        read, read_cpu = await run("read")
+        commit, commit_cpu = await run("commit")
         await store.delete(name)
-        return read, commit
+        return read, read_cpu, commit, commit_cpu
 
 
 def main() -> None:
@@ -150,17 +160,19 @@ def main() -> None:
             )
             print(
                 f"{'batch':>8} {'plain-hot':>10} {'plain MB/s':>11} {'read MB/s':>10} "
-                f"{'read/plain':>10} {'commit MB/s':>12} {'commit/plain':>12}"
+                f"{'read/plain':>10} {'commit MB/s':>12} {'commit/plain':>12} "
+                f"{'cpu us/read':>12} {'cpu us/commit':>14}"
             )
             for label, batch in BATCHES:
                 hot = plain_throughput(batch, args.seconds, batch)
                 plain = plain_throughput(batch, args.seconds, SEGMENT_BYTES)
-                read, commit = trio.run(
-                    netmemfs_throughput, srv.address, batch, args.seconds, args.depth
+                assert srv.proc is not None
+                read, read_cpu, commit, commit_cpu = trio.run(
+                    netmemfs_throughput, srv.address, srv.proc.pid, batch, args.seconds, args.depth
                 )
                 print(
                     f"{label:>8} {hot:10.0f} {plain:11.0f} {read:10.0f} {read / plain:10.2f} "
-                    f"{commit:12.0f} {commit / plain:12.2f}",
+                    f"{commit:12.0f} {commit / plain:12.2f} {read_cpu:12.0f} {commit_cpu:14.0f}",
                     flush=True,
                 )
         finally:
