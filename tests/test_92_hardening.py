@@ -35,9 +35,13 @@ SERVER = (sys.executable, "-m", "netmemfs_server", "--listen", "127.0.0.1:0")
 MOUNT = (sys.executable, "-m", "netmemfs", "mount")
 
 
-def _list_works(address: str, **kw: object) -> None:
+def _list_works(
+    address: str, *, token: bytes | None = None, tls: ssl.SSLContext | None = None
+) -> None:
+    """A client (retrying for 5 s) is served: the server is well after the test's abuse."""
+
     async def go() -> None:
-        async with RemoteStore.connect(address, retry_for_s=5, **kw) as store:  # type: ignore[arg-type]
+        async with RemoteStore.connect(address, token=token, tls=tls, retry_for_s=5) as store:
             await store.list_segments()
 
     run_trio(go)
