@@ -28,10 +28,9 @@ from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore, tls_client_context
 from netmemfs_server.serve import AUTH_FAILURE_DELAY_S
 from tests.helpers import MountProc, ServerProc, run_trio, stamp_page, wait_for, wait_for_async
-from tests.test_30_server import RawClient, _token_file
+from tests.test_30_server import RawClient, _server_cli, _token_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER = (sys.executable, "-m", "netmemfs_server", "--listen", "127.0.0.1:0")
 MOUNT = (sys.executable, "-m", "netmemfs", "mount")
 
 
@@ -186,13 +185,7 @@ def test_mount_and_region_over_tls(
 
 
 def test_server_refuses_half_a_tls_configuration(tls: Tls) -> None:
-    r = subprocess.run(
-        [*SERVER, "--tls-cert", str(tls.cert)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    r = _server_cli("--listen", "127.0.0.1:0", "--tls-cert", str(tls.cert))
     assert r.returncode == 2 and "--tls-key" in r.stderr
 
 
@@ -409,13 +402,7 @@ def test_slow_clients_are_closed(server_factory: Callable[..., ServerProc]) -> N
 
 
 def test_limits_are_checked_at_start() -> None:
-    r = subprocess.run(
-        [*SERVER, "--max-frame", "1M", "--max-inflight", "64K"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    r = _server_cli("--listen", "127.0.0.1:0", "--max-frame", "1M", "--max-inflight", "64K")
     assert r.returncode == 2 and "--max-inflight must be at least --max-frame" in r.stderr
 
 
