@@ -354,7 +354,7 @@ class _Session:
     def _overdue(self, now: float) -> str | None:
         """Which timeout has passed, if one has."""
         slow_s = self.limits.slow_client_timeout_s
-        slow = f"(the server's --slow-client-timeout, {slow_s:g} s)"
+        slow = "(the server's --slow-client-timeout)"
         sending = self._sending_since
         if sending is not None and now - sending > slow_s:
             return f"a reply was not taken within {slow_s:g} s {slow}"
