@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import logging
 import os
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -24,8 +26,8 @@ from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
-from netmemfs.remote import RemoteStore, tls_client_context
-from netmemfs.sizes import parse_size
+from netmemfs.remote import DEFAULT_PORT, RemoteStore, tls_client_context
+from netmemfs.sizes import parse_host_port, parse_size
 
 DESCRIPTION = """\
 netmemfs: memory that a process maps, whose pages live on a netmemfs-server.
@@ -38,10 +40,12 @@ commands:
   agent    (started by libnetmem) serve one anonymous region's pages over a socket
 
 examples:
-  netmemfs mount /mnt/nm                         # private in-memory server on this machine
+  netmemfs mount /mnt/nm                         # a private server on this machine
   netmemfs mount /mnt/nm --server memhost:7733   # pages live on memhost
   python3 -c 'import mmap,os; fd=os.open("/mnt/nm/seg0",os.O_RDWR|os.O_CREAT); ...'
   netmemfs umount /mnt/nm
+
+`netmemfs COMMAND --help` says more of each command.
 """
 
 MOUNT_DESCRIPTION = """\
@@ -52,9 +56,17 @@ then fsync), which commits all of that file's changes to the server as one trans
 all or nothing. A process opening the file later, on any mount of the same server, sees
 what was committed.
 
-Without --server a private in-memory server is started on 127.0.0.1 for this mount
-(its pages are gone when the mount ends). The command returns once the mount is ready
-and the daemon keeps serving in the background; `netmemfs umount MOUNTPOINT` ends it.
+Without --server a private page server is started on 127.0.0.1 for this mount; it
+keeps what was committed in the cache dir (<cache-dir>/server), so the files are there
+again at the next mount with the same cache dir. The command returns once the mount is
+ready and the daemon keeps serving in the background; `netmemfs umount MOUNTPOINT` ends
+it. If the daemon dies (even kill -9), run the same mount command again: it clears the
+dead mount and finishes a commit that was under way.
+
+If the cache dir's disk fills up or turns read-only, written pages it cannot take are
+kept in memory (up to --max-unjournaled) and every fsync of their file fails with
+ENOSPC or EROFS until there is room again; past that bound writes fail with the same
+errno. Nothing a write() or a mapping handed over is dropped without an error.
 """
 
 
@@ -64,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     m = sub.add_parser(
         "mount",
@@ -99,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory for pages fetched from the server, kept while the file is unchanged "
         "(default 256M; 0 turns it off)",
+    )
+    m.add_argument(
+        "--max-unjournaled",
+        type=parse_size,
+        default=parse_size("64M"),
+        metavar="SIZE",
+        help="memory for written pages the cache dir cannot take (disk full or read-only), "
+        "kept until it can; fsync fails until then, and past SIZE writes fail (default 64M)",
     )
     m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
     _add_tls_ca(m)
@@ -186,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("netmemfs")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _add_tls_ca(p: argparse.ArgumentParser, default: str | None = None, env: str = "") -> None:
     p.add_argument(
         "--tls-ca",
@@ -260,17 +288,59 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         tls=tls,
         allow_other=args.allow_other,
         cache_bytes=args.cache_size,
+        unjournaled_bytes=args.max_unjournaled,
         serve_device=args.serve_device.absolute() if args.serve_device else None,
     )
 
 
+def _mountpoint_problem(mountpoint: Path) -> str | None:
+    """Why netmemfs cannot mount on mountpoint, or None. The mount of a netmemfs
+    daemon that died (it answers ENOTCONN) is no problem: the new daemon clears it."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN and mount_type(mountpoint) == "fuse.netmemfs":
+            return None
+        if e.errno == errno.ENOENT:
+            return f"mount point {mountpoint} does not exist; create it first (mkdir {mountpoint})"
+        return f"cannot use mount point {mountpoint}: {e.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"mount point {mountpoint} is not a directory"
+    if os.path.ismount(mountpoint):
+        kind = mount_type(mountpoint)
+        if kind == "fuse.netmemfs":
+            return (
+                f"{mountpoint} is already mounted by netmemfs; to mount it again, unmount "
+                f"it first (netmemfs umount {mountpoint})"
+            )
+        return f"{mountpoint} is already a mount point ({kind}); choose an empty directory"
+    with os.scandir(mountpoint) as entries:
+        if any(entries):
+            return (
+                f"mount point {mountpoint} is not empty; its files would be hidden while "
+                "mounted: choose an empty directory"
+            )
+    return None
+
+
+def mount_type(mountpoint: Path) -> str | None:
+    """The file system type mounted at mountpoint (the last mount there), or None."""
+    want = os.path.realpath(mountpoint).replace("\\", "\\134").replace(" ", "\\040")
+    want = want.replace("\t", "\\011").replace("\n", "\\012")
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == want and " - " in line:
+                found = line.split(" - ", 1)[1].split()[0]
+    return found
+
+
 def _mount(args: argparse.Namespace) -> int:
     opts = _mount_options(args)
-    if not opts.mountpoint.is_dir() and not opts.mountpoint.is_mount():
-        print(
-            f"netmemfs: mount point {opts.mountpoint} is not a directory; create it first",
-            file=sys.stderr,
-        )
+    problem = _mountpoint_problem(opts.mountpoint)
+    if problem:
+        print(f"netmemfs: {problem}", file=sys.stderr)
         return 2
     if args.foreground:
         logging.basicConfig(
@@ -286,9 +356,15 @@ def _mount(args: argparse.Namespace) -> int:
         return 0
     opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = opts.cache_dir / "daemon.log"
-    cmd = [sys.executable, "-m", "netmemfs", *(argv_of_mount(args, opts))]
+    # One log per mount: the previous one is kept as daemon.log.1, so that a failure
+    # shows this attempt's lines and the log does not grow forever.
+    with contextlib.suppress(FileNotFoundError):
+        if log_path.stat().st_size:
+            os.replace(log_path, log_path.with_name("daemon.log.1"))
+    # -P: the installed netmemfs, not a checkout that happens to be the current dir.
+    cmd = [sys.executable, "-P", "-m", "netmemfs", *(argv_of_mount(args, opts))]
     r, w = os.pipe()
-    with open(log_path, "ab") as logf:
+    with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             [*cmd, "--foreground", "--ready-fd", str(w)],
             pass_fds=(w,),
@@ -298,9 +374,15 @@ def _mount(args: argparse.Namespace) -> int:
             stderr=logf,
         )
     os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        said = ready.read()  # EOF when the daemon is ready or has died
-    if b"ready" in said:
+    ready = False
+    with os.fdopen(r, "rb") as pipe:
+        for line in pipe:  # EOF when the daemon is ready or has died
+            if line.startswith(b"waiting "):
+                print(f"netmemfs: {line[8:].decode(errors='replace').strip()}", file=sys.stderr)
+            elif line.startswith(b"ready"):
+                ready = True
+                break
+    if ready:
         print(f"netmemfs: mounted {opts.mountpoint} (daemon pid {proc.pid}, log {log_path})")
         return 0
     proc.wait(30)
@@ -312,6 +394,7 @@ def _mount(args: argparse.Namespace) -> int:
 def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
     out = ["mount", str(opts.mountpoint), "--cache-dir", str(opts.cache_dir)]
     out += ["--timeout", str(opts.timeout_s), "--cache-size", str(opts.cache_bytes)]
+    out += ["--max-unjournaled", str(opts.unjournaled_bytes)]
     if args.server:
         out += ["--server", args.server]
     if args.token_file:
@@ -368,6 +451,12 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="netmemfs: %(levelname)s %(message)s")
+    if getattr(args, "server", None):
+        try:
+            parse_host_port(args.server, DEFAULT_PORT)
+        except ValueError as e:
+            print(f"netmemfs: --server {e}", file=sys.stderr)
+            return 2
     try:
         if args.command == "mount":
             return _mount(args)

@@ -16,6 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class MountOptions:
     tls: ssl.SSLContext | None
     allow_other: bool
     cache_bytes: int
+    unjournaled_bytes: int = fs.DEFAULT_UNJOURNALED_BYTES
     serve_device: Path | None = None  # also the provider of kmod/'s device
 
 
@@ -62,10 +64,18 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fo
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
-def start_private_server() -> tuple[subprocess.Popen[bytes], str]:
-    """A netmemfs-server in memory on 127.0.0.1, for a mount without --server."""
+PRIVATE_SERVER_WAIT_S = 10.0  # for the private server of a daemon that died to exit
+
+
+def start_private_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A netmemfs-server on 127.0.0.1 for a mount without --server, durable in data_dir
+    (so a daemon's death, or an unmount, loses nothing that was committed)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _wait_unlocked(data_dir / "lock", PRIVATE_SERVER_WAIT_S)
+    dirs = ["--data-dir", str(data_dir)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netmemfs_server", "--listen", "127.0.0.1:0"],
+        # -P: the installed package, not a checkout in the current directory.
+        [sys.executable, "-P", "-m", "netmemfs_server", "--listen", "127.0.0.1:0", *dirs],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         preexec_fn=_set_pdeathsig,
@@ -75,8 +85,34 @@ def start_private_server() -> tuple[subprocess.Popen[bytes], str]:
     proc.stdout.close()
     if "listening on" not in line:
         proc.kill()
-        raise MountError(f"the private page server did not start: {line.strip() or 'no output'}")
+        raise MountError(
+            f"the private page server (data in {data_dir}) did not start: "
+            f"{line.strip() or 'see its lines above'}"
+        )
     return proc, line.rsplit(" ", 1)[1].strip()
+
+
+def _wait_unlocked(path: Path, timeout_s: float) -> None:
+    """Wait until nobody holds the flock of path: the private server of a daemon that
+    was killed gets SIGTERM from the kernel (PDEATHSIG) and may still be exiting."""
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MountError(
+                        f"{path.parent} is in use by another netmemfs-server; is another "
+                        "mount using this --cache-dir?"
+                    ) from None
+                time.sleep(0.05)  # another process's exit: polling is all there is
+    finally:
+        os.close(fd)  # releases the lock for the server
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
@@ -126,8 +162,10 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
     address = opts.server
     private = None
     if address is None:
-        private, address = start_private_server()
-        log.info("started a private in-memory page server on %s", address)
+        private, address = start_private_server(opts.cache_dir / "server")
+        log.info(
+            "started a private page server on %s (data in %s)", address, opts.cache_dir / "server"
+        )
     try:
         with ExitStack() as stack:
             device = None
@@ -148,56 +186,90 @@ async def _serve_mount(
 ) -> None:
     """The mount's life, with its server: the file door, the attach point for anonymous
     regions, and (device, if given) the kernel module's requests."""
-    async with RemoteStore.connect(
-        address, token=opts.token, tls=opts.tls, retry_for_s=opts.timeout_s
-    ) as store:
-        journal_dir = opts.cache_dir / "journal"
-        recovered = journal.recover(journal_dir)
-        ops = fs.NetmemFS(
-            store, journal_dir, timeout_s=opts.timeout_s, cache_bytes=opts.cache_bytes
-        )
-        if recovered:
-            await ops.resend_recovered(recovered)
-        clear_stale_mount(opts.mountpoint)
-        fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
-        # True once the kernel has ended the session (fusermount3 -u, umount): then
-        # there is nothing left to unmount.
-        unmounted = False
-        terminated = False
-        attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
-        try:
-            await attach.bind()
-            ops.attach_path = attach.address
-            async with open_quiet_nursery() as nursery:
+    async with open_quiet_nursery() as outer:
+        notice = trio.CancelScope()
+        outer.start_soon(_say_waiting, notice, address, opts.timeout_s, ready_fd)
+        async with RemoteStore.connect(
+            address, token=opts.token, tls=opts.tls, retry_for_s=opts.timeout_s
+        ) as store:
+            notice.cancel()
+            await _serve_connected(opts, store, address, device, ready_fd)
+        outer.cancel_scope.cancel()
 
-                async def on_signal() -> None:
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                        async for sig in sigs:
-                            log.info("signal %d: unmounting", sig)
-                            nonlocal terminated
-                            terminated = True
-                            fs.terminate()
-                            return
 
-                async def started() -> None:
-                    # os.stat of the mount point is answered by our own loop: thread.
-                    await trio.to_thread.run_sync(_tune_readahead, opts.mountpoint)
-                    if ready_fd is not None:
-                        os.write(ready_fd, b"ready\n")
-                        os.close(ready_fd)
-                    log.info("mounted %s (server %s)", opts.mountpoint, address)
+WAITING_NOTICE_S = 1.0  # a mount still connecting after this long says so
 
-                nursery.start_soon(on_signal)
-                nursery.start_soon(started)
-                nursery.start_soon(attach.serve, store)
-                if device is not None:
-                    nursery.start_soon(kdoor.DeviceProvider(store, device).serve)
-                await fs.serve()
-                unmounted = not terminated
-                nursery.cancel_scope.cancel()
-        finally:
-            attach.close()
-            fs.close(unmount=not unmounted)
-            # Writes never fsynced die with the mount; sealed commits that failed
-            # stay, to be sent again by the next mount with this cache dir.
-            journal.drop_unsynced(journal_dir)
+
+async def _say_waiting(
+    scope: trio.CancelScope, address: str, timeout_s: float, ready_fd: int | None
+) -> None:
+    with scope:
+        await trio.sleep(WAITING_NOTICE_S)
+        text = f"waiting for the server {address} (for up to {timeout_s:g} s, --timeout)"
+        log.info("%s", text)
+        if ready_fd is not None:
+            os.write(ready_fd, f"waiting {text}\n".encode())
+
+
+async def _serve_connected(
+    opts: MountOptions,
+    store: RemoteStore,
+    address: str,
+    device: int | None,
+    ready_fd: int | None,
+) -> None:
+    """The mount's life once its server answered."""
+    journal_dir = opts.cache_dir / "journal"
+    recovered = journal.recover(journal_dir)
+    ops = fs.NetmemFS(
+        store,
+        journal_dir,
+        timeout_s=opts.timeout_s,
+        cache_bytes=opts.cache_bytes,
+        unjournaled_bytes=opts.unjournaled_bytes,
+    )
+    if recovered:
+        await ops.resend_recovered(recovered)
+    clear_stale_mount(opts.mountpoint)
+    fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
+    # True once the kernel has ended the session (fusermount3 -u, umount): then
+    # there is nothing left to unmount.
+    unmounted = False
+    terminated = False
+    attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
+    try:
+        await attach.bind()
+        ops.attach_path = attach.address
+        async with open_quiet_nursery() as nursery:
+
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for sig in sigs:
+                        log.info("signal %d: unmounting", sig)
+                        nonlocal terminated
+                        terminated = True
+                        fs.terminate()
+                        return
+
+            async def started() -> None:
+                # os.stat of the mount point is answered by our own loop: thread.
+                await trio.to_thread.run_sync(_tune_readahead, opts.mountpoint)
+                if ready_fd is not None:
+                    os.write(ready_fd, b"ready\n")
+                    os.close(ready_fd)
+                log.info("mounted %s (server %s)", opts.mountpoint, address)
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(started)
+            nursery.start_soon(attach.serve, store)
+            if device is not None:
+                nursery.start_soon(kdoor.DeviceProvider(store, device).serve)
+            await fs.serve()
+            unmounted = not terminated
+            nursery.cancel_scope.cancel()
+    finally:
+        attach.close()
+        fs.close(unmount=not unmounted)
+        # Writes never fsynced die with the mount; sealed commits that failed
+        # stay, to be sent again by the next mount with this cache dir.
+        journal.drop_unsynced(journal_dir)

@@ -37,8 +37,8 @@ from netmemfs.errors import (
     SegmentNotFound,
     ServerUnreachable,
 )
-from netmemfs.journal import JournalError, SealedCommit, SegmentJournal
-from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, check_name, pages_for
+from netmemfs.journal import HoldBudget, JournalError, SealedCommit, SegmentJournal
+from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, check_name, consecutive, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
 from netmemfs.remote import CommitResult, RemoteStore, SegmentStat
 
@@ -48,6 +48,7 @@ ROOT = pyfuse3.ROOT_INODE
 ATTR_TIMEOUT_S = 1.0
 BLOCK_SIZE = 1 << 20  # st_blksize: what `cp` and friends should read at a time
 DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_UNJOURNALED_BYTES = 64 << 20
 READDIR_BATCH = 128  # directory entries whose attributes are fetched at once
 
 
@@ -90,8 +91,11 @@ class NetmemFS(pyfuse3.Operations):
         *,
         timeout_s: float,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        unjournaled_bytes: int = DEFAULT_UNJOURNALED_BYTES,
     ) -> None:
         super().__init__()
+        # Pages the kernel handed over that the cache dir cannot take: kept, not dropped.
+        self.hold = HoldBudget(unjournaled_bytes)
         self.cache = PageCache(cache_bytes)
         self.store = store
         self.cache_dir = cache_dir
@@ -164,7 +168,7 @@ class NetmemFS(pyfuse3.Operations):
         ino = self.by_name.get(name)
         if ino is None:
             ino = self._number(name)
-            journal = SegmentJournal(self.cache_dir, st.size)
+            journal = SegmentJournal(self.cache_dir, st.size, self.hold)
             self.inodes[ino] = _Inode(name, journal, st.version)
             self.by_name[name] = ino
         else:
@@ -500,7 +504,7 @@ class NetmemFS(pyfuse3.Operations):
                 fetch.append(p)
             else:
                 out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = cached
-        runs = _consecutive(fetch)
+        runs = consecutive(fetch)
         if runs:
             with self._deadline():
                 for p, n in runs:
@@ -526,10 +530,8 @@ class NetmemFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         end = off + len(buf)
         with fuse_errors(f"write to {node.name!r} at {off}"):
-            if end > node.journal.size:
-                if node.journal.size % PAGE_SIZE:
-                    await self._complete_last_page(node)
-                node.journal.set_size(end)
+            if end > node.journal.size and node.journal.size % PAGE_SIZE:
+                await self._complete_last_page(node)
             first = off // PAGE_SIZE
             last = (end - 1) // PAGE_SIZE
             head, tail = off - first * PAGE_SIZE, (last + 1) * PAGE_SIZE - end
@@ -544,7 +546,8 @@ class NetmemFS(pyfuse3.Operations):
                     whole[-PAGE_SIZE:] = await self._read_pages(node, last, 1)
                 whole[head : head + len(buf)] = buf
                 data = bytes(whole)
-            node.journal.write_pages(first, data)
+            # One call: a write the journal refuses changes neither pages nor size.
+            node.journal.write_pages(first, data, grow_to=end)
         return len(buf)
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
@@ -605,17 +608,6 @@ class NetmemFS(pyfuse3.Operations):
                     "it had already landed" if r.replayed else "sent now",
                 )
             path.unlink()
-
-
-def _consecutive(pages: list[int]) -> list[tuple[int, int]]:
-    """Sorted page numbers as (first, count) runs."""
-    runs: list[tuple[int, int]] = []
-    for p in pages:
-        if runs and runs[-1][0] + runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return runs
 
 
 __all__ = ["NetmemFS", "fuse_errors"]

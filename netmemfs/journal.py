@@ -37,9 +37,13 @@ application saw succeed was acknowledged by the server, so it needs no journal.
 
 from __future__ import annotations
 
+import contextlib
+import errno as _errno
 import logging
 import mmap
 import os
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,9 +51,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from netmemfs.errors import NetmemError, ProtocolError, ServerUnreachable
-from netmemfs.pages import PAGE_SIZE, pages_for
+from netmemfs.pages import PAGE_SIZE, consecutive, pages_for
 from netmemfs.protocol import PageRun
-from netmemfs.records import encode_record, read_records, write_all
+from netmemfs.records import encode_record, pwrite_all, read_records
 
 T = TypeVar("T")
 
@@ -60,54 +64,215 @@ MAX_RUN_PAGES = 1024  # pages per run handed to the server (4 MiB)
 
 
 class JournalError(NetmemError):
-    """The journal could not be written (the cache directory's disk is full or failing),
+    """The journal could not be written (the cache directory's disk is failing or gone),
     or a journal file read back is damaged."""
+
+
+class JournalFull(JournalError):
+    """The cache directory's disk is full."""
+
+    errno = _errno.ENOSPC
+
+
+class JournalReadOnly(JournalError):
+    """The cache directory became read-only."""
+
+    errno = _errno.EROFS
+
+
+def journal_error(what: str, path: Path, e: OSError) -> JournalError:
+    """The JournalError for an OSError met doing what to path (a file in a cache
+    directory), with a message naming the directory and what the user can do."""
+    where = path.parent
+    if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return JournalFull(
+            f"cannot {what} {path}: {e.strerror}: the cache dir {where} is full; free "
+            "space there (or mount with --cache-dir on a larger disk)"
+        )
+    if e.errno == _errno.EROFS:
+        return JournalReadOnly(
+            f"cannot {what} {path}: the cache dir {where} is read-only; make it writable"
+        )
+    if e.errno == _errno.ENOENT:
+        return JournalError(
+            f"cannot {what} {path}: the cache dir {where} is gone (removed while mounted); "
+            "recreate it, or unmount and mount again"
+        )
+    return JournalError(f"cannot {what} {path}: {e.strerror}; check the disk of {where}")
+
+
+class HoldBudget:
+    """Memory for written pages that the journal could not take (its disk full or
+    read-only), shared by the journals of one mount: the mount's --max-unjournaled.
+    Past it a write is refused. Thread-safe: seal_finish gives memory back from a
+    worker thread."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, *, force: bool = False) -> bool:
+        with self._lock:
+            if not force and self.used_bytes + n > self.limit_bytes:
+                return False
+            self.used_bytes += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.used_bytes -= n
+            assert self.used_bytes >= 0
+
+
+HOLD_RETRY_S = 0.5  # while holding pages, how often a write tries the disk again
 
 
 @dataclass
 class _File:
-    """One journal file and the index of what it holds."""
+    """One journal file, the index of what it holds, and what it could not take.
+
+    Records are written at `end`, never at the descriptor's position: a write cut short
+    (disk full) is truncated away, so the file is as it was and the next record lands
+    right after the last good one. The file is created at its first record.
+
+    `held` is the memory layer: pages the file could not take, all newer than any page
+    in the file. While anything is held (pages, or the last size change: `size_held`),
+    every change goes to memory too, so that flush_held() writes them in order.
+    """
 
     path: Path
-    fd: int
+    budget: HoldBudget
+    fd: int | None = None
     end: int = 0
     pages: dict[int, int] = field(default_factory=dict)  # page -> offset of its data
-    size: int | None = None  # last size record
+    size: int | None = None  # last size change
     min_size: int | None = None  # smallest size recorded
+    held: dict[int, bytes] = field(default_factory=dict)
+    size_held: bool = False
+    held_low: int | None = None  # smallest size set while holding, not yet written
+    hold_cause: JournalError | None = None
+    next_try: float = 0.0
+
+    def holding(self) -> bool:
+        return bool(self.held) or self.size_held
 
     def append(self, payload: list[object]) -> int:
         """Append one record; return the offset where it ends (where page data, which
-        comes last in its record, ends too)."""
+        comes last in its record, ends too). On failure the file is as it was."""
         parts = encode_record(MAGIC, payload)
         try:
-            n = write_all(self.fd, parts)
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            n = pwrite_all(self.fd, parts, self.end)
         except OSError as e:
-            raise JournalError(
-                f"cannot write the journal {self.path}: {e.strerror}; free space in the "
-                "cache directory (--cache-dir)"
-            ) from e
+            if self.fd is not None:
+                # Best effort: if this fails too, the torn bytes past `end` are
+                # overwritten by the next record, and a reader stops at what is left.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, self.end)
+            raise journal_error("write the journal", self.path, e) from e
         self.end += n
         return self.end
 
     def read_page(self, page: int) -> bytes | None:
+        # held before pages: flush_held() adds a page to `pages` before it leaves
+        # `held`, so a reader in another thread sees one or the other, never neither.
+        data = self.held.get(page)
+        if data is not None:
+            return data
         off = self.pages.get(page)
         if off is None:
             return None
+        assert self.fd is not None
         return os.pread(self.fd, PAGE_SIZE, off)
 
+    def page_numbers(self) -> set[int]:
+        return set(self.pages) | set(self.held)
+
+    def hold_size(self, size: int, cause: JournalError) -> None:
+        self._start_holding(cause)
+        self.size_held = True
+        self.held_low = size if self.held_low is None else min(self.held_low, size)
+
+    def hold_pages(self, first: int, data: bytes, cause: JournalError, *, force: bool) -> None:
+        n = len(data) // PAGE_SIZE
+        new = sum(1 for i in range(n) if first + i not in self.held)
+        if not self.budget.take(new * PAGE_SIZE, force=force):
+            raise type(cause)(
+                f"{cause}. The {self.budget.limit_bytes >> 20} MiB of memory for written "
+                "pages the journal cannot take (--max-unjournaled) are in use, so this "
+                "write is refused"
+            )
+        self._start_holding(cause)
+        for i in range(n):
+            self.held[first + i] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+
+    def _start_holding(self, cause: JournalError) -> None:
+        if not self.holding():
+            log.warning(
+                "%s. Keeping written pages in memory (up to --max-unjournaled) until it "
+                "can be written; fsync of the file fails until then",
+                cause,
+            )
+        self.hold_cause = cause
+        self.next_try = time.monotonic() + HOLD_RETRY_S
+
+    def drop_from(self, keep: int) -> None:
+        """Forget pages keep and above (the file shrank)."""
+        for page in [p for p in self.pages if p >= keep]:
+            del self.pages[page]
+        gone = [p for p in self.held if p >= keep]
+        for page in gone:
+            del self.held[page]
+        self.budget.give_back(len(gone) * PAGE_SIZE)
+
+    def try_flush(self) -> bool:
+        """Write what is held, unless a try failed less than HOLD_RETRY_S ago; True if
+        nothing is held any more."""
+        if not self.holding():
+            return True
+        if time.monotonic() < self.next_try:
+            return False
+        try:
+            self.flush_held()
+        except JournalError:
+            self.next_try = time.monotonic() + HOLD_RETRY_S
+            return False
+        return True
+
+    def flush_held(self) -> None:
+        """Write what memory holds to the file, in order: the size changes (the lowest
+        first, so that replay drops what a shrink dropped), then the pages. JournalError
+        if the file still cannot take it; what was written by then stays written."""
+        if self.size_held:
+            assert self.size is not None
+            if self.held_low is not None and self.held_low < self.size:
+                self.append(["size", self.held_low])
+            self.held_low = None
+            self.append(["size", self.size])
+            self.size_held = False
+        for first, n in consecutive(sorted(self.held), MAX_RUN_PAGES):
+            data = b"".join(self.held[first + i] for i in range(n))
+            start = self.append(["pages", first, data]) - len(data)
+            for i in range(n):
+                self.pages[first + i] = start + i * PAGE_SIZE
+            for i in range(n):
+                del self.held[first + i]
+            self.budget.give_back(n * PAGE_SIZE)
+        self.hold_cause = None
+
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
-
-def _open_new(path: Path) -> _File:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    except OSError as e:
-        raise JournalError(
-            f"cannot create the journal {path}: {e.strerror}; check the cache directory "
-            "(--cache-dir)"
-        ) from e
-    return _File(path, fd)
+    def remove(self) -> None:
+        """Close and delete the file, and give back what it held."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.budget.give_back(len(self.held) * PAGE_SIZE)
+        self.held.clear()
 
 
 @dataclass(frozen=True)
@@ -121,10 +286,16 @@ class SealedCommit:
 
 
 class SegmentJournal:
-    """The uncommitted changes of one file (segment)."""
+    """The uncommitted changes of one file (segment).
 
-    def __init__(self, directory: Path, committed_size: int) -> None:
+    budget: memory for pages the cache directory cannot take (none by default: such
+    a write fails at once)."""
+
+    def __init__(
+        self, directory: Path, committed_size: int, budget: HoldBudget | None = None
+    ) -> None:
         self.directory = directory
+        self.budget = budget or HoldBudget(0)
         self.id = uuid.uuid4().hex
         self.generation = 0
         self.committed_size = committed_size
@@ -135,7 +306,7 @@ class SegmentJournal:
 
     def _new_active(self) -> _File:
         self.generation += 1
-        return _open_new(self.directory / f"{self.id}-{self.generation}.active")
+        return _File(self.directory / f"{self.id}-{self.generation}.active", self.budget)
 
     # --- what a reader sees ------------------------------------------------------
 
@@ -164,42 +335,74 @@ class SegmentJournal:
     def has_changes(self) -> bool:
         if self.discarded:
             return False
-        return bool(self.active.pages) or self.active.size is not None
+        f = self.active
+        return bool(f.pages) or bool(f.held) or f.size is not None
+
+    def held_bytes(self) -> int:
+        """Bytes of pages kept in memory because the cache directory could not take
+        them; an fsync fails until they are written there."""
+        return sum(len(f.held) for f in (self.active, self.sealed) if f) * PAGE_SIZE
 
     # --- changes -----------------------------------------------------------------
 
     def write_page(self, page: int, data: bytes) -> None:
         self.write_pages(page, data)
 
-    def write_pages(self, first: int, data: bytes) -> None:
-        """Record whole pages first, first+1, ... (one record, one write)."""
+    def write_pages(self, first: int, data: bytes, *, grow_to: int | None = None) -> None:
+        """Record whole pages first, first+1, ... (one record, one write), then, if
+        grow_to is past the size, the new size. A write that fails (JournalError)
+        changes nothing: pages come first, and a size change cannot fail (if the file
+        cannot take it, memory holds it)."""
         n = len(data) // PAGE_SIZE
         assert n and len(data) == n * PAGE_SIZE
-        if first + n > pages_for(self.size):
-            raise AssertionError(f"pages {first}+{n} past the end ({self.size} bytes)")
-        f = self.active
-        start = f.append(["pages", first, data]) - len(data)
-        for i in range(n):
-            f.pages[first + i] = start + i * PAGE_SIZE
+        limit = max(self.size, grow_to or 0)
+        if first + n > pages_for(limit):
+            raise AssertionError(f"pages {first}+{n} past the end ({limit} bytes)")
+        self._put_pages(self.active, first, data)
+        if grow_to is not None and grow_to > self.size:
+            self.set_size(grow_to)
+
+    def _put_pages(self, f: _File, first: int, data: bytes, *, force: bool = False) -> None:
+        if f.try_flush():
+            try:
+                start = f.append(["pages", first, data]) - len(data)
+            except JournalError as e:
+                cause = e
+            else:
+                for i in range(len(data) // PAGE_SIZE):
+                    f.pages[first + i] = start + i * PAGE_SIZE
+                return
+        else:
+            assert f.hold_cause is not None
+            cause = f.hold_cause
+        f.hold_pages(first, data, cause, force=force)
+
+    def _put_size(self, f: _File, size: int) -> None:
+        if f.try_flush():
+            try:
+                f.append(["size", size])
+            except JournalError as e:
+                f.hold_size(size, e)
+        else:
+            assert f.hold_cause is not None
+            f.hold_size(size, f.hold_cause)
+        f.size = size
 
     def set_size(self, size: int) -> None:
         old = self.size
         f = self.active
-        f.append(["size", size])
-        f.size = size
+        self._put_size(f, size)
         low = min(old, size) if f.min_size is None else min(f.min_size, size)
         f.min_size = low
         if size < old:
-            keep = pages_for(size)
-            for page in [p for p in f.pages if p >= keep]:
-                del f.pages[page]
+            f.drop_from(pages_for(size))
             tail = size % PAGE_SIZE
             if tail:
                 # Bytes past the new end read as zeros if the file grows again.
                 last = size // PAGE_SIZE
                 data = self.read_page(last)
                 if data is not None:
-                    self.write_page(last, data[:tail] + bytes(PAGE_SIZE - tail))
+                    self._put_pages(f, last, data[:tail] + bytes(PAGE_SIZE - tail), force=True)
 
     # --- commit ------------------------------------------------------------------
 
@@ -214,22 +417,30 @@ class SegmentJournal:
         self.active = self._new_active()
 
     def seal_finish(self, txn: bytes, name: str) -> SealedCommit:
-        """Write the begin record and rename the file to .sealed, as transaction txn.
+        """Write what memory holds, the begin record, and rename the file to .sealed,
+        as transaction txn.
 
-        Call from a worker thread (it reads the whole file back); nothing else touches
-        `sealed` meanwhile (writes go to the active file). Retry after a JournalError.
+        Call from a worker thread (it reads the whole file back); nothing else changes
+        `sealed` meanwhile (writes go to the active file). After a JournalError the
+        file is as before the call (but for held pages it did write): retry.
         """
         f = self.sealed
         assert f is not None
         if self.sealed_commit is not None:
             return self.sealed_commit
+        f.flush_held()
         min_size = f.min_size if f.min_size is not None else self.size
+        end = f.end
         f.append(["begin", txn, name, min_size])
         sealed_path = f.path.with_suffix(".sealed")
         try:
             os.rename(f.path, sealed_path)
         except OSError as e:
-            raise JournalError(f"cannot seal the journal {f.path}: {e.strerror}") from e
+            f.end = end  # the begin record goes, to be written again by the retry
+            assert f.fd is not None
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fd, end)
+            raise journal_error("seal the journal", f.path, e) from e
         f.path = sealed_path
         self.sealed_commit = _commit_of(f, txn, name, min_size)
         return self.sealed_commit
@@ -257,8 +468,7 @@ class SegmentJournal:
         now the committed size."""
         f, commit = self.sealed, self.sealed_commit
         assert f is not None and commit is not None
-        f.close()
-        f.path.unlink()
+        f.remove()
         self.sealed = None
         self.sealed_commit = None
         if commit.resizes:
@@ -267,11 +477,15 @@ class SegmentJournal:
     def unseal(self) -> None:
         """The sealed commit was refused, so it did not apply: put its changes back in
         front of the newer ones, for the next fsync to commit together (after the user
-        made room, say)."""
+        made room, say). Nothing is lost if the cache directory is full: memory holds
+        what the new file cannot take, past --max-unjournaled if need be."""
         old, newer = self.sealed, self.active
         assert old is not None
-        merged = self._new_active()
-        pages: dict[int, bytes] = {p: os.pread(old.fd, PAGE_SIZE, o) for p, o in old.pages.items()}
+        pages: dict[int, bytes] = {}
+        for p in old.page_numbers():
+            data = old.read_page(p)
+            assert data is not None
+            pages[p] = data
         size, low = old.size, old.min_size
         if newer.min_size is not None:
             keep = pages_for(newer.min_size)
@@ -279,17 +493,20 @@ class SegmentJournal:
             low = newer.min_size if low is None else min(low, newer.min_size)
         if newer.size is not None:
             size = newer.size
-        for p, o in newer.pages.items():
-            pages[p] = os.pread(newer.fd, PAGE_SIZE, o)
-        if size is not None:
-            merged.append(["size", size])
-        merged.size, merged.min_size = size, low
-        for p in sorted(pages):
-            merged.pages[p] = merged.append(["pages", p, pages[p]]) - PAGE_SIZE
+        for p in newer.page_numbers():
+            data = newer.read_page(p)
+            assert data is not None
+            pages[p] = data
         for f in (old, newer):
-            f.close()
-            f.path.unlink()
+            f.remove()
+        merged = self._new_active()
         self.active, self.sealed, self.sealed_commit = merged, None, None
+        if size is not None:
+            self._put_size(merged, size)
+        merged.min_size = low
+        for first, n in consecutive(sorted(pages), MAX_RUN_PAGES):
+            data = b"".join(pages[first + i] for i in range(n))
+            self._put_pages(merged, first, data, force=True)
 
     def discard(self) -> None:
         """Drop every change and close the files; the journal is unusable afterwards."""
@@ -298,8 +515,7 @@ class SegmentJournal:
         self.discarded = True
         for f in (self.active, self.sealed):
             if f is not None:
-                f.close()
-                f.path.unlink(missing_ok=True)
+                f.remove()
         self.sealed = None
         self.sealed_commit = None
 
@@ -324,6 +540,7 @@ def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
     ever appended to, and a sealed file not at all, so the views never change."""
     if not f.pages:
         return
+    assert f.fd is not None and not f.held, "flush_held() first"
     view = memoryview(mmap.mmap(f.fd, f.end, prot=mmap.PROT_READ))
     pages = sorted(p for p in f.pages if npages is None or p < npages)
     i = 0
@@ -346,7 +563,7 @@ def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
     A record that passed its checksum yet is not one this module writes makes a
     JournalError: that is damage (or another program's file), not a torn tail."""
     fd = os.open(path, os.O_RDWR)
-    f = _File(path, fd)
+    f = _File(path, HoldBudget(0), fd)
     begin = None
     try:
         with open(path, "rb", buffering=0) as raw:
@@ -358,7 +575,11 @@ def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
                     for i in range(n):
                         f.pages[first + i] = end - (n - i) * PAGE_SIZE
                 elif kind == "size":
+                    # As set_size did: a shrink drops the pages past the new end.
                     f.size = rec[1]
+                    keep = pages_for(rec[1])
+                    for page in [p for p in f.pages if p >= keep]:
+                        del f.pages[page]
                 else:
                     begin = (bytes(rec[1]), rec[2], rec[3])
                 f.end = end
@@ -408,9 +629,11 @@ def drop_unsynced(directory: Path) -> int:
     """Delete the active journals in directory (writes never fsynced); return how many."""
     gone = 0
     for path in directory.glob("*.active"):
-        log.info("dropping %s: writes that were never fsynced", path.name)
-        path.unlink()
-        gone += 1
+        with contextlib.suppress(OSError):
+            if path.stat().st_size:
+                log.info("dropping %s: writes that were never fsynced", path.name)
+                gone += 1
+        path.unlink(missing_ok=True)
     return gone
 
 

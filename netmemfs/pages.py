@@ -25,6 +25,18 @@ def pages_for(size_bytes: int) -> int:
     return (size_bytes + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
+def consecutive(pages: list[int], max_run: int | None = None) -> list[tuple[int, int]]:
+    """Sorted page numbers as (first, count) runs of consecutive pages, each at most
+    max_run long if given."""
+    runs: list[tuple[int, int]] = []
+    for p in pages:
+        if runs and runs[-1][0] + runs[-1][1] == p and (max_run is None or runs[-1][1] < max_run):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
+
+
 def check_name(name: str) -> str:
     """Return name if it is a valid segment name, else raise InvalidName saying why."""
     if not name:

@@ -47,6 +47,21 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     return total
 
 
+def pwrite_all(fd: int, parts: Sequence[Buffer], offset: int) -> int:
+    """Write parts at offset (not at the descriptor's position, which a write cut short
+    would leave past the last good byte); return how many bytes. On OSError some of
+    them may have been written: the caller truncates back to offset."""
+    total = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, offset) if len(parts) <= 512 else 0
+    if done < total:
+        rest = memoryview(b"".join(parts))[done:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + done)
+            done += n
+            rest = rest[n:]
+    return total
+
+
 def read_records(f: BinaryIO, magic: bytes) -> Iterator[tuple[int, object]]:
     """Yield (end offset, payload) for each whole, valid record; stop at the first that
     is not (a torn or damaged tail). The caller compares the last end with the size."""
