@@ -259,6 +259,7 @@ async def _serve_connected(
                     os.close(ready_fd)
                 log.info("mounted %s (server %s)", opts.mountpoint, address)
 
+            ops.background = nursery
             nursery.start_soon(on_signal)
             nursery.start_soon(started)
             nursery.start_soon(attach.serve, store)

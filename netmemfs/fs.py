@@ -96,6 +96,8 @@ class NetmemFS(pyfuse3.Operations):
         super().__init__()
         # Pages the kernel handed over that the cache dir cannot take: kept, not dropped.
         self.hold = HoldBudget(unjournaled_bytes)
+        # Where work that must wait until a request is answered runs (set by the daemon).
+        self.background: trio.Nursery | None = None
         self.cache = PageCache(cache_bytes)
         self.store = store
         self.cache_dir = cache_dir
@@ -547,8 +549,25 @@ class NetmemFS(pyfuse3.Operations):
                 whole[head : head + len(buf)] = buf
                 data = bytes(whole)
             # One call: a write the journal refuses changes neither pages nor size.
-            node.journal.write_pages(first, data, grow_to=end)
+            try:
+                node.journal.write_pages(first, data, grow_to=end)
+            except JournalError:
+                self._forget_cached_pages(fh)
+                raise
         return len(buf)
+
+    def _forget_cached_pages(self, ino: int) -> None:
+        """A write was refused: if it was the kernel's writeback of a mapping, the
+        kernel now holds those pages clean, showing data that is stored nowhere. Drop
+        the file's page cache so that readers see what the file really holds (the
+        kernel reports the failed writeback at the next fsync of each descriptor).
+        After this request is answered: the kernel waits for it to invalidate."""
+        if self.background is not None:
+            self.background.start_soon(self._invalidate, ino)
+
+    async def _invalidate(self, ino: int) -> None:
+        with contextlib.suppress(OSError):  # the kernel forgot the inode meanwhile
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, pyfuse3.InodeT(ino), False)
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         node = self._inode(fh)

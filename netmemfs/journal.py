@@ -54,6 +54,7 @@ from netmemfs.errors import NetmemError, ProtocolError, ServerUnreachable
 from netmemfs.pages import PAGE_SIZE, consecutive, pages_for
 from netmemfs.protocol import PageRun
 from netmemfs.records import encode_record, pwrite_all, read_records
+from netmemfs.sizes import format_size
 
 T = TypeVar("T")
 
@@ -200,9 +201,9 @@ class _File:
         new = sum(1 for i in range(n) if first + i not in self.held)
         if not self.budget.take(new * PAGE_SIZE, force=force):
             raise type(cause)(
-                f"{cause}. The {self.budget.limit_bytes >> 20} MiB of memory for written "
-                "pages the journal cannot take (--max-unjournaled) are in use, so this "
-                "write is refused"
+                f"{cause}. The memory for written pages the journal cannot take "
+                f"(--max-unjournaled {format_size(self.budget.limit_bytes)}) is used up, "
+                f"so this write of {n} pages is refused"
             )
         self._start_holding(cause)
         for i in range(n):

@@ -16,6 +16,14 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
+def format_size(n: int) -> str:
+    """Bytes as parse_size writes them, in the largest unit that divides them (64M)."""
+    for unit in ("T", "G", "M", "K"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     """'host', 'host:port', '[v6]:port' or ':port' -> (host, port)."""
     host, port = text, default_port

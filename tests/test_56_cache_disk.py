@@ -21,7 +21,7 @@ import pytest
 
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.remote import RemoteStore
-from tests.helpers import MountProc, ServerProc, describe_page, run_trio, stamp_page
+from tests.helpers import MountProc, ServerProc, describe_page, run_trio, stamp_page, wait_for
 
 MountFactory = Callable[..., MountProc]
 Model = dict[int, int]  # page -> generation of the last write that returned success
@@ -241,3 +241,37 @@ def test_a_failed_append_leaves_the_journal_as_it_was(
         got[run.first * PAGE_SIZE : run.first * PAGE_SIZE + len(run.data)] = run.data
     _same(_expected("j", model, 64), bytes(got))
     jr.discard()
+
+
+def test_writeback_past_the_memory_bound_is_reported_and_not_shown(
+    mounts_made: list[Path], server: ServerProc, mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """Past --max-unjournaled the daemon refuses the kernel's writeback: every
+    descriptor open then gets ENOSPC at its next fsync (the kernel's rule), and the
+    mount stops showing the refused pages, which are stored nowhere."""
+    journal = tmp_path / "mnt-cache" / "journal"
+    _small_disk(mounts_made, journal, "4M")
+    mnt = mount_factory(server.address, "--max-unjournaled", "64K")
+    _expect_disk_trouble(mnt)
+    mnt.expect_log(r"is used up, so this write of \d+ pages is refused")
+    pages = 256
+    fd = os.open(mnt.path("m"), os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, pages * PAGE_SIZE)
+    os.fsync(fd)
+    other = os.open(mnt.path("m"), os.O_RDONLY)
+    ballast = _fill(journal, 300 << 10)
+    with mmap.mmap(fd, pages * PAGE_SIZE) as m:
+        for p in range(pages):
+            m[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] = stamp_page("m", p, 1)
+        assert _errno_of(m.flush) == errno.ENOSPC
+    assert _errno_of(lambda: os.fsync(other)) == errno.ENOSPC
+    ballast.unlink()
+    os.fsync(fd)  # commits what the journal and memory took
+    stored = _server_bytes(server, "m")
+    assert stored != _expected("m", dict.fromkeys(range(pages), 1), pages), "nothing refused"
+    wait_for(
+        lambda: os.pread(other, pages * PAGE_SIZE, 0) == stored,
+        "the mount to show what the server holds, not the refused pages",
+    )
+    os.close(other)
+    os.close(fd)
