@@ -15,8 +15,10 @@ crashed live in fuzz/regressions/journal/ and run in the test suite
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -29,8 +31,22 @@ from netmemfs_server import log as server_log
 from netmemfs_server.store import MemoryPageStore
 
 MAX_PAYLOADS = 64
-_TMP = Path(os.environ.get("NETMEMFS_FUZZ_DIR") or tempfile.mkdtemp(prefix="netmemfs-fuzz-"))
-_TMP.mkdir(parents=True, exist_ok=True)
+_TMP_DIR: Path | None = None
+
+
+def _tmp() -> Path:
+    """Where inputs are written: $NETMEMFS_FUZZ_DIR, else a temporary directory made
+    at the first input and removed at exit (importing this module makes nothing)."""
+    global _TMP_DIR
+    if _TMP_DIR is None:
+        given = os.environ.get("NETMEMFS_FUZZ_DIR")
+        if given:
+            _TMP_DIR = Path(given)
+            _TMP_DIR.mkdir(parents=True, exist_ok=True)
+        else:
+            _TMP_DIR = Path(tempfile.mkdtemp(prefix="netmemfs-fuzz-"))
+            atexit.register(shutil.rmtree, _TMP_DIR, True)
+    return _TMP_DIR
 
 
 def build_file(magic: bytes, body: bytes) -> bytes:
@@ -54,18 +70,18 @@ def one_input(data: bytes) -> None:
     if not data:
         return
     if data[0] & 1:
-        path = _TMP / "seg.sealed"
+        path = _tmp() / "seg.sealed"
         path.write_bytes(build_file(journal.MAGIC, data[1:]))
         try:
-            for commit, _ in journal.recover(_TMP):
+            for commit, _ in journal.recover(_tmp()):
                 assert all(r.count * 4096 == len(r.data) for r in commit.runs)
         except journal.JournalError:
             pass
         finally:
-            for p in _TMP.iterdir():
+            for p in _tmp().iterdir():
                 p.unlink()
     else:
-        path = _TMP / "log.00000000"
+        path = _tmp() / "log.00000000"
         path.write_bytes(build_file(server_log.LOG_MAGIC, data[1:]))
         try:
             server_log._replay_log(path, MemoryPageStore(), last=True)

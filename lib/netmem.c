@@ -36,6 +36,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -74,8 +75,10 @@ extern char **environ;
 #define DEFAULT_TIMEOUT_MS 30000
 #define DEFAULT_SERVER "127.0.0.1:7733"
 
-#ifndef NETMEM_AGENT_DEFAULT
-#define NETMEM_AGENT_DEFAULT "netmemfs"
+/* Where the library is installed: an agent installed with it is in
+ * NETMEM_PREFIX/bin. */
+#ifndef NETMEM_PREFIX
+#define NETMEM_PREFIX "/usr/local"
 #endif
 
 enum { MISSING, FETCHING, PRESENT, HELD, POISONED };
@@ -1254,20 +1257,53 @@ static void kick(struct region *r)
 
 /* ---- connecting to the agent -------------------------------------------- */
 
+/* Whether PATH has an executable `name`, as posix_spawnp would find it. */
+static bool on_path(const char *name)
+{
+	const char *path = getenv("PATH");
+	char buf[PATH_MAX];
+
+	while (path && *path) {
+		const char *end = strchrnul(path, ':');
+		int n = (int)(end - path);
+
+		if (snprintf(buf, sizeof(buf), "%.*s/%s", n ? n : 1,
+			     n ? path : ".", name) < (int)sizeof(buf) &&
+		    access(buf, X_OK) == 0)
+			return true;
+		path = *end ? end + 1 : end;
+	}
+	return false;
+}
+
+/* The agent program: the caller's, else $NETMEMFS_BIN, else `netmemfs` on
+ * PATH, else the one installed beside this library. Never a path of the
+ * checkout that built the library (that checkout may be gone). buf holds the
+ * last case. */
+static const char *agent_program(const struct netmem_options *o, char *buf,
+				 size_t len)
+{
+	const char *prog = o->agent;
+
+	if (!prog || !*prog)
+		prog = getenv("NETMEMFS_BIN");
+	if (prog && *prog)
+		return prog;
+	if (on_path("netmemfs"))
+		return "netmemfs";
+	snprintf(buf, len, "%s/bin/netmemfs", NETMEM_PREFIX);
+	return buf;
+}
+
 static int spawn_agent(struct region *r, const struct netmem_options *o,
 		       const char *server)
 {
-	const char *prog = o->agent;
+	char installed[PATH_MAX];
+	const char *prog = agent_program(o, installed, sizeof(installed));
 	char timeout[32];
 	posix_spawn_file_actions_t fa;
 	int sv[2], child_fd, ret;
 
-	if (!prog)
-		prog = getenv("NETMEMFS_BIN");
-	if (!prog)
-		prog = NETMEM_AGENT_DEFAULT;
-	if (access(prog, X_OK) < 0 && strchr(prog, '/'))
-		prog = "netmemfs";
 	snprintf(timeout, sizeof(timeout), "%u", r->timeout_ms);
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return fail(errno, "socketpair: %s", strerror(errno));
@@ -1294,9 +1330,10 @@ static int spawn_agent(struct region *r, const struct netmem_options *o,
 	if (ret) {
 		close(sv[0]);
 		return fail(ret,
-			    "cannot start the netmemfs agent `%s`: %s; install "
-			    "netmemfs (bash scripts/setup) or set NETMEMFS_BIN "
-			    "to its `netmemfs` program", prog, strerror(ret));
+			    "cannot start the netmemfs agent `%s`: %s; put the "
+			    "`netmemfs` program on PATH (pip install netmemfs, "
+			    "or a checkout's .venv/bin after scripts/setup) or "
+			    "set NETMEMFS_BIN to it", prog, strerror(ret));
 	}
 	r->sock = sv[0];
 	return 0;

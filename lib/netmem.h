@@ -35,7 +35,8 @@ struct netmem_options {
 	size_t budget;		/* resident bytes at most; 0: size */
 	unsigned int timeout_ms; /* then a fault gets SIGBUS; 0: 30000 */
 	/* The netmemfs program run as the agent; NULL: $NETMEMFS_BIN, else
-	 * the one this library was built with, else `netmemfs` in PATH. */
+	 * `netmemfs` in PATH, else the one installed with this library
+	 * (PREFIX/bin/netmemfs). */
 	const char *agent;
 	/* An existing private anonymous mapping of `size` bytes to serve (the
 	 * caller unmaps it after netmem_unmap); NULL: the library maps one. */

@@ -19,6 +19,7 @@ its AttachPoint, one connection per region.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -322,7 +323,8 @@ async def run_private(
 ) -> None:
     """Serve the one region on socket fd (libnetmem's end), then return."""
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-    journal_dir = Path(tempfile.mkdtemp(prefix="netmemfs-anon-"))
+    sweep_private_journals(Path(tempfile.gettempdir()))
+    journal_dir, lock = make_private_journal(Path(tempfile.gettempdir()))
 
     async def body(io: _Socket) -> None:
         async with AsyncExitStack() as stack:
@@ -337,7 +339,52 @@ async def run_private(
                 return
             await _serve_region(io, store, journal_dir)
 
-    await _run_socket(sock, journal_dir, body)
+    try:
+        await _run_socket(sock, journal_dir, body)
+    finally:
+        os.close(lock)
+
+
+PRIVATE_PREFIX = "netmemfs-anon-"
+
+
+def make_private_journal(base: Path) -> tuple[Path, int]:
+    """A private agent's journal directory in base, and the descriptor of the flock
+    it holds on its `lock` file while it lives (with its pid written after the lock
+    is taken): how the next agent tells a live directory from a dead one."""
+    journal_dir = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=base))
+    lock = os.open(journal_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.write(lock, f"{os.getpid()}\n".encode())
+    return journal_dir, lock
+
+
+def sweep_private_journals(base: Path) -> int:
+    """Remove the journal directories of this user's private agents that died without
+    cleaning up (SIGKILL): those whose lock nobody holds. What they held was never
+    synced, so nothing is lost that a crash does not lose. Return how many."""
+    gone = 0
+    for d in base.glob(PRIVATE_PREFIX + "*"):
+        try:
+            if d.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(d / "lock", os.O_RDONLY)
+        except OSError:
+            continue  # not ours, not an agent's, or just being made
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its agent lives
+            # Locked by us: its agent is dead, or has not taken the lock yet (then it
+            # has not written its pid either).
+            if os.pread(fd, 32, 0).strip():
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("removed %s, left by an agent that died", d)
+                gone += 1
+        finally:
+            os.close(fd)
+    return gone
 
 
 class AttachPoint:

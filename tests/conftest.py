@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import LogChecked, MountProc, ServerProc
+
+# C programs linked with libnetmem find their agent as `netmemfs` on PATH, as a user's
+# with the venv activated would: the venv of this interpreter.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _assert_quiet_logs(procs: Sequence[LogChecked]) -> None:

@@ -180,10 +180,15 @@ class MountProc(LogChecked):
         self.server = server
         self.args = list(args)
         self.expected_log: list[re.Pattern[str]] = []
+        self.earlier_logs = ""  # of earlier daemons: each mount starts a new daemon.log
         self.pid = 0
         self.start()
 
+    def log_text(self) -> str:
+        return self.earlier_logs + super().log_text()
+
     def start(self) -> None:
+        self.earlier_logs = self.log_text()
         cmd = [sys.executable, "-m", "netmemfs", "mount", str(self.mountpoint)]
         cmd += ["--cache-dir", str(self.cache_dir), *self.args]
         if self.server is not None:

@@ -198,12 +198,23 @@ def qemu_command(kernel: Kernel, initramfs: Path) -> list[str]:
 
 
 def check_prerequisites() -> Kernel:
-    """The kernel to boot; Missing names the package when something is not there."""
-    kernel = find_kernel()
+    """The kernel to boot; Missing names every package that is not there, at once."""
+    missing = []
+    kernel = None
+    try:
+        kernel = find_kernel()
+    except Missing:
+        missing += ["linux-image-amd64", "linux-headers-amd64"]
     if not BUSYBOX.is_file():
-        raise Missing("no static busybox: apt-get install busybox-static")
+        missing.append("busybox-static")
     if shutil.which("qemu-system-x86_64") is None:
-        raise Missing("no qemu-system-x86_64: apt-get install qemu-system-x86")
+        missing.append("qemu-system-x86")
+    if missing:
+        raise Missing(
+            "the kernel module's test boots Debian's kernel in qemu and needs: "
+            f"apt-get install {' '.join(missing)}"
+        )
+    assert kernel is not None
     return kernel
 
 
