@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import importlib.metadata
 import logging
 import os
 import ssl
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from netmemfs import kdoor
+from netmemfs import __version__, kdoor
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import run_private
 from netmemfs.auth import read_token_file
@@ -76,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     m = sub.add_parser(
         "mount",
@@ -205,13 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tls_ca(a, default=os.environ.get("NETMEMFS_TLS_CA"), env="$NETMEMFS_TLS_CA")
     return p
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("netmemfs")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
 
 
 def _add_tls_ca(p: argparse.ArgumentParser, default: str | None = None, env: str = "") -> None:

@@ -244,11 +244,13 @@ class NetmemFS(pyfuse3.Operations):
                     # Keep the new last page whole in the journal, zeros past the end
                     # (set_size zeroes the tail of a page the journal already holds).
                     last = await self._read_pages(node, size // PAGE_SIZE, 1)
-                node.journal.set_size(size)
                 if last is not None:
+                    # Before the size: a page the journal refuses changes nothing, and
+                    # set_size cannot fail (no await between the two).
                     node.journal.write_page(
                         size // PAGE_SIZE, last[:tail] + bytes(PAGE_SIZE - tail)
                     )
+                node.journal.set_size(size)
         # Mode, owner and times are not kept: files are 0644 and owned by the mounter.
         return self._attrs(inode, node.journal.size)
 

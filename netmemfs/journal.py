@@ -26,6 +26,11 @@ whose transaction it sends again under the same id: the server applies a transac
 at most once, so the commit ends up applied exactly once, whole. Active files (writes
 never fsynced) are dropped at start; docs/semantics.md says so.
 
+A full, read-only or removed cache directory loses nothing silently: an append that
+fails is undone (records are written at the known end, and a torn one is cut away), and
+what the file cannot take is held in memory, within the mount's HoldBudget, until it
+can; sealing writes it first, so an fsync fails until then (docs/journal.md, "Appends").
+
 The journal is not fsynced. A daemon that dies leaves its writes in the kernel's page
 cache, which the next daemon reads. Only a crash of the whole machine can lose or tear
 journal files, and then every record is checksummed: a sealed file whose begin record
@@ -200,6 +205,8 @@ class _File:
         n = len(data) // PAGE_SIZE
         new = sum(1 for i in range(n) if first + i not in self.held)
         if not self.budget.take(new * PAGE_SIZE, force=force):
+            if not self.budget.limit_bytes:
+                raise type(cause)(str(cause))
             raise type(cause)(
                 f"{cause}. The memory for written pages the journal cannot take "
                 f"(--max-unjournaled {format_size(self.budget.limit_bytes)}) is used up, "
@@ -262,6 +269,26 @@ class _File:
                 del self.held[first + i]
             self.budget.give_back(n * PAGE_SIZE)
         self.hold_cause = None
+
+    def recreate(self) -> None:
+        """Copy the file, whose name was removed, to a new file of the same name; the
+        new one takes its place (its offsets are the same)."""
+        assert self.fd is not None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            off = 0
+            while off < self.end:
+                chunk = os.pread(self.fd, min(1 << 20, self.end - off), off)
+                if not chunk:
+                    raise OSError(_errno.EIO, f"{self.path} ended at {off} of {self.end}")
+                pwrite_all(fd, [chunk], off)
+                off += len(chunk)
+        except OSError:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(self.fd)
+        self.fd = fd
 
     def close(self) -> None:
         if self.fd is not None:
@@ -435,6 +462,8 @@ class SegmentJournal:
         f.append(["begin", txn, name, min_size])
         sealed_path = f.path.with_suffix(".sealed")
         try:
+            if not f.path.exists() and self.directory.is_dir():
+                f.recreate()  # the directory was removed (and made again) meanwhile
             os.rename(f.path, sealed_path)
         except OSError as e:
             f.end = end  # the begin record goes, to be written again by the retry

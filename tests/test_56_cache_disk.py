@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -275,3 +276,23 @@ def test_writeback_past_the_memory_bound_is_reported_and_not_shown(
     )
     os.close(other)
     os.close(fd)
+
+
+def test_a_cache_dir_removed_while_mounted(server: ServerProc, mount_factory: MountFactory) -> None:
+    mnt = mount_factory(server.address)
+    mnt.expect_log(r"cache dir .* is gone")
+    mnt.expect_log(r"Keeping written pages in memory")
+    journal = mnt.cache_dir / "journal"
+    model: Model = {}
+    fd = os.open(mnt.path("f"), os.O_RDWR | os.O_CREAT)
+    os.pwrite(fd, stamp_page("f", 0, 1), 0)
+    model[0] = 1
+    shutil.rmtree(journal)
+    os.pwrite(fd, stamp_page("f", 1, 1), PAGE_SIZE)
+    model[1] = 1
+    assert _errno_of(lambda: os.fsync(fd)) == errno.EIO
+    assert re.search(rf"cache dir {re.escape(str(journal))} is gone", mnt.log_text())
+    journal.mkdir()
+    os.fsync(fd)
+    os.close(fd)
+    _same(_expected("f", model, 2), _server_bytes(server, "f"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib.metadata
 import ipaddress
 import logging
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from netmemfs import __version__
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.auth import read_token_file
 from netmemfs.errors import NetmemError
@@ -67,20 +67,13 @@ def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("netmemfs")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netmemfs-server",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
