@@ -13,11 +13,14 @@
  *
  * Each open file has an address_space of its own (file->f_mapping), holding
  * nothing in its page cache but linking the file's mappings, so that
- * page_mkclean() finds every PTE of a page. A write to a clean page calls
+ * folio_mkclean() finds every PTE of a page. A write to a clean page calls
  * page_mkwrite(), which marks it dirty. fsync() (and so msync(MS_SYNC))
  * write-protects every dirty page again, copies it, and hands the copies to
  * the daemon, which commits them as one transaction.
  */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/capability.h>
 #include <linux/completion.h>
 #include <linux/fs.h>
 #include <linux/highmem.h>
@@ -44,7 +47,7 @@ MODULE_PARM_DESC(timeout_ms,
 /**
  * struct nm_area - what one open file of /dev/netmem maps
  * @ref: the file and each of its mappings hold one
- * @mapping: links the file's mappings, for page_mkclean() (no page cache)
+ * @mapping: links the file's mappings, for folio_mkclean() (no page cache)
  * @lock: serializes attach and sync
  * @id: names the area in requests
  * @segment: the server segment, NUL-terminated
@@ -96,6 +99,7 @@ struct nm_req {
  * @pending: requests the daemon has not read yet
  * @waiting: requests read, waiting for the daemon's reply
  * @wq: the daemon waits here for requests
+ * @read_lock: serializes the daemon's reads
  * @next_id: request ids
  * @next_area: area ids
  */
@@ -106,11 +110,19 @@ struct nm_dev {
 	struct list_head pending;
 	struct list_head waiting;
 	wait_queue_head_t wq;
+	struct mutex read_lock;
 	u64 next_id;
 	u64 next_area;
 };
 
 static struct nm_dev nm;
+
+/*
+ * The errnos a daemon may answer with: real ones only. Values from -512 down
+ * (-ERESTARTSYS and the like) are the kernel's own and must never reach user
+ * space; FUSE refuses them the same way.
+ */
+#define NM_MAX_DAEMON_ERRNO	511
 
 static const struct address_space_operations nm_aops = {
 	.dirty_folio = noop_dirty_folio,
@@ -190,7 +202,7 @@ static void nm_provider_gone(void)
 		req->status = -EPIPE;
 		complete(&req->done);	/* the waiter frees req */
 	}
-	pr_warn("netmem: the netmemfs daemon closed /dev/netmem; faults that need it get SIGBUS until a daemon serves it again\n");
+	pr_warn("the netmemfs daemon closed /dev/netmem; faults that need it get SIGBUS until a daemon serves it again\n");
 }
 
 /* ---- areas -------------------------------------------------------------- */
@@ -199,13 +211,23 @@ static void nm_area_free(struct kref *ref)
 {
 	struct nm_area *area = container_of(ref, struct nm_area, ref);
 	struct page *page;
-	unsigned long idx;
+	unsigned long idx, unsynced;
 
+	/*
+	 * Pages written since the last sync die with the area, as a mount's
+	 * unsynced writes die at unmount: committing here would have an exiting
+	 * task wait on the network. Say how many.
+	 */
+	unsynced = area->dirty ? bitmap_weight(area->dirty, area->npages) : 0;
+	if (unsynced)
+		pr_info("segment %s: %lu pages written since the last sync were dropped at the last close (msync or fsync before closing keeps them)\n",
+			area->segment, unsynced);
 	/* No mapping is left (each holds a reference): no PTE maps a page. */
 	xa_for_each(&area->pages, idx, page) {
 		page->mapping = NULL;
 		ClearPageDirty(page);
 		put_page(page);
+		cond_resched();	/* an area may hold millions of pages */
 	}
 	xa_destroy(&area->pages);
 	kvfree(area->dirty);
@@ -217,16 +239,22 @@ static void nm_area_put(struct nm_area *area)
 	kref_put(&area->ref, nm_area_free);
 }
 
-/* Page @idx of @area from the daemon, installed in the area; NULL and *err. */
-static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err)
+/*
+ * Page @idx of @area from the daemon, installed in the area; NULL and *err.
+ * *oom says the failure was ours (no memory here), not the daemon's.
+ */
+static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err,
+			     bool *oom)
 {
 	struct page *page, *old;
 	struct nm_req *req;
 
-	page = alloc_page(GFP_HIGHUSER | __GFP_ZERO);
+	/* Charged to the faulting task's memory cgroup, like any page it maps. */
+	page = alloc_page(GFP_HIGHUSER | __GFP_ZERO | __GFP_ACCOUNT);
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
 	if (!page || !req) {
 		*err = -ENOMEM;
+		*oom = true;
 		goto out_free;
 	}
 	req->msg.type = NETMEM_MSG_FETCH;
@@ -242,7 +270,7 @@ static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err)
 		goto out_free;
 	/* A hole stays as allocated: zeros, nothing was copied. */
 	page->mapping = &area->mapping;
-	page->index = idx;
+	page_folio(page)->index = idx;
 	old = xa_cmpxchg(&area->pages, idx, NULL, page, GFP_KERNEL);
 	if (!old)
 		return page;
@@ -251,6 +279,7 @@ static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err)
 	put_page(page);
 	if (xa_is_err(old)) {
 		*err = xa_err(old);
+		*oom = true;
 		return NULL;
 	}
 	return old;
@@ -266,18 +295,23 @@ static vm_fault_t nm_fault(struct vm_fault *vmf)
 	struct nm_area *area = vmf->vma->vm_private_data;
 	unsigned long idx = vmf->pgoff;
 	struct page *page;
+	bool oom = false;
 	int err = 0;
 
 	if (idx >= area->npages)
 		return VM_FAULT_SIGBUS;
 	page = xa_load(&area->pages, idx);
 	if (!page)
-		page = nm_fetch(area, idx, &err);
+		page = nm_fetch(area, idx, &err, &oom);
 	if (!page) {
-		pr_warn_ratelimited("netmem: fault on page %lu of segment %s (pid %d) failed: %s (%d); the task gets SIGBUS\n",
+		pr_warn_ratelimited("fault on page %lu of segment %s (pid %d) failed: %s (%d); the task gets SIGBUS\n",
 				    idx, area->segment, task_pid_nr(current),
 				    nm_why(err), err);
-		return err == -ENOMEM ? VM_FAULT_OOM : VM_FAULT_SIGBUS;
+		/*
+		 * Only our own allocation failing is OOM: a daemon answering
+		 * ENOMEM would have the task retry the fault for ever.
+		 */
+		return oom ? VM_FAULT_OOM : VM_FAULT_SIGBUS;
 	}
 	get_page(page);		/* the PTE's reference */
 	vmf->page = page;
@@ -288,15 +322,15 @@ static vm_fault_t nm_fault(struct vm_fault *vmf)
 static vm_fault_t nm_page_mkwrite(struct vm_fault *vmf)
 {
 	struct nm_area *area = vmf->vma->vm_private_data;
-	struct page *page = vmf->page;
+	struct folio *folio = page_folio(vmf->page);
 
-	lock_page(page);
-	if (WARN_ON_ONCE(page->mapping != &area->mapping)) {
-		unlock_page(page);
+	folio_lock(folio);
+	if (WARN_ON_ONCE(folio->mapping != &area->mapping)) {
+		folio_unlock(folio);
 		return VM_FAULT_SIGBUS;
 	}
 	/* Locked until the PTE is writable, so a sync cannot clean it first. */
-	set_bit(page->index, area->dirty);
+	set_bit(folio->index, area->dirty);
 	return VM_FAULT_LOCKED;
 }
 
@@ -347,7 +381,7 @@ static int nm_send_commit(struct nm_area *area, u32 type, u64 commit,
 
 /*
  * Hand every dirty page to the daemon and have it commit them as one
- * transaction. Each page is write-protected (page_mkclean) and copied under
+ * transaction. Each page is write-protected (folio_mkclean) and copied under
  * its page lock, so a write after that faults into page_mkwrite, waits for
  * the lock, and marks the page for the next sync.
  */
@@ -360,7 +394,8 @@ static int nm_sync(struct nm_area *area)
 	u64 commit;
 	int err = 0;
 
-	chunk = kvmalloc(NETMEM_CHUNK_PAGES * (sizeof(u64) + PAGE_SIZE),
+	/* Zeroed: the daemon reads all NETMEM_CHUNK_PAGES page numbers. */
+	chunk = kvzalloc(NETMEM_CHUNK_PAGES * (sizeof(u64) + PAGE_SIZE),
 			 GFP_KERNEL);
 	sent = kvcalloc(BITS_TO_LONGS(area->npages), sizeof(long), GFP_KERNEL);
 	if (!chunk || !sent) {
@@ -372,18 +407,20 @@ static int nm_sync(struct nm_area *area)
 	commit = ++area->commits;
 	for_each_set_bit(idx, area->dirty, area->npages) {
 		struct page *page = xa_load(&area->pages, idx);
+		struct folio *folio;
 
 		if (WARN_ON_ONCE(!page)) {
 			clear_bit(idx, area->dirty);
 			continue;
 		}
-		lock_page(page);
-		page_mkclean(page);
+		folio = page_folio(page);
+		folio_lock(folio);
+		folio_mkclean(folio);
 		clear_bit(idx, area->dirty);
 		set_bit(idx, sent);
 		numbers[n] = idx;
 		memcpy_from_page(data + n * PAGE_SIZE, page, 0, PAGE_SIZE);
-		unlock_page(page);
+		folio_unlock(folio);
 		n++;
 		total++;
 		if (n == NETMEM_CHUNK_PAGES) {
@@ -395,6 +432,8 @@ static int nm_sync(struct nm_area *area)
 		}
 	}
 	if (n) {
+		/* The numbers of the chunk before are not the daemon's business. */
+		memset(numbers + n, 0, (NETMEM_CHUNK_PAGES - n) * sizeof(*numbers));
 		err = nm_send_commit(area, NETMEM_MSG_COMMIT_PAGES, commit,
 				     chunk, n);
 		if (err)
@@ -409,7 +448,7 @@ out_redirty:
 	/* Not committed: the pages stay dirty for the next sync. */
 	for_each_set_bit(idx, sent, area->npages)
 		set_bit(idx, area->dirty);
-	pr_warn_ratelimited("netmem: sync of %u pages of segment %s failed: %s (%d); they stay dirty for the next sync\n",
+	pr_warn_ratelimited("sync of %u pages of segment %s failed: %s (%d); they stay dirty for the next sync\n",
 			    total, area->segment, nm_why(err), err);
 out_free:
 	kvfree(sent);
@@ -476,7 +515,8 @@ static long nm_attach(struct nm_area *area, void __user *uarg)
 	    a.size > NETMEM_MAX_BYTES)
 		return -EINVAL;
 	npages = a.size >> PAGE_SHIFT;
-	mutex_lock(&area->lock);
+	if (mutex_lock_killable(&area->lock))
+		return -EINTR;
 	err = -EBUSY;
 	if (area->npages || area->provider)
 		goto out_unlock;
@@ -501,7 +541,7 @@ static long nm_attach(struct nm_area *area, void __user *uarg)
 	return 0;
 out_free:
 	if (err != -EINVAL && err != -ENOSPC)
-		pr_info_ratelimited("netmem: attaching segment %s failed: %s (%d)\n",
+		pr_info_ratelimited("attaching segment %s failed: %s (%d)\n",
 				    a.segment, nm_why(err), err);
 	kfree(req);
 	kvfree(area->dirty);
@@ -515,7 +555,11 @@ static long nm_provide(struct file *file, struct nm_area *area)
 {
 	long err = 0;
 
-	mutex_lock(&area->lock);
+	/* The provider sees and writes every area's pages. */
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	if (mutex_lock_killable(&area->lock))
+		return -EINTR;
 	spin_lock(&nm.lock);
 	if (area->npages)
 		err = -EINVAL;
@@ -551,7 +595,11 @@ static int nm_mmap(struct file *file, struct vm_area_struct *vma)
 
 	if (!npages)
 		return -EINVAL;		/* attach first */
-	if (!(vma->vm_flags & VM_SHARED))
+	/*
+	 * VM_MAYSHARE, not VM_SHARED: a MAP_SHARED mapping of a file opened
+	 * read-only has no VM_SHARED, and may still map the area to read it.
+	 */
+	if (!(vma->vm_flags & VM_MAYSHARE))
 		return -EINVAL;		/* private copies would never sync */
 	if (vma->vm_pgoff >= npages || vma_pages(vma) > npages - vma->vm_pgoff)
 		return -EINVAL;
@@ -573,7 +621,8 @@ static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 
 	if (!smp_load_acquire(&area->npages))
 		return -EINVAL;
-	mutex_lock(&area->lock);
+	if (mutex_lock_killable(&area->lock))
+		return -EINTR;
 	err = nm_sync(area);
 	mutex_unlock(&area->lock);
 	if (err == -ENOSPC || err == -EINTR || err == -ENOMEM)
@@ -581,30 +630,62 @@ static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 	return err ? -EIO : 0;
 }
 
-/* The daemon reads the next request (it must offer NETMEM_MSG_MAX bytes). */
+/* The request @id, if it is still on nm.pending; nm.lock held. */
+static struct nm_req *nm_pending(u64 id)
+{
+	struct nm_req *req;
+
+	list_for_each_entry(req, &nm.pending, node)
+		if (req->msg.id == id)
+			return req;
+	return NULL;
+}
+
+/*
+ * The daemon reads the next request (it must offer NETMEM_MSG_MAX bytes). The
+ * header is copied out before the request leaves nm.pending, so a copy that
+ * fails loses nothing: the next read gets the same request. Reads are
+ * serialized, so two readers never take one request.
+ */
 static ssize_t nm_read(struct file *file, char __user *buf, size_t count,
 		       loff_t *ppos)
 {
 	struct netmem_msg msg;
 	struct nm_req *req;
-	int err;
+	ssize_t ret;
 
 	if (file != READ_ONCE(nm.provider))
 		return -EINVAL;
 	if (count < NETMEM_MSG_MAX)
 		return -EINVAL;
+	if (mutex_lock_interruptible(&nm.read_lock))
+		return -ERESTARTSYS;
 	spin_lock(&nm.lock);
 	while (list_empty(&nm.pending)) {
 		spin_unlock(&nm.lock);
+		ret = -EAGAIN;
 		if (file->f_flags & O_NONBLOCK)
-			return -EAGAIN;
+			goto out_unlock;
+		ret = -ERESTARTSYS;
 		if (wait_event_interruptible(nm.wq,
 					     !list_empty_careful(&nm.pending)))
-			return -ERESTARTSYS;
+			goto out_unlock;
 		spin_lock(&nm.lock);
 	}
-	req = list_first_entry(&nm.pending, struct nm_req, node);
-	msg = req->msg;
+	msg = list_first_entry(&nm.pending, struct nm_req, node)->msg;
+	spin_unlock(&nm.lock);
+
+	ret = -EFAULT;
+	if (copy_to_user(buf, &msg, sizeof(msg)))
+		goto out_unlock;
+	spin_lock(&nm.lock);
+	req = nm_pending(msg.id);
+	if (!req) {
+		/* Its waiter gave up meanwhile: the daemon's reply gets ENOENT. */
+		spin_unlock(&nm.lock);
+		ret = sizeof(msg) + msg.len;
+		goto out_unlock;
+	}
 	if (msg.type == NETMEM_MSG_COMMIT_PAGES) {
 		/* Claimed: its waiter keeps it (and the payload) until done. */
 		list_del_init(&req->node);
@@ -615,25 +696,33 @@ static ssize_t nm_read(struct file *file, char __user *buf, size_t count,
 	}
 	spin_unlock(&nm.lock);
 
-	err = copy_to_user(buf, &msg, sizeof(msg)) ? -EFAULT : 0;
+	ret = sizeof(msg) + msg.len;
 	if (req) {
-		if (!err && copy_to_user(buf + sizeof(msg), req->payload,
-					 msg.len))
-			err = -EFAULT;
-		req->status = err;
+		/* A failed copy fails the sync; its pages stay dirty for the next. */
+		req->status = copy_to_user(buf + sizeof(msg), req->payload,
+					   msg.len) ? -EFAULT : 0;
+		if (req->status)
+			ret = -EFAULT;
 		complete(&req->done);
 	}
-	return err ? err : (ssize_t)(sizeof(msg) + msg.len);
+out_unlock:
+	mutex_unlock(&nm.read_lock);
+	return ret;
 }
 
-/* The daemon answers a request: a struct netmem_reply, maybe a page. */
+/*
+ * The daemon answers a request: a struct netmem_reply, maybe a page. The page
+ * is copied in before the request is looked up, so that a copy that faults
+ * neither loses an accepted reply nor runs while the waiter cannot leave.
+ */
 static ssize_t nm_write(struct file *file, const char __user *buf,
 			size_t count, loff_t *ppos)
 {
 	struct netmem_reply r;
 	struct nm_req *req = NULL, *it;
 	bool with_page = count == sizeof(r) + PAGE_SIZE;
-	int status;
+	void *bounce = NULL;
+	ssize_t ret;
 
 	if (file != READ_ONCE(nm.provider))
 		return -EINVAL;
@@ -641,8 +730,18 @@ static ssize_t nm_write(struct file *file, const char __user *buf,
 		return -EINVAL;
 	if (copy_from_user(&r, buf, sizeof(r)))
 		return -EFAULT;
-	if (r.status > 0 || r.status < -MAX_ERRNO || r.flags & ~NETMEM_REPLY_HOLE)
+	if (r.status > 0 || r.status < -NM_MAX_DAEMON_ERRNO ||
+	    r.flags & ~NETMEM_REPLY_HOLE)
 		return -EINVAL;
+	if (with_page) {
+		bounce = kmalloc(PAGE_SIZE, GFP_KERNEL);
+		if (!bounce)
+			return -ENOMEM;
+		if (copy_from_user(bounce, buf + sizeof(r), PAGE_SIZE)) {
+			ret = -EFAULT;
+			goto out_free;
+		}
+	}
 	spin_lock(&nm.lock);
 	list_for_each_entry(it, &nm.waiting, node) {
 		if (it->msg.id == r.id) {
@@ -650,37 +749,43 @@ static ssize_t nm_write(struct file *file, const char __user *buf,
 			break;
 		}
 	}
-	if (!req) {
-		spin_unlock(&nm.lock);
-		return -ENOENT;	/* its waiter gave up (timeout, kill) */
-	}
+	ret = -ENOENT;	/* its waiter gave up (timeout, kill) */
+	if (!req)
+		goto out_unlock;
 	/* Page data exactly when a FETCH succeeded with one. */
+	ret = -EINVAL;
 	if (with_page != (req->msg.type == NETMEM_MSG_FETCH && !r.status &&
-			  !(r.flags & NETMEM_REPLY_HOLE))) {
-		spin_unlock(&nm.lock);
-		return -EINVAL;
-	}
+			  !(r.flags & NETMEM_REPLY_HOLE)))
+		goto out_unlock;
 	list_del_init(&req->node);
 	req->claimed = true;
 	spin_unlock(&nm.lock);
 
-	status = r.status;
 	if (with_page) {
-		void *dst = kmap_local_page(req->page);
-
-		if (copy_from_user(dst, buf + sizeof(r), PAGE_SIZE))
-			status = -EFAULT;
-		kunmap_local(dst);
+		/*
+		 * The page is the waiter's, not mapped yet: nobody else sees it.
+		 * memcpy_to_page() flushes the data cache after the copy.
+		 */
+		memcpy_to_page(req->page, 0, bounce, PAGE_SIZE);
 	}
-	req->status = status;
+	req->status = r.status;
 	complete(&req->done);
-	return status == -EFAULT ? -EFAULT : (ssize_t)count;
+	kfree(bounce);
+	return count;
+out_unlock:
+	spin_unlock(&nm.lock);
+out_free:
+	kfree(bounce);
+	return ret;
 }
 
 static __poll_t nm_poll(struct file *file, poll_table *wait)
 {
 	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
 
+	/* Only the daemon's file has a queue to wait on. */
+	if (file != READ_ONCE(nm.provider))
+		return EPOLLERR | EPOLLHUP;
 	poll_wait(file, &nm.wq, wait);
 	if (!list_empty_careful(&nm.pending))
 		mask |= EPOLLIN | EPOLLRDNORM;
@@ -712,14 +817,18 @@ static struct nm_dev nm = {
 	.pending = LIST_HEAD_INIT(nm.pending),
 	.waiting = LIST_HEAD_INIT(nm.waiting),
 	.wq = __WAIT_QUEUE_HEAD_INITIALIZER(nm.wq),
+	.read_lock = __MUTEX_INITIALIZER(nm.read_lock),
 };
 
 static int __init nm_init(void)
 {
-	int err = misc_register(&nm.misc);
+	int err;
 
+	/* The daemon and the uapi header count in pages of this size. */
+	BUILD_BUG_ON(NETMEM_PAGE_BYTES != PAGE_SIZE);
+	err = misc_register(&nm.misc);
 	if (err)
-		pr_err("netmem: cannot register /dev/netmem: %d\n", err);
+		pr_err("cannot register /dev/netmem: %d\n", err);
 	return err;
 }
 

@@ -11,8 +11,13 @@ Checks wait on conditions with deadlines, never on sleeps.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from netmemfs._uffd_cffi import ffi, lib
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
 from tests.anon_worker import stamp
@@ -121,6 +127,90 @@ class Guest:
         assert p.returncode == -signal.SIGBUS, f"exit {p.returncode}, not SIGBUS: {out}"
 
 
+class Msg:
+    """A request the module handed the test's provider."""
+
+    def __init__(self, raw: bytes) -> None:
+        m = ffi.from_buffer("struct netmem_msg *", raw)
+        self.id, self.type, self.page = int(m.id), int(m.type), int(m.page)
+        self.count, self.length = int(m.count), int(m.len)
+        self.payload = raw[ffi.sizeof("struct netmem_msg") :][: self.length]
+
+    def numbers(self) -> list[int]:
+        """A COMMIT_PAGES message's NETMEM_CHUNK_PAGES page numbers."""
+        n = lib.NETMEM_CHUNK_PAGES
+        return list(memoryview(self.payload[: n * 8]).cast("Q"))
+
+    def page_data(self, k: int) -> bytes:
+        start = lib.NETMEM_CHUNK_PAGES * 8 + k * PAGE
+        return self.payload[start : start + PAGE]
+
+
+class TestProvider:
+    """The test as the module's daemon: it sees exactly what the module hands a
+    daemon, and answers what a real one would not. No other provider may run."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/dev/netmem", os.O_RDWR | os.O_CLOEXEC)
+        fcntl.ioctl(self.fd, lib.NETMEM_IOC_PROVIDE)
+        self.pages: dict[int, bytes] = {}  # what syncs handed over, by page
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def readable(self, timeout_s: float = DEADLINE_S) -> bool:
+        return bool(select.select([self.fd], [], [], timeout_s)[0])
+
+    def read(self) -> Msg:
+        if not self.readable():
+            raise AssertionError("no request from the module")
+        return Msg(os.read(self.fd, lib.NETMEM_MSG_BYTES))
+
+    def reply(self, msg: Msg, status: int = 0, data: bytes | None = None) -> None:
+        r = ffi.new("struct netmem_reply *")
+        r.id, r.status = msg.id, status
+        r.flags = 0 if data is not None or status else lib.NETMEM_REPLY_HOLE
+        os.write(self.fd, bytes(ffi.buffer(r)) + (data or b""))
+
+    def answer(self, msg: Msg) -> None:
+        """As a daemon would, from the pages syncs handed over."""
+        if msg.type == lib.NETMEM_MSG_FETCH:
+            self.reply(msg, 0, self.pages.get(msg.page))
+        elif msg.type == lib.NETMEM_MSG_COMMIT_PAGES:
+            numbers = msg.numbers()
+            for k in range(msg.count):
+                self.pages[numbers[k]] = msg.page_data(k)
+        else:
+            self.reply(msg)
+
+    def serve_until_exit(self, proc: subprocess.Popen[str], on: Callable[[Msg], bool]) -> None:
+        """Answer requests until proc exits; on(msg) first, which returns True if it
+        answered msg itself."""
+        deadline = time.monotonic() + DEADLINE_S
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("the program did not finish")
+            if self.readable(0.05):
+                msg = Msg(os.read(self.fd, lib.NETMEM_MSG_BYTES))
+                if not on(msg):
+                    self.answer(msg)
+
+
+def _drop_cap_sys_admin() -> None:  # pragma: no cover - between fork and exec
+    # prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN): root's program then runs without it.
+    if ctypes.CDLL(None, use_errno=True).prctl(24, 21, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def _state(pid: int) -> str:
+    """The state letter of pid ("" once reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return ""
+
+
 def populate(address: str) -> None:
     """Segment "pre": even pages hold generation 1, odd pages are holes."""
 
@@ -138,6 +228,7 @@ def main(test_bin: str) -> int:
     populate(g.address)
 
     g.check("fault_in_server_pages_and_holes", lambda: g.ok("read", "pre", SIZE, 1, 2))
+    g.check("read_only_shared_mapping", lambda: g.ok("readonly", "pre", SIZE, 1, 2))
 
     def write_sync_fresh_mapping() -> None:
         g.ok("write", "w", SIZE, 5)  # writes, msyncs, maps again, checks
@@ -196,6 +287,149 @@ def main(test_bin: str) -> int:
         assert p.returncode == 1 and "No such device" in out, f"attach without daemon: {out}"
 
     g.check("killed_daemon_gives_sigbus", killed)
+
+    def provide_needs_cap_sys_admin() -> None:
+        code = (
+            "import fcntl, os\n"
+            "from netmemfs._uffd_cffi import lib\n"
+            "fd = os.open('/dev/netmem', os.O_RDWR)\n"
+            "try:\n"
+            "    fcntl.ioctl(fd, lib.NETMEM_IOC_PROVIDE)\n"
+            "    print('provided')\n"
+            "except OSError as e:\n"
+            "    print(e.errno)\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_S,
+            preexec_fn=_drop_cap_sys_admin,
+        )
+        assert r.stdout.strip() == str(errno.EPERM), f"without CAP_SYS_ADMIN: {r.stdout}{r.stderr}"
+
+    g.check("provide_needs_cap_sys_admin", provide_needs_cap_sys_admin)
+
+    def poll_of_an_area_file() -> None:
+        fd = os.open("/dev/netmem", os.O_RDWR)
+        try:
+            events = select.poll()
+            events.register(fd, select.POLLIN | select.POLLOUT)
+            got = dict(events.poll(0)).get(fd, 0)
+        finally:
+            os.close(fd)
+        assert got & select.POLLERR and got & select.POLLHUP, f"poll gave {got:#x}"
+
+    g.check("poll_of_a_file_with_no_queue_is_err_hup", poll_of_an_area_file)
+
+    def chunk_numbers_past_count_are_zero() -> None:
+        """A sync of 67 pages: a chunk of 64, then one of 3 whose other 61 page
+        numbers must be zeros (not the chunk before's, not stale heap: the guest
+        boots with init_on_alloc=0). And a read into a bad buffer loses nothing."""
+        tp = TestProvider()
+        try:
+            size = 67 * PAGE
+            p = g.run("write", "z", size, 9)
+            chunks: list[Msg] = []
+
+            def on(msg: Msg) -> bool:
+                if msg.type == lib.NETMEM_MSG_COMMIT_PAGES:
+                    chunks.append(msg)
+                return False
+
+            # First: a read whose buffer the kernel cannot write. The request it
+            # would have taken must still be there for the next read.
+            assert tp.readable(), "no first request"
+            libc = ctypes.CDLL(None, use_errno=True)
+            n = libc.read(tp.fd, ctypes.c_void_p(8), ctypes.c_size_t(lib.NETMEM_MSG_BYTES))
+            assert n == -1 and ctypes.get_errno() == errno.EFAULT, f"read into 8: {n}"
+            tp.serve_until_exit(p, on)
+            out = p.stdout.read() if p.stdout else ""
+            assert p.returncode == 0, f"kmod_test write: exit {p.returncode}: {out}"
+            assert [c.count for c in chunks] == [64, 3], [c.count for c in chunks]
+            tail = chunks[1].numbers()[3:]
+            assert tail == [0] * 61, f"page numbers past count: {tail[:8]}..."
+        finally:
+            tp.close()
+
+    g.check("chunk_numbers_past_count_are_zero", chunk_numbers_past_count_are_zero)
+
+    def daemon_errnos_are_checked() -> None:
+        """-512 and below are the kernel's own: refused. ENOMEM from the daemon is
+        SIGBUS, not VM_FAULT_OOM (which would have the task fault again for ever)."""
+        tp = TestProvider()
+        try:
+            p = g.run("touch", "e", SIZE, 2, stdin=True)
+            tp.answer(tp.read())  # the attach's OPEN
+            fetches: list[Msg] = []
+            refused: list[int] = []
+
+            def on(msg: Msg) -> bool:
+                if msg.type != lib.NETMEM_MSG_FETCH:
+                    return False
+                fetches.append(msg)
+                if len(fetches) == 1:
+                    try:
+                        tp.reply(msg, -512)  # -ERESTARTSYS
+                    except OSError as e:
+                        refused.append(e.errno or 0)
+                    with contextlib.suppress(OSError):  # gone if -512 was taken
+                        tp.reply(msg, -errno.ENOMEM)
+                    return True
+                return False  # a fault retried: answered with a hole
+
+            assert first_line(p, "kmod_test touch") == "mapped\n"
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            tp.serve_until_exit(p, on)
+            assert refused == [errno.EINVAL], f"a reply of -512 got {refused or 'accepted'}"
+            assert p.returncode == -signal.SIGBUS, f"exit {p.returncode} after ENOMEM"
+            assert len(fetches) == 1, f"{len(fetches)} fetches: the fault was retried"
+        finally:
+            tp.close()
+
+    g.check("daemon_errnos_are_checked", daemon_errnos_are_checked)
+
+    def killed_while_waiting_for_a_sync() -> None:
+        """A task waiting for the area's lock behind a sync the daemon holds up
+        leaves at SIGKILL, before that sync ends."""
+        tp = TestProvider()
+        try:
+            p = g.run("forksync", "f", SIZE, stdin=True)
+            ends: list[Msg] = []
+
+            def on(msg: Msg) -> bool:
+                if msg.type == lib.NETMEM_MSG_COMMIT_END:
+                    ends.append(msg)
+                    return True  # held: no reply yet
+                return False
+
+            assert p.stdout is not None
+            deadline = time.monotonic() + DEADLINE_S
+            while not ends:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the parent's sync never reached COMMIT_END")
+                if tp.readable(0.05):
+                    msg = Msg(os.read(tp.fd, lib.NETMEM_MSG_BYTES))
+                    if not on(msg):
+                        tp.answer(msg)
+            lines = [p.stdout.readline() for _ in range(2)]
+            child = int(next(x for x in lines if x.startswith("child")).split()[1])
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            wait_for(lambda: _state(child) == "D", "the child to wait for the area's lock")
+            os.kill(child, signal.SIGKILL)
+            wait_for(lambda: _state(child) in ("Z", "X", ""), "the killed child to exit")
+            assert p.poll() is None, "the parent's sync ended first"
+            tp.reply(ends[0])
+            tp.serve_until_exit(p, lambda msg: False)
+            assert p.returncode == 0, f"the parent: exit {p.returncode}"
+        finally:
+            tp.close()
+
+    g.check("killed_while_waiting_for_a_sync", killed_while_waiting_for_a_sync)
 
     def mount_daemon_serves_the_device() -> None:
         """`netmemfs mount --serve-device`: one daemon for the file door and the module."""

@@ -44,18 +44,28 @@ class Missing(Exception):
     """Something the guest needs is not installed; the message names the package."""
 
 
-def find_kernel() -> Kernel:
-    """The newest Debian kernel whose image, headers and modules are all installed."""
-    for image in sorted(Path("/boot").glob("vmlinuz-*-amd64"), reverse=True):
+def find_kernels() -> list[Kernel]:
+    """Every Debian kernel whose image, headers and modules are all installed, oldest
+    first (Debian 12: 6.1 from linux-image-amd64, 6.12 from linux-image-6.12.*)."""
+    found = []
+    for image in Path("/boot").glob("vmlinuz-*-amd64"):
         version = image.name.removeprefix("vmlinuz-")
         headers = Path(f"/usr/src/linux-headers-{version}")
         modules = Path(f"/lib/modules/{version}")
         if headers.is_dir() and (modules / "modules.dep").is_file():
-            return Kernel(version, image, headers, modules)
-    raise Missing(
-        "no Debian kernel with headers and modules: apt-get install linux-image-amd64 "
-        "linux-headers-amd64"
-    )
+            found.append(Kernel(version, image, headers, modules))
+    return sorted(found, key=lambda k: [int(x) for x in re.findall(r"\d+", k.version)])
+
+
+def find_kernel() -> Kernel:
+    """The newest Debian kernel whose image, headers and modules are all installed."""
+    kernels = find_kernels()
+    if not kernels:
+        raise Missing(
+            "no Debian kernel with headers and modules: apt-get install linux-image-amd64 "
+            "linux-headers-amd64"
+        )
+    return kernels[-1]
 
 
 def module_order(kernel: Kernel, names: list[str]) -> list[Path]:
@@ -64,7 +74,15 @@ def module_order(kernel: Kernel, names: list[str]) -> list[Path]:
     for line in (kernel.modules / "modules.dep").read_text().splitlines():
         path, _, needs = line.partition(":")
         deps[path] = needs.split()
-    by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
+
+    def name_of(path: str) -> str:
+        return Path(path).name.split(".ko")[0].replace("-", "_")
+
+    by_name = {name_of(p): p for p in deps}
+    builtin_file = kernel.modules / "modules.builtin"
+    builtin = (
+        {name_of(p) for p in builtin_file.read_text().split()} if builtin_file.exists() else set()
+    )
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -75,20 +93,31 @@ def module_order(kernel: Kernel, names: list[str]) -> list[Path]:
         order.append(path)
 
     for name in names:
+        if name in builtin:
+            continue  # built into this kernel (6.12: virtio_pci, fuse)
         if name not in by_name:
             raise Missing(f"module {name} is not in {kernel.modules}")
         visit(by_name[name])
     return [kernel.modules / p for p in order]
 
 
-def build_module(kernel: Kernel) -> Path:
-    subprocess.run(
-        ["make", "-s", "-C", str(ROOT / "kmod"), f"KDIR={kernel.headers}"],
-        check=True,
+def build_module(kernel: Kernel, out: Path) -> Path:
+    """netmem.ko for kernel, built (W=1, -Werror) in a copy of kmod/ under out, so that
+    builds for two kernels never share objects and the checkout stays clean."""
+    src = out / f"kmod-{kernel.version}" / "kmod"
+    src.mkdir(parents=True)
+    for name in ("netmem.c", "Kbuild", "Makefile"):
+        shutil.copy(ROOT / "kmod" / name, src / name)
+    (src.parent / "include").mkdir()
+    shutil.copy(ROOT / "include" / "netmem_uapi.h", src.parent / "include")
+    r = subprocess.run(
+        ["make", "-s", "-C", str(src), f"KDIR={kernel.headers}"],
         capture_output=True,
         text=True,
     )
-    return ROOT / "kmod" / "netmem.ko"
+    if r.returncode != 0:
+        raise AssertionError(f"kmod/ does not build against {kernel.headers}:\n{r.stderr}")
+    return src / "netmem.ko"
 
 
 def build_test_program(out: Path) -> Path:
@@ -191,14 +220,17 @@ def qemu_command(kernel: Kernel, initramfs: Path) -> list[str]:
         "-initrd",
         str(initramfs),
         "-append",
-        "console=ttyS0 panic=-1 oops=panic quiet loglevel=4",
+        # init_on_alloc=0: memory the module hands out unzeroed shows (6.1 and 6.12
+        # boot with it on by default, which would hide a leak).
+        "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 init_on_alloc=0",
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     ]
 
 
 def check_prerequisites() -> Kernel:
-    """The kernel to boot; Missing names every package that is not there, at once."""
+    """The newest kernel to boot; Missing names every package that is not there, at
+    once."""
     missing = []
     kernel = None
     try:
@@ -218,11 +250,12 @@ def check_prerequisites() -> Kernel:
     return kernel
 
 
-def run_guest(work: Path) -> str:
-    """Build everything, boot, and return the guest's console output (also kept in
-    work/console.log, written as the guest runs)."""
-    kernel = check_prerequisites()
-    module = build_module(kernel)
+def run_guest(work: Path, kernel: Kernel | None = None) -> str:
+    """Build everything, boot kernel (default: the newest), and return the guest's
+    console output (also kept in work/console.log, written as the guest runs)."""
+    newest = check_prerequisites()
+    kernel = kernel or newest
+    module = build_module(kernel, work)
     test_bin = build_test_program(work)
     initramfs = build_initramfs(kernel, module, test_bin, work)
     console = work / "console.log"

@@ -13,6 +13,13 @@
  *   kmod_test hold   SEG SIZE            map, touch page 0, say "holding",
  *                                         wait for a line on stdin
  *   kmod_test ioctls SEG                 every malformed call gets its errno
+ *   kmod_test readonly SEG SIZE GEN EVERY  as read, through a file opened
+ *                                         read-only and a PROT_READ MAP_SHARED
+ *                                         mapping
+ *   kmod_test forksync SEG SIZE          write every page, say "written", fork:
+ *                                         the parent msyncs at once, the child
+ *                                         says "child PID", waits for a line
+ *                                         on stdin and msyncs the same area
  *
  * Exit 0 when everything held, 1 with a line saying what did not.
  */
@@ -173,6 +180,37 @@ static int ioctls(const char *seg)
 	return bad;
 }
 
+/* Both processes sync one area (one open file): the second waits for the
+ * first, which the guest's provider holds up. */
+static int forksync(int fd, unsigned char *p, uint64_t size)
+{
+	uint64_t n;
+	pid_t pid;
+
+	for (n = 0; n < size / PS; n++)
+		stamp(p + n * PS, n, 3);
+	printf("written\n");
+	pid = fork();
+	if (pid < 0) {
+		printf("fork: %s\n", strerror(errno));
+		return 1;
+	}
+	if (pid == 0) {
+		char line[16];
+
+		printf("child %d\n", (int)getpid());
+		if (!fgets(line, sizeof(line), stdin))
+			_exit(1);
+		_exit(fsync(fd) < 0 ? 1 : 0);
+	}
+	if (msync(p, size, MS_SYNC) < 0) {
+		printf("msync: %s\n", strerror(errno));
+		return 1;
+	}
+	printf("parent synced\n");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *mode = argc > 2 ? argv[1] : "", *seg = argc > 2 ? argv[2] : "";
@@ -186,6 +224,24 @@ int main(int argc, char **argv)
 	if (argc < 4) {
 		fprintf(stderr, "usage: see the head of tests/c/kmod_test.c\n");
 		return 2;
+	}
+	if (!strcmp(mode, "readonly") && argc == 6) {
+		struct netmem_attach a = { .size = size };
+
+		fd = open(DEV, O_RDONLY | O_CLOEXEC);
+		snprintf(a.segment, sizeof(a.segment), "%s", seg);
+		if (fd < 0 || ioctl(fd, NETMEM_IOC_ATTACH, &a) < 0) {
+			printf("open/attach read-only: %s\n", strerror(errno));
+			return 1;
+		}
+		/* Invariant: fd is attached with `size` bytes. */
+		p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+		if (p == MAP_FAILED) {
+			printf("mmap read-only shared: %s\n", strerror(errno));
+			return 1;
+		}
+		return check(p, size, strtoull(argv[4], NULL, 0),
+			     strtoull(argv[5], NULL, 0));
 	}
 	fd = attach(seg, size);
 	p = map(fd, size);
@@ -214,6 +270,8 @@ int main(int argc, char **argv)
 			return 1;
 		printf("touching\n");
 		return p[strtoull(argv[4], NULL, 0) * PS];	/* SIGBUS */
+	} else if (!strcmp(mode, "forksync")) {
+		return forksync(fd, p, size);
 	} else if (!strcmp(mode, "hold")) {
 		char line[16];
 
