@@ -60,7 +60,7 @@ MODULE_PARM_DESC(timeout_ms,
 struct nm_area {
 	struct kref ref;
 	struct address_space mapping;
-	struct mutex lock;
+	struct mutex lock;		/* serializes attach and sync */
 	u64 id;
 	char segment[NETMEM_SEGMENT_MAX];
 	unsigned long npages;
@@ -105,12 +105,12 @@ struct nm_req {
  */
 struct nm_dev {
 	struct miscdevice misc;
-	spinlock_t lock;
+	spinlock_t lock;		/* protects the lists and ids */
 	struct file *provider;
 	struct list_head pending;
 	struct list_head waiting;
 	wait_queue_head_t wq;
-	struct mutex read_lock;
+	struct mutex read_lock;		/* one reader at a time */
 	u64 next_id;
 	u64 next_area;
 };
@@ -151,7 +151,7 @@ static int nm_submit(struct nm_req *req)
 	wake_up_interruptible(&nm.wq);
 
 	left = wait_for_completion_killable_timeout(&req->done,
-			msecs_to_jiffies(timeout_ms));
+						    msecs_to_jiffies(timeout_ms));
 	if (left > 0)
 		return req->status;
 	spin_lock(&nm.lock);
@@ -591,6 +591,7 @@ static long nm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 static int nm_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct nm_area *area = file->private_data;
+	/* Pairs with the smp_store_release() in nm_attach(). */
 	unsigned long npages = smp_load_acquire(&area->npages);
 
 	if (!npages)
@@ -619,6 +620,7 @@ static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 	struct nm_area *area = file->private_data;
 	int err;
 
+	/* Pairs with the smp_store_release() in nm_attach(). */
 	if (!smp_load_acquire(&area->npages))
 		return -EINVAL;
 	if (mutex_lock_killable(&area->lock))
