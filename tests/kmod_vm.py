@@ -101,9 +101,10 @@ def module_order(kernel: Kernel, names: list[str]) -> list[Path]:
     return [kernel.modules / p for p in order]
 
 
-def build_module(kernel: Kernel, out: Path) -> Path:
+def build_module(kernel: Kernel, out: Path, *, sparse: bool = False) -> Path:
     """netmem.ko for kernel, built (W=1, -Werror) in a copy of kmod/ under out, so that
-    builds for two kernels never share objects and the checkout stays clean."""
+    builds for two kernels never share objects and the checkout stays clean. With
+    sparse, the build also runs sparse (C=2) and any line it prints fails it."""
     src = out / f"kmod-{kernel.version}" / "kmod"
     src.mkdir(parents=True)
     for name in ("netmem.c", "Kbuild", "Makefile"):
@@ -111,12 +112,15 @@ def build_module(kernel: Kernel, out: Path) -> Path:
     (src.parent / "include").mkdir()
     shutil.copy(ROOT / "include" / "netmem_uapi.h", src.parent / "include")
     r = subprocess.run(
-        ["make", "-s", "-C", str(src), f"KDIR={kernel.headers}"],
+        ["make", "-s", "-C", str(src), f"KDIR={kernel.headers}", *(["C=2"] if sparse else [])],
         capture_output=True,
         text=True,
     )
     if r.returncode != 0:
         raise AssertionError(f"kmod/ does not build against {kernel.headers}:\n{r.stderr}")
+    said = [line for line in r.stderr.splitlines() if "BTF generation" not in line]
+    if sparse and said:
+        raise AssertionError(f"sparse against {kernel.headers}:\n" + "\n".join(said))
     return src / "netmem.ko"
 
 

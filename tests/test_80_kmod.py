@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.kmod_vm import Kernel, Missing, check_prerequisites, find_kernels, results, run_guest
+from tests.kmod_vm import (
+    Kernel,
+    Missing,
+    build_module,
+    check_prerequisites,
+    find_kernels,
+    results,
+    run_guest,
+)
 
 CHECKS = [
     "fault_in_server_pages_and_holes",
@@ -67,6 +76,15 @@ def console(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     kernel: Kernel | None = request.param
     work: Path = tmp_path_factory.mktemp("vm")
     return run_guest(work, kernel)
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k is not None], ids=lambda k: k.version)
+def test_sparse_finds_nothing(kernel: Kernel, tmp_path: Path) -> None:
+    if shutil.which("sparse") is None:
+        if os.environ.get("NETMEMFS_REQUIRE_KMOD") == "1":
+            pytest.fail("no sparse: apt-get install sparse")
+        pytest.skip("no sparse: apt-get install sparse")
+    build_module(kernel, tmp_path, sparse=True)
 
 
 def _tail(console: str) -> str:
