@@ -53,6 +53,8 @@ MODULE_PARM_DESC(timeout_ms,
  * @segment: the server segment, NUL-terminated
  * @npages: the area's size in pages; 0 until attached
  * @pages: page number -> the page (holding a reference)
+ * @failed: page number -> why a fetch that let go of the mmap lock failed, for
+ *          the retried fault (nm_failure_*)
  * @dirty: pages written since they were last synced
  * @commits: syncs started
  * @provider: this file is the daemon's, not an area
@@ -65,6 +67,7 @@ struct nm_area {
 	char segment[NETMEM_SEGMENT_MAX];
 	unsigned long npages;
 	struct xarray pages;
+	struct xarray failed;
 	unsigned long *dirty;
 	u64 commits;
 	bool provider;
@@ -230,6 +233,7 @@ static void nm_area_free(struct kref *ref)
 		cond_resched();	/* an area may hold millions of pages */
 	}
 	xa_destroy(&area->pages);
+	xa_destroy(&area->failed);
 	kvfree(area->dirty);
 	kfree(area);
 }
@@ -290,6 +294,54 @@ out_free:
 	return NULL;
 }
 
+/*
+ * A fetch that failed without the mmap lock, kept for the fault that is retried
+ * right after: its errno, whether it was our own OOM, and when (jiffies, which
+ * fit in the 47 bits left for thousands of years). Older than a second it is
+ * ignored (the retried fault comes within
+ * microseconds; an entry left by a fault that was never retried must not fail
+ * another one much later).
+ */
+static void nm_failure_note(struct nm_area *area, unsigned long idx, int err,
+			    bool oom)
+{
+	unsigned long now = jiffies;
+	unsigned long v = (now << 16) | (oom ? 0x8000 : 0) | (-err & 0x7fff);
+
+	/* If it cannot be kept, the retried fault fetches again: no harm. */
+	xa_store(&area->failed, idx, xa_mk_value(v), GFP_KERNEL);
+}
+
+static bool nm_failure_take(struct nm_area *area, unsigned long idx, int *err,
+			    bool *oom)
+{
+	void *entry = xa_erase(&area->failed, idx);
+	unsigned long v;
+
+	if (!xa_is_value(entry))
+		return false;
+	v = xa_to_value(entry);
+	if (!time_before(jiffies, (v >> 16) + HZ))
+		return false;
+	*err = -(int)(v & 0x7fff);
+	*oom = v & 0x8000;
+	return true;
+}
+
+/*
+ * Let go of the lock the fault holds, before waiting for the daemon. Our vma
+ * has no ->map_pages, so the fault core (6.12) never calls .fault under the
+ * per-VMA lock: it is always mmap_lock, held for reading.
+ */
+static void nm_release_fault_lock(struct vm_fault *vmf)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 5, 0)
+	release_fault_lock(vmf);
+#else
+	mmap_read_unlock(vmf->vma->vm_mm);
+#endif
+}
+
 static vm_fault_t nm_fault(struct vm_fault *vmf)
 {
 	struct nm_area *area = vmf->vma->vm_private_data;
@@ -301,7 +353,24 @@ static vm_fault_t nm_fault(struct vm_fault *vmf)
 	if (idx >= area->npages)
 		return VM_FAULT_SIGBUS;
 	page = xa_load(&area->pages, idx);
-	if (!page)
+	if (!page && (vmf->flags & FAULT_FLAG_RETRY_NOWAIT))
+		return VM_FAULT_RETRY;	/* the caller may not wait; it comes back */
+	if (!page && fault_flag_allow_retry_first(vmf->flags)) {
+		/*
+		 * Wait without the lock, as userfaultfd does, so that mmap(),
+		 * munmap() and /proc/PID/maps of the process do not wait
+		 * behind one slow page. The vma may go meanwhile: the area is
+		 * pinned. The page lands in the area, where the retried fault
+		 * finds it, and a failure, which it reports.
+		 */
+		kref_get(&area->ref);
+		nm_release_fault_lock(vmf);
+		if (!nm_fetch(area, idx, &err, &oom))
+			nm_failure_note(area, idx, err, oom);
+		nm_area_put(area);
+		return VM_FAULT_RETRY;
+	}
+	if (!page && !nm_failure_take(area, idx, &err, &oom))
 		page = nm_fetch(area, idx, &err, &oom);
 	if (!page) {
 		pr_warn_ratelimited("fault on page %lu of segment %s (pid %d) failed: %s (%d); the task gets SIGBUS\n",
@@ -471,6 +540,7 @@ static int nm_open(struct inode *inode, struct file *file)
 	area->mapping.host = inode;
 	mutex_init(&area->lock);
 	xa_init(&area->pages);
+	xa_init(&area->failed);
 	spin_lock(&nm.lock);
 	area->id = ++nm.next_area;
 	spin_unlock(&nm.lock);

@@ -391,6 +391,32 @@ def main(test_bin: str) -> int:
 
     g.check("daemon_errnos_are_checked", daemon_errnos_are_checked)
 
+    def mmap_is_not_blocked_by_a_slow_fault() -> None:
+        """A thread waits in a fault for a page the daemon holds back; mmap() in
+        another thread of the process, which wants the mmap lock for writing, does
+        not wait for it (the fault let go of the lock, VM_FAULT_RETRY)."""
+        tp = TestProvider()
+        try:
+            p = g.run("slowfault", "s", SIZE, stdin=True)
+            tp.answer(tp.read())  # the attach's OPEN
+            assert first_line(p, "kmod_test slowfault") == "mapped\n"
+            fetch = tp.read()
+            assert fetch.type == lib.NETMEM_MSG_FETCH and fetch.page == 1, vars(fetch)
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            # Blocks until mmap returns; the fetch is answered only after.
+            line = p.stdout.readline()
+            assert line == "mmap done\n", f"mmap behind the fault: {line!r} (exit {p.poll()})"
+            tp.reply(fetch, 0, stamp(1, 4))
+            tp.serve_until_exit(p, lambda msg: False)
+            out = p.stdout.read()
+            assert p.returncode == 0 and "fault done" in out, f"exit {p.returncode}: {out}"
+        finally:
+            tp.close()
+
+    g.check("mmap_is_not_blocked_by_a_slow_fault", mmap_is_not_blocked_by_a_slow_fault)
+
     def killed_while_waiting_for_a_sync() -> None:
         """A task waiting for the area's lock behind a sync the daemon holds up
         leaves at SIGKILL, before that sync ends."""

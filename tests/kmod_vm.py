@@ -133,6 +133,7 @@ def build_test_program(out: Path) -> Path:
             "-Wextra",
             "-Werror",
             f"-I{ROOT / 'include'}",
+            "-pthread",
             "-o",
             str(binary),
             str(ROOT / "tests/c/kmod_test.c"),

@@ -41,6 +41,7 @@ CHECKS = [
     "poll_of_a_file_with_no_queue_is_err_hup",
     "chunk_numbers_past_count_are_zero",
     "daemon_errnos_are_checked",
+    "mmap_is_not_blocked_by_a_slow_fault",
     "killed_while_waiting_for_a_sync",
     "mount_daemon_serves_the_device",
     "unload_after_use",

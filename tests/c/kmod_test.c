@@ -16,6 +16,11 @@
  *   kmod_test readonly SEG SIZE GEN EVERY  as read, through a file opened
  *                                         read-only and a PROT_READ MAP_SHARED
  *                                         mapping
+ *   kmod_test slowfault SEG SIZE         a thread reads page 1; say "mapped",
+ *                                         wait for a line on stdin, mmap
+ *                                         anonymous memory, say "mmap done",
+ *                                         then "fault done" once the thread has
+ *                                         its page
  *   kmod_test forksync SEG SIZE          write every page, say "written", fork:
  *                                         the parent msyncs at once, the child
  *                                         says "child PID", waits for a line
@@ -26,6 +31,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -180,6 +186,33 @@ static int ioctls(const char *seg)
 	return bad;
 }
 
+static void *touch_page_1(void *p)
+{
+	return (void *)(uintptr_t)((volatile unsigned char *)p)[PS];
+}
+
+/* While a thread waits in a fault on the area, mmap() in another thread of
+ * the process must not wait for it (it wants the mmap lock for writing). */
+static int slowfault(unsigned char *p)
+{
+	pthread_t t;
+	char line[16];
+	void *q;
+
+	if (pthread_create(&t, NULL, touch_page_1, p)) {
+		printf("pthread_create failed\n");
+		return 1;
+	}
+	printf("mapped\n");
+	if (!fgets(line, sizeof(line), stdin))
+		return 1;
+	q = mmap(NULL, PS, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	printf("mmap %s\n", q == MAP_FAILED ? strerror(errno) : "done");
+	pthread_join(t, NULL);
+	printf("fault done\n");
+	return 0;
+}
+
 /* Both processes sync one area (one open file): the second waits for the
  * first, which the guest's provider holds up. */
 static int forksync(int fd, unsigned char *p, uint64_t size)
@@ -270,6 +303,8 @@ int main(int argc, char **argv)
 			return 1;
 		printf("touching\n");
 		return p[strtoull(argv[4], NULL, 0) * PS];	/* SIGBUS */
+	} else if (!strcmp(mode, "slowfault")) {
+		return slowfault(p);
 	} else if (!strcmp(mode, "forksync")) {
 		return forksync(fd, p, size);
 	} else if (!strcmp(mode, "hold")) {
