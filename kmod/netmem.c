@@ -42,7 +42,13 @@
 static unsigned int timeout_ms = 30000;
 module_param(timeout_ms, uint, 0644);
 MODULE_PARM_DESC(timeout_ms,
-		 "How long a fault or a sync waits for the daemon, in ms");
+		 "How long a fault, an attach or a sync's page hand-over waits for the daemon, in ms");
+
+/* A commit of a 16 GiB area moves 16 GiB over the network: not in 30 s. */
+static unsigned int sync_timeout_ms = 600000;
+module_param(sync_timeout_ms, uint, 0644);
+MODULE_PARM_DESC(sync_timeout_ms,
+		 "How long a sync waits for the daemon to commit its pages (COMMIT_END), in ms");
 
 /**
  * struct nm_area - what one open file of /dev/netmem maps
@@ -134,11 +140,12 @@ static const struct address_space_operations nm_aops = {
 /* ---- requests ----------------------------------------------------------- */
 
 /*
- * Queue @req for the daemon and wait for its answer (or, for COMMIT_PAGES,
- * for the daemon to have read it). Returns req->status, or -ENXIO (no
- * daemon), -ETIMEDOUT, -EINTR (a fatal signal). The caller frees @req.
+ * Queue @req for the daemon and wait up to @wait_ms for its answer (or, for
+ * COMMIT_PAGES, for the daemon to have read it). Returns req->status, or
+ * -ENXIO (no daemon), -ETIMEDOUT, -EINTR (a fatal signal). The caller frees
+ * @req.
  */
-static int nm_submit(struct nm_req *req)
+static int nm_submit(struct nm_req *req, unsigned int wait_ms)
 {
 	long left;
 
@@ -154,7 +161,7 @@ static int nm_submit(struct nm_req *req)
 	wake_up_interruptible(&nm.wq);
 
 	left = wait_for_completion_killable_timeout(&req->done,
-						    msecs_to_jiffies(timeout_ms));
+						    msecs_to_jiffies(wait_ms));
 	if (left > 0)
 		return req->status;
 	spin_lock(&nm.lock);
@@ -267,7 +274,7 @@ static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err,
 	req->msg.size = (u64)area->npages << PAGE_SHIFT;
 	memcpy(req->msg.segment, area->segment, NETMEM_SEGMENT_MAX);
 	req->page = page;
-	*err = nm_submit(req);
+	*err = nm_submit(req, timeout_ms);
 	kfree(req);
 	req = NULL;
 	if (*err)
@@ -443,7 +450,8 @@ static int nm_send_commit(struct nm_area *area, u32 type, u64 commit,
 		req->msg.len = NETMEM_CHUNK_PAGES * sizeof(u64) +
 			       count * PAGE_SIZE;
 	}
-	err = nm_submit(req);
+	err = nm_submit(req, type == NETMEM_MSG_COMMIT_END ? sync_timeout_ms :
+			     timeout_ms);
 	kfree(req);
 	return err;
 }
@@ -601,7 +609,7 @@ static long nm_attach(struct nm_area *area, void __user *uarg)
 	req->msg.area = area->id;
 	req->msg.size = a.size;
 	memcpy(req->msg.segment, a.segment, NETMEM_SEGMENT_MAX);
-	err = nm_submit(req);
+	err = nm_submit(req, timeout_ms);
 	if (err)
 		goto out_free;
 	kfree(req);

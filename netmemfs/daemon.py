@@ -264,7 +264,8 @@ async def _serve_connected(
             nursery.start_soon(started)
             nursery.start_soon(attach.serve, store)
             if device is not None:
-                nursery.start_soon(kdoor.DeviceProvider(store, device).serve)
+                provider = kdoor.DeviceProvider(store, device, commit_timeout_s=opts.timeout_s)
+                nursery.start_soon(provider.serve)
             await fs.serve()
             unmounted = not terminated
             nursery.cancel_scope.cancel()

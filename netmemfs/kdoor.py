@@ -10,7 +10,10 @@ those requests from the device (NETMEM_IOC_PROVIDE) and writes the answers back:
     COMMIT_END    ...commit them all as one transaction (exactly once, remote.py)
 
 The layouts come from include/netmem_uapi.h through the cffi module. Requests are
-answered concurrently; the kernel matches answers by id.
+answered concurrently; the kernel matches answers by id, except that the syncs of one
+area are committed one after the other, in the order their COMMIT_END arrived: sync N
+has landed or failed before sync N+1 is sent, so an older sync the kernel gave up on can
+never land after a newer one (the rule the mount's journal follows with its commit lock).
 """
 
 from __future__ import annotations
@@ -79,10 +82,16 @@ def open_device(path: Path) -> Iterator[int]:
 class DeviceProvider:
     """Answers the module's requests with one server's pages."""
 
-    def __init__(self, store: RemoteStore, fd: int) -> None:
+    def __init__(self, store: RemoteStore, fd: int, *, commit_timeout_s: float = 30.0) -> None:
         self.store = store
         self.fd = fd
         self.commits: dict[tuple[int, int], _Commit] = {}
+        # How long one commit may take before the sync fails (its outcome is then
+        # unknown; the kernel marks the pages dirty again, and the next sync of the
+        # area is committed after this one is given up).
+        self.commit_timeout_s = commit_timeout_s
+        # area -> set when the area's last commit so far has landed or failed
+        self.last_commit: dict[int, trio.Event] = {}
 
     async def serve(self) -> None:
         """Read and answer requests until cancelled (or the device fails)."""
@@ -107,7 +116,12 @@ class DeviceProvider:
                     self._stage(area, int(msg.commit), segment, int(msg.count), buf)
                 elif kind == lib.NETMEM_MSG_COMMIT_END:
                     commit = self.commits.pop((area, int(msg.commit)), _Commit(segment))
-                    nursery.start_soon(self._commit, req_id, commit, int(msg.count))
+                    # The order is taken here, in the reading loop, not by the tasks.
+                    before = self.last_commit.get(area)
+                    done = self.last_commit[area] = trio.Event()
+                    nursery.start_soon(
+                        self._commit_after, area, before, done, req_id, commit, int(msg.count)
+                    )
                 else:
                     log.error("ignoring a request of unknown type %d from the module", kind)
 
@@ -172,6 +186,25 @@ class DeviceProvider:
             start = data + k * PAGE_SIZE
             staged.pages[int(numbers[k])] = bytes(view[start : start + PAGE_SIZE])
 
+    async def _commit_after(
+        self,
+        area: int,
+        before: trio.Event | None,
+        done: trio.Event,
+        req_id: int,
+        commit: _Commit,
+        count: int,
+    ) -> None:
+        """Commit once the area's commit before this one has landed or failed."""
+        try:
+            if before is not None:
+                await before.wait()
+            await self._commit(req_id, commit, count)
+        finally:
+            done.set()
+            if self.last_commit.get(area) is done:
+                del self.last_commit[area]
+
     async def _commit(self, req_id: int, commit: _Commit, count: int) -> None:
         if len(commit.pages) != count:
             log.error(
@@ -193,7 +226,18 @@ class DeviceProvider:
             runs.append(PageRun(commit.segment, pages[i], data))
             i = j + 1
         try:
-            await self.store.commit(runs, txn=self.store.new_txn())
+            with trio.move_on_after(self.commit_timeout_s) as deadline:
+                await self.store.commit(runs, txn=self.store.new_txn())
+            if deadline.cancelled_caught:
+                log.warning(
+                    "commit of %d pages to %r had no answer within %g s; the sync fails "
+                    "(the kernel keeps the pages dirty for the next one)",
+                    count,
+                    commit.segment,
+                    self.commit_timeout_s,
+                )
+                self._reply(req_id, errno.ETIMEDOUT)
+                return
         except NetmemError as e:
             log.warning("commit of %d pages to %r failed: %s", count, commit.segment, e)
             self._reply(req_id, e.errno)
@@ -213,4 +257,4 @@ async def run(
         connect = RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
         async with connect as store:
             print(f"serving {device} with pages of {server}", flush=True)
-            await DeviceProvider(store, fd).serve()
+            await DeviceProvider(store, fd, commit_timeout_s=timeout_s).serve()

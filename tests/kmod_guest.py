@@ -417,6 +417,44 @@ def main(test_bin: str) -> int:
 
     g.check("mmap_is_not_blocked_by_a_slow_fault", mmap_is_not_blocked_by_a_slow_fault)
 
+    def a_sync_waits_past_timeout_ms_for_its_commit() -> None:
+        """COMMIT_END waits on sync_timeout_ms, not timeout_ms: the commit of a large
+        sync takes longer than one page's fetch may. The test's provider holds the
+        commit until a fault on another area, started after it, has timed out."""
+        tp = TestProvider()
+        try:
+            writer = g.run("write", "l", SIZE, 8)
+            end: list[Msg] = []
+            deadline = time.monotonic() + DEADLINE_S
+            while not end:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the sync never reached COMMIT_END")
+                msg = tp.read()
+                if msg.type == lib.NETMEM_MSG_COMMIT_END:
+                    end.append(msg)
+                else:
+                    tp.answer(msg)
+            toucher = g.run("touch", "t", SIZE, 0, stdin=True)
+            tp.answer(tp.read())  # its OPEN
+            assert first_line(toucher, "kmod_test touch") == "mapped\n"
+            assert toucher.stdin is not None
+            toucher.stdin.write("go\n")
+            toucher.stdin.flush()
+            fetch = tp.read()
+            assert fetch.type == lib.NETMEM_MSG_FETCH, vars(fetch)
+            toucher.communicate(timeout=DEADLINE_S)  # not answered: it times out
+            assert toucher.returncode == -signal.SIGBUS, f"the toucher: {toucher.returncode}"
+            assert writer.poll() is None, "the sync gave up at timeout_ms"
+            tp.reply(end[0])
+            tp.serve_until_exit(writer, lambda msg: False)
+            assert writer.returncode == 0, f"kmod_test write: exit {writer.returncode}"
+        finally:
+            tp.close()
+
+    g.check(
+        "a_sync_waits_past_timeout_ms_for_its_commit", a_sync_waits_past_timeout_ms_for_its_commit
+    )
+
     def killed_while_waiting_for_a_sync() -> None:
         """A task waiting for the area's lock behind a sync the daemon holds up
         leaves at SIGKILL, before that sync ends."""

@@ -42,6 +42,7 @@ CHECKS = [
     "chunk_numbers_past_count_are_zero",
     "daemon_errnos_are_checked",
     "mmap_is_not_blocked_by_a_slow_fault",
+    "a_sync_waits_past_timeout_ms_for_its_commit",
     "killed_while_waiting_for_a_sync",
     "mount_daemon_serves_the_device",
     "unload_after_use",

@@ -1,0 +1,95 @@
+"""The /dev/netmem daemon (netmemfs/kdoor.py) on this machine, without the module.
+
+DeviceProvider reads requests from a file descriptor and writes answers to it; here it
+is one end of a SOCK_SEQPACKET socket pair (one message per read, as the device gives),
+and the test is the module at the other end: it sends the layouts of
+include/netmem_uapi.h and reads the answers. The server is real, behind tests/faultproxy.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from netmemfs._trio_util import open_quiet_nursery
+from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.kdoor import DeviceProvider
+from netmemfs.pages import PAGE_SIZE
+from netmemfs.remote import RemoteStore
+from tests.faultproxy import COMMIT, FaultProxy
+from tests.helpers import ServerProc, describe_page, run_trio, stamp_page
+
+SEGMENT = "k"
+AREA = 1
+
+
+@pytest.fixture
+def proxy(server: ServerProc) -> Iterator[FaultProxy]:
+    p = FaultProxy(server.address)
+    yield p
+    p.close()
+
+
+def _msg(kind: int, req_id: int, *, commit: int = 0, count: int = 0, pages: int = 0) -> bytes:
+    m = ffi.new("struct netmem_msg *")
+    m.id, m.type, m.area, m.commit, m.count = req_id, kind, AREA, commit, count
+    m.size = 4 * PAGE_SIZE
+    m.segment = SEGMENT.encode()
+    payload = b""
+    if kind == lib.NETMEM_MSG_COMMIT_PAGES:
+        numbers = list(range(count)) + [0] * (lib.NETMEM_CHUNK_PAGES - count)
+        payload = b"".join(n.to_bytes(8, "little") for n in numbers)
+        payload += b"".join(stamp_page(SEGMENT, n, pages) for n in range(count))
+        m.len = len(payload)
+    return bytes(ffi.buffer(m)) + payload
+
+
+async def _answer(sock: socket.socket) -> tuple[int, int]:
+    """The next answer: (request id, status)."""
+    await trio.lowlevel.wait_readable(sock)
+    r = ffi.from_buffer("struct netmem_reply *", sock.recv(ffi.sizeof("struct netmem_reply")))
+    return int(r.id), int(r.status)
+
+
+def test_the_syncs_of_an_area_land_in_order(server: ServerProc, proxy: FaultProxy) -> None:
+    """Sync 1's commit is lost on the way (the server never sees it); sync 2 then
+    passes, and the connection breaks. Were sync 2 sent at once, the client would send
+    sync 1 again on the new connection and the older pages would land last. The
+    daemon sends sync 2 only once sync 1 has landed or failed (here: after its
+    commit timeout), so the server ends with sync 2's pages."""
+
+    async def main() -> None:
+        answers: dict[int, int] = {}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours, theirs:
+            async with (
+                RemoteStore.connect(proxy.address) as store,
+                open_quiet_nursery() as nursery,
+            ):
+                provider = DeviceProvider(store, theirs.fileno(), commit_timeout_s=2)
+                nursery.start_soon(provider.serve)
+                ours.send(_msg(lib.NETMEM_MSG_OPEN, 1))
+                assert await _answer(ours) == (1, 0)
+                lost = proxy.arm(COMMIT, "drop")
+                ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 2, commit=1, count=4, pages=1))
+                ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 3, commit=1, count=4))
+                await trio.to_thread.run_sync(lost.wait)
+                broken = proxy.arm(COMMIT, "reset-after")
+                ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 4, commit=2, count=4, pages=2))
+                ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 5, commit=2, count=4))
+                answers.update([await _answer(ours), await _answer(ours)])
+                await trio.to_thread.run_sync(broken.wait)
+                nursery.cancel_scope.cancel()
+        async with RemoteStore.connect(server.address) as direct:
+            got = await direct.read_bytes(SEGMENT, 0, 4)
+        for n in range(4):
+            page = got[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+            assert page == stamp_page(SEGMENT, n, 2), f"page {n}: {describe_page(page)}"
+        assert answers[5] == 0, answers
+        assert answers[3] != 0, "sync 1 was lost, yet reported committed"
+
+    run_trio(main, timeout_s=60)
