@@ -21,6 +21,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -287,6 +288,72 @@ def main(test_bin: str) -> int:
         assert p.returncode == 1 and "No such device" in out, f"attach without daemon: {out}"
 
     g.check("killed_daemon_gives_sigbus", killed)
+
+    def syncs_survive_daemon_restarts() -> None:
+        """Four processes sync generations of their own pages of one segment while
+        the daemon is killed and started again 10 times: every sync that returned 0
+        is whole on the server, the last one of each process is what it holds, no
+        worker hangs, and the kernel logs no warning."""
+        g.provider = g.start_provider()
+        workers = [g.run("stress", "stress", SIZE, i, 16, stdin=True) for i in range(4)]
+        synced = [0] * 4
+        final = [0] * 4
+
+        def follow(i: int, p: subprocess.Popen[str]) -> None:
+            assert p.stdout is not None
+            for line in p.stdout:
+                word, _, gen = line.partition(" ")
+                if word == "synced":
+                    synced[i] = int(gen)
+                elif word == "final":
+                    final[i] = int(gen)
+
+        try:
+            for p in workers:
+                assert first_line(p, "kmod_test stress") == "ready\n"
+            readers = [
+                threading.Thread(target=follow, args=(i, p), daemon=True)
+                for i, p in enumerate(workers)
+            ]
+            for t in readers:
+                t.start()
+            for _ in range(10):
+                marks = list(synced)
+
+                def all_synced(marks: list[int] = marks) -> bool:
+                    return all(s > m for s, m in zip(synced, marks, strict=True))
+
+                wait_for(all_synced, "every worker to sync since the daemon last started")
+                g.provider.kill()
+                g.provider.wait(DEADLINE_S)
+                g.provider = g.start_provider()
+            for p in workers:
+                assert p.stdin is not None
+                p.stdin.write("stop\n")
+                p.stdin.flush()
+            for p in workers:
+                p.wait(DEADLINE_S)
+            for t in readers:
+                t.join(DEADLINE_S)
+            codes = [p.returncode for p in workers]
+            assert codes == [0] * 4 and all(final), f"exits {codes}, final generations {final}"
+            got = g.server_pages("stress")
+            for i in range(4):
+                for n in range(16 * i, 16 * i + 16):
+                    page = got[n * PAGE : (n + 1) * PAGE]
+                    assert page == stamp(n, final[i]), (
+                        f"page {n} of worker {i}: not its last sync (generation {final[i]})"
+                    )
+            log = g.dmesg()
+            assert "WARNING" not in log and "BUG" not in log, log[-2000:]
+        finally:
+            for p in workers:
+                if p.poll() is None:
+                    p.kill()
+            g.provider.kill()
+            g.provider.wait(DEADLINE_S)
+
+    g.check("syncs_survive_daemon_restarts", syncs_survive_daemon_restarts)
 
     def provide_needs_cap_sys_admin() -> None:
         code = (

@@ -37,6 +37,7 @@ CHECKS = [
     "stalled_daemon_gives_sigbus_after_the_timeout",
     "unload_refused_while_mapped",
     "killed_daemon_gives_sigbus",
+    "syncs_survive_daemon_restarts",
     "provide_needs_cap_sys_admin",
     "poll_of_a_file_with_no_queue_is_err_hup",
     "chunk_numbers_past_count_are_zero",

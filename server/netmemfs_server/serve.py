@@ -228,6 +228,16 @@ class PageServer:
             pass
         except RemoteProtocolError as e:
             log.warning("closing connection from %s: %s", peer, e)
+        except ExceptionGroup as group:
+            # A client that goes away while a commit's reply is being sent fails the
+            # receive loop and the reply at once: two disconnects, not a bug.
+            _, rest = group.split((trio.BrokenResourceError, trio.ClosedResourceError, _Close))
+            if rest is not None:
+                log.error(
+                    "internal error serving %s; closing that connection only",
+                    peer,
+                    exc_info=rest,
+                )
         except Exception:
             log.exception("internal error serving %s; closing that connection only", peer)
         finally:

@@ -21,6 +21,13 @@
  *                                         anonymous memory, say "mmap done",
  *                                         then "fault done" once the thread has
  *                                         its page
+ *   kmod_test stress SEG SIZE ID N       own pages ID*N .. ID*N+N-1: touch them,
+ *                                         say "ready", then until a line on
+ *                                         stdin: stamp them with the next
+ *                                         generation and msync, retrying a
+ *                                         failed msync; say "synced GEN" after
+ *                                         each success; at the line, sync once
+ *                                         more and say "final GEN"
  *   kmod_test forksync SEG SIZE          write every page, say "written", fork:
  *                                         the parent msyncs at once, the child
  *                                         says "child PID", waits for a line
@@ -31,6 +38,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -213,6 +221,43 @@ static int slowfault(unsigned char *p)
 	return 0;
 }
 
+static int stdin_has_line(void)
+{
+	struct pollfd pfd = { .fd = 0, .events = POLLIN };
+
+	return poll(&pfd, 1, 0) > 0;
+}
+
+/* Syncs of whole generations while the guest kills and restarts the daemon:
+ * each sync either commits all N pages of a generation or fails (and is
+ * retried with a newer one); the guest checks the server holds whole ones. */
+static int stress(unsigned char *p, uint64_t first, uint64_t n)
+{
+	uint64_t gen = 0, k, tries = 0;
+	int stop = 0;
+
+	for (k = 0; k < n; k++)
+		(void)((volatile unsigned char *)p)[(first + k) * PS];
+	printf("ready\n");
+	while (!stop) {
+		stop = stdin_has_line();
+		gen++;
+		for (k = 0; k < n; k++)
+			stamp(p + (first + k) * PS, first + k, gen);
+		while (msync(p + first * PS, n * PS, MS_SYNC) < 0) {
+			if (++tries > 6000) {	/* a minute */
+				printf("msync kept failing: %s\n", strerror(errno));
+				return 1;
+			}
+			usleep(10000);	/* the daemon is being restarted */
+		}
+		tries = 0;
+		printf(stop ? "final %llu\n" : "synced %llu\n",
+		       (unsigned long long)gen);
+	}
+	return 0;
+}
+
 /* Both processes sync one area (one open file): the second waits for the
  * first, which the guest's provider holds up. */
 static int forksync(int fd, unsigned char *p, uint64_t size)
@@ -303,6 +348,10 @@ int main(int argc, char **argv)
 			return 1;
 		printf("touching\n");
 		return p[strtoull(argv[4], NULL, 0) * PS];	/* SIGBUS */
+	} else if (!strcmp(mode, "stress") && argc == 6) {
+		uint64_t n = strtoull(argv[5], NULL, 0);
+
+		return stress(p, strtoull(argv[4], NULL, 0) * n, n);
 	} else if (!strcmp(mode, "slowfault")) {
 		return slowfault(p);
 	} else if (!strcmp(mode, "forksync")) {
