@@ -32,7 +32,7 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
-from netmemfs.errors import NetmemError, SegmentNotFound
+from netmemfs.errors import NetmemError, SegmentExists, SegmentNotFound
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
@@ -147,12 +147,15 @@ class DeviceProvider:
             try:
                 st = await self.store.stat(segment)
             except SegmentNotFound:
-                await self.store.create(segment, size)
-            else:
-                if st.size != size:
-                    raise NetmemError(
-                        f"segment {segment!r} has {st.size} bytes on the server, not {size}"
-                    )
+                try:
+                    await self.store.create(segment, size)
+                    st = None
+                except SegmentExists:  # another area attached it meanwhile
+                    st = await self.store.stat(segment)
+            if st is not None and st.size != size:
+                raise NetmemError(
+                    f"segment {segment!r} has {st.size} bytes on the server, not {size}"
+                )
         except NetmemError as e:
             log.warning("cannot attach an area to segment %r: %s", segment, e)
             self._reply(req_id, e.errno if e.errno != errno.EIO else errno.EINVAL)

@@ -310,7 +310,8 @@ def main(test_bin: str) -> int:
 
         try:
             for p in workers:
-                assert first_line(p, "kmod_test stress") == "ready\n"
+                line = first_line(p, "kmod_test stress")
+                assert line == "ready\n", f"a worker said {line!r}"
             readers = [
                 threading.Thread(target=follow, args=(i, p), daemon=True)
                 for i, p in enumerate(workers)

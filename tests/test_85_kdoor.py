@@ -33,9 +33,11 @@ def proxy(server: ServerProc) -> Iterator[FaultProxy]:
     p.close()
 
 
-def _msg(kind: int, req_id: int, *, commit: int = 0, count: int = 0, pages: int = 0) -> bytes:
+def _msg(
+    kind: int, req_id: int, *, commit: int = 0, count: int = 0, pages: int = 0, area: int = AREA
+) -> bytes:
     m = ffi.new("struct netmem_msg *")
-    m.id, m.type, m.area, m.commit, m.count = req_id, kind, AREA, commit, count
+    m.id, m.type, m.area, m.commit, m.count = req_id, kind, area, commit, count
     m.size = 4 * PAGE_SIZE
     m.segment = SEGMENT.encode()
     payload = b""
@@ -91,5 +93,27 @@ def test_the_syncs_of_an_area_land_in_order(server: ServerProc, proxy: FaultProx
             assert page == stamp_page(SEGMENT, n, 2), f"page {n}: {describe_page(page)}"
         assert answers[5] == 0, answers
         assert answers[3] != 0, "sync 1 was lost, yet reported committed"
+
+    run_trio(main, timeout_s=60)
+
+
+def test_areas_attaching_a_new_segment_at_once_all_succeed(server: ServerProc) -> None:
+    """Four OPENs of a segment that does not exist yet: one creates it, the others
+    find it created (the processes of a program that attach together)."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours, theirs:
+            async with (
+                RemoteStore.connect(server.address) as store,
+                open_quiet_nursery() as nursery,
+            ):
+                nursery.start_soon(DeviceProvider(store, theirs.fileno()).serve)
+                for i in range(4):
+                    ours.send(_msg(lib.NETMEM_MSG_OPEN, 10 + i, area=10 + i))
+                answers = dict([await _answer(ours) for _ in range(4)])
+                nursery.cancel_scope.cancel()
+        assert answers == dict.fromkeys(range(10, 14), 0), answers
 
     run_trio(main, timeout_s=60)
