@@ -193,8 +193,19 @@ class _File:
         assert self.fd is not None
         return os.pread(self.fd, PAGE_SIZE, off)
 
-    def page_numbers(self) -> set[int]:
-        return set(self.pages) | set(self.held)
+    def index(self, first: int, n: int, start: int) -> None:
+        """Pages first..first+n-1 are in the file, one after the other from start."""
+        for i in range(n):
+            self.pages[first + i] = start + i * PAGE_SIZE
+
+    def contents(self) -> dict[int, bytes]:
+        """Every page the file holds, in it or in memory, newest content."""
+        out = {}
+        for p in set(self.pages) | set(self.held):
+            data = self.read_page(p)
+            assert data is not None
+            out[p] = data
+        return out
 
     def hold_size(self, size: int, cause: JournalError) -> None:
         self._start_holding(cause)
@@ -262,9 +273,7 @@ class _File:
             self.size_held = False
         for first, n in consecutive(sorted(self.held), MAX_RUN_PAGES):
             data = b"".join(self.held[first + i] for i in range(n))
-            start = self.append(["pages", first, data]) - len(data)
-            for i in range(n):
-                self.pages[first + i] = start + i * PAGE_SIZE
+            self.index(first, n, self.append(["pages", first, data]) - len(data))
             for i in range(n):
                 del self.held[first + i]
             self.budget.give_back(n * PAGE_SIZE)
@@ -366,11 +375,6 @@ class SegmentJournal:
         f = self.active
         return bool(f.pages) or bool(f.held) or f.size is not None
 
-    def held_bytes(self) -> int:
-        """Bytes of pages kept in memory because the cache directory could not take
-        them; an fsync fails until they are written there."""
-        return sum(len(f.held) for f in (self.active, self.sealed) if f) * PAGE_SIZE
-
     # --- changes -----------------------------------------------------------------
 
     def write_page(self, page: int, data: bytes) -> None:
@@ -397,8 +401,7 @@ class SegmentJournal:
             except JournalError as e:
                 cause = e
             else:
-                for i in range(len(data) // PAGE_SIZE):
-                    f.pages[first + i] = start + i * PAGE_SIZE
+                f.index(first, len(data) // PAGE_SIZE, start)
                 return
         else:
             assert f.hold_cause is not None
@@ -511,11 +514,7 @@ class SegmentJournal:
         what the new file cannot take, past --max-unjournaled if need be."""
         old, newer = self.sealed, self.active
         assert old is not None
-        pages: dict[int, bytes] = {}
-        for p in old.page_numbers():
-            data = old.read_page(p)
-            assert data is not None
-            pages[p] = data
+        pages = old.contents()
         size, low = old.size, old.min_size
         if newer.min_size is not None:
             keep = pages_for(newer.min_size)
@@ -523,10 +522,7 @@ class SegmentJournal:
             low = newer.min_size if low is None else min(low, newer.min_size)
         if newer.size is not None:
             size = newer.size
-        for p in newer.page_numbers():
-            data = newer.read_page(p)
-            assert data is not None
-            pages[p] = data
+        pages.update(newer.contents())
         for f in (old, newer):
             f.remove()
         merged = self._new_active()
@@ -601,15 +597,12 @@ def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
                 kind = _record_kind(rec)
                 assert isinstance(rec, list)
                 if kind == "pages":
-                    first, n = rec[1], len(rec[2]) // PAGE_SIZE
-                    for i in range(n):
-                        f.pages[first + i] = end - (n - i) * PAGE_SIZE
+                    n = len(rec[2]) // PAGE_SIZE
+                    f.index(rec[1], n, end - n * PAGE_SIZE)
                 elif kind == "size":
                     # As set_size did: a shrink drops the pages past the new end.
                     f.size = rec[1]
-                    keep = pages_for(rec[1])
-                    for page in [p for p in f.pages if p >= keep]:
-                        del f.pages[page]
+                    f.drop_from(pages_for(rec[1]))
                 else:
                     begin = (bytes(rec[1]), rec[2], rec[3])
                 f.end = end

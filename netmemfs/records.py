@@ -36,17 +36,6 @@ def encode_record(magic: bytes, payload: object) -> list[Buffer]:
     return [RECORD.pack(magic, length, crc), *parts]
 
 
-def write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    total = sum(len(p) for p in parts)
-    done = os.writev(fd, parts) if len(parts) <= 512 else 0
-    if done < total:
-        rest = memoryview(b"".join(parts))[done:]
-        while rest:
-            n = os.write(fd, rest)
-            rest = rest[n:]
-    return total
-
-
 def pwrite_all(fd: int, parts: Sequence[Buffer], offset: int) -> int:
     """Write parts at offset (not at the descriptor's position, which a write cut short
     would leave past the last good byte); return how many bytes. On OSError some of

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from netmemfs.errors import NetmemError, ServerError
 from netmemfs.protocol import PageRun
-from netmemfs.records import encode_record, read_records, write_all
+from netmemfs.records import encode_record, pwrite_all, read_records
 from netmemfs_server.store import (
     Create,
     Delete,
@@ -170,7 +170,7 @@ class LogPageStore:
         self._check_usable()
         parts = encode_record(LOG_MAGIC, ops_to_payload(txn, ops))
         try:
-            n = write_all(self._fd, parts)
+            n = pwrite_all(self._fd, parts, self._end)  # the file ends at _end
             os.fsync(self._fd)
         except OSError as e:
             self._cut_back(e)
