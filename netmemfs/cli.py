@@ -23,10 +23,11 @@ from netmemfs.auth import read_token_file
 from netmemfs.daemon import MountOptions, default_cache_dir, lock_cache_dir
 from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
+from netmemfs.fs import DEFAULT_CACHE_BYTES, DEFAULT_UNJOURNALED_BYTES
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import DEFAULT_PORT, RemoteStore, tls_client_context
-from netmemfs.sizes import parse_host_port, parse_size
+from netmemfs.sizes import format_size, parse_host_port, parse_size
 
 DESCRIPTION = """\
 netmemfs: memory that a process maps, whose pages live on a netmemfs-server.
@@ -107,18 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--cache-size",
         type=parse_size,
-        default=parse_size("256M"),
+        default=DEFAULT_CACHE_BYTES,
         metavar="SIZE",
         help="memory for pages fetched from the server, kept while the file is unchanged "
-        "(default 256M; 0 turns it off)",
+        f"(default {format_size(DEFAULT_CACHE_BYTES)}; 0 turns it off)",
     )
     m.add_argument(
         "--max-unjournaled",
         type=parse_size,
-        default=parse_size("64M"),
+        default=DEFAULT_UNJOURNALED_BYTES,
         metavar="SIZE",
         help="memory for written pages the cache dir cannot take (disk full or read-only), "
-        "kept until it can; fsync fails until then, and past SIZE writes fail (default 64M)",
+        "kept until it can; fsync fails until then, and past SIZE writes fail "
+        f"(default {format_size(DEFAULT_UNJOURNALED_BYTES)})",
     )
     m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
     _add_tls_ca(m)

@@ -33,7 +33,7 @@ import trio
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
 from netmemfs.errors import NetmemError, SegmentExists, SegmentNotFound
-from netmemfs.pages import PAGE_SIZE
+from netmemfs.pages import PAGE_SIZE, consecutive
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
 
@@ -218,16 +218,10 @@ class DeviceProvider:
             )
             self._reply(req_id, errno.EIO)
             return
-        runs: list[PageRun] = []
-        pages = sorted(commit.pages)
-        i = 0
-        while i < len(pages):
-            j = i
-            while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
-                j += 1
-            data = b"".join(commit.pages[p] for p in pages[i : j + 1])
-            runs.append(PageRun(commit.segment, pages[i], data))
-            i = j + 1
+        runs = [
+            PageRun(commit.segment, first, b"".join(commit.pages[first + k] for k in range(n)))
+            for first, n in consecutive(sorted(commit.pages))
+        ]
         try:
             with trio.move_on_after(self.commit_timeout_s) as deadline:
                 await self.store.commit(runs, txn=self.store.new_txn())
