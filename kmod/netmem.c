@@ -305,9 +305,8 @@ out_free:
  * A fetch that failed without the mmap lock, kept for the fault that is retried
  * right after: its errno, whether it was our own OOM, and when (jiffies, which
  * fit in the 47 bits left for thousands of years). Older than a second it is
- * ignored (the retried fault comes within
- * microseconds; an entry left by a fault that was never retried must not fail
- * another one much later).
+ * ignored: the retried fault comes within microseconds, and an entry left by a
+ * fault that was never retried must not fail another one much later.
  */
 static void nm_failure_note(struct nm_area *area, unsigned long idx, int err,
 			    bool oom)
@@ -710,12 +709,12 @@ static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 	return err ? -EIO : 0;
 }
 
-/* The request @id, if it is still on nm.pending; nm.lock held. */
-static struct nm_req *nm_pending(u64 id)
+/* The request @id if it is on @list (nm.pending or nm.waiting); nm.lock held. */
+static struct nm_req *nm_find(struct list_head *list, u64 id)
 {
 	struct nm_req *req;
 
-	list_for_each_entry(req, &nm.pending, node)
+	list_for_each_entry(req, list, node)
 		if (req->msg.id == id)
 			return req;
 	return NULL;
@@ -759,7 +758,7 @@ static ssize_t nm_read(struct file *file, char __user *buf, size_t count,
 	if (copy_to_user(buf, &msg, sizeof(msg)))
 		goto out_unlock;
 	spin_lock(&nm.lock);
-	req = nm_pending(msg.id);
+	req = nm_find(&nm.pending, msg.id);
 	if (!req) {
 		/* Its waiter gave up meanwhile: the daemon's reply gets ENOENT. */
 		spin_unlock(&nm.lock);
@@ -799,7 +798,7 @@ static ssize_t nm_write(struct file *file, const char __user *buf,
 			size_t count, loff_t *ppos)
 {
 	struct netmem_reply r;
-	struct nm_req *req = NULL, *it;
+	struct nm_req *req;
 	bool with_page = count == sizeof(r) + PAGE_SIZE;
 	void *bounce = NULL;
 	ssize_t ret;
@@ -823,12 +822,7 @@ static ssize_t nm_write(struct file *file, const char __user *buf,
 		}
 	}
 	spin_lock(&nm.lock);
-	list_for_each_entry(it, &nm.waiting, node) {
-		if (it->msg.id == r.id) {
-			req = it;
-			break;
-		}
-	}
+	req = nm_find(&nm.waiting, r.id);
 	ret = -ENOENT;	/* its waiter gave up (timeout, kill) */
 	if (!req)
 		goto out_unlock;
