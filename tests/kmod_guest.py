@@ -184,6 +184,18 @@ class TestProvider:
         else:
             self.reply(msg)
 
+    def serve_until(self, kind: int) -> Msg:
+        """Answer requests as a daemon would until one of type kind comes; return it
+        unanswered."""
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no request of type {kind} from the module")
+            msg = self.read()
+            if msg.type == kind:
+                return msg
+            self.answer(msg)
+
     def serve_until_exit(self, proc: subprocess.Popen[str], on: Callable[[Msg], bool]) -> None:
         """Answer requests until proc exits; on(msg) first, which returns True if it
         answered msg itself."""
@@ -492,16 +504,7 @@ def main(test_bin: str) -> int:
         tp = TestProvider()
         try:
             writer = g.run("write", "l", SIZE, 8)
-            end: list[Msg] = []
-            deadline = time.monotonic() + DEADLINE_S
-            while not end:
-                if time.monotonic() > deadline:
-                    raise AssertionError("the sync never reached COMMIT_END")
-                msg = tp.read()
-                if msg.type == lib.NETMEM_MSG_COMMIT_END:
-                    end.append(msg)
-                else:
-                    tp.answer(msg)
+            end = tp.serve_until(lib.NETMEM_MSG_COMMIT_END)  # held: no answer yet
             toucher = g.run("touch", "t", SIZE, 0, stdin=True)
             tp.answer(tp.read())  # its OPEN
             assert first_line(toucher, "kmod_test touch") == "mapped\n"
@@ -513,7 +516,7 @@ def main(test_bin: str) -> int:
             toucher.communicate(timeout=DEADLINE_S)  # not answered: it times out
             assert toucher.returncode == -signal.SIGBUS, f"the toucher: {toucher.returncode}"
             assert writer.poll() is None, "the sync gave up at timeout_ms"
-            tp.reply(end[0])
+            tp.reply(end)
             tp.serve_until_exit(writer, lambda msg: False)
             assert writer.returncode == 0, f"kmod_test write: exit {writer.returncode}"
         finally:
@@ -529,23 +532,8 @@ def main(test_bin: str) -> int:
         tp = TestProvider()
         try:
             p = g.run("forksync", "f", SIZE, stdin=True)
-            ends: list[Msg] = []
-
-            def on(msg: Msg) -> bool:
-                if msg.type == lib.NETMEM_MSG_COMMIT_END:
-                    ends.append(msg)
-                    return True  # held: no reply yet
-                return False
-
+            end = tp.serve_until(lib.NETMEM_MSG_COMMIT_END)  # the parent's, held
             assert p.stdout is not None
-            deadline = time.monotonic() + DEADLINE_S
-            while not ends:
-                if time.monotonic() > deadline:
-                    raise AssertionError("the parent's sync never reached COMMIT_END")
-                if tp.readable(0.05):
-                    msg = Msg(os.read(tp.fd, lib.NETMEM_MSG_BYTES))
-                    if not on(msg):
-                        tp.answer(msg)
             lines = [p.stdout.readline() for _ in range(2)]
             child = int(next(x for x in lines if x.startswith("child")).split()[1])
             assert p.stdin is not None
@@ -555,7 +543,7 @@ def main(test_bin: str) -> int:
             os.kill(child, signal.SIGKILL)
             wait_for(lambda: _state(child) in ("Z", "X", ""), "the killed child to exit")
             assert p.poll() is None, "the parent's sync ended first"
-            tp.reply(ends[0])
+            tp.reply(end)
             tp.serve_until_exit(p, lambda msg: False)
             assert p.returncode == 0, f"the parent: exit {p.returncode}"
         finally:

@@ -9,7 +9,8 @@ include/netmem_uapi.h and reads the answers. The server is real, behind tests/fa
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -49,6 +50,19 @@ def _msg(
     return bytes(ffi.buffer(m)) + payload
 
 
+@asynccontextmanager
+async def _device(store: RemoteStore, **options: float) -> AsyncIterator[socket.socket]:
+    """A DeviceProvider serving store on one end of a socket pair; the other end, where
+    the test sends what the module would and reads the answers."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    with ours, theirs:
+        async with open_quiet_nursery() as nursery:
+            nursery.start_soon(DeviceProvider(store, theirs.fileno(), **options).serve)
+            yield ours
+            nursery.cancel_scope.cancel()
+
+
 async def _answer(sock: socket.socket) -> tuple[int, int]:
     """The next answer: (request id, status)."""
     await trio.lowlevel.wait_readable(sock)
@@ -65,27 +79,21 @@ def test_the_syncs_of_an_area_land_in_order(server: ServerProc, proxy: FaultProx
 
     async def main() -> None:
         answers: dict[int, int] = {}
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        with ours, theirs:
-            async with (
-                RemoteStore.connect(proxy.address) as store,
-                open_quiet_nursery() as nursery,
-            ):
-                provider = DeviceProvider(store, theirs.fileno(), commit_timeout_s=2)
-                nursery.start_soon(provider.serve)
-                ours.send(_msg(lib.NETMEM_MSG_OPEN, 1))
-                assert await _answer(ours) == (1, 0)
-                lost = proxy.arm(COMMIT, "drop")
-                ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 2, commit=1, count=4, pages=1))
-                ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 3, commit=1, count=4))
-                await trio.to_thread.run_sync(lost.wait)
-                broken = proxy.arm(COMMIT, "reset-after")
-                ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 4, commit=2, count=4, pages=2))
-                ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 5, commit=2, count=4))
-                answers.update([await _answer(ours), await _answer(ours)])
-                await trio.to_thread.run_sync(broken.wait)
-                nursery.cancel_scope.cancel()
+        async with (
+            RemoteStore.connect(proxy.address) as store,
+            _device(store, commit_timeout_s=2) as ours,
+        ):
+            ours.send(_msg(lib.NETMEM_MSG_OPEN, 1))
+            assert await _answer(ours) == (1, 0)
+            lost = proxy.arm(COMMIT, "drop")
+            ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 2, commit=1, count=4, pages=1))
+            ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 3, commit=1, count=4))
+            await trio.to_thread.run_sync(lost.wait)
+            broken = proxy.arm(COMMIT, "reset-after")
+            ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 4, commit=2, count=4, pages=2))
+            ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 5, commit=2, count=4))
+            answers.update([await _answer(ours), await _answer(ours)])
+            await trio.to_thread.run_sync(broken.wait)
         async with RemoteStore.connect(server.address) as direct:
             got = await direct.read_bytes(SEGMENT, 0, 4)
         for n in range(4):
@@ -102,18 +110,10 @@ def test_areas_attaching_a_new_segment_at_once_all_succeed(server: ServerProc) -
     find it created (the processes of a program that attach together)."""
 
     async def main() -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        with ours, theirs:
-            async with (
-                RemoteStore.connect(server.address) as store,
-                open_quiet_nursery() as nursery,
-            ):
-                nursery.start_soon(DeviceProvider(store, theirs.fileno()).serve)
-                for i in range(4):
-                    ours.send(_msg(lib.NETMEM_MSG_OPEN, 10 + i, area=10 + i))
-                answers = dict([await _answer(ours) for _ in range(4)])
-                nursery.cancel_scope.cancel()
+        async with RemoteStore.connect(server.address) as store, _device(store) as ours:
+            for i in range(4):
+                ours.send(_msg(lib.NETMEM_MSG_OPEN, 10 + i, area=10 + i))
+            answers = dict([await _answer(ours) for _ in range(4)])
         assert answers == dict.fromkeys(range(10, 14), 0), answers
 
     run_trio(main, timeout_s=60)
