@@ -21,22 +21,42 @@
 #define NETMEM_CHUNK_PAGES	64		/* pages in one COMMIT_PAGES message */
 #define NETMEM_PAGE_BYTES	4096
 
+#define NETMEM_MIN_BUDGET	(64 * NETMEM_PAGE_BYTES)	/* smaller budgets are raised to this */
+
 /* NETMEM_IOC_ATTACH: what this file maps (once per open file). */
 struct netmem_attach {
 	char segment[NETMEM_SEGMENT_MAX];	/* 1..63 bytes, then NUL */
 	__u64 size;				/* bytes, a multiple of 4096 */
+	/*
+	 * Clean pages kept resident, in bytes; beyond it the module drops clean
+	 * pages (they fault in again). 0: no budget (memory pressure still
+	 * drops them). Dirty pages are kept until a sync commits them.
+	 */
+	__u64 budget;
+};
+
+/*
+ * NETMEM_IOC_PROVIDE: this file becomes the page provider, for one store. An
+ * area is served only by providers of the store that attached it: a daemon
+ * restarted for the same store goes on serving the areas, one for another
+ * store never sees them (their faults get SIGBUS, their syncs EIO).
+ */
+struct netmem_provide {
+	char store[NETMEM_SEGMENT_MAX];		/* 1..63 bytes, then NUL */
 };
 
 #define NETMEM_IOC_MAGIC	0xB7
 #define NETMEM_IOC_ATTACH	_IOW(NETMEM_IOC_MAGIC, 1, struct netmem_attach)
-/* This file becomes the page provider: it reads requests and writes replies. */
-#define NETMEM_IOC_PROVIDE	_IO(NETMEM_IOC_MAGIC, 2)
+#define NETMEM_IOC_PROVIDE	_IOW(NETMEM_IOC_MAGIC, 2, struct netmem_provide)
 
 enum netmem_msg_type {
 	NETMEM_MSG_OPEN = 1,		/* create the segment, or check its size */
 	NETMEM_MSG_FETCH = 2,		/* one page's contents */
 	NETMEM_MSG_COMMIT_PAGES = 3,	/* pages of a commit (no reply) */
 	NETMEM_MSG_COMMIT_END = 4,	/* commit them all as one transaction */
+	NETMEM_MSG_COMMIT_ABORT = 5,	/* the kernel gave up on sync `commit` of
+					 * `area` (no reply): drop it if it is not
+					 * sent yet; its pages are dirty again */
 };
 
 /*

@@ -17,6 +17,9 @@
  * page_mkwrite(), which marks it dirty. fsync() (and so msync(MS_SYNC))
  * write-protects every dirty page again, copies it, and hands the copies to
  * the daemon, which commits them as one transaction.
+ *
+ * Clean pages beyond an area's budget, or asked for by the shrinker, are
+ * unmapped and dropped; they fault in again.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -32,6 +35,7 @@
 #include <linux/poll.h>
 #include <linux/rmap.h>
 #include <linux/sched/signal.h>
+#include <linux/shrinker.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/version.h>
@@ -54,7 +58,7 @@ MODULE_PARM_DESC(sync_timeout_ms,
  * struct nm_area - what one open file of /dev/netmem maps
  * @ref: the file and each of its mappings hold one
  * @mapping: links the file's mappings, for folio_mkclean() (no page cache)
- * @lock: serializes attach and sync
+ * @lock: serializes attach, sync and eviction
  * @id: names the area in requests
  * @segment: the server segment, NUL-terminated
  * @npages: the area's size in pages; 0 until attached
@@ -64,11 +68,18 @@ MODULE_PARM_DESC(sync_timeout_ms,
  * @dirty: pages written since they were last synced
  * @commits: syncs started
  * @provider: this file is the daemon's, not an area
+ * @store: the store whose provider attached the area (or, for the provider's
+ *         file, the one it serves)
+ * @budget: clean pages kept resident at most; 0: no budget
+ * @resident: pages in @pages
+ * @hand: where the next eviction starts looking (a clock hand over @pages;
+ *        under @lock)
+ * @node: on nm_areas once attached, for the shrinker
  */
 struct nm_area {
 	struct kref ref;
 	struct address_space mapping;
-	struct mutex lock;		/* serializes attach and sync */
+	struct mutex lock;		/* serializes attach, sync, eviction */
 	u64 id;
 	char segment[NETMEM_SEGMENT_MAX];
 	unsigned long npages;
@@ -77,18 +88,27 @@ struct nm_area {
 	unsigned long *dirty;
 	u64 commits;
 	bool provider;
+	char store[NETMEM_SEGMENT_MAX];
+	unsigned long budget;
+	atomic_long_t resident;
+	unsigned long hand;
+	struct list_head node;
 };
 
 /**
  * struct nm_req - a request to the daemon and its answer
- * @node: on nm.pending, then (if it wants a reply) on nm.waiting
+ * @node: on nm.pending until the daemon reads it
  * @done: completed when answered, consumed (no reply) or failed
  * @msg: what the daemon reads
  * @payload: COMMIT_PAGES: the message's payload (the sync's buffer)
  * @page: FETCH: where the data goes
+ * @store: OPEN: the store of the provider it was queued for
  * @status: 0 or -errno, valid once @done
- * @claimed: taken off the lists by whoever completes it; the waiter must
+ * @queued: on nm.pending or read by the daemon: nm_provider_gone() fails it
+ * @read: the daemon has read it; a reply may come
+ * @claimed: taken out of nm.reqs by whoever completes it; the waiter must
  *           then wait for @done instead of freeing the request
+ * @nowait: nobody waits for it (COMMIT_ABORT): freed once read or failed
  */
 struct nm_req {
 	struct list_head node;
@@ -96,35 +116,55 @@ struct nm_req {
 	struct netmem_msg msg;
 	const void *payload;
 	struct page *page;
+	char store[NETMEM_SEGMENT_MAX];
 	int status;
+	bool queued;
+	bool read;
 	bool claimed;
+	bool nowait;
 };
 
 /**
  * struct nm_dev - the device
  * @misc: /dev/netmem
- * @lock: protects everything below
+ * @lock: protects everything below, and the flags of every request in @reqs
  * @provider: the daemon's file, or NULL
- * @pending: requests the daemon has not read yet
- * @waiting: requests read, waiting for the daemon's reply
+ * @store: the store the daemon serves
+ * @pending: requests the daemon has not read yet, oldest first
+ * @reqs: request id -> every request submitted and not yet claimed, so a
+ *        reply finds its request without a walk (xa_lock nests inside @lock)
  * @wq: the daemon waits here for requests
  * @read_lock: serializes the daemon's reads
- * @next_id: request ids
  * @next_area: area ids
  */
 struct nm_dev {
 	struct miscdevice misc;
-	spinlock_t lock;		/* protects the lists and ids */
+	spinlock_t lock;		/* protects the queue, ids and flags */
 	struct file *provider;
+	char store[NETMEM_SEGMENT_MAX];
 	struct list_head pending;
-	struct list_head waiting;
+	struct xarray reqs;
 	wait_queue_head_t wq;
 	struct mutex read_lock;		/* one reader at a time */
-	u64 next_id;
 	u64 next_area;
 };
 
 static struct nm_dev nm;
+
+/*
+ * Request ids; an unsigned long indexes nm.reqs, and ids never repeat while
+ * a request lives (2^64 on the 64-bit kernels the module is built for).
+ */
+static atomic64_t nm_next_id = ATOMIC64_INIT(0);
+
+/*
+ * Every attached area, for the shrinker; nm_areas_lock is never held while
+ * allocating, so reclaim can take it (it only tries).
+ */
+static LIST_HEAD(nm_areas);
+static DEFINE_MUTEX(nm_areas_lock);
+/* Pages held by all areas: what the shrinker may free at most. */
+static atomic_long_t nm_resident = ATOMIC_LONG_INIT(0);
 
 /*
  * The errnos a daemon may answer with: real ones only. Values from -512 down
@@ -141,24 +181,43 @@ static const struct address_space_operations nm_aops = {
 
 /*
  * Queue @req for the daemon and wait up to @wait_ms for its answer (or, for
- * COMMIT_PAGES, for the daemon to have read it). Returns req->status, or
- * -ENXIO (no daemon), -ETIMEDOUT, -EINTR (a fatal signal). The caller frees
- * @req.
+ * COMMIT_PAGES, for the daemon to have read it). @store: the store that must
+ * serve it (the area's), or NULL for OPEN, which goes to the daemon there is.
+ * Returns req->status, or -ENXIO (no daemon), -ESTALE (a daemon of another
+ * store), -ETIMEDOUT, -EINTR (a fatal signal), -ENOMEM. The caller frees @req,
+ * unless it is @nowait: then the module does, and nothing is awaited.
  */
-static int nm_submit(struct nm_req *req, unsigned int wait_ms)
+static int nm_submit(struct nm_req *req, const char *store,
+		     unsigned int wait_ms)
 {
+	unsigned long id = atomic64_inc_return(&nm_next_id);
+	bool nowait = req->nowait;	/* req may be gone once queued */
 	long left;
+	int err;
 
 	init_completion(&req->done);
+	INIT_LIST_HEAD(&req->node);
+	req->msg.id = id;
+	/* Indexed before it is queued: a reply then finds it without a walk. */
+	err = xa_insert(&nm.reqs, id, req, GFP_KERNEL);
+	if (err)
+		goto out_free;
 	spin_lock(&nm.lock);
-	if (!nm.provider) {
+	err = !nm.provider ? -ENXIO :
+	      store && strcmp(store, nm.store) ? -ESTALE : 0;
+	if (err) {
+		xa_erase(&nm.reqs, id);
 		spin_unlock(&nm.lock);
-		return -ENXIO;
+		goto out_free;
 	}
-	req->msg.id = ++nm.next_id;
+	if (!store)
+		memcpy(req->store, nm.store, NETMEM_SEGMENT_MAX);
+	req->queued = true;
 	list_add_tail(&req->node, &nm.pending);
 	spin_unlock(&nm.lock);
 	wake_up_interruptible(&nm.wq);
+	if (nowait)
+		return 0;
 
 	left = wait_for_completion_killable_timeout(&req->done,
 						    msecs_to_jiffies(wait_ms));
@@ -166,7 +225,8 @@ static int nm_submit(struct nm_req *req, unsigned int wait_ms)
 		return req->status;
 	spin_lock(&nm.lock);
 	if (!req->claimed) {
-		list_del(&req->node);
+		list_del_init(&req->node);
+		xa_erase(&nm.reqs, id);
 		spin_unlock(&nm.lock);
 		return left == 0 ? -ETIMEDOUT : -EINTR;
 	}
@@ -174,6 +234,10 @@ static int nm_submit(struct nm_req *req, unsigned int wait_ms)
 	/* An answer is being copied in right now: it ends soon. */
 	wait_for_completion(&req->done);
 	return req->status;
+out_free:
+	if (nowait)
+		kfree(req);
+	return err;
 }
 
 static const char *nm_why(int err)
@@ -185,6 +249,8 @@ static const char *nm_why(int err)
 		return "the daemon did not answer in time (module parameter timeout_ms)";
 	case -EPIPE:
 		return "the daemon went away";
+	case -ESTALE:
+		return "the daemon serves another store than the area's";
 	case -EINTR:
 		return "the task was killed while waiting";
 	case -ENOMEM:
@@ -198,17 +264,26 @@ static const char *nm_why(int err)
 static void nm_provider_gone(void)
 {
 	struct nm_req *req, *tmp;
+	unsigned long id;
 	LIST_HEAD(failed);
 
 	spin_lock(&nm.lock);
 	nm.provider = NULL;
-	list_splice_init(&nm.pending, &failed);
-	list_splice_tail_init(&nm.waiting, &failed);
-	list_for_each_entry(req, &failed, node)
+	xa_for_each(&nm.reqs, id, req) {
+		if (!req->queued)
+			continue;	/* its submitter sees no daemon */
+		xa_erase(&nm.reqs, id);
 		req->claimed = true;
+		list_del(&req->node);	/* off nm.pending, if it was there */
+		list_add_tail(&req->node, &failed);
+	}
 	spin_unlock(&nm.lock);
 	list_for_each_entry_safe(req, tmp, &failed, node) {
 		list_del_init(&req->node);
+		if (req->nowait) {
+			kfree(req);
+			continue;
+		}
 		req->status = -EPIPE;
 		complete(&req->done);	/* the waiter frees req */
 	}
@@ -223,6 +298,12 @@ static void nm_area_free(struct kref *ref)
 	struct page *page;
 	unsigned long idx, unsynced;
 
+	if (!list_empty(&area->node)) {
+		/* First: the shrinker must not find the area any more. */
+		mutex_lock(&nm_areas_lock);
+		list_del(&area->node);
+		mutex_unlock(&nm_areas_lock);
+	}
 	/*
 	 * Pages written since the last sync die with the area, as a mount's
 	 * unsynced writes die at unmount: committing here would have an exiting
@@ -239,6 +320,7 @@ static void nm_area_free(struct kref *ref)
 		put_page(page);
 		cond_resched();	/* an area may hold millions of pages */
 	}
+	atomic_long_sub(atomic_long_read(&area->resident), &nm_resident);
 	xa_destroy(&area->pages);
 	xa_destroy(&area->failed);
 	kvfree(area->dirty);
@@ -250,21 +332,105 @@ static void nm_area_put(struct nm_area *area)
 	kref_put(&area->ref, nm_area_free);
 }
 
+/* Page @idx of @area with a reference of the caller's, or NULL. */
+static struct page *nm_get_page(struct nm_area *area, unsigned long idx)
+{
+	struct page *page;
+
+	/* Eviction takes a page out under this lock before it lets go of it. */
+	xa_lock(&area->pages);
+	page = xa_load(&area->pages, idx);
+	if (page)
+		get_page(page);
+	xa_unlock(&area->pages);
+	return page;
+}
+
 /*
- * Page @idx of @area from the daemon, installed in the area; NULL and *err.
+ * Drop up to @want clean pages of @area: unmap each from every mapping, take
+ * it out of the area and let go of it; a later fault fetches it again. Dirty
+ * pages are the only copy of unsynced writes and stay. Pages are tried in
+ * index order from where the last eviction stopped (a clock hand), each at
+ * most once. Nothing here waits for a lock, so the shrinker can call it; a
+ * sync in progress (it holds area->lock) puts eviction off, since the pages it
+ * sent must stay until it knows whether they were committed. Returns the
+ * pages dropped.
+ */
+static unsigned long nm_evict(struct nm_area *area, unsigned long want)
+{
+	unsigned long idx, tries, freed = 0;
+	struct folio *folio;
+	struct page *page;
+
+	if (!mutex_trylock(&area->lock))
+		return 0;
+	idx = area->hand;
+	for (tries = atomic_long_read(&area->resident); tries && freed < want;
+	     tries--, idx++) {
+		/*
+		 * Only eviction takes pages out, under area->lock: no reference
+		 * is needed to look at them here.
+		 */
+		page = xa_find(&area->pages, &idx, ULONG_MAX, XA_PRESENT);
+		if (!page) {
+			idx = 0;	/* past the last page: wrap around */
+			page = xa_find(&area->pages, &idx, ULONG_MAX,
+				       XA_PRESENT);
+			if (!page)
+				break;
+		}
+		folio = page_folio(page);
+		if (test_bit(idx, area->dirty) || !folio_trylock(folio))
+			continue;
+		/* page_mkwrite marks a page dirty under its lock: look again. */
+		if (test_bit(idx, area->dirty)) {
+			folio_unlock(folio);
+			continue;
+		}
+		/*
+		 * A fault maps a page only with its lock held, after checking
+		 * page->mapping: once unmapped here, no PTE can come back
+		 * before the page has left the area.
+		 */
+		unmap_mapping_range(&area->mapping, (loff_t)idx << PAGE_SHIFT,
+				    PAGE_SIZE, 0);
+		if (folio_mapped(folio)) {
+			folio_unlock(folio);
+			continue;
+		}
+		xa_erase(&area->pages, idx);
+		folio->mapping = NULL;
+		folio_unlock(folio);
+		put_page(page);
+		atomic_long_dec(&area->resident);
+		atomic_long_dec(&nm_resident);
+		freed++;
+		cond_resched();
+	}
+	area->hand = idx;
+	mutex_unlock(&area->lock);
+	return freed;
+}
+
+/*
+ * Page @idx of @area from the daemon, installed in the area; 0 or -errno.
  * *oom says the failure was ours (no memory here), not the daemon's.
  */
-static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err,
-			     bool *oom)
+static int nm_fetch(struct nm_area *area, unsigned long idx, bool *oom)
 {
+	unsigned long resident = atomic_long_read(&area->resident);
 	struct page *page, *old;
 	struct nm_req *req;
+	int err;
 
+	/* Make room first, so the page fetched now is not what goes. */
+	if (area->budget && resident >= area->budget)
+		nm_evict(area, resident + 1 - area->budget);
 	/* Charged to the faulting task's memory cgroup, like any page it maps. */
 	page = alloc_page(GFP_HIGHUSER | __GFP_ZERO | __GFP_ACCOUNT);
 	req = kzalloc(sizeof(*req), GFP_KERNEL);
 	if (!page || !req) {
-		*err = -ENOMEM;
+		err = -ENOMEM;
 		*oom = true;
 		goto out_free;
 	}
@@ -274,31 +440,33 @@ static struct page *nm_fetch(struct nm_area *area, unsigned long idx, int *err,
 	req->msg.size = (u64)area->npages << PAGE_SHIFT;
 	memcpy(req->msg.segment, area->segment, NETMEM_SEGMENT_MAX);
 	req->page = page;
-	*err = nm_submit(req, timeout_ms);
+	err = nm_submit(req, area->store, timeout_ms);
 	kfree(req);
 	req = NULL;
-	if (*err)
+	if (err)
 		goto out_free;
 	/* A hole stays as allocated: zeros, nothing was copied. */
 	page->mapping = &area->mapping;
 	page_folio(page)->index = idx;
 	old = xa_cmpxchg(&area->pages, idx, NULL, page, GFP_KERNEL);
-	if (!old)
-		return page;
+	if (!old) {
+		atomic_long_inc(&area->resident);
+		atomic_long_inc(&nm_resident);
+		return 0;
+	}
 	/* Another fault installed it first (or the xarray failed). */
 	page->mapping = NULL;
 	put_page(page);
 	if (xa_is_err(old)) {
-		*err = xa_err(old);
 		*oom = true;
-		return NULL;
+		return xa_err(old);
 	}
-	return old;
+	return 0;
 out_free:
 	kfree(req);
 	if (page)
 		put_page(page);
-	return NULL;
+	return err;
 }
 
 /*
@@ -352,13 +520,14 @@ static vm_fault_t nm_fault(struct vm_fault *vmf)
 {
 	struct nm_area *area = vmf->vma->vm_private_data;
 	unsigned long idx = vmf->pgoff;
+	struct folio *folio;
 	struct page *page;
 	bool oom = false;
 	int err = 0;
 
 	if (idx >= area->npages)
 		return VM_FAULT_SIGBUS;
-	page = xa_load(&area->pages, idx);
+	page = nm_get_page(area, idx);
 	if (!page && (vmf->flags & FAULT_FLAG_RETRY_NOWAIT))
 		return VM_FAULT_RETRY;	/* the caller may not wait; it comes back */
 	if (!page && fault_flag_allow_retry_first(vmf->flags)) {
@@ -371,14 +540,18 @@ static vm_fault_t nm_fault(struct vm_fault *vmf)
 		 */
 		kref_get(&area->ref);
 		nm_release_fault_lock(vmf);
-		if (!nm_fetch(area, idx, &err, &oom))
+		err = nm_fetch(area, idx, &oom);
+		if (err)
 			nm_failure_note(area, idx, err, oom);
 		nm_area_put(area);
 		return VM_FAULT_RETRY;
 	}
-	if (!page && !nm_failure_take(area, idx, &err, &oom))
-		page = nm_fetch(area, idx, &err, &oom);
-	if (!page) {
+	if (!page && !nm_failure_take(area, idx, &err, &oom)) {
+		err = nm_fetch(area, idx, &oom);
+		if (!err)
+			page = nm_get_page(area, idx);
+	}
+	if (err) {
 		pr_warn_ratelimited("fault on page %lu of segment %s (pid %d) failed: %s (%d); the task gets SIGBUS\n",
 				    idx, area->segment, task_pid_nr(current),
 				    nm_why(err), err);
@@ -388,9 +561,19 @@ static vm_fault_t nm_fault(struct vm_fault *vmf)
 		 */
 		return oom ? VM_FAULT_OOM : VM_FAULT_SIGBUS;
 	}
-	get_page(page);		/* the PTE's reference */
+	if (!page)
+		return VM_FAULT_NOPAGE;	/* evicted at once: fault again */
+	folio = page_folio(page);
+	folio_lock(folio);
+	if (folio->mapping != &area->mapping) {
+		/* Evicted meanwhile; the access faults again and fetches it. */
+		folio_unlock(folio);
+		put_page(page);
+		return VM_FAULT_NOPAGE;
+	}
+	/* Our reference is the PTE's; mapped with the lock held (eviction). */
 	vmf->page = page;
-	return 0;
+	return VM_FAULT_LOCKED;
 }
 
 /* First write to a clean page: mark it for the next sync. */
@@ -400,9 +583,10 @@ static vm_fault_t nm_page_mkwrite(struct vm_fault *vmf)
 	struct folio *folio = page_folio(vmf->page);
 
 	folio_lock(folio);
-	if (WARN_ON_ONCE(folio->mapping != &area->mapping)) {
+	if (folio->mapping != &area->mapping) {
+		/* Evicted since it was mapped: its PTE is gone; fault again. */
 		folio_unlock(folio);
-		return VM_FAULT_SIGBUS;
+		return VM_FAULT_NOPAGE;
 	}
 	/* Locked until the PTE is writable, so a sync cannot clean it first. */
 	set_bit(folio->index, area->dirty);
@@ -449,10 +633,31 @@ static int nm_send_commit(struct nm_area *area, u32 type, u64 commit,
 		req->msg.len = NETMEM_CHUNK_PAGES * sizeof(u64) +
 			       count * PAGE_SIZE;
 	}
-	err = nm_submit(req, type == NETMEM_MSG_COMMIT_END ? sync_timeout_ms :
-			     timeout_ms);
+	err = nm_submit(req, area->store,
+			type == NETMEM_MSG_COMMIT_END ? sync_timeout_ms : timeout_ms);
 	kfree(req);
 	return err;
+}
+
+/*
+ * Tell the daemon that sync @commit was given up (it may hold some of its pages
+ * or be committing it): it drops what it has not sent, and commits nothing of
+ * it after a newer sync. Nobody waits: if it cannot be queued, the daemon still
+ * commits the area's syncs in order.
+ */
+static void nm_abort_commit(struct nm_area *area, u64 commit)
+{
+	struct nm_req *req = kzalloc(sizeof(*req), GFP_KERNEL);
+
+	if (!req)
+		return;
+	req->nowait = true;
+	req->msg.type = NETMEM_MSG_COMMIT_ABORT;
+	req->msg.area = area->id;
+	req->msg.size = (u64)area->npages << PAGE_SHIFT;
+	req->msg.commit = commit;
+	memcpy(req->msg.segment, area->segment, NETMEM_SEGMENT_MAX);
+	nm_submit(req, area->store, 0);	/* frees req */
 }
 
 /*
@@ -521,9 +726,14 @@ static int nm_sync(struct nm_area *area)
 	if (!err)
 		goto out_free;
 out_redirty:
-	/* Not committed: the pages stay dirty for the next sync. */
+	/*
+	 * Not committed: the pages stay dirty for the next sync (none was
+	 * evicted: eviction waits for area->lock), and the daemon is told to
+	 * give this one up.
+	 */
 	for_each_set_bit(idx, sent, area->npages)
 		set_bit(idx, area->dirty);
+	nm_abort_commit(area, commit);
 	pr_warn_ratelimited("sync of %u pages of segment %s failed: %s (%d); they stay dirty for the next sync\n",
 			    total, area->segment, nm_why(err), err);
 out_free:
@@ -548,6 +758,7 @@ static int nm_open(struct inode *inode, struct file *file)
 	mutex_init(&area->lock);
 	xa_init(&area->pages);
 	xa_init(&area->failed);
+	INIT_LIST_HEAD(&area->node);
 	spin_lock(&nm.lock);
 	area->id = ++nm.next_area;
 	spin_unlock(&nm.lock);
@@ -592,6 +803,8 @@ static long nm_attach(struct nm_area *area, void __user *uarg)
 	    a.size > NETMEM_MAX_BYTES)
 		return -EINVAL;
 	npages = a.size >> PAGE_SHIFT;
+	if (a.budget)
+		a.budget = max_t(u64, a.budget, NETMEM_MIN_BUDGET);
 	if (mutex_lock_killable(&area->lock))
 		return -EINTR;
 	err = -EBUSY;
@@ -608,10 +821,16 @@ static long nm_attach(struct nm_area *area, void __user *uarg)
 	req->msg.area = area->id;
 	req->msg.size = a.size;
 	memcpy(req->msg.segment, a.segment, NETMEM_SEGMENT_MAX);
-	err = nm_submit(req, timeout_ms);
+	err = nm_submit(req, NULL, timeout_ms);
 	if (err)
 		goto out_free;
+	/* Served from now on only by daemons of the store that opened it. */
+	memcpy(area->store, req->store, NETMEM_SEGMENT_MAX);
 	kfree(req);
+	area->budget = DIV_ROUND_UP_ULL(a.budget, PAGE_SIZE);
+	mutex_lock(&nm_areas_lock);
+	list_add_tail(&area->node, &nm_areas);
+	mutex_unlock(&nm_areas_lock);
 	/* Published last: mmap and faults read it without the lock. */
 	smp_store_release(&area->npages, npages);
 	mutex_unlock(&area->lock);
@@ -628,25 +847,35 @@ out_unlock:
 	return err;
 }
 
-static long nm_provide(struct file *file, struct nm_area *area)
+static long nm_provide(struct file *file, struct nm_area *area,
+		       void __user *uarg)
 {
+	struct netmem_provide p;
 	long err = 0;
 
 	/* The provider sees and writes every area's pages. */
 	if (!capable(CAP_SYS_ADMIN))
 		return -EPERM;
+	if (copy_from_user(&p, uarg, sizeof(p)))
+		return -EFAULT;
+	if (!nm_segment_ok(p.store))
+		return -EINVAL;
 	if (mutex_lock_killable(&area->lock))
 		return -EINTR;
 	spin_lock(&nm.lock);
-	if (area->npages)
+	if (area->npages) {
 		err = -EINVAL;
-	else if (nm.provider)
+	} else if (nm.provider) {
 		err = -EBUSY;
-	else
+	} else {
 		nm.provider = file;
+		memcpy(nm.store, p.store, NETMEM_SEGMENT_MAX);
+	}
 	spin_unlock(&nm.lock);
-	if (!err)
+	if (!err) {
 		area->provider = true;
+		memcpy(area->store, p.store, NETMEM_SEGMENT_MAX);
+	}
 	mutex_unlock(&area->lock);
 	return err;
 }
@@ -659,7 +888,7 @@ static long nm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case NETMEM_IOC_ATTACH:
 		return nm_attach(area, (void __user *)arg);
 	case NETMEM_IOC_PROVIDE:
-		return nm_provide(file, area);
+		return nm_provide(file, area, (void __user *)arg);
 	default:
 		return -ENOTTY;
 	}
@@ -695,6 +924,7 @@ static int nm_mmap(struct file *file, struct vm_area_struct *vma)
 static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 {
 	struct nm_area *area = file->private_data;
+	unsigned long resident;
 	int err;
 
 	/* Pairs with the smp_store_release() in nm_attach(). */
@@ -704,20 +934,13 @@ static int nm_fsync(struct file *file, loff_t start, loff_t end, int datasync)
 		return -EINTR;
 	err = nm_sync(area);
 	mutex_unlock(&area->lock);
+	/* The pages it committed are clean now: back within the budget. */
+	resident = atomic_long_read(&area->resident);
+	if (area->budget && resident > area->budget)
+		nm_evict(area, resident - area->budget);
 	if (err == -ENOSPC || err == -EINTR || err == -ENOMEM)
 		return err;
 	return err ? -EIO : 0;
-}
-
-/* The request @id if it is on @list (nm.pending or nm.waiting); nm.lock held. */
-static struct nm_req *nm_find(struct list_head *list, u64 id)
-{
-	struct nm_req *req;
-
-	list_for_each_entry(req, list, node)
-		if (req->msg.id == id)
-			return req;
-	return NULL;
 }
 
 /*
@@ -757,26 +980,29 @@ static ssize_t nm_read(struct file *file, char __user *buf, size_t count,
 	ret = -EFAULT;
 	if (copy_to_user(buf, &msg, sizeof(msg)))
 		goto out_unlock;
+	ret = sizeof(msg) + msg.len;
 	spin_lock(&nm.lock);
-	req = nm_find(&nm.pending, msg.id);
-	if (!req) {
+	/* Only this reader takes requests off the head: still ours if there. */
+	req = list_first_entry_or_null(&nm.pending, struct nm_req, node);
+	if (!req || req->msg.id != msg.id) {
 		/* Its waiter gave up meanwhile: the daemon's reply gets ENOENT. */
 		spin_unlock(&nm.lock);
-		ret = sizeof(msg) + msg.len;
 		goto out_unlock;
 	}
-	if (msg.type == NETMEM_MSG_COMMIT_PAGES) {
-		/* Claimed: its waiter keeps it (and the payload) until done. */
-		list_del_init(&req->node);
+	list_del_init(&req->node);
+	if (req->nowait || msg.type == NETMEM_MSG_COMMIT_PAGES) {
+		/* Claimed: its waiter (if any) keeps it until done. */
+		xa_erase(&nm.reqs, msg.id);
 		req->claimed = true;
 	} else {
-		list_move_tail(&req->node, &nm.waiting);
+		req->read = true;
 		req = NULL;	/* its waiter may give up and free it now */
 	}
 	spin_unlock(&nm.lock);
 
-	ret = sizeof(msg) + msg.len;
-	if (req) {
+	if (req && req->nowait) {
+		kfree(req);
+	} else if (req) {
 		/* A failed copy fails the sync; its pages stay dirty for the next. */
 		req->status = copy_to_user(buf + sizeof(msg), req->payload,
 					   msg.len) ? -EFAULT : 0;
@@ -822,16 +1048,16 @@ static ssize_t nm_write(struct file *file, const char __user *buf,
 		}
 	}
 	spin_lock(&nm.lock);
-	req = nm_find(&nm.waiting, r.id);
-	ret = -ENOENT;	/* its waiter gave up (timeout, kill) */
-	if (!req)
+	req = xa_load(&nm.reqs, r.id);
+	ret = -ENOENT;	/* its waiter gave up (timeout, kill), or not read yet */
+	if (!req || !req->read)
 		goto out_unlock;
 	/* Page data exactly when a FETCH succeeded with one. */
 	ret = -EINVAL;
 	if (with_page != (req->msg.type == NETMEM_MSG_FETCH && !r.status &&
 			  !(r.flags & NETMEM_REPLY_HOLE)))
 		goto out_unlock;
-	list_del_init(&req->node);
+	xa_erase(&nm.reqs, r.id);
 	req->claimed = true;
 	spin_unlock(&nm.lock);
 
@@ -889,10 +1115,79 @@ static struct nm_dev nm = {
 	},
 	.lock = __SPIN_LOCK_UNLOCKED(nm.lock),
 	.pending = LIST_HEAD_INIT(nm.pending),
-	.waiting = LIST_HEAD_INIT(nm.waiting),
+	.reqs = XARRAY_INIT(nm.reqs, 0),
 	.wq = __WAIT_QUEUE_HEAD_INITIALIZER(nm.wq),
 	.read_lock = __MUTEX_INITIALIZER(nm.read_lock),
 };
+
+/* ---- memory pressure ---------------------------------------------------- */
+
+static unsigned long nm_shrink_count(struct shrinker *shrinker,
+				     struct shrink_control *sc)
+{
+	/* Dirty pages are counted too: a guess, as the count may be. */
+	return atomic_long_read(&nm_resident);
+}
+
+static unsigned long nm_shrink_scan(struct shrinker *shrinker,
+				    struct shrink_control *sc)
+{
+	unsigned long freed = 0;
+	struct nm_area *area;
+
+	/*
+	 * Areas on the list are not freed while the lock is held (free takes
+	 * it first). Only tried: whoever holds it may be allocating.
+	 */
+	if (!mutex_trylock(&nm_areas_lock))
+		return SHRINK_STOP;
+	list_for_each_entry(area, &nm_areas, node) {
+		if (freed >= sc->nr_to_scan)
+			break;
+		freed += nm_evict(area, sc->nr_to_scan - freed);
+	}
+	/* The areas tried first now go last. */
+	if (!list_empty(&nm_areas))
+		list_rotate_left(&nm_areas);
+	mutex_unlock(&nm_areas_lock);
+	return freed ? freed : SHRINK_STOP;
+}
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 7, 0)
+static struct shrinker *nm_shrinker;
+
+static int nm_shrinker_register(void)
+{
+	nm_shrinker = shrinker_alloc(0, "netmem");
+	if (!nm_shrinker)
+		return -ENOMEM;
+	nm_shrinker->count_objects = nm_shrink_count;
+	nm_shrinker->scan_objects = nm_shrink_scan;
+	shrinker_register(nm_shrinker);
+	return 0;
+}
+
+static void nm_shrinker_unregister(void)
+{
+	shrinker_free(nm_shrinker);
+}
+#else
+static struct shrinker nm_shrinker = {
+	.count_objects = nm_shrink_count,
+	.scan_objects = nm_shrink_scan,
+	.seeks = DEFAULT_SEEKS,
+};
+
+static int nm_shrinker_register(void)
+{
+	return register_shrinker(&nm_shrinker, "netmem");
+}
+
+static void nm_shrinker_unregister(void)
+{
+	unregister_shrinker(&nm_shrinker);
+}
+#endif
 
 static int __init nm_init(void)
 {
@@ -900,9 +1195,16 @@ static int __init nm_init(void)
 
 	/* The daemon and the uapi header count in pages of this size. */
 	BUILD_BUG_ON(NETMEM_PAGE_BYTES != PAGE_SIZE);
-	err = misc_register(&nm.misc);
+	/* Request ids index nm.reqs and must not wrap. */
+	BUILD_BUG_ON(sizeof(unsigned long) < sizeof(u64));
+	err = nm_shrinker_register();
 	if (err)
+		return err;
+	err = misc_register(&nm.misc);
+	if (err) {
 		pr_err("cannot register /dev/netmem: %d\n", err);
+		nm_shrinker_unregister();
+	}
 	return err;
 }
 
@@ -910,6 +1212,7 @@ static void __exit nm_exit(void)
 {
 	/* Every open file holds a module reference: none is left here. */
 	misc_deregister(&nm.misc);
+	nm_shrinker_unregister();
 }
 
 module_init(nm_init);

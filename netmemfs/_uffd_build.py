@@ -70,6 +70,7 @@ static const int NETMEM_MSG_OPEN;
 static const int NETMEM_MSG_FETCH;
 static const int NETMEM_MSG_COMMIT_PAGES;
 static const int NETMEM_MSG_COMMIT_END;
+static const int NETMEM_MSG_COMMIT_ABORT;
 static const int NETMEM_MSG_BYTES;
 struct netmem_msg {
     uint32_t type;
@@ -87,6 +88,14 @@ struct netmem_reply {
     uint64_t id;
     int32_t status;
     uint32_t flags;
+};
+struct netmem_provide {
+    char store[64];
+};
+struct netmem_attach {
+    char segment[64];
+    uint64_t size;
+    uint64_t budget;
 };
 """
 

@@ -171,7 +171,10 @@ async def run(opts: MountOptions, ready_fd: int | None) -> None:
             device = None
             if opts.serve_device is not None:
                 try:
-                    device = stack.enter_context(kdoor.open_device(opts.serve_device))
+                    # The private server's address changes from run to run; its data
+                    # directory does not.
+                    store = opts.server or f"private:{opts.cache_dir / 'server'}"
+                    device = stack.enter_context(kdoor.open_device(opts.serve_device, store))
                 except kdoor.DeviceError as e:
                     raise MountError(str(e)) from None
             await _serve_mount(opts, address, device, ready_fd)

@@ -8,18 +8,26 @@ those requests from the device (NETMEM_IOC_PROVIDE) and writes the answers back:
     FETCH         one page: its data, or "hole" (the kernel leaves the page zeroed)
     COMMIT_PAGES  pages of a sync, 64 at a time, kept here until...
     COMMIT_END    ...commit them all as one transaction (exactly once, remote.py)
+    COMMIT_ABORT  the kernel gave up on a sync: drop it unless it is on its way
 
 The layouts come from include/netmem_uapi.h through the cffi module. Requests are
 answered concurrently; the kernel matches answers by id, except that the syncs of one
 area are committed one after the other, in the order their COMMIT_END arrived: sync N
 has landed or failed before sync N+1 is sent, so an older sync the kernel gave up on can
 never land after a newer one (the rule the mount's journal follows with its commit lock).
+A sync the kernel aborts before its turn is dropped; one already on its way lands or fails
+before the area's next.
+
+The daemon names the store it serves when it becomes the provider (store_name): the
+module serves an area only by daemons of the store that attached it, so a daemon started
+for another server never sees, or commits to, the areas of the first.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import ssl
@@ -56,9 +64,18 @@ class _Commit:
     pages: dict[int, bytes] = field(default_factory=dict)
 
 
+def store_name(server: str) -> str:
+    """The name the module knows a store by (NETMEM_IOC_PROVIDE): server as written, or
+    a digest of it if it does not fit the module's 63 printable bytes."""
+    raw = server.encode()
+    if 0 < len(raw) < lib.NETMEM_SEGMENT_MAX and server.isprintable() and "/" not in server:
+        return server
+    return "sha256-" + hashlib.sha256(raw).hexdigest()[:40]
+
+
 @contextmanager
-def open_device(path: Path) -> Iterator[int]:
-    """The device, opened as its page provider."""
+def open_device(path: Path, store: str) -> Iterator[int]:
+    """The device, opened as its page provider for store (store_name)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -68,8 +85,10 @@ def open_device(path: Path) -> Iterator[int]:
     except PermissionError:
         raise DeviceError(f"{path} is mode 0600: serve it as root") from None
     try:
+        provide = ffi.new("struct netmem_provide *")
+        provide.store = store_name(store).encode()
         try:
-            fcntl.ioctl(fd, lib.NETMEM_IOC_PROVIDE)
+            fcntl.ioctl(fd, lib.NETMEM_IOC_PROVIDE, bytes(ffi.buffer(provide)))
         except OSError as e:
             if e.errno == errno.EBUSY:
                 raise DeviceError(f"another daemon already serves {path}; stop it first") from None
@@ -92,6 +111,9 @@ class DeviceProvider:
         self.commit_timeout_s = commit_timeout_s
         # area -> set when the area's last commit so far has landed or failed
         self.last_commit: dict[int, trio.Event] = {}
+        # (area, commit) -> the scope of a commit waiting for its turn, which an abort
+        # cancels
+        self.queued: dict[tuple[int, int], trio.CancelScope] = {}
 
     async def serve(self) -> None:
         """Read and answer requests until cancelled (or the device fails)."""
@@ -115,13 +137,17 @@ class DeviceProvider:
                 elif kind == lib.NETMEM_MSG_COMMIT_PAGES:
                     self._stage(area, int(msg.commit), segment, int(msg.count), buf)
                 elif kind == lib.NETMEM_MSG_COMMIT_END:
-                    commit = self.commits.pop((area, int(msg.commit)), _Commit(segment))
+                    key = (area, int(msg.commit))
+                    commit = self.commits.pop(key, _Commit(segment))
                     # The order is taken here, in the reading loop, not by the tasks.
                     before = self.last_commit.get(area)
                     done = self.last_commit[area] = trio.Event()
+                    scope = self.queued[key] = trio.CancelScope()
                     nursery.start_soon(
-                        self._commit_after, area, before, done, req_id, commit, int(msg.count)
+                        self._commit_after, key, scope, before, done, req_id, commit, int(msg.count)
                     )
+                elif kind == lib.NETMEM_MSG_COMMIT_ABORT:
+                    self._abort((area, int(msg.commit)), segment)
                 else:
                     log.error("ignoring a request of unknown type %d from the module", kind)
 
@@ -189,21 +215,45 @@ class DeviceProvider:
             start = data + k * PAGE_SIZE
             staged.pages[int(numbers[k])] = bytes(view[start : start + PAGE_SIZE])
 
+    def _abort(self, key: tuple[int, int], segment: str) -> None:
+        """The kernel gave up on sync key[1] of area key[0] and marked its pages dirty
+        again: drop what is not sent. A commit already on its way cannot be called back;
+        it lands or fails before the area's next one, which carries the pages anew."""
+        staged = self.commits.pop(key, None)
+        scope = self.queued.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+            log.info("sync %d of %r was given up by the kernel; dropped", key[1], segment)
+        elif staged is None and key[0] in self.last_commit:
+            log.info(
+                "sync %d of %r was given up by the kernel while its commit was on the way; "
+                "it lands or fails before the next sync of the area",
+                key[1],
+                segment,
+            )
+
     async def _commit_after(
         self,
-        area: int,
+        key: tuple[int, int],
+        scope: trio.CancelScope,
         before: trio.Event | None,
         done: trio.Event,
         req_id: int,
         commit: _Commit,
         count: int,
     ) -> None:
-        """Commit once the area's commit before this one has landed or failed."""
+        """Commit once the area's commit before this one has landed or failed, unless
+        the kernel aborts it first (nothing is answered then: nobody waits)."""
+        area = key[0]
         try:
-            if before is not None:
-                await before.wait()
+            with scope:
+                if before is not None:
+                    await before.wait()
+            if self.queued.pop(key, None) is None:
+                return  # aborted (on the way now, an abort cannot find it)
             await self._commit(req_id, commit, count)
         finally:
+            self.queued.pop(key, None)
             done.set()
             if self.last_commit.get(area) is done:
                 del self.last_commit[area]
@@ -250,7 +300,7 @@ async def run(
     timeout_s: float,
 ) -> None:
     """Serve device with server's pages until cancelled."""
-    with open_device(device) as fd:
+    with open_device(device, server) as fd:
         connect = RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
         async with connect as store:
             print(f"serving {device} with pages of {server}", flush=True)

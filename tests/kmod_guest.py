@@ -1,16 +1,18 @@
 """Runs inside the qemu guest that tests/kmod_vm.py boots: the kernel module's checks.
 
-    python -m tests.kmod_guest KMOD_TEST_BINARY
+    python -m tests.kmod_guest KMOD_TEST_BINARY [CHECK...]
 
 The guest's /init has loaded netmem.ko (timeout_ms=10000). This starts a real
 netmemfs-server and `netmemfs serve-device` on the guest's loopback, drives
 tests/c/kmod_test.c against /dev/netmem, and prints one line per check:
 "KMOD-TEST PASS name" or "KMOD-TEST FAIL name: why", then "KMOD-SUMMARY ...".
-Checks wait on conditions with deadlines, never on sleeps.
+Checks wait on conditions with deadlines, never on sleeps. Named checks: only those run
+(by hand, while working on one; tests/kmod_vm.py's run_guest(only=...)).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -57,8 +59,9 @@ def first_line(proc: subprocess.Popen[str], what: str) -> str:
 
 
 class Guest:
-    def __init__(self, test_bin: str) -> None:
+    def __init__(self, test_bin: str, only: list[str]) -> None:
         self.bin = test_bin
+        self.only = set(only)
         self.failed = 0
         self.passed = 0
         self.server = subprocess.Popen(
@@ -80,7 +83,15 @@ class Guest:
         first_line(p, "serve-device")
         return p
 
+    def stop_provider(self) -> None:
+        """No `serve-device` runs after this (the checks with TestProvider need that)."""
+        if self.provider.poll() is None:
+            self.provider.kill()
+            self.provider.wait(DEADLINE_S)
+
     def check(self, name: str, fn: Callable[[], None]) -> None:
+        if self.only and name not in self.only:
+            return
         try:
             fn()
         except Exception as e:  # each check reports, the next one runs
@@ -90,13 +101,27 @@ class Guest:
             self.passed += 1
             print(f"KMOD-TEST PASS {name}", flush=True)
 
-    def run(self, *args: str | int, stdin: bool = False) -> subprocess.Popen[str]:
+    def run(
+        self,
+        *args: str | int,
+        stdin: bool = False,
+        budget: int = 0,
+        cgroup: Path | None = None,
+    ) -> subprocess.Popen[str]:
+        """kmod_test with args; budget: the area's, in bytes; cgroup: run it there."""
+
+        def enter() -> None:  # pragma: no cover - between fork and exec
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
         return subprocess.Popen(
             [self.bin, *map(str, args)],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, "KMOD_TEST_BUDGET": str(budget)},
+            preexec_fn=enter if cgroup is not None else None,
         )
 
     def ok(self, *args: str | int) -> None:
@@ -134,6 +159,7 @@ class Msg:
     def __init__(self, raw: bytes) -> None:
         m = ffi.from_buffer("struct netmem_msg *", raw)
         self.id, self.type, self.page = int(m.id), int(m.type), int(m.page)
+        self.area, self.commit = int(m.area), int(m.commit)
         self.count, self.length = int(m.count), int(m.len)
         self.payload = raw[ffi.sizeof("struct netmem_msg") :][: self.length]
 
@@ -151,9 +177,9 @@ class TestProvider:
     """The test as the module's daemon: it sees exactly what the module hands a
     daemon, and answers what a real one would not. No other provider may run."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: str = "test") -> None:
         self.fd = os.open("/dev/netmem", os.O_RDWR | os.O_CLOEXEC)
-        fcntl.ioctl(self.fd, lib.NETMEM_IOC_PROVIDE)
+        fcntl.ioctl(self.fd, lib.NETMEM_IOC_PROVIDE, provide_arg(store))
         self.pages: dict[int, bytes] = {}  # what syncs handed over, by page
 
     def close(self) -> None:
@@ -196,6 +222,32 @@ class TestProvider:
                 return msg
             self.answer(msg)
 
+    @contextlib.contextmanager
+    def serving(self, on: Callable[[Msg], bool]) -> Iterator[None]:
+        """Answer requests in a thread while the body runs, as serve_until_exit does."""
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                while not stop.is_set():
+                    if self.readable(0.05):
+                        msg = Msg(os.read(self.fd, lib.NETMEM_MSG_BYTES))
+                        if not on(msg):
+                            self.answer(msg)
+            except BaseException as e:  # reported by the body's thread
+                failed.append(e)
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join(DEADLINE_S)
+        if failed:
+            raise failed[0]
+
     def serve_until_exit(self, proc: subprocess.Popen[str], on: Callable[[Msg], bool]) -> None:
         """Answer requests until proc exits; on(msg) first, which returns True if it
         answered msg itself."""
@@ -208,6 +260,19 @@ class TestProvider:
                 msg = Msg(os.read(self.fd, lib.NETMEM_MSG_BYTES))
                 if not on(msg):
                     self.answer(msg)
+
+
+def provide_arg(store: str) -> bytes:
+    """NETMEM_IOC_PROVIDE's argument: the store the provider serves."""
+    p = ffi.new("struct netmem_provide *")
+    p.store = store.encode()
+    return bytes(ffi.buffer(p))
+
+
+def say(p: subprocess.Popen[str], line: str = "go") -> None:
+    assert p.stdin is not None
+    p.stdin.write(line + "\n")
+    p.stdin.flush()
 
 
 def _drop_cap_sys_admin() -> None:  # pragma: no cover - between fork and exec
@@ -236,8 +301,8 @@ def populate(address: str) -> None:
     trio.run(go)
 
 
-def main(test_bin: str) -> int:
-    g = Guest(test_bin)
+def main(test_bin: str, only: list[str]) -> int:
+    g = Guest(test_bin, only)
     populate(g.address)
 
     g.check("fault_in_server_pages_and_holes", lambda: g.ok("read", "pre", SIZE, 1, 2))
@@ -368,13 +433,60 @@ def main(test_bin: str) -> int:
 
     g.check("syncs_survive_daemon_restarts", syncs_survive_daemon_restarts)
 
+    def eviction_under_load() -> None:
+        """Four processes write and sync 96 pages each, in areas whose budget is 64
+        pages, so clean pages are dropped and fetched again all the time (and by the
+        shrinker: drop_caches=2 between rounds). Every page ends as its process's last
+        sync, and the kernel logs no warning."""
+        g.provider = g.start_provider()
+        n, size = 96, 4 * 96 * PAGE
+        workers = [
+            g.run("stress", "ev", size, i, n, stdin=True, budget=64 * PAGE) for i in range(4)
+        ]
+        try:
+            for p in workers:
+                assert first_line(p, "kmod_test stress") == "ready\n"
+            for _ in range(5):
+                for p in workers:
+                    line = first_line(p, "kmod_test stress")
+                    assert line.startswith("synced "), f"a worker said {line!r}"
+                Path("/proc/sys/vm/drop_caches").write_text("2")
+            final = []
+            for p in workers:
+                say(p, "stop")
+                out, _ = p.communicate(timeout=DEADLINE_S)
+                last = out.splitlines()[-1] if out else ""
+                assert p.returncode == 0 and last.startswith("final "), (
+                    f"exit {p.returncode}: {last}"
+                )
+                final.append(int(last.split()[1]))
+
+            async def read() -> bytes:
+                async with RemoteStore.connect(g.address) as store:
+                    return await store.read_bytes("ev", 0, 4 * n)
+
+            got = trio.run(read)
+            for i in range(4):
+                for k in range(i * n, i * n + n):
+                    page = got[k * PAGE : (k + 1) * PAGE]
+                    assert page == stamp(k, final[i]), f"page {k}: not generation {final[i]}"
+            log = g.dmesg()
+            assert "WARNING" not in log and "BUG" not in log, log[-2000:]
+        finally:
+            for p in workers:
+                if p.poll() is None:
+                    p.kill()
+            g.stop_provider()
+
+    g.check("eviction_under_load", eviction_under_load)
+
     def provide_needs_cap_sys_admin() -> None:
         code = (
             "import fcntl, os\n"
             "from netmemfs._uffd_cffi import lib\n"
             "fd = os.open('/dev/netmem', os.O_RDWR)\n"
             "try:\n"
-            "    fcntl.ioctl(fd, lib.NETMEM_IOC_PROVIDE)\n"
+            "    fcntl.ioctl(fd, lib.NETMEM_IOC_PROVIDE, bytes(64))\n"
             "    print('provided')\n"
             "except OSError as e:\n"
             "    print(e.errno)\n"
@@ -401,6 +513,8 @@ def main(test_bin: str) -> int:
         assert got & select.POLLERR and got & select.POLLHUP, f"poll gave {got:#x}"
 
     g.check("poll_of_a_file_with_no_queue_is_err_hup", poll_of_an_area_file)
+
+    g.stop_provider()  # from here on the test is the daemon (TestProvider)
 
     def chunk_numbers_past_count_are_zero() -> None:
         """A sync of 67 pages: a chunk of 64, then one of 3 whose other 61 page
@@ -551,6 +665,180 @@ def main(test_bin: str) -> int:
 
     g.check("killed_while_waiting_for_a_sync", killed_while_waiting_for_a_sync)
 
+    def an_abandoned_sync_is_aborted() -> None:
+        """A task killed while its sync waits for the commit: the module tells the
+        daemon to give that sync up (COMMIT_ABORT, naming its area and number), and the
+        late answer finds nothing to answer."""
+        tp = TestProvider()
+        try:
+            p = g.run("write", "ab", SIZE, 8)
+            end = tp.serve_until(lib.NETMEM_MSG_COMMIT_END)  # held
+            p.kill()
+            p.wait(DEADLINE_S)
+            abort = tp.read()
+            assert abort.type == lib.NETMEM_MSG_COMMIT_ABORT, f"type {abort.type}"
+            assert (abort.area, abort.commit) == (end.area, end.commit), vars(abort)
+            try:
+                tp.reply(end)
+            except OSError as e:
+                assert e.errno == errno.ENOENT, e
+            else:
+                raise AssertionError("the answer to an abandoned sync was taken")
+        finally:
+            tp.close()
+
+    g.check("an_abandoned_sync_is_aborted", an_abandoned_sync_is_aborted)
+
+    def areas_are_served_only_by_their_store() -> None:
+        """An area attached while store "a"'s daemon served the device is never served
+        by a daemon of store "b" (SIGBUS, and b sees no request); a daemon of "a"
+        started again serves it."""
+        procs = [g.run("touch", "st", SIZE, 1, stdin=True) for _ in range(2)]
+        tp = TestProvider("a")
+        try:
+            for p in procs:
+                tp.answer(tp.read())  # the OPENs
+                assert first_line(p, "kmod_test touch") == "mapped\n"
+        finally:
+            tp.close()
+        other = TestProvider("b")
+        seen: list[int] = []
+
+        def record(msg: Msg) -> bool:
+            seen.append(msg.type)
+            return False  # answered as a daemon would: a hole
+
+        try:
+            with other.serving(record):
+                say(procs[0])
+                procs[0].communicate(timeout=DEADLINE_S)
+            assert not seen, f"store b's daemon got requests of types {seen}"
+            assert procs[0].returncode == -signal.SIGBUS, f"exit {procs[0].returncode}"
+        finally:
+            other.close()
+        assert "serves another store" in g.dmesg(), "no kernel log line for the refusal"
+        again = TestProvider("a")
+        try:
+            say(procs[1])
+            again.serve_until_exit(procs[1], lambda msg: False)  # a hole: exit 0
+            assert procs[1].returncode == 0, f"exit {procs[1].returncode}"
+        finally:
+            again.close()
+
+    g.check("areas_are_served_only_by_their_store", areas_are_served_only_by_their_store)
+
+    def reread(
+        tp: TestProvider, segment: str, npages: int, between: Callable[[], None], **run: Path | int
+    ) -> tuple[int, int]:
+        """kmod_test reread of npages, every page served as stamp(n, 3); between()
+        runs between the passes. Returns the fetches of each pass."""
+        fetched: collections.Counter[int] = collections.Counter()
+
+        def on(msg: Msg) -> bool:
+            if msg.type != lib.NETMEM_MSG_FETCH:
+                return False
+            fetched[msg.page] += 1
+            tp.reply(msg, 0, stamp(msg.page, 3))
+            return True
+
+        p = g.run("reread", segment, npages * PAGE, 3, stdin=True, **run)  # type: ignore[arg-type]
+        try:
+            with tp.serving(on):
+                assert first_line(p, "kmod_test reread") == "mapped\n"
+                between()  # before pass 1 too: the cgroup check reads its start
+                say(p)
+                assert first_line(p, "kmod_test reread") == "pass1\n"
+                first = sum(fetched.values())
+                between()
+                say(p)
+                out, _ = p.communicate(timeout=DEADLINE_S)
+            assert p.returncode == 0 and out == "pass2\n", f"exit {p.returncode}: {out}"
+            return first, sum(fetched.values()) - first
+        finally:
+            if p.poll() is None:
+                p.kill()
+
+    def clean_pages_beyond_the_budget_are_dropped() -> None:
+        """An area of 256 pages with a budget of 64: reading it twice fetches at least
+        192 pages again. Dirty pages are not dropped: 256 written pages, more than the
+        budget, are all committed by the sync."""
+        tp = TestProvider()
+        try:
+            first, second = reread(tp, "bud", 256, lambda: None, budget=64 * PAGE)
+            assert first == 256 and second >= 192, f"fetches: {first}, then {second}"
+            p = g.run("write", "bud", 256 * PAGE, 4, budget=64 * PAGE)
+            tp.serve_until_exit(p, lambda msg: False)  # also checks a new mapping
+            out = p.stdout.read() if p.stdout else ""
+            assert p.returncode == 0, f"kmod_test write with a budget: {out}"
+            assert len(tp.pages) == 256, f"the sync handed over {len(tp.pages)} pages"
+        finally:
+            tp.close()
+
+    g.check("clean_pages_beyond_the_budget_are_dropped", clean_pages_beyond_the_budget_are_dropped)
+
+    def memory_pressure_drops_clean_pages() -> None:
+        """No budget: an area keeps what it fetched, until the shrinker is asked to
+        free memory (drop_caches=2 calls every shrinker, as reclaim does)."""
+        passes = [0]
+
+        def drop_after_pass1() -> None:
+            passes[0] += 1
+            if passes[0] == 2:
+                Path("/proc/sys/vm/drop_caches").write_text("2")
+
+        tp = TestProvider()
+        try:
+            first, second = reread(tp, "shr", 256, lambda: None)
+            assert (first, second) == (256, 0), f"without pressure: {first}, then {second}"
+            first, second = reread(tp, "shr", 256, drop_after_pass1)
+            assert first == 256 and second >= 128, f"fetches: {first}, then {second}"
+        finally:
+            tp.close()
+
+    g.check("memory_pressure_drops_clean_pages", memory_pressure_drops_clean_pages)
+
+    def pages_are_charged_to_the_memory_cgroup() -> None:
+        """A task in a memory cgroup that faults in 1024 pages of an area is charged
+        for them (__GFP_ACCOUNT): memory.current grows by at least 90% of 4 MiB."""
+        root = Path("/sys/fs/cgroup")
+        if not (root / "cgroup.controllers").exists():
+            subprocess.run(["mount", "-t", "cgroup2", "cgroup2", str(root)], check=True)
+        (root / "cgroup.subtree_control").write_text("+memory")
+        group = root / "netmem-check"
+        group.mkdir(exist_ok=True)
+        marks: list[int] = []
+        tp = TestProvider()
+        try:
+            reread(
+                tp,
+                "cg",
+                1024,
+                lambda: marks.append(int((group / "memory.current").read_text())),
+                cgroup=group,
+            )
+        finally:
+            tp.close()
+        grew = marks[1] - marks[0]
+        assert grew >= 0.9 * 1024 * PAGE, f"memory.current grew by {grew} bytes"
+        group.rmdir()
+
+    g.check("pages_are_charged_to_the_memory_cgroup", pages_are_charged_to_the_memory_cgroup)
+
+    def dirty_pages_dropped_at_close_are_logged() -> None:
+        """Pages written and never synced die with the area at the last close, and the
+        kernel log says how many (docs/kmod.md says why they are not committed)."""
+        tp = TestProvider()
+        try:
+            p = g.run("dropdirty", "dd", SIZE, 5)
+            tp.serve_until_exit(p, lambda msg: False)
+            assert p.returncode == 0, f"kmod_test dropdirty: exit {p.returncode}"
+        finally:
+            tp.close()
+        line = "segment dd: 5 pages written since the last sync were dropped at the last close"
+        assert line in g.dmesg(), "no kernel log line with the count"
+
+    g.check("dirty_pages_dropped_at_close_are_logged", dirty_pages_dropped_at_close_are_logged)
+
     def mount_daemon_serves_the_device() -> None:
         """`netmemfs mount --serve-device`: one daemon for the file door and the module."""
         mnt, cache = Path("/run/nm"), Path("/run/nm-cache")
@@ -606,4 +894,4 @@ def main(test_bin: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -159,7 +159,7 @@ for d in proc sys dev; do /bin/busybox mount --bind /$d /host/$d; done
 /bin/busybox insmod /netmem.ko timeout_ms=@TIMEOUT_MS@ || echo "KMOD-VM: insmod netmem.ko failed"
 echo "KMOD-VM: booted"
 /bin/busybox chroot /host /bin/sh -c 'cd @ROOT@ && TMPDIR=/run HOME=/run \\
-    PYTHONDONTWRITEBYTECODE=1 exec @PYTHON@ -m tests.kmod_guest @TEST_BIN@'
+    PYTHONDONTWRITEBYTECODE=1 exec @PYTHON@ -m tests.kmod_guest @TEST_BIN@ @ONLY@'
 echo "KMOD-VM: guest exited $?"
 /bin/busybox poweroff -f
 """
@@ -177,7 +177,9 @@ def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def build_initramfs(kernel: Kernel, module: Path, test_bin: Path, out: Path) -> Path:
+def build_initramfs(
+    kernel: Kernel, module: Path, test_bin: Path, out: Path, only: list[str] | None = None
+) -> Path:
     if not BUSYBOX.is_file():
         raise Missing("no static busybox: apt-get install busybox-static")
     mods = module_order(kernel, WANTED_MODULES)
@@ -186,6 +188,7 @@ def build_initramfs(kernel: Kernel, module: Path, test_bin: Path, out: Path) -> 
         .replace("@ROOT@", str(ROOT))
         .replace("@PYTHON@", sys.executable)
         .replace("@TEST_BIN@", str(test_bin))
+        .replace("@ONLY@", " ".join(only or []))
     )
     d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
     entries = [
@@ -255,14 +258,15 @@ def check_prerequisites() -> Kernel:
     return kernel
 
 
-def run_guest(work: Path, kernel: Kernel | None = None) -> str:
+def run_guest(work: Path, kernel: Kernel | None = None, only: list[str] | None = None) -> str:
     """Build everything, boot kernel (default: the newest), and return the guest's
-    console output (also kept in work/console.log, written as the guest runs)."""
+    console output (also kept in work/console.log, written as the guest runs). only: the
+    names of the checks to run (by hand; default: all)."""
     newest = check_prerequisites()
     kernel = kernel or newest
     module = build_module(kernel, work)
     test_bin = build_test_program(work)
-    initramfs = build_initramfs(kernel, module, test_bin, work)
+    initramfs = build_initramfs(kernel, module, test_bin, work, only)
     console = work / "console.log"
     with open(console, "wb") as out:
         try:
@@ -286,5 +290,6 @@ def results(console: str) -> dict[str, tuple[bool, str]]:
 
 
 if __name__ == "__main__":
+    # python -m tests.kmod_vm [CHECK...]: the newest kernel, those checks (default: all)
     with tempfile.TemporaryDirectory(prefix="netmem-vm-") as tmp:
-        print(run_guest(Path(tmp)))
+        print(run_guest(Path(tmp), only=sys.argv[1:]))

@@ -63,6 +63,29 @@ async def _device(store: RemoteStore, **options: float) -> AsyncIterator[socket.
             nursery.cancel_scope.cancel()
 
 
+def _sync(ours: socket.socket, req_id: int, commit: int, count: int, gen: int) -> None:
+    """Sync commit of pages 0..count-1 with generation gen: COMMIT_PAGES (request
+    req_id), then COMMIT_END (req_id + 1)."""
+    ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, req_id, commit=commit, count=count, pages=gen))
+    ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, req_id + 1, commit=commit, count=count))
+
+
+async def _open_and_lose_sync_1(ours: socket.socket, proxy: FaultProxy) -> None:
+    """Attach (request 1), then sync 1 of four pages (2, 3), whose commit the proxy
+    drops on the way: it fails after the daemon's commit timeout."""
+    ours.send(_msg(lib.NETMEM_MSG_OPEN, 1))
+    assert await _answer(ours) == (1, 0)
+    lost = proxy.arm(COMMIT, "drop")
+    _sync(ours, 2, commit=1, count=4, gen=1)
+    await trio.to_thread.run_sync(lost.wait)
+
+
+async def _server_pages(server: ServerProc) -> list[bytes]:
+    async with RemoteStore.connect(server.address) as direct:
+        got = await direct.read_bytes(SEGMENT, 0, 4)
+    return [got[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in range(4)]
+
+
 async def _answer(sock: socket.socket) -> tuple[int, int]:
     """The next answer: (request id, status)."""
     await trio.lowlevel.wait_readable(sock)
@@ -83,21 +106,12 @@ def test_the_syncs_of_an_area_land_in_order(server: ServerProc, proxy: FaultProx
             RemoteStore.connect(proxy.address) as store,
             _device(store, commit_timeout_s=2) as ours,
         ):
-            ours.send(_msg(lib.NETMEM_MSG_OPEN, 1))
-            assert await _answer(ours) == (1, 0)
-            lost = proxy.arm(COMMIT, "drop")
-            ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 2, commit=1, count=4, pages=1))
-            ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 3, commit=1, count=4))
-            await trio.to_thread.run_sync(lost.wait)
+            await _open_and_lose_sync_1(ours, proxy)
             broken = proxy.arm(COMMIT, "reset-after")
-            ours.send(_msg(lib.NETMEM_MSG_COMMIT_PAGES, 4, commit=2, count=4, pages=2))
-            ours.send(_msg(lib.NETMEM_MSG_COMMIT_END, 5, commit=2, count=4))
+            _sync(ours, 4, commit=2, count=4, gen=2)
             answers.update([await _answer(ours), await _answer(ours)])
             await trio.to_thread.run_sync(broken.wait)
-        async with RemoteStore.connect(server.address) as direct:
-            got = await direct.read_bytes(SEGMENT, 0, 4)
-        for n in range(4):
-            page = got[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+        for n, page in enumerate(await _server_pages(server)):
             assert page == stamp_page(SEGMENT, n, 2), f"page {n}: {describe_page(page)}"
         assert answers[5] == 0, answers
         assert answers[3] != 0, "sync 1 was lost, yet reported committed"
@@ -115,5 +129,33 @@ def test_areas_attaching_a_new_segment_at_once_all_succeed(server: ServerProc) -
                 ours.send(_msg(lib.NETMEM_MSG_OPEN, 10 + i, area=10 + i))
             answers = dict([await _answer(ours) for _ in range(4)])
         assert answers == dict.fromkeys(range(10, 14), 0), answers
+
+    run_trio(main, timeout_s=60)
+
+
+def test_a_sync_the_kernel_aborts_before_its_turn_is_never_sent(
+    server: ServerProc, proxy: FaultProxy
+) -> None:
+    """Sync 1's commit is lost on the way, so sync 2 waits for its turn; the kernel
+    gives sync 2 up (COMMIT_ABORT) and syncs again (sync 3, here of pages 0-1 only).
+    Sync 2 must never reach the server: pages 2-3 stay holes, and it gets no answer."""
+
+    async def main() -> None:
+        async with (
+            RemoteStore.connect(proxy.address) as store,
+            _device(store, commit_timeout_s=2) as ours,
+        ):
+            await _open_and_lose_sync_1(ours, proxy)
+            _sync(ours, 4, commit=2, count=4, gen=2)
+            ours.send(_msg(lib.NETMEM_MSG_COMMIT_ABORT, 6, commit=2))
+            _sync(ours, 7, commit=3, count=2, gen=3)
+            answers = dict([await _answer(ours), await _answer(ours)])
+            assert set(answers) == {3, 8}, answers
+            assert answers[8] == 0, answers
+        pages = await _server_pages(server)
+        for n, want in enumerate([stamp_page(SEGMENT, 0, 3), stamp_page(SEGMENT, 1, 3)]):
+            assert pages[n] == want, f"page {n}: {describe_page(pages[n])}"
+        for n in (2, 3):
+            assert pages[n] == bytes(PAGE_SIZE), f"page {n}: {describe_page(pages[n])}"
 
     run_trio(main, timeout_s=60)

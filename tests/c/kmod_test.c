@@ -32,6 +32,14 @@
  *                                         the parent msyncs at once, the child
  *                                         says "child PID", waits for a line
  *                                         on stdin and msyncs the same area
+ *   kmod_test reread SEG SIZE GEN        say "mapped", wait for a line; check
+ *                                         every page holds stamp(n, GEN), say
+ *                                         "pass1", wait for a line; check them
+ *                                         all again, say "pass2"
+ *   kmod_test dropdirty SEG SIZE N       write pages 0..N-1, unmap and close
+ *                                         without a sync
+ *
+ * $KMOD_TEST_BUDGET: the area's budget in bytes (default 0: none).
  *
  * Exit 0 when everything held, 1 with a line saying what did not.
  */
@@ -56,9 +64,11 @@
 
 static int attach(const char *seg, uint64_t size)
 {
+	const char *budget = getenv("KMOD_TEST_BUDGET");
 	struct netmem_attach a = { .size = size };
 	int fd = open(DEV, O_RDWR | O_CLOEXEC);
 
+	a.budget = budget ? strtoull(budget, NULL, 0) : 0;
 	if (fd < 0) {
 		printf("open %s: %s\n", DEV, strerror(errno));
 		exit(1);
@@ -134,6 +144,7 @@ static int try_attach(int fd, const char *seg, size_t seglen, uint64_t size)
 
 static int ioctls(const char *seg)
 {
+	struct netmem_provide store = { .store = "s" }, bad_store = { .store = "a/b" };
 	int fd = open(DEV, O_RDWR | O_CLOEXEC), bad = 0;
 	char buf[64];
 	void *p;
@@ -162,8 +173,14 @@ static int ioctls(const char *seg)
 		      EFAULT);
 	bad |= expect("unknown ioctl", ioctl(fd, _IO(NETMEM_IOC_MAGIC, 99)) < 0 ?
 		      errno : 0, ENOTTY);
+	bad |= expect("provide, store with a slash",
+		      ioctl(fd, NETMEM_IOC_PROVIDE, &bad_store) < 0 ? errno : 0,
+		      EINVAL);
+	bad |= expect("provide, NULL argument",
+		      ioctl(fd, NETMEM_IOC_PROVIDE, NULL) < 0 ? errno : 0, EFAULT);
 	bad |= expect("provide while the daemon provides",
-		      ioctl(fd, NETMEM_IOC_PROVIDE) < 0 ? errno : 0, EBUSY);
+		      ioctl(fd, NETMEM_IOC_PROVIDE, &store) < 0 ? errno : 0,
+		      EBUSY);
 	bad |= expect("read by a file that is not the daemon's",
 		      read(fd, buf, sizeof(buf)) < 0 ? errno : 0, EINVAL);
 	bad |= expect("write by a file that is not the daemon's",
@@ -356,6 +373,26 @@ int main(int argc, char **argv)
 		return slowfault(p);
 	} else if (!strcmp(mode, "forksync")) {
 		return forksync(fd, p, size);
+	} else if (!strcmp(mode, "reread") && argc == 5) {
+		uint64_t gen = strtoull(argv[4], NULL, 0);
+		char line[16];
+
+		printf("mapped\n");
+		if (!fgets(line, sizeof(line), stdin) || check(p, size, gen, 1))
+			return 1;
+		printf("pass1\n");
+		if (!fgets(line, sizeof(line), stdin) || check(p, size, gen, 1))
+			return 1;
+		printf("pass2\n");
+		return 0;
+	} else if (!strcmp(mode, "dropdirty") && argc == 5) {
+		uint64_t n, count = strtoull(argv[4], NULL, 0);
+
+		for (n = 0; n < count; n++)
+			stamp(p + n * PS, n, 1);
+		munmap(p, size);
+		close(fd);
+		return 0;
 	} else if (!strcmp(mode, "hold")) {
 		char line[16];
 
