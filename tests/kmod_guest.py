@@ -131,12 +131,25 @@ class Guest:
             f"kmod_test {' '.join(map(str, args))}: exit {p.returncode}: {out}"
         )
 
-    def server_pages(self, segment: str) -> bytes:
+    def server_pages(self, segment: str, npages: int = SIZE // PAGE) -> bytes:
         async def read() -> bytes:
             async with RemoteStore.connect(self.address) as store:
-                return await store.read_bytes(segment, 0, SIZE // PAGE)
+                return await store.read_bytes(segment, 0, npages)
 
         return trio.run(read)
+
+    def check_workers_synced(self, segment: str, each: int, final: list[int]) -> None:
+        """Worker i's pages (each of them, from i * each on) hold its last synced
+        generation final[i] on the server, and the kernel logged no warning."""
+        got = self.server_pages(segment, each * len(final))
+        for i, gen in enumerate(final):
+            for n in range(each * i, each * i + each):
+                page = got[n * PAGE : (n + 1) * PAGE]
+                assert page == stamp(n, gen), (
+                    f"page {n} of worker {i}: not its last sync (generation {gen})"
+                )
+        log = self.dmesg()
+        assert "WARNING" not in log and "BUG" not in log, log[-2000:]
 
     def dmesg(self) -> str:
         return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
@@ -371,6 +384,7 @@ def main(test_bin: str, only: list[str]) -> int:
         the daemon is killed and started again 10 times: every sync that returned 0
         is whole on the server, the last one of each process is what it holds, no
         worker hangs, and the kernel logs no warning."""
+        g.stop_provider()  # killed by the check before, unless only some checks run
         g.provider = g.start_provider()
         workers = [g.run("stress", "stress", SIZE, i, 16, stdin=True) for i in range(4)]
         synced = [0] * 4
@@ -415,15 +429,7 @@ def main(test_bin: str, only: list[str]) -> int:
                 t.join(DEADLINE_S)
             codes = [p.returncode for p in workers]
             assert codes == [0] * 4 and all(final), f"exits {codes}, final generations {final}"
-            got = g.server_pages("stress")
-            for i in range(4):
-                for n in range(16 * i, 16 * i + 16):
-                    page = got[n * PAGE : (n + 1) * PAGE]
-                    assert page == stamp(n, final[i]), (
-                        f"page {n} of worker {i}: not its last sync (generation {final[i]})"
-                    )
-            log = g.dmesg()
-            assert "WARNING" not in log and "BUG" not in log, log[-2000:]
+            g.check_workers_synced("stress", 16, final)
         finally:
             for p in workers:
                 if p.poll() is None:
@@ -438,6 +444,7 @@ def main(test_bin: str, only: list[str]) -> int:
         pages, so clean pages are dropped and fetched again all the time (and by the
         shrinker: drop_caches=2 between rounds). Every page ends as its process's last
         sync, and the kernel logs no warning."""
+        g.stop_provider()  # killed by the check before, unless only some checks run
         g.provider = g.start_provider()
         n, size = 96, 4 * 96 * PAGE
         workers = [
@@ -460,18 +467,7 @@ def main(test_bin: str, only: list[str]) -> int:
                     f"exit {p.returncode}: {last}"
                 )
                 final.append(int(last.split()[1]))
-
-            async def read() -> bytes:
-                async with RemoteStore.connect(g.address) as store:
-                    return await store.read_bytes("ev", 0, 4 * n)
-
-            got = trio.run(read)
-            for i in range(4):
-                for k in range(i * n, i * n + n):
-                    page = got[k * PAGE : (k + 1) * PAGE]
-                    assert page == stamp(k, final[i]), f"page {k}: not generation {final[i]}"
-            log = g.dmesg()
-            assert "WARNING" not in log and "BUG" not in log, log[-2000:]
+            g.check_workers_synced("ev", n, final)
         finally:
             for p in workers:
                 if p.poll() is None:
