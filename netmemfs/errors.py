@@ -101,6 +101,53 @@ class VersionMismatch(ProtocolError):
     code = "version"
 
 
+class Stale(NetmemError):
+    """An inode that no longer exists: deleted, by this client or another. A commit to it
+    is refused, so it can never land in another file."""
+
+    errno = _errno.ESTALE
+    code = "stale"
+
+
+class NotADirectory(NetmemError):
+    errno = _errno.ENOTDIR
+    code = "not_dir"
+
+
+class IsADirectory(NetmemError):
+    errno = _errno.EISDIR
+    code = "is_dir"
+
+
+class NotEmpty(NetmemError):
+    errno = _errno.ENOTEMPTY
+    code = "not_empty"
+
+
+class NameTooLong(NetmemError):
+    errno = _errno.ENAMETOOLONG
+    code = "name_too_long"
+
+
+class NotPermitted(NetmemError):
+    """What POSIX forbids outright, such as a hard link to a directory."""
+
+    errno = _errno.EPERM
+    code = "not_permitted"
+
+
+class TooManyLinks(NetmemError):
+    errno = _errno.EMLINK
+    code = "too_many_links"
+
+
+class InvalidMove(NetmemError):
+    """A rename POSIX refuses with EINVAL: a directory into itself, '.' or '..'."""
+
+    errno = _errno.EINVAL
+    code = "invalid_move"
+
+
 class ServerError(NetmemError):
     """The server failed in a way it could not classify; see its log."""
 
@@ -122,6 +169,14 @@ _BY_CODE: dict[str, type[NetmemError]] = {
         AuthFailed,
         ProtocolError,
         VersionMismatch,
+        Stale,
+        NotADirectory,
+        IsADirectory,
+        NotEmpty,
+        NameTooLong,
+        NotPermitted,
+        TooManyLinks,
+        InvalidMove,
         ServerError,
     )
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import NewType
 
-from netmemfs.errors import InvalidName, OutOfRange
+from netmemfs.errors import InvalidName, NameTooLong, OutOfRange
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -55,6 +55,25 @@ def check_name(name: str) -> str:
             )
         if 0xD800 <= ord(ch) <= 0xDFFF:
             raise InvalidName(f"segment name {name!r} is not valid UTF-8")
+    return name
+
+
+def check_entry_name(name: str) -> str:
+    """Return name if it may name an entry of a directory (POSIX: any bytes but '/' and
+    NUL, at most MAX_NAME_BYTES, not '.' or '..'; bytes that are not UTF-8 arrive
+    surrogate-escaped, as os.fsdecode gives them), else raise saying why."""
+    if not name:
+        raise InvalidName("a name in a directory is empty")
+    if name in (".", ".."):
+        raise InvalidName(f"{name!r} names a directory itself, not an entry in it")
+    if "/" in name or "\0" in name:
+        raise InvalidName(f"name {name[:40]!r} holds '/' or NUL, which no name may")
+    try:
+        n = len(name.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise InvalidName(f"name {name[:40]!r} is not a sequence of bytes") from None
+    if n > MAX_NAME_BYTES:
+        raise NameTooLong(f"name {name[:40]!r}... has {n} bytes, more than {MAX_NAME_BYTES}")
     return name
 
 

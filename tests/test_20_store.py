@@ -127,6 +127,6 @@ def test_reads_lend_views_that_later_commits_do_not_change() -> None:
     assert bytes(now[0].data)[100:] == bytes(PAGE_SIZE - 100)
     del lent, now
     # With no view alive, writes go in place again (no copy).
-    chunk = s.segments["a"].chunks[0]
+    chunk = s.segments["a"].data.chunks[0]  # type: ignore[union-attr]
     _commit(s, b"4", _w("a", 0, 4))
-    assert s.segments["a"].chunks[0] is chunk
+    assert s.segments["a"].data.chunks[0] is chunk  # type: ignore[union-attr]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,27 +28,42 @@ from netmemfs.errors import NetmemError, ServerError
 from netmemfs.protocol import PageRun
 from netmemfs.records import encode_record, pwrite_all, read_records
 from netmemfs_server.store import (
+    ROOT_INO,
     Create,
     Delete,
+    Inode,
+    Link,
+    MakeNode,
     MemoryPageStore,
+    Move,
     Op,
+    Outcome,
     Rename,
     Resize,
-    Segment,
+    Rmdir,
+    SetAttr,
+    Truncate,
+    Unlink,
     Write,
+    WritePages,
 )
 
 log = logging.getLogger("netmemfs.server.log")
 
 LOG_MAGIC = b"NMLG"
 CKPT_MAGIC = b"NMCK"
-FORMAT_VERSION = 1
+# 1: segments by name (before inodes); 2: inodes. Format 1 is read and converted at start.
+FORMAT_VERSION = 2
 TXNS_PER_CHECKPOINT_RECORD = 4096
 _LOG_NAME = re.compile(r"^log\.(\d{16})$")
 
 
 class CorruptDataDir(NetmemError):
     """The data directory holds damage that is not a torn tail: refuse to guess."""
+
+
+class NewerFormat(CorruptDataDir):
+    """The data directory was written by a newer netmemfs-server."""
 
 
 def _log_path(data_dir: Path, gen: int) -> Path:
@@ -65,20 +81,104 @@ def _fsync_dir(path: Path) -> None:
 # --- ops <-> records -------------------------------------------------------------------
 
 
+def _name(name: str) -> bytes:
+    """Names go to disk as their bytes (a name need not be UTF-8: surrogate-escaped)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _unname(raw: object) -> str:
+    if isinstance(raw, str):  # format 1 wrote segment names as text
+        return raw
+    assert isinstance(raw, bytes)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _op_to_item(op: Op) -> tuple[object, ...]:
+    t = op.time_ns
+    if isinstance(op, Write):
+        return ("w", op.run.segment, op.run.first, op.run.data, t)
+    if isinstance(op, Create):
+        return ("c", op.name, op.size, t)
+    if isinstance(op, Resize):
+        return ("r", op.name, op.size, t)
+    if isinstance(op, Rename):
+        return ("m", op.name, op.new_name, t)
+    if isinstance(op, Delete):
+        return ("d", op.name, t)
+    if isinstance(op, MakeNode):
+        return ("mk", op.parent, _name(op.name), op.mode, op.uid, op.gid, op.target, op.rdev, t)
+    if isinstance(op, Link):
+        return ("ln", op.ino, op.parent, _name(op.name), t)
+    if isinstance(op, Unlink):
+        return ("ul", op.parent, _name(op.name), t)
+    if isinstance(op, Rmdir):
+        return ("rd", op.parent, _name(op.name), t)
+    if isinstance(op, Move):
+        return ("mv", op.parent, _name(op.name), op.new_parent, _name(op.new_name), op.flags, t)
+    if isinstance(op, SetAttr):
+        return ("sa", op.ino, op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns, t)
+    if isinstance(op, WritePages):
+        return ("wp", op.ino, op.first, op.data, t)
+    return ("tr", op.ino, op.size, t)
+
+
+_V1_FIELDS = {"w": 3, "c": 2, "r": 2, "m": 2, "d": 1}  # format 1: no time
+
+
+def _int(v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{v!r} is not a number")
+    return v
+
+
+def _opt(v: object) -> int | None:
+    return None if v is None else _int(v)
+
+
+def _item_to_op(item: list[object]) -> Op:
+    """One op of a log record."""
+    tag, *f = item
+    t = 0 if _V1_FIELDS.get(str(tag)) == len(f) else _int(f.pop())
+    if tag == "w":
+        data = f[2]
+        assert isinstance(data, bytes)
+        return Write(PageRun(_unname(f[0]), _int(f[1]), data), t)
+    if tag == "c":
+        return Create(_unname(f[0]), _int(f[1]), t)
+    if tag == "r":
+        return Resize(_unname(f[0]), _int(f[1]), t)
+    if tag == "m":
+        return Rename(_unname(f[0]), _unname(f[1]), t)
+    if tag == "d":
+        return Delete(_unname(f[0]), t)
+    if tag == "mk":
+        parent, name, mode, uid, gid, target, rdev = f
+        assert isinstance(target, bytes)
+        return MakeNode(
+            _int(parent), _unname(name), _int(mode), _int(uid), _int(gid), target, _int(rdev), t
+        )
+    if tag == "ln":
+        return Link(_int(f[0]), _int(f[1]), _unname(f[2]), t)
+    if tag == "ul":
+        return Unlink(_int(f[0]), _unname(f[1]), t)
+    if tag == "rd":
+        return Rmdir(_int(f[0]), _unname(f[1]), t)
+    if tag == "mv":
+        return Move(_int(f[0]), _unname(f[1]), _int(f[2]), _unname(f[3]), _int(f[4]), t)
+    if tag == "sa":
+        ino, mode, uid, gid, atime, mtime = f
+        return SetAttr(_int(ino), _opt(mode), _opt(uid), _opt(gid), _opt(atime), _opt(mtime), t)
+    if tag == "wp":
+        data = f[2]
+        assert isinstance(data, bytes)
+        return WritePages(_int(f[0]), _int(f[1]), data, t)
+    if tag == "tr":
+        return Truncate(_int(f[0]), _int(f[1]), t)
+    raise ValueError(f"unknown op {tag!r}")
+
+
 def ops_to_payload(txn: bytes, ops: Sequence[Op]) -> list[object]:
-    out: list[object] = []
-    for op in ops:
-        if isinstance(op, Write):
-            out.append(("w", op.run.segment, op.run.first, op.run.data))
-        elif isinstance(op, Create):
-            out.append(("c", op.name, op.size))
-        elif isinstance(op, Resize):
-            out.append(("r", op.name, op.size))
-        elif isinstance(op, Rename):
-            out.append(("m", op.name, op.new_name))
-        else:
-            out.append(("d", op.name))
-    return ["commit", txn, out]
+    return ["commit", txn, [_op_to_item(op) for op in ops]]
 
 
 def payload_to_ops(obj: object) -> tuple[bytes, list[Op]]:
@@ -86,22 +186,7 @@ def payload_to_ops(obj: object) -> tuple[bytes, list[Op]]:
         assert isinstance(obj, list) and len(obj) == 3
         kind, txn, items = obj
         assert kind == "commit" and isinstance(txn, bytes)
-        ops: list[Op] = []
-        for item in items:
-            tag = item[0]
-            if tag == "w":
-                ops.append(Write(PageRun(item[1], item[2], item[3])))
-            elif tag == "c":
-                ops.append(Create(item[1], item[2]))
-            elif tag == "r":
-                ops.append(Resize(item[1], item[2]))
-            elif tag == "m":
-                ops.append(Rename(item[1], item[2]))
-            elif tag == "d":
-                ops.append(Delete(item[1]))
-            else:
-                raise ValueError(tag)
-        return txn, ops
+        return txn, [_item_to_op(item) for item in items]
     except (ValueError, TypeError, IndexError, AssertionError) as e:
         raise CorruptDataDir(f"a log record that passed its checksum is not a commit: {e}") from e
 
@@ -133,10 +218,10 @@ class LogPageStore:
         """Recover the state in data_dir (creating it if need be) and open it for appends."""
         data_dir.mkdir(parents=True, exist_ok=True)
         mem = MemoryPageStore(capacity_bytes)
-        covered = 0
+        covered, fmt = 0, FORMAT_VERSION
         ckpt = data_dir / "checkpoint"
         if ckpt.exists():
-            covered = _load_checkpoint(ckpt, mem)
+            covered, fmt = _load_checkpoint(ckpt, mem)
         (data_dir / "checkpoint.tmp").unlink(missing_ok=True)
         gens = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _LOG_NAME.match(p.name)))
         for gen in gens:
@@ -149,13 +234,22 @@ class LogPageStore:
         store = cls(data_dir, mem, gen, checkpoint_bytes)
         _fsync_dir(data_dir)
         log.info(
-            "recovered %d segments, %d pages from %s (checkpoint covers log %d, replayed %d logs)",
-            len(mem.segments),
+            "recovered %d inodes, %d pages from %s (checkpoint covers log %d, replayed %d logs)",
+            len(mem.inodes),
             mem.used_pages,
             data_dir,
             covered,
             len(live),
         )
+        if fmt < FORMAT_VERSION:
+            # Written at once, so the directory is in today's format from here on.
+            store.checkpoint()
+            log.info(
+                "converted %s from format %d to %d: each segment is a file of the root directory",
+                data_dir,
+                fmt,
+                FORMAT_VERSION,
+            )
         return store
 
     def _check_usable(self) -> None:
@@ -219,22 +313,57 @@ class LogPageStore:
         os.close(self._fd)
 
 
+ENTRIES_PER_CHECKPOINT_RECORD = 4096
+
+
 def _checkpoint_records(mem: MemoryPageStore, covers_gen: int) -> Iterator[object]:
-    yield ["head", FORMAT_VERSION, covers_gen, len(mem.segments)]
-    for name, seg in mem.segments.items():
-        yield ["seg", name, seg.size, seg.version]
-        for ci, mask, chunk in seg.chunk_items():
-            yield ["chunk", ci, mask, chunk]
+    """Format 2: every inode (a file's chunks follow it), then each directory's names,
+    then the remembered transactions."""
+    yield ["head", FORMAT_VERSION, covers_gen, len(mem.inodes), mem.next_ino]
+    for ino, node in mem.inodes.items():
+        yield [
+            "inode",
+            ino,
+            node.mode,
+            node.uid,
+            node.gid,
+            node.atime_ns,
+            node.mtime_ns,
+            node.ctime_ns,
+            node.nlink,
+            node.version,
+            node.size,
+            node.rdev,
+            node.parent,
+            node.target,
+        ]
+        if node.data is not None:
+            for ci, mask, chunk in node.data.chunk_items():
+                yield ["chunk", ci, mask, chunk]
+    for ino, node in mem.inodes.items():
+        names = list((node.entries or {}).items())
+        for i in range(0, len(names), ENTRIES_PER_CHECKPOINT_RECORD):
+            part = names[i : i + ENTRIES_PER_CHECKPOINT_RECORD]
+            yield ["entries", ino, [[_name(n), e] for n, e in part]]
     txns = list(mem.committed.items())
     for i in range(0, len(txns), TXNS_PER_CHECKPOINT_RECORD):
         batch = txns[i : i + TXNS_PER_CHECKPOINT_RECORD]
-        yield ["txns", [[t, [list(v) for v in vs]] for t, vs in batch]]
+        yield [
+            "txns",
+            [
+                [t, [list(v) for v in o.versions], [list(v) for v in o.inodes], list(o.created)]
+                for t, o in batch
+            ],
+        ]
     yield ["end"]
 
 
-def _load_checkpoint(path: Path, mem: MemoryPageStore) -> int:
+def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
+    """Load path into mem (empty); (the log generation it covers, its format). Format
+    1's segments become regular files of the root directory, numbered in their order."""
     covers = -1
-    seg: Segment | None = None
+    fmt = 0
+    node: Inode | None = None
     ended = False
     with open(path, "rb") as f:
         try:
@@ -242,20 +371,37 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> int:
                 assert isinstance(rec, list)
                 tag = rec[0]
                 if tag == "head":
-                    if rec[1] != FORMAT_VERSION:
-                        raise CorruptDataDir(
-                            f"{path} has format {rec[1]}; this server reads {FORMAT_VERSION}"
+                    fmt = rec[1]
+                    if fmt > FORMAT_VERSION:
+                        raise NewerFormat(
+                            f"{path} has format {fmt}, written by a newer netmemfs-server; "
+                            f"this one reads formats 1 to {FORMAT_VERSION}: upgrade it"
                         )
                     covers = rec[2]
-                elif tag == "seg":
-                    seg = mem.segments[rec[1]] = Segment(rec[2], rec[3])
+                    if fmt >= 2:
+                        mem.next_ino = _int(rec[4])
+                elif tag == "inode":
+                    node = _load_inode(mem, rec)
+                elif tag == "seg" and fmt == 1:
+                    node = _load_segment(mem, rec)
                 elif tag == "chunk":
-                    assert seg is not None
-                    seg.load_chunk(rec[1], rec[2], rec[3])
+                    assert node is not None and node.data is not None
+                    node.data.load_chunk(rec[1], rec[2], rec[3])
                     mem.used_pages += rec[2].bit_count()
+                elif tag == "entries":
+                    entries = mem.inodes[rec[1]].entries
+                    assert entries is not None
+                    entries.update((_unname(n), _int(e)) for n, e in rec[2])
                 elif tag == "txns":
-                    for txn, vs in rec[1]:
-                        mem.remember(txn, tuple((n, v) for n, v in vs))
+                    for t, *rest in rec[1]:
+                        vs = rest[0]
+                        inodes, created = (rest[1], rest[2]) if fmt >= 2 else ((), ())
+                        outcome = Outcome(
+                            tuple((n, v) for n, v in vs),
+                            tuple((i, v) for i, v in inodes),
+                            tuple(created),
+                        )
+                        mem.remember(t, outcome)
                 elif tag == "end":
                     ended = True
         except (AssertionError, ValueError, TypeError, IndexError, KeyError) as e:
@@ -265,7 +411,40 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> int:
             f"{path} is incomplete or damaged (checkpoints are renamed into place only "
             "when whole, so this is not a crash); restore it from a backup"
         )
-    return int(covers)
+    return int(covers), fmt
+
+
+def _load_inode(mem: MemoryPageStore, rec: list[object]) -> Inode:
+    _, ino, mode, uid, gid, atime, mtime, ctime, nlink, version, size, rdev, parent, target = rec
+    node = Inode(_int(ino), _int(mode), _int(uid), _int(gid))
+    node.atime_ns, node.mtime_ns, node.ctime_ns = _int(atime), _int(mtime), _int(ctime)
+    node.nlink, node.version, node.rdev, node.parent = (
+        _int(nlink),
+        _int(version),
+        _int(rdev),
+        _int(parent),
+    )
+    assert isinstance(target, bytes)
+    node.target = target
+    if node.data is not None:
+        node.data.size = _int(size)
+    if node.ino == ROOT_INO:
+        mem.root = node
+    mem.inodes[node.ino] = node
+    return node
+
+
+def _load_segment(mem: MemoryPageStore, rec: list[object]) -> Inode:
+    """Format 1's segment rec: a regular file of the root directory, with a new number."""
+    _, name, size, version = rec
+    node = Inode(mem.next_ino, stat.S_IFREG | 0o644)
+    mem.next_ino += 1
+    assert node.data is not None
+    node.data.size, node.version = _int(size), _int(version)
+    mem.inodes[node.ino] = node
+    assert mem.root.entries is not None
+    mem.root.entries[_unname(name)] = node.ino
+    return node
 
 
 def _replay_log(path: Path, mem: MemoryPageStore, *, last: bool) -> None:

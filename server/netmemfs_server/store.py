@@ -1,24 +1,48 @@
-"""In-memory page store: segments, their pages, versions and the committed-transaction table.
+"""In-memory page store: inodes, their pages, versions and the committed-transaction table.
 
 Where it sits: below serve.py, above nothing but netmemfs.errors/pages/protocol; log.py
 wraps it for durability. It does no I/O and never awaits, so each public method runs
 whole between two checkpoints of the trio loop.
 
+Every file, directory, symlink and special file is an inode with a 64-bit number that is
+never handed out twice (next_ino only grows, and is kept in checkpoints). Directories map
+names to inode numbers; inode 1 is the root. The segments of the protocol are the regular
+files of the root directory: the segment ops (Create, Resize, Rename, Delete, Write)
+address them by name, the inode ops (MakeNode ... WritePages) by number, with names only
+in the ops that change a directory.
+
 Pages live in fixed chunks of CHUNK_PAGES pages (one bytearray each) with an integer bit
 mask saying which pages are stored; a page never written costs nothing and is reported as
-a hole. Mutations come as a list of ops: `check(ops)` raises if any would fail, touching
-nothing; `apply(txn, ops)` then cannot fail, so a commit lands whole or not at all.
+a hole. Mutations come as a list of ops: `check(ops)` raises if any would fail and leaves
+everything as it was; `apply(txn, ops)` then cannot fail, so a commit lands whole or not
+at all. Both run the same code (one implementation per rule): check runs the ops for real
+but writes no page data, and undoes every change before it returns.
 """
 
 from __future__ import annotations
 
+import stat
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from netmemfs.errors import NoSpace, OutOfRange, SegmentExists, SegmentNotFound, TooLarge
-from netmemfs.pages import PAGE_SIZE, check_name, check_size, pages_for
-from netmemfs.protocol import MAX_MESSAGE_PAGES, PageRun
+from netmemfs.errors import (
+    InvalidMove,
+    IsADirectory,
+    NameTooLong,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotPermitted,
+    OutOfRange,
+    SegmentExists,
+    SegmentNotFound,
+    Stale,
+    TooLarge,
+    TooManyLinks,
+)
+from netmemfs.pages import PAGE_SIZE, check_entry_name, check_name, check_size, pages_for
+from netmemfs.protocol import MAX_MESSAGE_PAGES, Buffer, PageRun
 
 CHUNK_PAGES = 64
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
@@ -26,47 +50,161 @@ FULL_MASK = (1 << CHUNK_PAGES) - 1
 # How many committed transaction ids are remembered for exactly-once replies. A client
 # retries only its last few commits, so this bounds memory without weakening that.
 MAX_REMEMBERED_TXNS = 100_000
+ROOT_INO = 1
+LINK_MAX = 65_000  # hard links to one inode (ext4's limit)
+SYMLINK_MAX = 4095  # bytes of a symlink's target (PATH_MAX less its NUL)
+RENAME_NOREPLACE = 1  # Move flags, Linux's values
+RENAME_EXCHANGE = 2
+_TYPES = frozenset(
+    (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR)
+) | {stat.S_IFBLK}
 
 Versions = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one commit did. versions: the segments the segment ops touched, by name, with
+    their new versions (what the protocol's Committed reply carries); inodes: every inode
+    the commit changed, with its new version; created: the numbers MakeNode handed out,
+    in op order."""
+
+    versions: Versions = ()
+    inodes: tuple[tuple[int, int], ...] = ()
+    created: tuple[int, ...] = ()
+
+
+# --- segment ops: regular files of the root directory, by name --------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Create:
     name: str
     size: int
+    time_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Resize:
     name: str
     size: int
+    time_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Rename:
     name: str
     new_name: str
+    time_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Delete:
     name: str
+    time_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Write:
     run: PageRun
+    time_ns: int = 0
 
 
-Op = Create | Resize | Rename | Delete | Write
+# --- inode ops: names only where a directory changes ------------------------------------
 
 
-class Segment:
-    __slots__ = ("chunks", "masks", "size", "stored_pages", "version")
+@dataclass(frozen=True, slots=True)
+class MakeNode:
+    """A new inode named name in directory parent: mode's type (S_IFREG, S_IFDIR,
+    S_IFLNK, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK) and permission bits; target: a
+    symlink's; rdev: a device's number."""
 
-    def __init__(self, size: int, version: int = 0) -> None:
+    parent: int
+    name: str
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    target: bytes = b""
+    rdev: int = 0
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    ino: int
+    parent: int
+    name: str
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Unlink:
+    """Remove name (not a directory) from parent."""
+
+    parent: int
+    name: str
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rmdir:
+    parent: int
+    name: str
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """rename(2): flags 0, RENAME_NOREPLACE or RENAME_EXCHANGE."""
+
+    parent: int
+    name: str
+    new_parent: int
+    new_name: str
+    flags: int = 0
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """Change what is not None: mode's permission bits (the type stays), owner, times."""
+
+    ino: int
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WritePages:
+    ino: int
+    first: int
+    data: bytes
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    ino: int
+    size: int
+    time_ns: int = 0
+
+
+SegmentOp = Create | Resize | Rename | Delete | Write
+InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate
+Op = SegmentOp | InodeOp
+
+
+class FileData:
+    """The size and pages of a regular file."""
+
+    __slots__ = ("chunks", "masks", "size", "stored_pages")
+
+    def __init__(self, size: int = 0) -> None:
         self.size = size
-        self.version = version
         self.chunks: dict[int, bytearray] = {}
         self.masks: dict[int, int] = {}
         self.stored_pages = 0
@@ -192,44 +330,470 @@ def _chunk_spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
         page += hi - lo
 
 
+class Inode:
+    """One file, directory, symlink or special file. data: a regular file's size and
+    pages; entries: a directory's names; parent: a directory's '..' (the root's is
+    itself); target: a symlink's."""
+
+    __slots__ = (
+        "atime_ns",
+        "ctime_ns",
+        "data",
+        "entries",
+        "gid",
+        "ino",
+        "mode",
+        "mtime_ns",
+        "nlink",
+        "parent",
+        "rdev",
+        "target",
+        "uid",
+        "version",
+    )
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, time_ns: int = 0):
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.atime_ns = self.mtime_ns = self.ctime_ns = time_ns
+        self.version = 0
+        self.rdev = 0
+        self.target = b""
+        self.parent = 0
+        self.data: FileData | None = FileData() if stat.S_ISREG(mode) else None
+        self.entries: dict[str, int] | None = {} if stat.S_ISDIR(mode) else None
+        self.nlink = 2 if self.entries is not None else 1
+
+    @property
+    def size(self) -> int:
+        if self.data is not None:
+            return self.data.size
+        return len(self.target)
+
+    @property
+    def stored_pages(self) -> int:
+        return self.data.stored_pages if self.data is not None else 0
+
+
+class _Run:
+    """One run of ops against the store: for real (apply), or to check them (dry), in
+    which case no page data is written and undo() puts everything back."""
+
+    def __init__(self, store: MemoryPageStore, *, dry: bool) -> None:
+        self.s = store
+        self.dry = dry
+        self.undo_log: list[Callable[[], None]] = []
+        self.new_pages = 0
+        self.names: dict[str, None] = {}  # segments touched by segment ops, by final name
+        self.touched: dict[int, None] = {}
+        self.created: list[int] = []
+
+    def undo(self) -> None:
+        for action in reversed(self.undo_log):
+            action()
+
+    # -- changes, each with its undo --
+
+    def _set(self, obj: object, attr: str, value: object) -> None:
+        if self.dry:
+            old = getattr(obj, attr)
+            self.undo_log.append(lambda: setattr(obj, attr, old))
+        setattr(obj, attr, value)
+
+    def _bind(self, d: Inode, name: str, ino: int) -> None:
+        entries = d.entries
+        assert entries is not None
+        if self.dry:
+            old = entries.get(name)
+            if old is None:
+                self.undo_log.append(lambda: entries.__delitem__(name))
+            else:
+                self.undo_log.append(lambda: entries.__setitem__(name, old))
+        entries[name] = ino
+
+    def _unbind(self, d: Inode, name: str) -> None:
+        entries = d.entries
+        assert entries is not None
+        ino = entries.pop(name)
+        if self.dry:
+            self.undo_log.append(lambda: entries.__setitem__(name, ino))
+
+    def _touch(self, node: Inode, t: int, *, data: bool = False) -> None:
+        """node changed at t: ctime (and mtime if its contents changed), version."""
+        self._set(node, "ctime_ns", t)
+        if data:
+            self._set(node, "mtime_ns", t)
+        self.touched[node.ino] = None
+
+    def _drop_link(self, node: Inode, t: int) -> None:
+        """One name of node is gone; the last one frees it (not while checking)."""
+        self._set(node, "nlink", node.nlink - (2 if node.entries is not None else 1))
+        self._touch(node, t)
+        if node.nlink <= 0 and not self.dry:
+            self.s.used_pages -= node.stored_pages
+            del self.s.inodes[node.ino]
+            self.touched.pop(node.ino, None)
+
+    # -- lookups --
+
+    def inode(self, ino: int) -> Inode:
+        node = self.s.inodes.get(ino)
+        if node is None:
+            raise Stale(
+                f"inode {ino} no longer exists (deleted by this or another client); "
+                "open the file again by its name"
+            )
+        return node
+
+    def directory(self, ino: int) -> Inode:
+        d = self.inode(ino)
+        if d.entries is None:
+            raise NotADirectory(f"inode {ino} is not a directory")
+        return d
+
+    def entry(self, d: Inode, name: str) -> Inode:
+        assert d.entries is not None
+        ino = d.entries.get(name)
+        if ino is None:
+            raise SegmentNotFound(f"{name!r} does not exist in directory {d.ino}")
+        return self.s.inodes[ino]
+
+    def segment(self, name: str) -> Inode:
+        return self.s.segment(name)
+
+    # -- the ops --
+
+    def run(self, op: Op) -> None:
+        if isinstance(op, Write):
+            self._write(self.segment(op.run.segment), op.run.first, op.run.data, op.time_ns)
+            self.names[op.run.segment] = None
+        elif isinstance(op, Create):
+            check_name(op.name)
+            check_size(op.size)
+            root = self.s.root
+            assert root.entries is not None
+            if op.name in root.entries:
+                raise SegmentExists(f"segment {op.name!r} already exists")
+            node = self._make(root, op.name, stat.S_IFREG | 0o644, 0, 0, op.time_ns)
+            assert node.data is not None
+            self._set(node.data, "size", op.size)
+            self.names[op.name] = None
+        elif isinstance(op, Resize):
+            check_name(op.name)
+            check_size(op.size)
+            self._truncate(self.segment(op.name), op.size, op.time_ns)
+            self.names[op.name] = None
+        elif isinstance(op, Rename):
+            check_name(op.name)
+            check_name(op.new_name)
+            self.segment(op.name)
+            if op.name != op.new_name:
+                root = self.s.root
+                assert root.entries is not None
+                target = root.entries.get(op.new_name)
+                if target is not None and self.s.inodes[target].data is None:
+                    raise IsADirectory(f"{op.new_name!r} is not a segment; cannot replace it")
+                self._move(root, op.name, root, op.new_name, 0, op.time_ns)
+                self.names.pop(op.name, None)
+            self.names[op.new_name] = None
+        elif isinstance(op, Delete):
+            check_name(op.name)
+            self.segment(op.name)
+            self._unlink(self.s.root, op.name, op.time_ns)
+            self.names.pop(op.name, None)
+        elif isinstance(op, MakeNode):
+            self._make_node(op)
+        elif isinstance(op, Link):
+            self._link(op)
+        elif isinstance(op, Unlink):
+            d = self.directory(op.parent)
+            check_entry_name(op.name)
+            if self.entry(d, op.name).entries is not None:
+                raise IsADirectory(f"{op.name!r} is a directory: remove it with rmdir")
+            self._unlink(d, op.name, op.time_ns)
+        elif isinstance(op, Rmdir):
+            self._rmdir(op)
+        elif isinstance(op, Move):
+            self._checked_move(op)
+        elif isinstance(op, SetAttr):
+            self._setattr(op)
+        elif isinstance(op, WritePages):
+            self._write(self._file(op.ino), op.first, op.data, op.time_ns)
+        else:
+            self._truncate(self._file(op.ino), op.size, op.time_ns)
+
+    def _file(self, ino: int) -> Inode:
+        node = self.inode(ino)
+        if node.data is None:
+            if node.entries is not None:
+                raise IsADirectory(f"inode {ino} is a directory, not a file")
+            raise OutOfRange(f"inode {ino} is not a regular file; it has no pages")
+        return node
+
+    def _write(self, node: Inode, first: int, data: Buffer, t: int) -> None:
+        fd = node.data
+        assert fd is not None
+        count = len(data) // PAGE_SIZE
+        if len(data) % PAGE_SIZE or first < 0:
+            raise OutOfRange(f"a write to inode {node.ino} is not of whole pages")
+        if first + count > pages_for(fd.size):
+            raise OutOfRange(
+                f"write to pages {first}..{first + count - 1} of inode {node.ino} goes past "
+                f"its end ({fd.size} bytes); resize it first"
+            )
+        self._touch(node, t, data=True)
+        if self.dry:
+            self.new_pages += fd.count_unstored(first, count)
+            return
+        with memoryview(data) as view:
+            self.s.used_pages += fd.write(first, view)
+
+    def _truncate(self, node: Inode, size: int, t: int) -> None:
+        fd = node.data
+        assert fd is not None
+        check_size(size)
+        if size < fd.size and not self.dry:
+            self.s.used_pages -= fd.truncate(size)
+        self._set(fd, "size", size)
+        self._touch(node, t, data=True)
+
+    def _make(self, d: Inode, name: str, mode: int, uid: int, gid: int, t: int) -> Inode:
+        ino = self.s.next_ino
+        self._set(self.s, "next_ino", ino + 1)
+        node = Inode(ino, mode, uid, gid, t)
+        self.s.inodes[ino] = node
+        if self.dry:
+            self.undo_log.append(lambda: self.s.inodes.__delitem__(ino))
+        self._bind(d, name, ino)
+        self._touch(d, t, data=True)
+        self.touched[ino] = None
+        self.created.append(ino)
+        return node
+
+    def _make_node(self, op: MakeNode) -> None:
+        d = self.directory(op.parent)
+        check_entry_name(op.name)
+        kind = stat.S_IFMT(op.mode)
+        if kind not in _TYPES:
+            raise OutOfRange(f"mode {op.mode:o} names no kind of file")
+        if kind == stat.S_IFLNK and not 0 < len(op.target) <= SYMLINK_MAX:
+            raise NameTooLong(f"a symlink's target must be 1..{SYMLINK_MAX} bytes")
+        assert d.entries is not None
+        if op.name in d.entries:
+            raise SegmentExists(f"{op.name!r} already exists in directory {d.ino}")
+        node = self._make(d, op.name, kind | (op.mode & 0o7777), op.uid, op.gid, op.time_ns)
+        node.target = op.target if kind == stat.S_IFLNK else b""
+        node.rdev = op.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        if node.entries is not None:
+            node.parent = d.ino
+            self._set(d, "nlink", d.nlink + 1)
+
+    def _link(self, op: Link) -> None:
+        node = self.inode(op.ino)
+        d = self.directory(op.parent)
+        check_entry_name(op.name)
+        if node.entries is not None:
+            raise NotPermitted(f"inode {op.ino} is a directory; directories take no links")
+        if node.nlink >= LINK_MAX:
+            raise TooManyLinks(f"inode {op.ino} has {LINK_MAX} links, the most it may")
+        assert d.entries is not None
+        if op.name in d.entries:
+            raise SegmentExists(f"{op.name!r} already exists in directory {d.ino}")
+        self._bind(d, op.name, node.ino)
+        self._set(node, "nlink", node.nlink + 1)
+        self._touch(node, op.time_ns)
+        self._touch(d, op.time_ns, data=True)
+
+    def _unlink(self, d: Inode, name: str, t: int) -> None:
+        node = self.entry(d, name)
+        self._unbind(d, name)
+        self._touch(d, t, data=True)
+        if node.entries is not None:
+            self._set(d, "nlink", d.nlink - 1)  # its '..' is gone
+        self._drop_link(node, t)
+
+    def _rmdir(self, op: Rmdir) -> None:
+        d = self.directory(op.parent)
+        if op.name == ".":
+            raise InvalidMove("rmdir of '.': remove the directory by its name")
+        if op.name == "..":
+            raise NotEmpty("rmdir of '..': its directory is not empty")
+        check_entry_name(op.name)
+        node = self.entry(d, op.name)
+        if node.entries is None:
+            raise NotADirectory(f"{op.name!r} is not a directory: remove it with unlink")
+        if node.entries:
+            raise NotEmpty(f"directory {op.name!r} holds {len(node.entries)} names")
+        self._unlink(d, op.name, op.time_ns)
+
+    def _checked_move(self, op: Move) -> None:
+        d = self.directory(op.parent)
+        nd = self.directory(op.new_parent)
+        for name in (op.name, op.new_name):
+            if name in (".", ".."):
+                raise InvalidMove(f"rename of {name!r} is not allowed")
+            check_entry_name(name)
+        if op.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or op.flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise InvalidMove(f"rename flags {op.flags:#x} are not RENAME_NOREPLACE or _EXCHANGE")
+        node = self.entry(d, op.name)
+        assert nd.entries is not None
+        target_ino = nd.entries.get(op.new_name)
+        target = None if target_ino is None else self.s.inodes[target_ino]
+        if op.flags & RENAME_EXCHANGE:
+            if target is None:
+                raise SegmentNotFound(f"{op.new_name!r} does not exist to exchange with")
+        elif target is not None and op.flags & RENAME_NOREPLACE:
+            raise SegmentExists(f"{op.new_name!r} exists (RENAME_NOREPLACE)")
+        if target is node:
+            return  # two names of one inode: rename does nothing
+        for moving, into in ((node, nd), (target, d) if op.flags & RENAME_EXCHANGE else (None, d)):
+            if moving is not None and moving.entries is not None and self._inside(into, moving):
+                raise InvalidMove(f"cannot move directory {moving.ino} into itself")
+        if target is not None and not op.flags & RENAME_EXCHANGE:
+            if node.entries is not None and target.entries is None:
+                raise NotADirectory(f"{op.new_name!r} is not a directory; cannot replace it")
+            if node.entries is None and target.entries is not None:
+                raise IsADirectory(f"{op.new_name!r} is a directory; cannot replace it")
+            if target.entries:
+                raise NotEmpty(f"directory {op.new_name!r} is not empty; cannot replace it")
+        self._move(d, op.name, nd, op.new_name, op.flags, op.time_ns)
+
+    def _inside(self, d: Inode, ancestor: Inode) -> bool:
+        """Whether directory d is ancestor or below it."""
+        node = d
+        while True:
+            if node is ancestor:
+                return True
+            if node.ino == ROOT_INO:
+                return False
+            node = self.s.inodes[node.parent]
+
+    def _move(self, d: Inode, name: str, nd: Inode, new_name: str, flags: int, t: int) -> None:
+        assert d.entries is not None and nd.entries is not None
+        node = self.s.inodes[d.entries[name]]
+        target_ino = nd.entries.get(new_name)
+        if flags & RENAME_EXCHANGE:
+            assert target_ino is not None
+            target = self.s.inodes[target_ino]
+            self._bind(d, name, target.ino)
+            self._bind(nd, new_name, node.ino)
+            self._reparent(target, nd, d)
+            self._touch(target, t)
+        else:
+            if target_ino is not None:
+                self._unlink(nd, new_name, t)
+            self._unbind(d, name)
+            self._bind(nd, new_name, node.ino)
+        self._reparent(node, d, nd)
+        self._touch(node, t)
+        self._touch(d, t, data=True)
+        self._touch(nd, t, data=True)
+
+    def _reparent(self, node: Inode, old: Inode, new: Inode) -> None:
+        if node.entries is None or old is new:
+            return
+        self._set(node, "parent", new.ino)
+        self._set(old, "nlink", old.nlink - 1)
+        self._set(new, "nlink", new.nlink + 1)
+
+    def _setattr(self, op: SetAttr) -> None:
+        node = self.inode(op.ino)
+        if op.mode is not None:
+            self._set(node, "mode", stat.S_IFMT(node.mode) | (op.mode & 0o7777))
+        if op.uid is not None:
+            self._set(node, "uid", op.uid)
+        if op.gid is not None:
+            self._set(node, "gid", op.gid)
+        if op.atime_ns is not None:
+            self._set(node, "atime_ns", op.atime_ns)
+        if op.mtime_ns is not None:
+            self._set(node, "mtime_ns", op.mtime_ns)
+        self._touch(node, op.time_ns)
+
+
 class MemoryPageStore:
-    """All segments in memory. capacity_bytes bounds stored page data (None: no bound)."""
+    """Every inode in memory. capacity_bytes bounds stored page data (None: no bound)."""
 
     def __init__(self, capacity_bytes: int | None = None) -> None:
         self.capacity_bytes = capacity_bytes
-        self.segments: dict[str, Segment] = {}
+        root = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
+        root.parent = ROOT_INO
+        self.root = root
+        self.inodes: dict[int, Inode] = {ROOT_INO: root}
+        self.next_ino = ROOT_INO + 1  # never handed out before; only grows
         self.used_pages = 0
-        self.committed: OrderedDict[bytes, Versions] = OrderedDict()
+        self.committed: OrderedDict[bytes, Outcome] = OrderedDict()
 
     # --- reads ---------------------------------------------------------------------
 
-    def segment(self, name: str) -> Segment:
-        seg = self.segments.get(name)
-        if seg is None:
+    @property
+    def segments(self) -> dict[str, Inode]:
+        """The regular files of the root directory, by name: the protocol's segments."""
+        assert self.root.entries is not None
+        files = ((name, self.inodes[ino]) for name, ino in self.root.entries.items())
+        return {name: node for name, node in files if node.data is not None}
+
+    def segment(self, name: str) -> Inode:
+        """The regular file name of the root directory (on every read: no _Run)."""
+        assert self.root.entries is not None
+        ino = self.root.entries.get(name)
+        node = None if ino is None else self.inodes[ino]
+        if node is None or node.data is None:
             raise SegmentNotFound(f"segment {name!r} does not exist; create it first")
-        return seg
+        return node
+
+    def inode(self, ino: int) -> Inode:
+        return _Run(self, dry=True).inode(ino)
+
+    def lookup(self, parent: int, name: str) -> Inode:
+        """The inode name stands for in directory parent."""
+        run = _Run(self, dry=True)
+        if name == ".":
+            return run.directory(parent)
+        if name == "..":
+            return self.inodes[run.directory(parent).parent]
+        check_entry_name(name)
+        return run.entry(run.directory(parent), name)
 
     def read(self, name: str, first: int, count: int) -> tuple[int, tuple[PageRun, ...]]:
         """(version, runs of stored pages) for pages first..first+count-1 of name."""
-        seg = self.segment(name)
+        node = self.segment(name)
+        return node.version, self._read(node, name, first, count)
+
+    def read_inode(self, ino: int, first: int, count: int) -> tuple[int, tuple[PageRun, ...]]:
+        """(version, runs of stored pages) of file ino; the runs name no segment."""
+        node = _Run(self, dry=True)._file(ino)
+        return node.version, self._read(node, "", first, count)
+
+    def _read(self, node: Inode, name: str, first: int, count: int) -> tuple[PageRun, ...]:
+        fd = node.data
+        assert fd is not None
+        what = repr(name) if name else f"inode {node.ino}"
         if count > MAX_MESSAGE_PAGES:
             raise TooLarge(
-                f"read of {count} pages of {name!r}: at most {MAX_MESSAGE_PAGES} per request"
+                f"read of {count} pages of {what}: at most {MAX_MESSAGE_PAGES} per request"
             )
-        npages = pages_for(seg.size)
+        npages = pages_for(fd.size)
         if first + count > npages:
             raise OutOfRange(
-                f"read of pages {first}..{first + count - 1} of {name!r} goes past its end "
-                f"({npages} pages, {seg.size} bytes); resize it first or read less"
+                f"read of pages {first}..{first + count - 1} of {what} goes past its end "
+                f"({npages} pages, {fd.size} bytes); resize it first or read less"
             )
-        runs = tuple(PageRun(name, p, data) for p, data in seg.read(first, count))
-        return seg.version, runs
+        return tuple(PageRun(name, p, data) for p, data in fd.read(first, count))
 
     @property
     def used_bytes(self) -> int:
         return self.used_pages * PAGE_SIZE
 
     def lookup_txn(self, txn: bytes) -> Versions | None:
+        outcome = self.committed.get(txn)
+        return None if outcome is None else outcome.versions
+
+    def outcome(self, txn: bytes) -> Outcome | None:
         return self.committed.get(txn)
 
     # --- mutations -----------------------------------------------------------------
@@ -237,119 +801,53 @@ class MemoryPageStore:
     def check(self, ops: Sequence[Op], *, enforce_capacity: bool = True) -> None:
         """Raise the error applying ops would meet; change nothing.
 
-        Ops are checked in order against a simulated namespace, so a transaction may
-        create a segment and write to it. Capacity is counted conservatively: pages
-        freed by the same transaction are not credited.
+        The ops run in order, for real but without page data, and are then undone, so
+        a transaction may make a directory and a file in it, or create a segment and
+        write to it. Capacity is counted conservatively: pages freed by the same
+        transaction are not credited.
         """
-        sizes: dict[str, int | None] = {}  # simulated: name -> size, None if gone
-        fresh: set[str] = set()  # names whose pages in the store are not theirs
-
-        def size_of(name: str) -> int:
-            if name in sizes:
-                size = sizes[name]
-            else:
-                seg = self.segments.get(name)
-                size = None if seg is None else seg.size
-            if size is None:
-                raise SegmentNotFound(f"segment {name!r} does not exist; create it first")
-            return size
-
-        new_pages = 0
-        for op in ops:
-            if isinstance(op, Write):
-                run = op.run
-                check_name(run.segment)
-                size = size_of(run.segment)
-                if run.first + run.count > pages_for(size):
-                    raise OutOfRange(
-                        f"write to pages {run.first}..{run.first + run.count - 1} of "
-                        f"{run.segment!r} goes past its end ({size} bytes); resize it first"
-                    )
-                seg = self.segments.get(run.segment)
-                if run.segment in fresh or seg is None:
-                    new_pages += run.count
-                else:
-                    new_pages += seg.count_unstored(run.first, run.count)
-            elif isinstance(op, Create):
-                check_name(op.name)
-                check_size(op.size)
-                exists = (
-                    sizes[op.name] is not None if op.name in sizes else op.name in self.segments
-                )
-                if exists:
-                    raise SegmentExists(f"segment {op.name!r} already exists")
-                sizes[op.name] = op.size
-                fresh.add(op.name)
-            elif isinstance(op, Resize):
-                check_name(op.name)
-                check_size(op.size)
-                size_of(op.name)
-                sizes[op.name] = op.size
-            elif isinstance(op, Rename):
-                check_name(op.name)
-                check_name(op.new_name)
-                size = size_of(op.name)
-                if op.name != op.new_name:
-                    sizes[op.new_name] = size
-                    sizes[op.name] = None
-                    fresh.add(op.new_name)
-            elif isinstance(op, Delete):
-                check_name(op.name)
-                size_of(op.name)
-                sizes[op.name] = None
+        run = _Run(self, dry=True)
+        try:
+            for op in ops:
+                run.run(op)
+        finally:
+            run.undo()
         cap = self.capacity_bytes
-        needed = (self.used_pages + new_pages) * PAGE_SIZE
-        if enforce_capacity and cap is not None and new_pages and needed > cap:
+        needed = (self.used_pages + run.new_pages) * PAGE_SIZE
+        if enforce_capacity and cap is not None and run.new_pages and needed > cap:
             raise NoSpace(
-                f"commit needs {new_pages * PAGE_SIZE} more bytes but the server holds "
+                f"commit needs {run.new_pages * PAGE_SIZE} more bytes but the server holds "
                 f"{self.used_bytes} of its {cap}-byte --max-memory; delete or shrink "
                 "segments, or restart the server with a larger --max-memory"
             )
 
     def apply(self, txn: bytes, ops: Sequence[Op]) -> Versions:
-        """Apply ops that check() accepted; record txn; return the new versions.
+        """Apply ops that check() accepted; record txn; return the new versions of the
+        segments they touched (outcome(txn) has the rest).
 
         Must follow check(ops) with no await in between: the check is only valid for the
         state it saw.
         """
-        touched: dict[str, None] = {}
+        run = _Run(self, dry=False)
         for op in ops:
-            if isinstance(op, Write):
-                seg = self.segments[op.run.segment]
-                with memoryview(op.run.data) as view:
-                    self.used_pages += seg.write(op.run.first, view)
-                touched[op.run.segment] = None
-            elif isinstance(op, Create):
-                self.segments[op.name] = Segment(op.size)
-                touched[op.name] = None
-            elif isinstance(op, Resize):
-                seg = self.segments[op.name]
-                if op.size < seg.size:
-                    self.used_pages -= seg.truncate(op.size)
-                seg.size = op.size
-                touched[op.name] = None
-            elif isinstance(op, Rename):
-                if op.name != op.new_name:
-                    old = self.segments.pop(op.new_name, None)
-                    if old is not None:
-                        self.used_pages -= old.stored_pages
-                    self.segments[op.new_name] = self.segments.pop(op.name)
-                    touched.pop(op.name, None)
-                touched[op.new_name] = None
-            elif isinstance(op, Delete):
-                self.used_pages -= self.segments.pop(op.name).stored_pages
-                touched.pop(op.name, None)
+            run.run(op)
+        inodes = []
+        for ino in run.touched:
+            node = self.inodes.get(ino)
+            if node is not None:
+                node.version += 1
+                inodes.append((ino, node.version))
+        assert self.root.entries is not None
         versions = []
-        for name in touched:
-            done = self.segments.get(name)
-            if done is not None:
-                done.version += 1
-                versions.append((name, done.version))
-        result = tuple(versions)
-        self.remember(txn, result)
-        return result
+        for name in run.names:
+            bound = self.root.entries.get(name)
+            if bound is not None:
+                versions.append((name, self.inodes[bound].version))
+        outcome = Outcome(tuple(versions), tuple(inodes), tuple(run.created))
+        self.remember(txn, outcome)
+        return outcome.versions
 
-    def remember(self, txn: bytes, versions: Versions) -> None:
-        self.committed[txn] = versions
+    def remember(self, txn: bytes, outcome: Outcome) -> None:
+        self.committed[txn] = outcome
         while len(self.committed) > MAX_REMEMBERED_TXNS:
             self.committed.popitem(last=False)
