@@ -14,9 +14,9 @@ from pathlib import Path
 
 from netmemfs import journal
 from netmemfs import protocol as p
+from netmemfs.ops import Create, Op, Resize, Write
 from netmemfs.records import read_records
 from netmemfs_server import log as server_log
-from netmemfs_server.store import Create, Op, Resize, Write
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 import trio
 
 from netmemfs.errors import NetmemError
-from netmemfs.protocol import SOCKET_BUFFER_BYTES, Buffer, Connection, coalesce
+from netmemfs.pages import Buffer
+from netmemfs.protocol import SOCKET_BUFFER_BYTES, Connection, coalesce
 
 
 @asynccontextmanager

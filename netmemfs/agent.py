@@ -37,8 +37,7 @@ import trio
 from netmemfs._trio_util import open_quiet_nursery, send_parts
 from netmemfs.errors import NetmemError, SegmentNotFound
 from netmemfs.journal import SealedCommit, SegmentJournal
-from netmemfs.pages import PAGE_SIZE, check_name
-from netmemfs.protocol import Buffer
+from netmemfs.pages import PAGE_SIZE, Buffer, check_name
 from netmemfs.remote import CommitResult, RemoteStore
 
 log = logging.getLogger("netmemfs.agent")

@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from netmemfs.pages import PAGE_SIZE
-from netmemfs.protocol import Buffer
+from netmemfs.pages import PAGE_SIZE, Buffer
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ Where it sits: beside errors.py at the bottom; imports nothing of ours but error
 
 from __future__ import annotations
 
-from typing import NewType
+from dataclasses import dataclass, field
+from typing import NewType, TypeAlias
 
 from netmemfs.errors import InvalidName, NameTooLong, OutOfRange
 
@@ -13,6 +14,22 @@ PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
 PageNo = NewType("PageNo", int)
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class PageRun:
+    """Consecutive pages of one segment: data holds a whole number of pages."""
+
+    segment: str
+    first: int
+    data: Buffer = field(repr=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.data) // PAGE_SIZE
+
 
 MAX_NAME_BYTES = 255
 # Segments are addressed by page number as an unsigned 64-bit value on the wire; sizes

@@ -22,12 +22,14 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar
 
 import msgpack
 
 from netmemfs.errors import LocalProtocolError, RemoteProtocolError
-from netmemfs.pages import PAGE_SIZE
+from netmemfs.ops import INODE_OP_TAGS, INODE_OPS, InodeOp, WritePages, item_to_op, op_to_item
+from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, Buffer
+from netmemfs.pages import PageRun as PageRun  # re-exported: the wire's unit of pages
 
 PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct(">I")
@@ -36,12 +38,11 @@ FRAME_HEADER = struct.Struct(">I")
 MAX_MESSAGE_PAGES = 4096
 MAX_FRAME_BYTES = MAX_MESSAGE_PAGES * PAGE_SIZE + 64 * 1024
 MAX_TXN_ID_BYTES = 64
+MAX_TARGET_BYTES = 4095  # a symlink's target: PATH_MAX less its NUL
 MAX_NONCE_BYTES = 64
 MAX_U64 = (1 << 64) - 1
 # Socket buffer size both ends ask for: a 1 MiB message then moves in few system calls.
 SOCKET_BUFFER_BYTES = 4 << 20
-
-Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 class Role(enum.Enum):
@@ -60,19 +61,6 @@ NEED_DATA = Event.NEED_DATA
 CLOSED = Event.CLOSED
 
 
-@dataclass(frozen=True, slots=True)
-class PageRun:
-    """Consecutive pages of one segment: data holds a whole number of pages."""
-
-    segment: str
-    first: int
-    data: Buffer = field(repr=False)
-
-    @property
-    def count(self) -> int:
-        return len(self.data) // PAGE_SIZE
-
-
 # Field kinds: how each field is checked on decode. Every message lists its fields' kinds
 # in declaration order in KINDS.
 U64, STR, BYTES, BOOL, TXN, NONCE, PAGES, RUNS, STRS, VERSIONS = (
@@ -87,6 +75,12 @@ U64, STR, BYTES, BOOL, TXN, NONCE, PAGES, RUNS, STRS, VERSIONS = (
     "strs",
     "versions",
 )
+# The inode requests': a name's bytes (0..MAX_NAME_BYTES; the store checks what a name
+# may be); ops (netmemfs.ops items, inode ops only); directory entries; (ino, version)
+# pairs; numbers.
+NAME, OPS, ENTRIES, INO_VERSIONS, U64S = "name", "ops", "entries", "ino_versions", "u64s"
+# A symlink's target, as Attrs carries it.
+TARGET = "target"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +210,56 @@ class StatServer(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Lookup(Request):
+    """The inode name stands for in directory parent ('.' and '..' too)."""
+
+    TYPE = 14
+    KINDS = (U64, U64, NAME)
+    parent: int
+    name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GetAttr(Request):
+    TYPE = 15
+    KINDS = (U64, U64)
+    ino: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadDir(Request):
+    """Up to limit entries of directory ino, in byte order of their names, from the first
+    name after `after` (b"": from the start)."""
+
+    TYPE = 16
+    KINDS = (U64, U64, NAME, U64)
+    ino: int
+    after: bytes
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadInode(Request):
+    """Pages first..first+count-1 of regular file ino; the reply is Pages (segment "")."""
+
+    TYPE = 17
+    KINDS = (U64, U64, U64, U64)
+    ino: int
+    first: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change(Request):
+    """Inode ops (netmemfs.ops) as one transaction, exactly once, all or nothing."""
+
+    TYPE = 18
+    KINDS = (U64, TXN, OPS)
+    txn: bytes
+    ops: tuple[InodeOp, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -297,6 +341,51 @@ class ServerInfo(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class Attrs(Reply):
+    """An inode: mode holds its type; times in ns since the epoch; size in bytes (a
+    symlink's: its target's length)."""
+
+    TYPE = 73
+    KINDS = (U64, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64, U64, TARGET)
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    size: int
+    version: int
+    rdev: int
+    stored_pages: int
+    target: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Entries(Reply):
+    """Names of a directory with their inodes and modes; done: no name comes after."""
+
+    TYPE = 74
+    KINDS = (U64, ENTRIES, BOOL)
+    entries: tuple[tuple[bytes, int, int], ...]
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Changed(Reply):
+    """inodes: every inode the change touched and its new version; created: the numbers
+    MakeNode handed out, in op order; replayed: it had happened before."""
+
+    TYPE = 75
+    KINDS = (U64, TXN, INO_VERSIONS, U64S, BOOL)
+    txn: bytes
+    inodes: tuple[tuple[int, int], ...]
+    created: tuple[int, ...]
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Error(Reply):
     TYPE = 127
     KINDS = (U64, STR, STR)
@@ -320,6 +409,11 @@ REQUESTS: dict[int, type[Message]] = {
         Commit,
         Abort,
         StatServer,
+        Lookup,
+        GetAttr,
+        ReadDir,
+        ReadInode,
+        Change,
     )
 }
 REPLIES: dict[int, type[Message]] = {
@@ -334,6 +428,9 @@ REPLIES: dict[int, type[Message]] = {
         Committed,
         Aborted,
         ServerInfo,
+        Attrs,
+        Entries,
+        Changed,
         Error,
     )
 }
@@ -481,6 +578,11 @@ def _wire_value(kind: str, value: object) -> object:
             total += len(run.data)
         _check_total(total, LocalProtocolError)
         return [(run.segment, run.first, run.data) for run in value]
+    elif kind == OPS:
+        assert isinstance(value, tuple | list)
+        total = sum(len(op.data) for op in value if isinstance(op, WritePages))
+        _check_total(total, LocalProtocolError)
+        return [op_to_item(op) for op in value]
     return value
 
 
@@ -595,7 +697,58 @@ def _decode_field(kind: str, v: object) -> object:
                 raise _bad("a version entry has 2 fields")
             out.append((_str(pair[0]), _u64(pair[1])))
         return tuple(out)
+    if kind == NAME:
+        return _name(v)
+    if kind == TARGET:
+        if type(v) is not bytes or len(v) > MAX_TARGET_BYTES:
+            raise _bad(f"a symlink target is 0..{MAX_TARGET_BYTES} bytes")
+        return v
+    if kind == OPS:
+        return _ops(v)
+    if kind == ENTRIES:
+        entries = []
+        for item in _list(v):
+            parts = _list(item)
+            if len(parts) != 3:
+                raise _bad("a directory entry has 3 fields")
+            entries.append((_name(parts[0]), _u64(parts[1]), _u64(parts[2])))
+        return tuple(entries)
+    if kind == INO_VERSIONS:
+        pairs = []
+        for item in _list(v):
+            pair = _list(item)
+            if len(pair) != 2:
+                raise _bad("an inode version has 2 fields")
+            pairs.append((_u64(pair[0]), _u64(pair[1])))
+        return tuple(pairs)
+    if kind == U64S:
+        return tuple(_u64(x) for x in _list(v))
     raise AssertionError(kind)  # pragma: no cover
+
+
+def _name(v: object) -> bytes:
+    if type(v) is not bytes or len(v) > MAX_NAME_BYTES:
+        raise _bad(f"a name is 0..{MAX_NAME_BYTES} bytes")
+    return v
+
+
+def _ops(v: object) -> tuple[InodeOp, ...]:
+    ops: list[InodeOp] = []
+    for item in _list(v):
+        parts = _list(item)
+        if not parts or parts[0] not in INODE_OP_TAGS:
+            raise _bad(f"an op of a Change is one of {sorted(INODE_OP_TAGS)}")
+        try:
+            op = item_to_op(parts)
+        except (ValueError, TypeError, AssertionError) as e:
+            raise _bad(f"a {parts[0]!r} op: {e}") from None
+        assert isinstance(op, INODE_OPS)
+        if isinstance(op, WritePages):
+            _pages(op.data)
+        ops.append(op)
+    total = sum(len(op.data) for op in ops if isinstance(op, WritePages))
+    _check_total(total, RemoteProtocolError)
+    return tuple(ops)
 
 
 def decode_body(body: Buffer, table: dict[int, type[Message]]) -> Message:

@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from netmemfs.errors import RemoteProtocolError
-from netmemfs.protocol import Buffer, pack_parts, unpack
+from netmemfs.pages import Buffer
+from netmemfs.protocol import pack_parts, unpack
 
 RECORD = struct.Struct(">4sII")
 MAX_RECORD_BYTES = 1 << 30

@@ -47,6 +47,7 @@ from netmemfs.errors import (
     ServerUnreachable,
     error_for_code,
 )
+from netmemfs.ops import InodeOp, name_bytes, name_str
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import (
     CLOSED,
@@ -54,19 +55,27 @@ from netmemfs.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Abort,
+    Attrs,
     Authenticate,
     AuthReply,
+    Change,
+    Changed,
     Commit,
     Committed,
     Connection,
     CreateSegment,
     DeleteSegment,
+    Entries,
     Error,
+    GetAttr,
     Hello,
     HelloReply,
     ListSegments,
+    Lookup,
     PageRun,
     Pages,
+    ReadDir,
+    ReadInode,
     ReadPages,
     RenameSegment,
     Reply,
@@ -137,6 +146,39 @@ class PageRead:
 class CommitResult:
     txn: bytes
     versions: dict[str, int]
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InodeStat:
+    """An inode as the server holds it (mode has its type; times in ns)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    size: int
+    version: int
+    rdev: int
+    stored_pages: int
+    target: bytes
+
+    @classmethod
+    def of(cls, r: Attrs) -> InodeStat:
+        return cls(*(getattr(r, f) for f in cls.__slots__))
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeResult:
+    """inodes: the version each touched inode has now; created: MakeNode's numbers."""
+
+    txn: bytes
+    inodes: dict[int, int]
+    created: tuple[int, ...]
     replayed: bool
 
 
@@ -475,6 +517,47 @@ class RemoteStore:
 
     async def delete(self, name: str, *, txn: bytes | None = None) -> CommitResult:
         return await self._mutate(f"delete {name!r}", lambda i, t: DeleteSegment(i, t, name), txn)
+
+    # --- inodes (names are str; bytes that are not UTF-8 surrogate-escaped) ---------
+
+    async def lookup(self, parent: int, name: str) -> InodeStat:
+        what = f"lookup of {name!r} in directory {parent}"
+        r = await self._call(what, lambda i: Lookup(i, parent, name_bytes(name)), Attrs)
+        return InodeStat.of(r)
+
+    async def getattr(self, ino: int) -> InodeStat:
+        return InodeStat.of(
+            await self._call(f"stat of inode {ino}", lambda i: GetAttr(i, ino), Attrs)
+        )
+
+    async def readdir(self, ino: int) -> list[tuple[str, int, int]]:
+        """Every (name, ino, mode) of directory ino, in byte order of the names."""
+        out: list[tuple[str, int, int]] = []
+        after = b""
+        while True:
+
+            def page(i: int, after: bytes = after) -> ReadDir:
+                return ReadDir(i, ino, after, 1024)
+
+            r = await self._call(f"listing directory {ino}", page, Entries)
+            out += [(name_str(name), child, mode) for name, child, mode in r.entries]
+            if r.done or not r.entries:
+                return out
+            after = r.entries[-1][0]
+
+    async def read_inode(self, ino: int, first: int, count: int) -> PageRead:
+        """Pages first..first+count-1 of file ino (at most MAX_MESSAGE_PAGES)."""
+        what = f"read of pages {first}..{first + count - 1} of inode {ino}"
+        r = await self._call(what, lambda i: ReadInode(i, ino, first, count), Pages)
+        return PageRead(r.segment, r.first, r.count, r.version, r.runs)
+
+    async def change(self, ops: Sequence[InodeOp], *, txn: bytes | None = None) -> ChangeResult:
+        """Inode ops as one transaction, exactly once (sent again under the same id if
+        the connection breaks): all of them or none."""
+        txn = txn or self.new_txn()
+        what = f"change of {len(ops)} ops ({', '.join(type(op).__name__ for op in ops[:4])})"
+        r = await self._call(what, lambda i: Change(i, txn, tuple(ops)), Changed)
+        return ChangeResult(r.txn, dict(r.inodes), r.created, r.replayed)
 
     async def read_pages(self, name: str, first: int, count: int) -> PageRead:
         """Pages first..first+count-1 of name (at most MAX_MESSAGE_PAGES)."""

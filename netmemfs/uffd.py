@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from netmemfs._uffd_cffi import ffi, lib
 from netmemfs.errors import NetmemError
-from netmemfs.pages import PAGE_SIZE
-from netmemfs.protocol import Buffer
+from netmemfs.pages import PAGE_SIZE, Buffer
 
 # Feature bits, as the kernel numbers them (see include/netmem_uapi.h).
 FEATURE_PAGEFAULT_FLAG_WP: int = lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP

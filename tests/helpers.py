@@ -7,6 +7,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import TypeVar
 
 import trio
 
+from netmemfs import protocol
 from netmemfs.pages import PAGE_SIZE
 
 T = TypeVar("T")
@@ -251,3 +253,35 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+class RawClient:
+    """A blocking socket speaking frames by hand, for bad input and pipelining."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.conn = protocol.Connection(protocol.Role.CLIENT)
+
+    def send(self, *msgs: protocol.Request) -> None:
+        self.sock.sendall(b"".join(self.conn.send(m) for m in msgs))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self) -> protocol.Message | protocol.Event:
+        while True:
+            ev = self.conn.next_event()
+            if ev is not protocol.NEED_DATA:
+                return ev
+            try:
+                self.conn.receive_data(self.sock.recv(1 << 20))
+            except ConnectionResetError:
+                self.conn.receive_data(b"")
+
+    def hello(self) -> None:
+        self.send(protocol.Hello(1, protocol.PROTOCOL_VERSION, b"n" * 32))
+        assert isinstance(self.receive(), protocol.HelloReply)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netmemfs import ops
 from netmemfs import protocol as p
 from netmemfs.errors import LocalProtocolError, RemoteProtocolError
 from netmemfs.pages import PAGE_SIZE
@@ -22,6 +23,20 @@ pages = st.integers(min_value=1, max_value=3).flatmap(
     lambda n: st.binary(min_size=n * PAGE_SIZE, max_size=n * PAGE_SIZE)
 )
 runs = st.builds(p.PageRun, names, small, pages)
+entry_names = st.binary(min_size=1, max_size=255)
+opt = st.none() | small
+# Names as the store keeps them: bytes, surrogate-escaped where they are not UTF-8.
+op_names = entry_names.map(lambda b: b.decode("utf-8", "surrogateescape"))
+inode_ops = st.one_of(
+    st.builds(ops.MakeNode, small, op_names, small, small, small, st.binary(max_size=9), small),
+    st.builds(ops.Link, small, small, op_names),
+    st.builds(ops.Unlink, small, op_names),
+    st.builds(ops.Rmdir, small, op_names),
+    st.builds(ops.Move, small, op_names, small, op_names, st.integers(0, 3)),
+    st.builds(ops.SetAttr, small, opt, opt, opt, opt, opt),
+    st.builds(ops.WritePages, small, small, pages),
+    st.builds(ops.Truncate, small, small),
+)
 
 requests = st.one_of(
     st.builds(p.Hello, u64, u64, st.binary(min_size=1, max_size=64)),
@@ -43,6 +58,11 @@ requests = st.one_of(
     ),
     st.builds(p.Abort, u64, txns),
     st.builds(p.StatServer, u64),
+    st.builds(p.Lookup, u64, u64, entry_names),
+    st.builds(p.GetAttr, u64, u64),
+    st.builds(p.ReadDir, u64, u64, st.binary(max_size=255), u64),
+    st.builds(p.ReadInode, u64, u64, small, small),
+    st.builds(p.Change, u64, txns, st.lists(inode_ops, max_size=4).map(tuple)),
 )
 replies = st.one_of(
     st.builds(p.HelloReply, u64, u64, st.binary(min_size=1, max_size=64), st.booleans()),
@@ -58,6 +78,21 @@ replies = st.one_of(
     ),
     st.builds(p.Error, u64, st.text(max_size=10), st.text(max_size=50)),
     st.builds(p.ServerInfo, u64, small, small, small),
+    st.builds(p.Attrs, *[u64] * 13, st.binary(max_size=4095)),
+    st.builds(
+        p.Entries,
+        u64,
+        st.lists(st.tuples(entry_names, u64, u64), max_size=4).map(tuple),
+        st.booleans(),
+    ),
+    st.builds(
+        p.Changed,
+        u64,
+        txns,
+        st.lists(st.tuples(u64, u64), max_size=3).map(tuple),
+        st.lists(u64, max_size=3).map(tuple),
+        st.booleans(),
+    ),
 )
 
 

@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 
 from netmemfs.errors import InvalidName, NoSpace, OutOfRange, SegmentExists, SegmentNotFound
+from netmemfs.ops import Create, Delete, Op, Rename, Resize, Write
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
-from netmemfs_server.store import (
-    CHUNK_PAGES,
-    Create,
-    Delete,
-    MemoryPageStore,
-    Op,
-    Rename,
-    Resize,
-    Write,
-)
+from netmemfs_server.store import CHUNK_PAGES, MemoryPageStore
 from tests.helpers import stamp_page
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from netmemfs.ops import Create, Op, Write
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs_server.log import CorruptDataDir, LogPageStore
-from netmemfs_server.store import Create, MemoryPageStore, Op, Write
+from netmemfs_server.store import MemoryPageStore
 from tests.helpers import stamp_page
 
 

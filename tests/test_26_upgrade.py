@@ -1,7 +1,7 @@
 """A data directory written before inodes (format 1) is converted at start (issue 13).
 
-tests/fixtures/datadir-v1 was written by the server of commit 69455ce (the script beside
-it says how): a checkpoint with three segments and a log after it that deletes one,
+tests/fixtures/datadir-v1 was written by the server of commit 69455ce (its README says
+how): a checkpoint with three segments and a log after it that deletes one,
 renames one, and makes a segment of the deleted one's name again. A real
 netmemfs-server starts on a copy, and what it serves is what that server served.
 """

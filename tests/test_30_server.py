@@ -26,43 +26,11 @@ from netmemfs.errors import (
 )
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.remote import RemoteStore
-from tests.helpers import ServerProc, run_trio, stamp_page
+from tests.helpers import RawClient, ServerProc, run_trio, stamp_page
 
 
 def _pages(seg: str, first: int, n: int, gen: int) -> bytes:
     return b"".join(stamp_page(seg, first + i, gen) for i in range(n))
-
-
-class RawClient:
-    """A blocking socket speaking frames by hand, for bad input and pipelining."""
-
-    def __init__(self, address: str) -> None:
-        host, port = address.split(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.conn = p.Connection(p.Role.CLIENT)
-
-    def send(self, *msgs: p.Request) -> None:
-        self.sock.sendall(b"".join(self.conn.send(m) for m in msgs))
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def receive(self) -> p.Message | p.Event:
-        while True:
-            ev = self.conn.next_event()
-            if ev is not p.NEED_DATA:
-                return ev
-            try:
-                self.conn.receive_data(self.sock.recv(1 << 20))
-            except ConnectionResetError:
-                self.conn.receive_data(b"")
-
-    def hello(self) -> None:
-        self.send(p.Hello(1, p.PROTOCOL_VERSION, b"n" * 32))
-        assert isinstance(self.receive(), p.HelloReply)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_round_trip_sparse_reads_and_versions(server: ServerProc) -> None:

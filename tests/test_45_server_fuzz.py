@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 
 from netmemfs import protocol as p
 from netmemfs.pages import PAGE_SIZE
-from tests.helpers import ServerProc
+from tests.helpers import RawClient, ServerProc
 from tests.test_10_protocol import requests
-from tests.test_30_server import RawClient
 
 RSS_GROWTH_BOUND = 96 << 20
 

@@ -27,8 +27,16 @@ from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore, tls_client_context
 from netmemfs_server.serve import AUTH_FAILURE_DELAY_S
-from tests.helpers import MountProc, ServerProc, run_trio, stamp_page, wait_for, wait_for_async
-from tests.test_30_server import RawClient, _server_cli, _token_file
+from tests.helpers import (
+    MountProc,
+    RawClient,
+    ServerProc,
+    run_trio,
+    stamp_page,
+    wait_for,
+    wait_for_async,
+)
+from tests.test_30_server import _server_cli, _token_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MOUNT = (sys.executable, "-m", "netmemfs", "mount")

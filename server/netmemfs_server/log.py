@@ -25,28 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from netmemfs.errors import NetmemError, ServerError
-from netmemfs.protocol import PageRun
+from netmemfs.ops import Op, as_int, item_to_op, name_bytes, name_str, op_to_item
 from netmemfs.records import encode_record, pwrite_all, read_records
-from netmemfs_server.store import (
-    ROOT_INO,
-    Create,
-    Delete,
-    Inode,
-    Link,
-    MakeNode,
-    MemoryPageStore,
-    Move,
-    Op,
-    Outcome,
-    Rename,
-    Resize,
-    Rmdir,
-    SetAttr,
-    Truncate,
-    Unlink,
-    Write,
-    WritePages,
-)
+from netmemfs_server.store import ROOT_INO, Inode, MemoryPageStore, Outcome
 
 log = logging.getLogger("netmemfs.server.log")
 
@@ -81,104 +62,8 @@ def _fsync_dir(path: Path) -> None:
 # --- ops <-> records -------------------------------------------------------------------
 
 
-def _name(name: str) -> bytes:
-    """Names go to disk as their bytes (a name need not be UTF-8: surrogate-escaped)."""
-    return name.encode("utf-8", "surrogateescape")
-
-
-def _unname(raw: object) -> str:
-    if isinstance(raw, str):  # format 1 wrote segment names as text
-        return raw
-    assert isinstance(raw, bytes)
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _op_to_item(op: Op) -> tuple[object, ...]:
-    t = op.time_ns
-    if isinstance(op, Write):
-        return ("w", op.run.segment, op.run.first, op.run.data, t)
-    if isinstance(op, Create):
-        return ("c", op.name, op.size, t)
-    if isinstance(op, Resize):
-        return ("r", op.name, op.size, t)
-    if isinstance(op, Rename):
-        return ("m", op.name, op.new_name, t)
-    if isinstance(op, Delete):
-        return ("d", op.name, t)
-    if isinstance(op, MakeNode):
-        return ("mk", op.parent, _name(op.name), op.mode, op.uid, op.gid, op.target, op.rdev, t)
-    if isinstance(op, Link):
-        return ("ln", op.ino, op.parent, _name(op.name), t)
-    if isinstance(op, Unlink):
-        return ("ul", op.parent, _name(op.name), t)
-    if isinstance(op, Rmdir):
-        return ("rd", op.parent, _name(op.name), t)
-    if isinstance(op, Move):
-        return ("mv", op.parent, _name(op.name), op.new_parent, _name(op.new_name), op.flags, t)
-    if isinstance(op, SetAttr):
-        return ("sa", op.ino, op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns, t)
-    if isinstance(op, WritePages):
-        return ("wp", op.ino, op.first, op.data, t)
-    return ("tr", op.ino, op.size, t)
-
-
-_V1_FIELDS = {"w": 3, "c": 2, "r": 2, "m": 2, "d": 1}  # format 1: no time
-
-
-def _int(v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{v!r} is not a number")
-    return v
-
-
-def _opt(v: object) -> int | None:
-    return None if v is None else _int(v)
-
-
-def _item_to_op(item: list[object]) -> Op:
-    """One op of a log record."""
-    tag, *f = item
-    t = 0 if _V1_FIELDS.get(str(tag)) == len(f) else _int(f.pop())
-    if tag == "w":
-        data = f[2]
-        assert isinstance(data, bytes)
-        return Write(PageRun(_unname(f[0]), _int(f[1]), data), t)
-    if tag == "c":
-        return Create(_unname(f[0]), _int(f[1]), t)
-    if tag == "r":
-        return Resize(_unname(f[0]), _int(f[1]), t)
-    if tag == "m":
-        return Rename(_unname(f[0]), _unname(f[1]), t)
-    if tag == "d":
-        return Delete(_unname(f[0]), t)
-    if tag == "mk":
-        parent, name, mode, uid, gid, target, rdev = f
-        assert isinstance(target, bytes)
-        return MakeNode(
-            _int(parent), _unname(name), _int(mode), _int(uid), _int(gid), target, _int(rdev), t
-        )
-    if tag == "ln":
-        return Link(_int(f[0]), _int(f[1]), _unname(f[2]), t)
-    if tag == "ul":
-        return Unlink(_int(f[0]), _unname(f[1]), t)
-    if tag == "rd":
-        return Rmdir(_int(f[0]), _unname(f[1]), t)
-    if tag == "mv":
-        return Move(_int(f[0]), _unname(f[1]), _int(f[2]), _unname(f[3]), _int(f[4]), t)
-    if tag == "sa":
-        ino, mode, uid, gid, atime, mtime = f
-        return SetAttr(_int(ino), _opt(mode), _opt(uid), _opt(gid), _opt(atime), _opt(mtime), t)
-    if tag == "wp":
-        data = f[2]
-        assert isinstance(data, bytes)
-        return WritePages(_int(f[0]), _int(f[1]), data, t)
-    if tag == "tr":
-        return Truncate(_int(f[0]), _int(f[1]), t)
-    raise ValueError(f"unknown op {tag!r}")
-
-
 def ops_to_payload(txn: bytes, ops: Sequence[Op]) -> list[object]:
-    return ["commit", txn, [_op_to_item(op) for op in ops]]
+    return ["commit", txn, [op_to_item(op) for op in ops]]
 
 
 def payload_to_ops(obj: object) -> tuple[bytes, list[Op]]:
@@ -186,7 +71,7 @@ def payload_to_ops(obj: object) -> tuple[bytes, list[Op]]:
         assert isinstance(obj, list) and len(obj) == 3
         kind, txn, items = obj
         assert kind == "commit" and isinstance(txn, bytes)
-        return txn, [_item_to_op(item) for item in items]
+        return txn, [item_to_op(item) for item in items]
     except (ValueError, TypeError, IndexError, AssertionError) as e:
         raise CorruptDataDir(f"a log record that passed its checksum is not a commit: {e}") from e
 
@@ -344,7 +229,7 @@ def _checkpoint_records(mem: MemoryPageStore, covers_gen: int) -> Iterator[objec
         names = list((node.entries or {}).items())
         for i in range(0, len(names), ENTRIES_PER_CHECKPOINT_RECORD):
             part = names[i : i + ENTRIES_PER_CHECKPOINT_RECORD]
-            yield ["entries", ino, [[_name(n), e] for n, e in part]]
+            yield ["entries", ino, [[name_bytes(n), e] for n, e in part]]
     txns = list(mem.committed.items())
     for i in range(0, len(txns), TXNS_PER_CHECKPOINT_RECORD):
         batch = txns[i : i + TXNS_PER_CHECKPOINT_RECORD]
@@ -379,7 +264,7 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
                         )
                     covers = rec[2]
                     if fmt >= 2:
-                        mem.next_ino = _int(rec[4])
+                        mem.next_ino = as_int(rec[4])
                 elif tag == "inode":
                     node = _load_inode(mem, rec)
                 elif tag == "seg" and fmt == 1:
@@ -391,7 +276,7 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
                 elif tag == "entries":
                     entries = mem.inodes[rec[1]].entries
                     assert entries is not None
-                    entries.update((_unname(n), _int(e)) for n, e in rec[2])
+                    entries.update((name_str(n), as_int(e)) for n, e in rec[2])
                 elif tag == "txns":
                     for t, *rest in rec[1]:
                         vs = rest[0]
@@ -416,18 +301,18 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
 
 def _load_inode(mem: MemoryPageStore, rec: list[object]) -> Inode:
     _, ino, mode, uid, gid, atime, mtime, ctime, nlink, version, size, rdev, parent, target = rec
-    node = Inode(_int(ino), _int(mode), _int(uid), _int(gid))
-    node.atime_ns, node.mtime_ns, node.ctime_ns = _int(atime), _int(mtime), _int(ctime)
+    node = Inode(as_int(ino), as_int(mode), as_int(uid), as_int(gid))
+    node.atime_ns, node.mtime_ns, node.ctime_ns = as_int(atime), as_int(mtime), as_int(ctime)
     node.nlink, node.version, node.rdev, node.parent = (
-        _int(nlink),
-        _int(version),
-        _int(rdev),
-        _int(parent),
+        as_int(nlink),
+        as_int(version),
+        as_int(rdev),
+        as_int(parent),
     )
     assert isinstance(target, bytes)
     node.target = target
     if node.data is not None:
-        node.data.size = _int(size)
+        node.data.size = as_int(size)
     if node.ino == ROOT_INO:
         mem.root = node
     mem.inodes[node.ino] = node
@@ -440,10 +325,10 @@ def _load_segment(mem: MemoryPageStore, rec: list[object]) -> Inode:
     node = Inode(mem.next_ino, stat.S_IFREG | 0o644)
     mem.next_ino += 1
     assert node.data is not None
-    node.data.size, node.version = _int(size), _int(version)
+    node.data.size, node.version = as_int(size), as_int(version)
     mem.inodes[node.ino] = node
     assert mem.root.entries is not None
-    mem.root.entries[_unname(name)] = node.ino
+    mem.root.entries[name_str(name)] = node.ino
     return node
 
 

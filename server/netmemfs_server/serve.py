@@ -25,8 +25,9 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -48,6 +49,7 @@ from netmemfs.errors import (
     TooLarge,
     VersionMismatch,
 )
+from netmemfs.ops import Create, Delete, Op, Rename, Resize, Write, WritePages, name_bytes, name_str
 from netmemfs.pages import PAGE_SIZE, check_name
 from netmemfs.protocol import (
     CLOSED,
@@ -56,20 +58,28 @@ from netmemfs.protocol import (
     PROTOCOL_VERSION,
     Abort,
     Aborted,
+    Attrs,
     Authenticate,
     AuthReply,
+    Change,
+    Changed,
     Commit,
     Committed,
     Connection,
     CreateSegment,
     DeleteSegment,
+    Entries,
     Error,
+    GetAttr,
     Hello,
     HelloReply,
     ListSegments,
+    Lookup,
     Message,
     PageRun,
     Pages,
+    ReadDir,
+    ReadInode,
     ReadPages,
     RenameSegment,
     Reply,
@@ -84,16 +94,7 @@ from netmemfs.protocol import (
     StatServer,
 )
 from netmemfs_server.log import LogPageStore
-from netmemfs_server.store import (
-    Create,
-    Delete,
-    MemoryPageStore,
-    Op,
-    Rename,
-    Resize,
-    Versions,
-    Write,
-)
+from netmemfs_server.store import Inode, MemoryPageStore, Outcome
 
 log = logging.getLogger("netmemfs.server")
 
@@ -107,6 +108,8 @@ AUTH_FAILURE_DELAY_S = 0.5
 HANDSHAKE_FRAME_BYTES = 1024
 # How long a refusal (busy, timed out) may take to reach a peer before we just close.
 FAREWELL_S = 1.0
+# Entries in one ReadDir reply at most (a reply stays well below a frame's limit).
+MAX_READDIR_ENTRIES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,20 +166,21 @@ class PageServer:
         self.refused_busy = 0
         self.staged_bytes = 0  # all connections' staged pages
 
-    async def commit(self, txn: bytes, ops: Sequence[Op]) -> tuple[Versions, bool]:
-        """Apply ops as transaction txn exactly once: (versions, replayed)."""
+    async def commit(self, txn: bytes, ops: Sequence[Op]) -> tuple[Outcome, bool]:
+        """Apply ops as transaction txn exactly once: (what it did, replayed)."""
         async with self._commit_lock:
-            prior = self.mem.lookup_txn(txn)
+            prior = self.mem.outcome(txn)
             if prior is not None:
                 return prior, True
-            # The server's clock dates every change, and the log keeps the date, so a
-            # replay gives each inode the times it had.
+            # The server's clock dates every change (a client's times are not taken),
+            # and the log keeps the dates, so a replay gives each inode the times it had.
             now = time.time_ns()
-            ops = [op if op.time_ns else dataclasses.replace(op, time_ns=now) for op in ops]
+            ops = [dataclasses.replace(op, time_ns=now) for op in ops]
             self.mem.check(ops)
             durable = self.durable
             if durable is None:
-                return self.mem.apply(txn, ops), False
+                self.mem.apply(txn, ops)
+                return self._outcome(txn), False
             # Shielded so that the log and memory never disagree: a record appended but
             # not applied (cancelled in between) would be applied twice after a client
             # retry. Durability itself comes from the fsync inside append().
@@ -184,7 +188,7 @@ class PageServer:
                 await trio.to_thread.run_sync(durable.append, txn, ops)
                 # We hold the commit lock and reads change nothing, so the check above
                 # still describes the state apply() sees.
-                versions = self.mem.apply(txn, ops)
+                self.mem.apply(txn, ops)
                 if durable.wants_checkpoint():
                     try:
                         await trio.to_thread.run_sync(durable.checkpoint)
@@ -195,7 +199,12 @@ class PageServer:
                             durable.data_dir,
                             e,
                         )
-            return versions, False
+            return self._outcome(txn), False
+
+    def _outcome(self, txn: bytes) -> Outcome:
+        outcome = self.mem.outcome(txn)
+        assert outcome is not None  # apply() just remembered it
+        return outcome
 
     async def serve(
         self,
@@ -398,54 +407,86 @@ class _Session:
         if self.state != "ready":
             await self.handshake(msg)
             return
+        handler = _HANDLERS.get(type(msg))
         try:
-            if isinstance(msg, ReadPages):
-                check_name(msg.segment)
-                version, runs = self.mem.read(msg.segment, msg.first, msg.count)
-                await self.send(Pages(msg.req_id, msg.segment, msg.first, msg.count, version, runs))
-            elif isinstance(msg, StagePages):
-                self.stage(msg)
-                await self.send(Staged(msg.req_id, msg.txn, self.staged_bytes))
-            elif isinstance(msg, Commit):
-                staged = self.staged.pop(msg.txn, [])
-                ops: list[Op] = [Resize(name, size) for name, size in msg.resizes]
-                ops += [Write(r) for r in staged]
-                ops += [Write(r) for r in msg.writes]
-                # The staged pages stay counted as staged until the commit is done.
-                staged_bytes = sum(len(r.data) for r in staged)
-                inline_bytes = sum(len(r.data) for r in msg.writes)
-                await self.start_commit(
-                    nursery, msg.req_id, msg.txn, ops, inline_bytes, staged_bytes
-                )
-            elif isinstance(msg, CreateSegment):
-                await self.start_commit(nursery, msg.req_id, msg.txn, [Create(msg.name, msg.size)])
-            elif isinstance(msg, ResizeSegment):
-                await self.start_commit(nursery, msg.req_id, msg.txn, [Resize(msg.name, msg.size)])
-            elif isinstance(msg, RenameSegment):
-                op = Rename(msg.name, msg.new_name)
-                await self.start_commit(nursery, msg.req_id, msg.txn, [op])
-            elif isinstance(msg, DeleteSegment):
-                await self.start_commit(nursery, msg.req_id, msg.txn, [Delete(msg.name)])
-            elif isinstance(msg, Abort):
-                dropped = self.staged.pop(msg.txn, [])
-                self.unstage(sum(len(r.data) for r in dropped))
-                await self.send(Aborted(msg.req_id, msg.txn))
-            elif isinstance(msg, StatSegment):
-                check_name(msg.name)
-                seg = self.mem.segment(msg.name)
-                await self.send(
-                    SegmentInfo(msg.req_id, msg.name, seg.size, seg.version, seg.stored_pages)
-                )
-            elif isinstance(msg, ListSegments):
-                await self.send(SegmentList(msg.req_id, tuple(sorted(self.mem.segments))))
-            elif isinstance(msg, StatServer):
-                cap = self.mem.capacity_bytes or 0
-                info = ServerInfo(msg.req_id, cap, self.mem.used_bytes, len(self.mem.segments))
-                await self.send(info)
-            else:
+            if handler is None:
                 raise ProtocolError(f"{type(msg).__name__} is only valid during the handshake")
+            await handler(self, msg, nursery)
         except NetmemError as e:
             await self.send(Error(msg.req_id, e.code, str(e)))
+
+    # One handler per request (_HANDLERS); each answers, or raises a NetmemError that
+    # dispatch answers for it.
+
+    async def on_read_pages(self, msg: ReadPages, nursery: trio.Nursery) -> None:
+        check_name(msg.segment)
+        version, runs = self.mem.read(msg.segment, msg.first, msg.count)
+        await self.send(Pages(msg.req_id, msg.segment, msg.first, msg.count, version, runs))
+
+    async def on_stage_pages(self, msg: StagePages, nursery: trio.Nursery) -> None:
+        self.stage(msg)
+        await self.send(Staged(msg.req_id, msg.txn, self.staged_bytes))
+
+    async def on_commit(self, msg: Commit, nursery: trio.Nursery) -> None:
+        staged = self.staged.pop(msg.txn, [])
+        ops: list[Op] = [Resize(name, size) for name, size in msg.resizes]
+        ops += [Write(r) for r in staged]
+        ops += [Write(r) for r in msg.writes]
+        # The staged pages stay counted as staged until the commit is done.
+        staged_bytes = sum(len(r.data) for r in staged)
+        inline_bytes = sum(len(r.data) for r in msg.writes)
+        await self.start_commit(nursery, msg, ops, inline_bytes, staged_bytes)
+
+    async def on_create(self, msg: CreateSegment, nursery: trio.Nursery) -> None:
+        await self.start_commit(nursery, msg, [Create(msg.name, msg.size)])
+
+    async def on_resize(self, msg: ResizeSegment, nursery: trio.Nursery) -> None:
+        await self.start_commit(nursery, msg, [Resize(msg.name, msg.size)])
+
+    async def on_rename(self, msg: RenameSegment, nursery: trio.Nursery) -> None:
+        await self.start_commit(nursery, msg, [Rename(msg.name, msg.new_name)])
+
+    async def on_delete(self, msg: DeleteSegment, nursery: trio.Nursery) -> None:
+        await self.start_commit(nursery, msg, [Delete(msg.name)])
+
+    async def on_abort(self, msg: Abort, nursery: trio.Nursery) -> None:
+        dropped = self.staged.pop(msg.txn, [])
+        self.unstage(sum(len(r.data) for r in dropped))
+        await self.send(Aborted(msg.req_id, msg.txn))
+
+    async def on_stat(self, msg: StatSegment, nursery: trio.Nursery) -> None:
+        check_name(msg.name)
+        seg = self.mem.segment(msg.name)
+        await self.send(SegmentInfo(msg.req_id, msg.name, seg.size, seg.version, seg.stored_pages))
+
+    async def on_list(self, msg: ListSegments, nursery: trio.Nursery) -> None:
+        await self.send(SegmentList(msg.req_id, tuple(sorted(self.mem.segments))))
+
+    async def on_stat_server(self, msg: StatServer, nursery: trio.Nursery) -> None:
+        cap = self.mem.capacity_bytes or 0
+        info = ServerInfo(msg.req_id, cap, self.mem.used_bytes, len(self.mem.segments))
+        await self.send(info)
+
+    async def on_lookup(self, msg: Lookup, nursery: trio.Nursery) -> None:
+        node = self.mem.lookup(msg.parent, name_str(msg.name))
+        await self.send(_attrs(msg.req_id, node))
+
+    async def on_getattr(self, msg: GetAttr, nursery: trio.Nursery) -> None:
+        await self.send(_attrs(msg.req_id, self.mem.inode(msg.ino)))
+
+    async def on_readdir(self, msg: ReadDir, nursery: trio.Nursery) -> None:
+        limit = min(msg.limit, MAX_READDIR_ENTRIES)
+        entries, done = self.mem.list_directory(msg.ino, name_str(msg.after), limit)
+        out = tuple((name_bytes(name), ino, mode) for name, ino, mode in entries)
+        await self.send(Entries(msg.req_id, out, done))
+
+    async def on_read_inode(self, msg: ReadInode, nursery: trio.Nursery) -> None:
+        version, runs = self.mem.read_inode(msg.ino, msg.first, msg.count)
+        await self.send(Pages(msg.req_id, "", msg.first, msg.count, version, runs))
+
+    async def on_change(self, msg: Change, nursery: trio.Nursery) -> None:
+        inline = sum(len(op.data) for op in msg.ops if isinstance(op, WritePages))
+        await self.start_commit(nursery, msg, list(msg.ops), inline)
 
     def stage(self, msg: StagePages) -> None:
         check_name(msg.segment)
@@ -476,8 +517,7 @@ class _Session:
     async def start_commit(
         self,
         nursery: trio.Nursery,
-        req_id: int,
-        txn: bytes,
+        msg: Commit | CreateSegment | ResizeSegment | RenameSegment | DeleteSegment | Change,
         ops: list[Op],
         inline_bytes: int = 0,
         staged_bytes: int = 0,
@@ -492,14 +532,23 @@ class _Session:
             await self.inflight_changed.wait()
         await self.inflight.acquire()
         self.inflight_bytes += inline_bytes
-        nursery.start_soon(self.run_commit, req_id, txn, ops, inline_bytes, staged_bytes)
+        nursery.start_soon(self.run_commit, msg, ops, inline_bytes, staged_bytes)
 
     async def run_commit(
-        self, req_id: int, txn: bytes, ops: list[Op], inline_bytes: int, staged_bytes: int
+        self,
+        msg: Commit | CreateSegment | ResizeSegment | RenameSegment | DeleteSegment | Change,
+        ops: list[Op],
+        inline_bytes: int,
+        staged_bytes: int,
     ) -> None:
+        req_id, txn = msg.req_id, msg.txn
         try:
-            versions, replayed = await self.server.commit(txn, ops)
-            reply: Reply = Committed(req_id, txn, versions, replayed)
+            outcome, replayed = await self.server.commit(txn, ops)
+            reply: Reply = (
+                Changed(req_id, txn, outcome.inodes, outcome.created, replayed)
+                if isinstance(msg, Change)
+                else Committed(req_id, txn, outcome.versions, replayed)
+            )
         except NetmemError as e:
             reply = Error(req_id, e.code, str(e))
         finally:
@@ -552,3 +601,43 @@ class _Session:
         log.warning("refusing connection from %s: %s", self.peer, err)
         await self.send(Error(msg.req_id, err.code, str(err)))
         raise _Close
+
+
+def _attrs(req_id: int, node: Inode) -> Attrs:
+    return Attrs(
+        req_id,
+        node.ino,
+        node.mode,
+        node.uid,
+        node.gid,
+        node.atime_ns,
+        node.mtime_ns,
+        node.ctime_ns,
+        node.nlink,
+        node.size,
+        node.version,
+        node.rdev,
+        node.stored_pages,
+        node.target,
+    )
+
+
+_Handler = Callable[[_Session, Any, trio.Nursery], Awaitable[None]]
+_HANDLERS: dict[type[Message], _Handler] = {
+    ReadPages: _Session.on_read_pages,
+    StagePages: _Session.on_stage_pages,
+    Commit: _Session.on_commit,
+    CreateSegment: _Session.on_create,
+    ResizeSegment: _Session.on_resize,
+    RenameSegment: _Session.on_rename,
+    DeleteSegment: _Session.on_delete,
+    Abort: _Session.on_abort,
+    StatSegment: _Session.on_stat,
+    ListSegments: _Session.on_list,
+    StatServer: _Session.on_stat_server,
+    Lookup: _Session.on_lookup,
+    GetAttr: _Session.on_getattr,
+    ReadDir: _Session.on_readdir,
+    ReadInode: _Session.on_read_inode,
+    Change: _Session.on_change,
+}

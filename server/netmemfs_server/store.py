@@ -21,6 +21,7 @@ but writes no page data, and undoes every change before it returns.
 
 from __future__ import annotations
 
+import bisect
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -41,8 +42,33 @@ from netmemfs.errors import (
     TooLarge,
     TooManyLinks,
 )
-from netmemfs.pages import PAGE_SIZE, check_entry_name, check_name, check_size, pages_for
-from netmemfs.protocol import MAX_MESSAGE_PAGES, Buffer, PageRun
+from netmemfs.ops import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    Create,
+    Delete,
+    Link,
+    MakeNode,
+    Move,
+    Op,
+    Rename,
+    Resize,
+    Rmdir,
+    SetAttr,
+    Unlink,
+    Write,
+    WritePages,
+)
+from netmemfs.pages import (
+    PAGE_SIZE,
+    Buffer,
+    PageRun,
+    check_entry_name,
+    check_name,
+    check_size,
+    pages_for,
+)
+from netmemfs.protocol import MAX_MESSAGE_PAGES
 
 CHUNK_PAGES = 64
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
@@ -53,8 +79,6 @@ MAX_REMEMBERED_TXNS = 100_000
 ROOT_INO = 1
 LINK_MAX = 65_000  # hard links to one inode (ext4's limit)
 SYMLINK_MAX = 4095  # bytes of a symlink's target (PATH_MAX less its NUL)
-RENAME_NOREPLACE = 1  # Move flags, Linux's values
-RENAME_EXCHANGE = 2
 _TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR)
 ) | {stat.S_IFBLK}
@@ -72,130 +96,6 @@ class Outcome:
     versions: Versions = ()
     inodes: tuple[tuple[int, int], ...] = ()
     created: tuple[int, ...] = ()
-
-
-# --- segment ops: regular files of the root directory, by name --------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Create:
-    name: str
-    size: int
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Resize:
-    name: str
-    size: int
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Rename:
-    name: str
-    new_name: str
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    name: str
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    run: PageRun
-    time_ns: int = 0
-
-
-# --- inode ops: names only where a directory changes ------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MakeNode:
-    """A new inode named name in directory parent: mode's type (S_IFREG, S_IFDIR,
-    S_IFLNK, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK) and permission bits; target: a
-    symlink's; rdev: a device's number."""
-
-    parent: int
-    name: str
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    target: bytes = b""
-    rdev: int = 0
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    ino: int
-    parent: int
-    name: str
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Unlink:
-    """Remove name (not a directory) from parent."""
-
-    parent: int
-    name: str
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Rmdir:
-    parent: int
-    name: str
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """rename(2): flags 0, RENAME_NOREPLACE or RENAME_EXCHANGE."""
-
-    parent: int
-    name: str
-    new_parent: int
-    new_name: str
-    flags: int = 0
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SetAttr:
-    """Change what is not None: mode's permission bits (the type stays), owner, times."""
-
-    ino: int
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    atime_ns: int | None = None
-    mtime_ns: int | None = None
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class WritePages:
-    ino: int
-    first: int
-    data: bytes
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Truncate:
-    ino: int
-    size: int
-    time_ns: int = 0
-
-
-SegmentOp = Create | Resize | Rename | Delete | Write
-InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate
-Op = SegmentOp | InodeOp
 
 
 class FileData:
@@ -428,13 +328,20 @@ class _Run:
         self.touched[node.ino] = None
 
     def _drop_link(self, node: Inode, t: int) -> None:
-        """One name of node is gone; the last one frees it (not while checking)."""
+        """One name of node is gone; the last one frees it. A check takes it out too
+        (and puts it back in undo): a later op of the commit must find it gone then as
+        well, or apply() would meet an error that check() did not."""
         self._set(node, "nlink", node.nlink - (2 if node.entries is not None else 1))
         self._touch(node, t)
-        if node.nlink <= 0 and not self.dry:
+        if node.nlink > 0:
+            return
+        ino = node.ino
+        del self.s.inodes[ino]
+        self.touched.pop(ino, None)
+        if self.dry:
+            self.undo_log.append(lambda: self.s.inodes.__setitem__(ino, node))
+        else:
             self.s.used_pages -= node.stored_pages
-            del self.s.inodes[node.ino]
-            self.touched.pop(node.ino, None)
 
     # -- lookups --
 
@@ -758,6 +665,20 @@ class MemoryPageStore:
             return self.inodes[run.directory(parent).parent]
         check_entry_name(name)
         return run.entry(run.directory(parent), name)
+
+    def list_directory(
+        self, ino: int, after: str, limit: int
+    ) -> tuple[list[tuple[str, int, int]], bool]:
+        """Up to limit (name, ino, mode) of directory ino, in byte order of the names,
+        from the first after `after` ("": the start); and whether that was the last."""
+        d = _Run(self, dry=True).directory(ino)
+        assert d.entries is not None
+        key = after.encode("utf-8", "surrogateescape") if after else b""
+        names = sorted(d.entries, key=lambda n: n.encode("utf-8", "surrogateescape"))
+        start = bisect.bisect_right(names, key, key=lambda n: n.encode("utf-8", "surrogateescape"))
+        part = names[start : start + limit]
+        out = [(n, d.entries[n], self.inodes[d.entries[n]].mode) for n in part]
+        return out, start + len(part) >= len(names)
 
     def read(self, name: str, first: int, count: int) -> tuple[int, tuple[PageRun, ...]]:
         """(version, runs of stored pages) for pages first..first+count-1 of name."""
