@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +19,7 @@ import trio
 
 from netmemfs import protocol
 from netmemfs.pages import PAGE_SIZE
+from netmemfs.remote import RemoteStore
 
 T = TypeVar("T")
 
@@ -285,3 +286,22 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def killed_after(srv: ServerProc, after_s: float) -> AsyncIterator[RemoteStore]:
+    """A client of srv, which is killed (SIGKILL) after_s from now, a random moment the
+    crash tests choose, not coordination. The body runs until the server's death stops
+    it (the client gives up within 0.2 s)."""
+
+    async def killer() -> None:
+        await trio.sleep(after_s)
+        assert srv.proc is not None
+        os.kill(srv.proc.pid, signal.SIGKILL)
+
+    async with (
+        RemoteStore.connect(srv.address, retry_for_s=0.2) as store,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(killer)
+        yield store

@@ -30,7 +30,7 @@ from netmemfs.ops import (
 )
 from netmemfs.pages import PAGE_SIZE
 from netmemfs_server.log import LogPageStore
-from netmemfs_server.store import ROOT_INO, Inode, MemoryPageStore
+from netmemfs_server.store import CHECKPOINT_FIELDS, ROOT_INO, Inode, MemoryPageStore
 from tests.helpers import stamp_page
 
 FILE = stat.S_IFREG | 0o644
@@ -84,22 +84,8 @@ def dump(s: MemoryPageStore) -> object:
             for first, data in n.data.read(0, -(-n.data.size // PAGE_SIZE)):
                 for k in range(len(data) // PAGE_SIZE):
                     pages[first + k] = bytes(data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE])
-        inodes[ino] = (
-            n.mode,
-            n.uid,
-            n.gid,
-            n.atime_ns,
-            n.mtime_ns,
-            n.ctime_ns,
-            n.nlink,
-            n.version,
-            n.size,
-            n.rdev,
-            n.parent,
-            n.target,
-            dict(n.entries) if n.entries is not None else None,
-            pages,
-        )
+        fields = tuple(getattr(n, f) for f in CHECKPOINT_FIELDS)
+        inodes[ino] = (*fields, dict(n.entries) if n.entries is not None else None, pages)
     return inodes, s.next_ino, s.used_pages, dict(s.committed)
 
 

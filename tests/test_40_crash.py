@@ -11,17 +11,14 @@ from __future__ import annotations
 import functools
 import os
 import random
-import signal
 from collections.abc import Callable
 from pathlib import Path
-
-import trio
 
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
-from tests.helpers import ServerProc, describe_page, run_trio, stamp_page
+from tests.helpers import ServerProc, describe_page, killed_after, run_trio, stamp_page
 
 KILLS = int(os.environ.get("NETMEMFS_CRASH_KILLS", "50"))
 SEGMENTS = {"a": 256, "b": 256, "c": 96, "big": 4200}  # big commits need staging
@@ -74,16 +71,7 @@ class _CommitStream:
         self.count = 0
 
     async def run(self, kill_after_s: float) -> None:
-        async def killer() -> None:
-            await trio.sleep(kill_after_s)  # a random moment, not coordination
-            assert self.srv.proc is not None
-            os.kill(self.srv.proc.pid, signal.SIGKILL)
-
-        async with (
-            RemoteStore.connect(self.srv.address, retry_for_s=0.2) as store,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(killer)
+        async with killed_after(self.srv, kill_after_s) as store:
             try:
                 while True:
                     self.gen += 1

@@ -15,12 +15,9 @@ import copy
 import functools
 import os
 import random
-import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
-
-import trio
 
 from netmemfs.errors import NetmemError
 from netmemfs.ops import (
@@ -37,7 +34,7 @@ from netmemfs.ops import (
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.remote import RemoteStore
 from netmemfs_server.store import ROOT_INO, MemoryPageStore
-from tests.helpers import ServerProc, run_trio, stamp_page
+from tests.helpers import ServerProc, killed_after, run_trio, stamp_page
 
 KILLS = int(os.environ.get("NETMEMFS_CRASH_KILLS", "50")) // 2
 NAMES = ["a", "b", "c", "d", "e"]  # few, so names collide and renames replace
@@ -118,16 +115,7 @@ class _ChangeStream:
         self.count = 0
 
     async def run(self, kill_after_s: float, gen: int) -> None:
-        async def killer() -> None:
-            await trio.sleep(kill_after_s)  # a random moment, not coordination
-            assert self.srv.proc is not None
-            os.kill(self.srv.proc.pid, signal.SIGKILL)
-
-        async with (
-            RemoteStore.connect(self.srv.address, retry_for_s=0.2) as store,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(killer)
+        async with killed_after(self.srv, kill_after_s) as store:
             try:
                 while True:
                     gen += 1

@@ -27,7 +27,7 @@ from pathlib import Path
 from netmemfs.errors import NetmemError, ServerError
 from netmemfs.ops import Op, as_int, item_to_op, name_bytes, name_str, op_to_item
 from netmemfs.records import encode_record, pwrite_all, read_records
-from netmemfs_server.store import ROOT_INO, Inode, MemoryPageStore, Outcome
+from netmemfs_server.store import CHECKPOINT_FIELDS, ROOT_INO, Inode, MemoryPageStore, Outcome
 
 log = logging.getLogger("netmemfs.server.log")
 
@@ -205,23 +205,8 @@ def _checkpoint_records(mem: MemoryPageStore, covers_gen: int) -> Iterator[objec
     """Format 2: every inode (a file's chunks follow it), then each directory's names,
     then the remembered transactions."""
     yield ["head", FORMAT_VERSION, covers_gen, len(mem.inodes), mem.next_ino]
-    for ino, node in mem.inodes.items():
-        yield [
-            "inode",
-            ino,
-            node.mode,
-            node.uid,
-            node.gid,
-            node.atime_ns,
-            node.mtime_ns,
-            node.ctime_ns,
-            node.nlink,
-            node.version,
-            node.size,
-            node.rdev,
-            node.parent,
-            node.target,
-        ]
+    for node in mem.inodes.values():
+        yield ["inode", *(getattr(node, f) for f in CHECKPOINT_FIELDS)]
         if node.data is not None:
             for ci, mask, chunk in node.data.chunk_items():
                 yield ["chunk", ci, mask, chunk]
@@ -300,19 +285,16 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
 
 
 def _load_inode(mem: MemoryPageStore, rec: list[object]) -> Inode:
-    _, ino, mode, uid, gid, atime, mtime, ctime, nlink, version, size, rdev, parent, target = rec
-    node = Inode(as_int(ino), as_int(mode), as_int(uid), as_int(gid))
-    node.atime_ns, node.mtime_ns, node.ctime_ns = as_int(atime), as_int(mtime), as_int(ctime)
-    node.nlink, node.version, node.rdev, node.parent = (
-        as_int(nlink),
-        as_int(version),
-        as_int(rdev),
-        as_int(parent),
-    )
+    values = dict(zip(CHECKPOINT_FIELDS, rec[1:], strict=True))
+    target = values.pop("target")
     assert isinstance(target, bytes)
+    n = {k: as_int(v) for k, v in values.items()}
+    node = Inode(n["ino"], n["mode"], n["uid"], n["gid"])
     node.target = target
+    for f in ("atime_ns", "mtime_ns", "ctime_ns", "nlink", "version", "rdev", "parent"):
+        setattr(node, f, n[f])
     if node.data is not None:
-        node.data.size = as_int(size)
+        node.data.size = n["size"]
     if node.ino == ROOT_INO:
         mem.root = node
     mem.inodes[node.ino] = node

@@ -94,7 +94,7 @@ from netmemfs.protocol import (
     StatServer,
 )
 from netmemfs_server.log import LogPageStore
-from netmemfs_server.store import Inode, MemoryPageStore, Outcome
+from netmemfs_server.store import ATTR_FIELDS, Inode, MemoryPageStore, Outcome
 
 log = logging.getLogger("netmemfs.server")
 
@@ -604,22 +604,7 @@ class _Session:
 
 
 def _attrs(req_id: int, node: Inode) -> Attrs:
-    return Attrs(
-        req_id,
-        node.ino,
-        node.mode,
-        node.uid,
-        node.gid,
-        node.atime_ns,
-        node.mtime_ns,
-        node.ctime_ns,
-        node.nlink,
-        node.size,
-        node.version,
-        node.rdev,
-        node.stored_pages,
-        node.target,
-    )
+    return Attrs(req_id, *(getattr(node, f) for f in ATTR_FIELDS))
 
 
 _Handler = Callable[[_Session, Any, trio.Nursery], Awaitable[None]]

@@ -230,6 +230,26 @@ def _chunk_spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
         page += hi - lo
 
 
+# What a client sees of an inode, in the order of the protocol's Attrs reply.
+ATTR_FIELDS = (
+    "ino",
+    "mode",
+    "uid",
+    "gid",
+    "atime_ns",
+    "mtime_ns",
+    "ctime_ns",
+    "nlink",
+    "size",
+    "version",
+    "rdev",
+    "stored_pages",
+    "target",
+)
+# What a checkpoint keeps of one (its pages and names follow in records of their own).
+CHECKPOINT_FIELDS = (*ATTR_FIELDS[:-2], "parent", "target")
+
+
 class Inode:
     """One file, directory, symlink or special file. data: a regular file's size and
     pages; entries: a directory's names; parent: a directory's '..' (the root's is
