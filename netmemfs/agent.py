@@ -35,7 +35,7 @@ from pathlib import Path
 import trio
 
 from netmemfs._trio_util import open_quiet_nursery, send_parts
-from netmemfs.errors import NetmemError, SegmentNotFound
+from netmemfs.errors import NetmemError
 from netmemfs.journal import SealedCommit, SegmentJournal
 from netmemfs.pages import PAGE_SIZE, Buffer, check_name
 from netmemfs.remote import CommitResult, RemoteStore
@@ -260,16 +260,7 @@ async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Reg
     try:
         name = payload.decode()
         check_name(name)
-        try:
-            st = await store.stat(name)
-        except SegmentNotFound:
-            await store.create(name, size)
-        else:
-            if st.size != size:
-                raise NetmemError(
-                    f"segment {name!r} has {st.size} bytes on the server, not {size}: map it "
-                    "with its size, or use another name"
-                )
+        await store.open_segment(name, size)
     except (NetmemError, UnicodeDecodeError) as e:
         io.error(OP_OPEN, req_id, e, "cannot open the segment")
         return None

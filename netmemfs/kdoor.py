@@ -40,7 +40,7 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
-from netmemfs.errors import NetmemError, SegmentExists, SegmentNotFound
+from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE, consecutive
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
@@ -170,21 +170,10 @@ class DeviceProvider:
 
     async def _open(self, req_id: int, segment: str, size: int) -> None:
         try:
-            try:
-                st = await self.store.stat(segment)
-            except SegmentNotFound:
-                try:
-                    await self.store.create(segment, size)
-                    st = None
-                except SegmentExists:  # another area attached it meanwhile
-                    st = await self.store.stat(segment)
-            if st is not None and st.size != size:
-                raise NetmemError(
-                    f"segment {segment!r} has {st.size} bytes on the server, not {size}"
-                )
+            await self.store.open_segment(segment, size)
         except NetmemError as e:
             log.warning("cannot attach an area to segment %r: %s", segment, e)
-            self._reply(req_id, e.errno if e.errno != errno.EIO else errno.EINVAL)
+            self._reply(req_id, e.errno)
             return
         self._reply(req_id)
 

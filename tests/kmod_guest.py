@@ -690,11 +690,21 @@ def main(test_bin: str, only: list[str]) -> int:
         by a daemon of store "b" (SIGBUS, and b sees no request); a daemon of "a"
         started again serves it."""
         procs = [g.run("touch", "st", SIZE, 1, stdin=True) for _ in range(2)]
+        try:
+            areas_served_by_their_store(procs)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()  # or it would hold the module at unload
+
+    def areas_served_by_their_store(procs: list[subprocess.Popen[str]]) -> None:
         tp = TestProvider("a")
         try:
+            for _ in procs:
+                tp.answer(tp.read())  # the OPENs, in whatever order they come
             for p in procs:
-                tp.answer(tp.read())  # the OPENs
-                assert first_line(p, "kmod_test touch") == "mapped\n"
+                line = first_line(p, "kmod_test touch")
+                assert line == "mapped\n", f"kmod_test touch said {line!r}"
         finally:
             tp.close()
         other = TestProvider("b")
