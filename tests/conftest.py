@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -56,3 +57,17 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
     for m in made:
         m.cleanup()
     _assert_quiet_logs(made)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of its own, the control beside the mount for the external suites."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the control needs root")
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "netmemfs-control", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ARCHIVE = ROOT.parent / "shared" / "suites" / "xfstests-fsx.tar.gz"
+from tests.helpers import unpack_suite
+
 HEADERS = {
     "ASSERT_H": "assert.h",
     "DIRENT_H": "dirent.h",
@@ -44,16 +43,9 @@ HEADERS = {
 INCLUDE_DIRS = [Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu")]
 
 
-class Missing(Exception):
-    """What fsx needs is not here."""
-
-
 def build(into: Path) -> Path:
     """fsx built under into; its path."""
-    if not ARCHIVE.is_file():
-        raise Missing(f"no {ARCHIVE}: the suites archive belongs beside the checkout")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(into, filter="data")
+    unpack_suite("xfstests-fsx.tar.gz", into)
     src = into / "xfstests-fsx"
     have = [m for m, h in HEADERS.items() if any((d / h).exists() for d in INCLUDE_DIRS)]
     have.append("COPY_FILE_RANGE")  # glibc 2.27 and later

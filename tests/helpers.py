@@ -10,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import trio
 
 from netmemfs import protocol
@@ -305,3 +307,31 @@ async def killed_after(srv: ServerProc, after_s: float) -> AsyncIterator[RemoteS
     ):
         nursery.start_soon(killer)
         yield store
+
+
+class SuiteMissing(Exception):
+    """What an external test suite (../shared/suites) needs is not here; the message
+    names the package or file."""
+
+
+SUITES = Path(__file__).resolve().parent.parent.parent / "shared" / "suites"
+
+
+def unpack_suite(archive: str, into: Path) -> None:
+    """Unpack ../shared/suites/archive under into (a temp dir: never the checkout)."""
+    path = SUITES / archive
+    if not path.is_file():
+        raise SuiteMissing(f"no {path}: the suites archive belongs beside the checkout")
+    with tarfile.open(path) as tar:
+        tar.extractall(into, filter="data")
+
+
+def build_suite(build: Callable[[Path], T], into: Path) -> T:
+    """build(into), or skip the test saying what is missing; in CI, which sets
+    NETMEMFS_REQUIRE_SUITES=1, fail instead."""
+    try:
+        return build(into)
+    except SuiteMissing as e:
+        if os.environ.get("NETMEMFS_REQUIRE_SUITES") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))

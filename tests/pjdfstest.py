@@ -12,21 +12,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ARCHIVE = ROOT.parent / "shared" / "suites" / "pjdfstest.tar.gz"
+from tests.helpers import SuiteMissing, unpack_suite
+
 PACKAGES = {"autoreconf": "autoconf", "automake": "automake", "libtoolize": "libtool"}
 PACKAGES["prove"] = "perl"
 FILE_TIMEOUT_S = 120  # the slowest file takes about 10 s on tmpfs here
 PARALLEL = 4
-
-
-class Missing(Exception):
-    """What pjdfstest needs is not here; the message names the packages."""
 
 
 def missing_packages() -> list[str]:
@@ -35,13 +30,10 @@ def missing_packages() -> list[str]:
 
 def build(into: Path) -> Path:
     """Build pjdfstest under into; the directory of its tests."""
-    if not ARCHIVE.is_file():
-        raise Missing(f"no {ARCHIVE}: the suites archive belongs beside the checkout")
     missing = missing_packages()
     if missing:
-        raise Missing(f"pjdfstest is built from source: apt-get install {' '.join(missing)}")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(into, filter="data")
+        raise SuiteMissing(f"pjdfstest is built from source: apt-get install {' '.join(missing)}")
+    unpack_suite("pjdfstest.tar.gz", into)
     src = into / "pjdfstest"
     for step in (["autoreconf", "-ifs"], ["./configure"], ["make", "pjdfstest"]):
         r = subprocess.run(step, cwd=src, capture_output=True, text=True, timeout=600)

@@ -11,14 +11,13 @@ fails there instead of skipping.
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests import pjdfstest
-from tests.helpers import MountProc, ServerProc
+from tests.helpers import MountProc, ServerProc, build_suite
 
 # Test files the mount passed when this test was written (2026-12-02: 94 of 238).
 FLOOR = 94
@@ -28,23 +27,7 @@ FLOOR = 94
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
         pytest.skip("pjdfstest checks owners and modes: run as root")
-    try:
-        return pjdfstest.build(tmp_path_factory.mktemp("pjdfstest"))
-    except pjdfstest.Missing as e:
-        if os.environ.get("NETMEMFS_REQUIRE_SUITES") == "1":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "pjdfstest", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
+    return build_suite(pjdfstest.build, tmp_path_factory.mktemp("pjdfstest"))
 
 
 def test_tmpfs_passes_every_file(suite: Path, tmpfs: Path) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests import fsx
-from tests.helpers import MountProc, ServerProc
+from tests.helpers import MountProc, ServerProc, build_suite
 
 OPS = 100_000
 TIMEOUT_S = 900  # about 100 s on the mount here, 4 s on tmpfs
@@ -24,12 +23,7 @@ TIMEOUT_S = 900  # about 100 s on the mount here, 4 s on tmpfs
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return fsx.build(tmp_path_factory.mktemp("fsx"))
-    except fsx.Missing as e:
-        if os.environ.get("NETMEMFS_REQUIRE_SUITES") == "1":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return build_suite(fsx.build, tmp_path_factory.mktemp("fsx"))
 
 
 @pytest.fixture
@@ -37,19 +31,6 @@ def seed() -> int:
     s = int(os.environ.get("NETMEMFS_FSX_SEED") or random.randrange(1 << 31))
     print(f"fsx seed {s} (NETMEMFS_FSX_SEED)")
     return s
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting tmpfs for the control needs root")
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "fsx", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 def test_fsx_on_tmpfs(binary: Path, tmpfs: Path, seed: int) -> None:

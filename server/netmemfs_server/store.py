@@ -22,6 +22,7 @@ but writes no page data, and undoes every change before it returns.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -68,7 +69,7 @@ from netmemfs.pages import (
     check_size,
     pages_for,
 )
-from netmemfs.protocol import MAX_MESSAGE_PAGES
+from netmemfs.protocol import MAX_MESSAGE_PAGES, Attrs
 
 CHUNK_PAGES = 64
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
@@ -230,24 +231,14 @@ def _chunk_spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
         page += hi - lo
 
 
-# What a client sees of an inode, in the order of the protocol's Attrs reply.
-ATTR_FIELDS = (
-    "ino",
-    "mode",
-    "uid",
-    "gid",
-    "atime_ns",
-    "mtime_ns",
-    "ctime_ns",
-    "nlink",
-    "size",
-    "version",
-    "rdev",
-    "stored_pages",
+# What a client sees of an inode: the fields of the protocol's Attrs reply, in its order.
+ATTR_FIELDS = tuple(f.name for f in dataclasses.fields(Attrs) if f.name != "req_id")
+# What a checkpoint keeps of one (its pages and names follow in records of their own).
+CHECKPOINT_FIELDS = (
+    *(f for f in ATTR_FIELDS if f not in ("stored_pages", "target")),
+    "parent",
     "target",
 )
-# What a checkpoint keeps of one (its pages and names follow in records of their own).
-CHECKPOINT_FIELDS = (*ATTR_FIELDS[:-2], "parent", "target")
 
 
 class Inode:
