@@ -404,6 +404,9 @@ def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
     return out
 
 
+UMOUNT_BUSY_S = 5.0  # how long `umount` asks again while the kernel says the mount is busy
+
+
 def _umount(args: argparse.Namespace) -> int:
     mountpoint = args.mountpoint.absolute()
     cache_dir = args.cache_dir or default_cache_dir(mountpoint)
@@ -419,7 +422,14 @@ def _umount(args: argparse.Namespace) -> int:
         print(f"netmemfs: {mountpoint} is not mounted", file=sys.stderr)
         return 1
     flags = "-uz" if dead else "-u"
-    r = subprocess.run(["fusermount3", flags, str(mountpoint)], capture_output=True, text=True)
+    # A file closed just before may still be held by the kernel until the daemon has
+    # answered its release: busy for a moment, so ask again, for a bounded time.
+    busy_deadline = time.monotonic() + UMOUNT_BUSY_S
+    while True:
+        r = subprocess.run(["fusermount3", flags, str(mountpoint)], capture_output=True, text=True)
+        if r.returncode == 0 or "busy" not in r.stderr or time.monotonic() > busy_deadline:
+            break
+        time.sleep(0.05)  # the kernel gives no event to wait on
     if r.returncode != 0:
         print(
             f"netmemfs: cannot unmount {mountpoint}: {r.stderr.strip()}\n"

@@ -96,7 +96,10 @@ class Guest:
             fn()
         except Exception as e:  # each check reports, the next one runs
             self.failed += 1
-            print(f"KMOD-TEST FAIL {name}: {type(e).__name__}: {e}", flush=True)
+            why = f"{type(e).__name__}: {e}"
+            if isinstance(e, subprocess.CalledProcessError) and e.stderr:
+                why += f" It printed: {str(e.stderr).strip()[-1500:]!r}"
+            print(f"KMOD-TEST FAIL {name}: {why}", flush=True)
         else:
             self.passed += 1
             print(f"KMOD-TEST PASS {name}", flush=True)

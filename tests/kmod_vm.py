@@ -282,7 +282,7 @@ def run_guest(work: Path, kernel: Kernel | None = None, only: list[str] | None =
     return console.read_bytes().decode(errors="replace")
 
 
-RESULT = re.compile(r"^KMOD-TEST (PASS|FAIL) (\S+)(.*)$", re.M)
+RESULT = re.compile(r"^KMOD-TEST (PASS|FAIL) ([^\s:]+):?(.*)$", re.M)
 
 
 def results(console: str) -> dict[str, tuple[bool, str]]:

@@ -326,3 +326,39 @@ def test_the_kernel_module_test_names_every_missing_package(
     ):
         assert package in str(e.value)
     assert shutil.which("qemu-system-x86_64") is None
+
+
+def _sleeping(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return "nanosleep" in Path(f"/proc/{pid}/wchan").read_text()
+    return False
+
+
+def test_umount_waits_out_a_busy_moment(server: ServerProc, mount_factory: MountFactory) -> None:
+    """A file still open when `umount` starts (as one just closed is, until the daemon
+    has answered its release): umount asks again until it is closed, then succeeds; a
+    file that stays open makes it fail within UMOUNT_BUSY_S, saying so."""
+    a = mount_factory(server.address)
+    f = open(a.path("f"), "wb")  # noqa: SIM115  (closed halfway through)
+    cmd = [str(BIN / "netmemfs"), "umount", str(a.mountpoint), "--cache-dir", str(a.cache_dir)]
+    umount = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # umount sleeps only between two tries of a busy mount: one has been made.
+        wait_for(
+            lambda: _sleeping(umount.pid) or umount.poll() is not None,
+            "umount to find the mount busy",
+            timeout_s=20,
+        )
+        f.close()
+        _, err = umount.communicate(timeout=30)
+        assert umount.returncode == 0, err
+    finally:
+        f.close()
+        if umount.poll() is None:
+            umount.kill()
+    wait_for(lambda: not pid_alive(a.pid), "the daemon to exit after umount")
+    a.start()
+    with open(a.path("g"), "wb"):
+        r = _netmemfs("umount", str(a.mountpoint), "--cache-dir", str(a.cache_dir))
+    assert r.returncode == 1 and "busy" in r.stderr, r.stderr
+    a.umount()
