@@ -260,6 +260,19 @@ class Change(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class StageInode(Request):
+    """Pages of regular file ino staged under txn (answered by Staged): the Change with
+    that txn writes them after its own ops, in the order they were staged."""
+
+    TYPE = 19
+    KINDS = (U64, TXN, U64, U64, PAGES)
+    txn: bytes
+    ino: int
+    first: int
+    data: Buffer = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -414,6 +427,7 @@ REQUESTS: dict[int, type[Message]] = {
         ReadDir,
         ReadInode,
         Change,
+        StageInode,
     )
 }
 REPLIES: dict[int, type[Message]] = {

@@ -50,7 +50,7 @@ from netmemfs.errors import (
     ServerUnreachable,
     error_for_code,
 )
-from netmemfs.ops import InodeOp, name_bytes, name_str
+from netmemfs.ops import InodeOp, WritePages, name_bytes, name_str
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import (
     CLOSED,
@@ -89,6 +89,7 @@ from netmemfs.protocol import (
     SegmentList,
     ServerInfo,
     Staged,
+    StageInode,
     StagePages,
     StatSegment,
     StatServer,
@@ -574,10 +575,35 @@ class RemoteStore:
 
     async def change(self, ops: Sequence[InodeOp], *, txn: bytes | None = None) -> ChangeResult:
         """Inode ops as one transaction, exactly once (sent again under the same id if
-        the connection breaks): all of them or none."""
+        the connection breaks): all of them or none. Page writes that do not fit one
+        message are staged first (StageInode); they must then come after the other ops,
+        which the server applies first."""
         txn = txn or self.new_txn()
         what = f"change of {len(ops)} ops ({', '.join(type(op).__name__ for op in ops[:4])})"
-        r = await self._call(what, lambda i: Change(i, txn, tuple(ops)), Changed)
+        pages = sum(len(op.data) for op in ops if isinstance(op, WritePages)) // PAGE_SIZE
+        staged: list[WritePages] = []
+        inline = tuple(ops)
+        if pages > MAX_MESSAGE_PAGES:
+            first_write = next(i for i, op in enumerate(ops) if isinstance(op, WritePages))
+            staged = [op for op in ops[first_write:] if isinstance(op, WritePages)]
+            if len(staged) != len(ops) - first_write:
+                raise LocalProtocolError(
+                    f"{what}: a change too large for one message must end with its writes"
+                )
+            inline = tuple(ops[:first_write])
+        pieces = [
+            WritePages(w.ino, r.first, r.data)
+            for w in staged
+            for r in _split([PageRun("", w.first, w.data)], STAGE_PAGES)
+        ]
+
+        def messages() -> list[Request]:
+            msgs: list[Request] = [
+                StageInode(next(self._ids), txn, p.ino, p.first, p.data) for p in pieces
+            ]
+            return [*msgs, Change(next(self._ids), txn, inline)]
+
+        r = await self._staged_transaction(what, txn, messages, Changed, staged=bool(pieces))
         return ChangeResult(r.txn, dict(r.inodes), r.created, r.replayed)
 
     async def read_pages(self, name: str, first: int, count: int) -> PageRead:
@@ -621,12 +647,31 @@ class RemoteStore:
         what = f"commit of {total_pages} pages to {', '.join(map(repr, segments)) or 'nothing'}"
         pieces = _split(writes, STAGE_PAGES) if total_pages > MAX_MESSAGE_PAGES else []
 
-        async def body(link: _Link) -> Reply:
+        def messages() -> list[Request]:
             msgs: list[Request] = [
                 StagePages(next(self._ids), txn, p.segment, p.first, p.data) for p in pieces
             ]
             inline = () if pieces else tuple(writes)
-            msgs.append(Commit(next(self._ids), txn, tuple(resizes), inline))
+            return [*msgs, Commit(next(self._ids), txn, tuple(resizes), inline)]
+
+        r = await self._staged_transaction(what, txn, messages, Committed, staged=bool(pieces))
+        return CommitResult(r.txn, dict(r.versions), r.replayed)
+
+    async def _staged_transaction(
+        self,
+        what: str,
+        txn: bytes,
+        messages: Callable[[], list[Request]],
+        expect: type[T],
+        *,
+        staged: bool,
+    ) -> T:
+        """Send messages() (stagings of txn, then the request that applies it) on one
+        link, pipelined; built anew, with new ids, for each attempt. Staged pages left
+        by a failure are aborted."""
+
+        async def body(link: _Link) -> Reply:
+            msgs = messages()
             replies = [link.start(m) for m in msgs]
             try:
                 await link.send(msgs)
@@ -638,12 +683,11 @@ class RemoteStore:
                     link.pending.pop(m.req_id, None)
 
         try:
-            r = self._check(await self._with_link(what, body), Committed, what)
+            return self._check(await self._with_link(what, body), expect, what)
         except NetmemError:
-            if pieces:
+            if staged:
                 await self._abort_quietly(txn)
             raise
-        return CommitResult(r.txn, dict(r.versions), r.replayed)
 
     async def _abort_quietly(self, txn: bytes) -> None:
         link = self._link

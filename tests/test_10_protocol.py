@@ -63,6 +63,7 @@ requests = st.one_of(
     st.builds(p.ReadDir, u64, u64, st.binary(max_size=255), u64),
     st.builds(p.ReadInode, u64, u64, small, small),
     st.builds(p.Change, u64, txns, st.lists(inode_ops, max_size=4).map(tuple)),
+    st.builds(p.StageInode, u64, txns, u64, small, pages),
 )
 replies = st.one_of(
     st.builds(p.HelloReply, u64, u64, st.binary(min_size=1, max_size=64), st.booleans()),

@@ -23,7 +23,7 @@ from netmemfs.ops import (
     WritePages,
 )
 from netmemfs.pages import PAGE_SIZE
-from netmemfs.protocol import Change, Error, Lookup, encode
+from netmemfs.protocol import MAX_MESSAGE_PAGES, Change, Error, Lookup, encode
 from netmemfs.remote import RemoteStore
 from netmemfs_server.store import ROOT_INO
 from tests.helpers import RawClient, ServerProc, run_trio, stamp_page
@@ -158,3 +158,28 @@ def test_a_hostile_client_meets_the_same_refusals(server: ServerProc) -> None:
     got = raw.receive()
     assert isinstance(got, Error) and got.code == "not_found", got
     raw.close()
+
+
+def test_a_change_larger_than_a_message_is_staged_and_lands_whole(server: ServerProc) -> None:
+    """More pages than one frame carries: staged (StageInode), applied after the change's
+    own ops, all at once; to an inode gone meanwhile, none of it."""
+
+    pages = MAX_MESSAGE_PAGES + 7
+    data = b"".join(stamp_page("big", n, 1) for n in range(pages))
+
+    async def main() -> None:
+        async with RemoteStore.connect(server.address) as store:
+            (f,) = (await store.change([MakeNode(ROOT_INO, "big", FILE)])).created
+            await store.change([Truncate(f, pages * PAGE_SIZE), WritePages(f, 0, data)])
+            st = await store.getattr(f)
+            assert (st.size, st.stored_pages) == (pages * PAGE_SIZE, pages)
+            got = await store.read_inode(f, MAX_MESSAGE_PAGES, 7)
+            assert got.to_bytes() == data[MAX_MESSAGE_PAGES * PAGE_SIZE :]
+            await store.change([Unlink(ROOT_INO, "big")])
+            with pytest.raises(Stale):
+                await store.change([Truncate(f, pages * PAGE_SIZE), WritePages(f, 0, data)])
+            with pytest.raises(NetmemError, match="must end with its writes"):
+                await store.change([WritePages(f, 0, data), Truncate(f, 0)])
+            assert (await store.server_stat()).used_bytes == 0
+
+    run_trio(main, timeout_s=60)

@@ -89,6 +89,7 @@ from netmemfs.protocol import (
     SegmentList,
     ServerInfo,
     Staged,
+    StageInode,
     StagePages,
     StatSegment,
     StatServer,
@@ -296,7 +297,7 @@ class _Session:
         self.state = "hello"
         self.server_nonce = auth.new_nonce()
         self.client_nonce = b""
-        self.staged: dict[bytes, list[PageRun]] = {}
+        self.staged: dict[bytes, list[Write | WritePages]] = {}  # by txn, in order
         self.staged_bytes = 0
         self.inflight = trio.Semaphore(MAX_INFLIGHT_COMMITS)
         self.inflight_bytes = 0
@@ -427,15 +428,18 @@ class _Session:
         self.stage(msg)
         await self.send(Staged(msg.req_id, msg.txn, self.staged_bytes))
 
+    async def on_stage_inode(self, msg: StageInode, nursery: trio.Nursery) -> None:
+        self.stage(msg)
+        await self.send(Staged(msg.req_id, msg.txn, self.staged_bytes))
+
     async def on_commit(self, msg: Commit, nursery: trio.Nursery) -> None:
         staged = self.staged.pop(msg.txn, [])
         ops: list[Op] = [Resize(name, size) for name, size in msg.resizes]
-        ops += [Write(r) for r in staged]
+        ops += staged
         ops += [Write(r) for r in msg.writes]
         # The staged pages stay counted as staged until the commit is done.
-        staged_bytes = sum(len(r.data) for r in staged)
         inline_bytes = sum(len(r.data) for r in msg.writes)
-        await self.start_commit(nursery, msg, ops, inline_bytes, staged_bytes)
+        await self.start_commit(nursery, msg, ops, inline_bytes, _staged_bytes(staged))
 
     async def on_create(self, msg: CreateSegment, nursery: trio.Nursery) -> None:
         await self.start_commit(nursery, msg, [Create(msg.name, msg.size)])
@@ -450,8 +454,7 @@ class _Session:
         await self.start_commit(nursery, msg, [Delete(msg.name)])
 
     async def on_abort(self, msg: Abort, nursery: trio.Nursery) -> None:
-        dropped = self.staged.pop(msg.txn, [])
-        self.unstage(sum(len(r.data) for r in dropped))
+        self.unstage(_staged_bytes(self.staged.pop(msg.txn, [])))
         await self.send(Aborted(msg.req_id, msg.txn))
 
     async def on_stat(self, msg: StatSegment, nursery: trio.Nursery) -> None:
@@ -485,11 +488,14 @@ class _Session:
         await self.send(Pages(msg.req_id, "", msg.first, msg.count, version, runs))
 
     async def on_change(self, msg: Change, nursery: trio.Nursery) -> None:
+        staged = self.staged.pop(msg.txn, [])
         inline = sum(len(op.data) for op in msg.ops if isinstance(op, WritePages))
-        await self.start_commit(nursery, msg, list(msg.ops), inline)
+        ops: list[Op] = [*msg.ops, *staged]
+        await self.start_commit(nursery, msg, ops, inline, _staged_bytes(staged))
 
-    def stage(self, msg: StagePages) -> None:
-        check_name(msg.segment)
+    def stage(self, msg: StagePages | StageInode) -> None:
+        if isinstance(msg, StagePages):
+            check_name(msg.segment)
         assert len(msg.data) % PAGE_SIZE == 0
         limit = self.limits.max_staged_bytes
         if self.staged_bytes + len(msg.data) > limit:
@@ -505,7 +511,12 @@ class _Session:
                 f"--max-staged-total of {limit}; retry once other commits have finished, "
                 "or commit in smaller transactions"
             )
-        self.staged.setdefault(msg.txn, []).append(PageRun(msg.segment, msg.first, msg.data))
+        op: Write | WritePages = (
+            Write(PageRun(msg.segment, msg.first, msg.data))
+            if isinstance(msg, StagePages)
+            else WritePages(msg.ino, msg.first, msg.data)
+        )
+        self.staged.setdefault(msg.txn, []).append(op)
         self.staged_bytes += len(msg.data)
         self.server.staged_bytes += len(msg.data)
 
@@ -603,6 +614,10 @@ class _Session:
         raise _Close
 
 
+def _staged_bytes(staged: list[Write | WritePages]) -> int:
+    return sum(len(op.run.data) if isinstance(op, Write) else len(op.data) for op in staged)
+
+
 def _attrs(req_id: int, node: Inode) -> Attrs:
     return Attrs(req_id, *(getattr(node, f) for f in ATTR_FIELDS))
 
@@ -625,4 +640,5 @@ _HANDLERS: dict[type[Message], _Handler] = {
     ReadDir: _Session.on_readdir,
     ReadInode: _Session.on_read_inode,
     Change: _Session.on_change,
+    StageInode: _Session.on_stage_inode,
 }
