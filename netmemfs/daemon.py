@@ -230,9 +230,13 @@ async def _serve_connected(
         timeout_s=opts.timeout_s,
         cache_bytes=opts.cache_bytes,
         unjournaled_bytes=opts.unjournaled_bytes,
+        # Only its mounter can enter a mount without allow_other: a user's files show
+        # as theirs, whoever the server says made them (the root's owner is root).
+        owner=None if os.getuid() == 0 or opts.allow_other else (os.getuid(), os.getgid()),
     )
     if recovered:
         await ops.resend_recovered(recovered)
+    await ops.adopt_root()
     clear_stale_mount(opts.mountpoint)
     fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
     # True once the kernel has ended the session (fusermount3 -u, umount): then

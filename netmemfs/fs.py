@@ -4,16 +4,22 @@ Where it sits: at the top, beside the other doors; the only module that imports
 pyfuse3. It turns FUSE requests into calls on the journal (journal.py) and the server
 (remote.py), and NetmemErrors into errnos in one place (fuse_errors).
 
-One file is one segment. Reads are served from the journal (pages written here and not
-yet committed), else from the server. Writes, including the kernel's writeback of mmap'ed
-pages, go to the journal only. fsync commits the file's journal to the server as one
-transaction. Creating, deleting and renaming a file act on the server at once.
+Every file, directory and symlink is an inode of the server, known here by the
+server's inode number (never reused, the same in every mount); names are used only to
+look up and to change directories, each change one transaction on the server. Reads of
+a regular file are served from its journal (pages written here and not yet committed),
+else from the server. Writes, including the kernel's writeback of mmap'ed pages, go to
+the journal only. fsync commits the file's journal to its inode as one transaction, so
+a file renamed meanwhile gets its pages, and a file removed meanwhile gets none (ESTALE),
+never another file that took its name. The kernel checks permissions
+(default_permissions) against the modes and owners the server stores.
 docs/semantics.md states what each operation promises.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -36,11 +42,23 @@ from netmemfs.errors import (
     SegmentExists,
     SegmentNotFound,
     ServerUnreachable,
+    Stale,
 )
 from netmemfs.journal import HoldBudget, JournalError, SealedCommit, SegmentJournal
-from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, check_name, consecutive, pages_for
-from netmemfs.protocol import MAX_MESSAGE_PAGES
-from netmemfs.remote import CommitResult, RemoteStore, SegmentStat
+from netmemfs.ops import (
+    InodeOp,
+    Link,
+    MakeNode,
+    Move,
+    Rmdir,
+    SetAttr,
+    Unlink,
+    name_bytes,
+    name_str,
+)
+from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, consecutive, pages_for
+from netmemfs.protocol import MAX_MESSAGE_PAGES, MAX_TARGET_BYTES
+from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
 
 log = logging.getLogger("netmemfs.fs")
 
@@ -75,12 +93,43 @@ def fuse_errors(what: str) -> Iterator[None]:
 
 @dataclass
 class _Inode:
-    name: str
-    journal: SegmentJournal
-    version: int
+    """An inode the kernel knows (looked up, not yet forgotten): what the server last
+    said of it, and, for a regular file, its journal of uncommitted changes."""
+
+    ino: int
+    attrs: InodeStat
+    path: str  # where it was last seen, for messages only
+    journal: SegmentJournal | None  # regular files
     lookups: int = 0
     opens: int = 0
+    # When it was last changed here, not yet committed: shown as its mtime and ctime.
+    dirty_ns: int = 0
+    # Gone from the server (a commit to it was refused as stale): writes fail (ESTALE).
+    gone: bool = False
     commit_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def file(self) -> SegmentJournal:
+        if self.journal is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if self.is_dir else errno.EINVAL)
+        return self.journal
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.attrs.mode)
+
+    def idle(self) -> bool:
+        j = self.journal
+        busy = j is not None and (j.has_changes() or j.sealed is not None)
+        return self.lookups <= 0 and self.opens == 0 and not busy
+
+
+def _text(name: bytes) -> str:
+    """A name from the kernel as the store takes it (bytes that are not UTF-8
+    surrogate-escaped); the server checks it, as it does a hostile client's."""
+    if len(name) > MAX_NAME_BYTES:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    return name_str(bytes(name))
 
 
 class NetmemFS(pyfuse3.Operations):
@@ -92,6 +141,7 @@ class NetmemFS(pyfuse3.Operations):
         timeout_s: float,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         unjournaled_bytes: int = DEFAULT_UNJOURNALED_BYTES,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         # Pages the kernel handed over that the cache dir cannot take: kept, not dropped.
@@ -102,48 +152,43 @@ class NetmemFS(pyfuse3.Operations):
         self.store = store
         self.cache_dir = cache_dir
         self.timeout_s = timeout_s
-        self.inodes: dict[int, _Inode] = {}  # files the kernel knows (looked up)
-        self.by_name: dict[str, int] = {}  # name -> its entry in inodes
-        self.numbers: dict[str, int] = {}  # name -> inode number, stable for the mount
-        self.next_inode = ROOT + 1
-        self.uid = os.getuid()
-        self.gid = os.getgid()
-        self.started_ns = time.time_ns()
+        # Inode numbers are the server's: never reused, the same in every mount.
+        self.inodes: dict[int, _Inode] = {}
+        # (uid, gid) every inode is shown with (a mount only its non-root mounter can
+        # use), or None: as stored.
+        self.owner = owner
         # The root's user.netmemfs.agent attribute: where libnetmem maps regions this
         # daemon serves (agent.AttachPoint), if it serves them.
         self.attach_path: bytes | None = None
+
+    async def adopt_root(self) -> None:
+        """Know the root before the kernel asks for anything (it never looks it up)."""
+        with fuse_errors("stat of the root directory"), self._deadline():
+            self._adopt(await self.store.getattr(ROOT), "").lookups += 1
 
     # --- helpers -------------------------------------------------------------------
 
     def _deadline(self) -> AbstractContextManager[trio.CancelScope]:
         return trio.fail_after(self.timeout_s)
 
-    def _attrs(self, ino: int, size: int) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: _Inode) -> pyfuse3.EntryAttributes:
+        st = node.attrs
         a = pyfuse3.EntryAttributes()
-        a.st_ino = pyfuse3.InodeT(ino)
+        a.st_ino = pyfuse3.InodeT(node.ino)
         a.generation = 0
         a.entry_timeout = ATTR_TIMEOUT_S
         a.attr_timeout = ATTR_TIMEOUT_S
-        if ino == ROOT:
-            a.st_mode = stat.S_IFDIR | 0o755
-            a.st_nlink = 2
-        else:
-            a.st_mode = stat.S_IFREG | 0o644
-            a.st_nlink = 1
-        a.st_size = size
+        a.st_mode = st.mode
+        a.st_nlink = st.nlink
+        a.st_size = node.journal.size if node.journal is not None else st.size
+        a.st_rdev = st.rdev
         a.st_blksize = BLOCK_SIZE
-        a.st_blocks = (size + 511) // 512
-        a.st_uid = self.uid
-        a.st_gid = self.gid
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started_ns
+        a.st_blocks = st.stored_pages * (PAGE_SIZE // 512)
+        a.st_uid, a.st_gid = self.owner or (st.uid, st.gid)
+        a.st_atime_ns = st.atime_ns
+        a.st_mtime_ns = max(st.mtime_ns, node.dirty_ns)
+        a.st_ctime_ns = max(st.ctime_ns, node.dirty_ns)
         return a
-
-    def _name(self, name: bytes) -> str:
-        try:
-            text = name.decode("utf-8")
-            return check_name(text)
-        except (UnicodeDecodeError, NetmemError) as e:
-            raise pyfuse3.FUSEError(errno.EINVAL) from e
 
     def _inode(self, ino: int) -> _Inode:
         node = self.inodes.get(ino)
@@ -151,52 +196,73 @@ class NetmemFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _number(self, name: str) -> int:
-        ino = self.numbers.get(name)
-        if ino is None:
-            ino = self.numbers[name] = self.next_inode
-            self.next_inode += 1
-        return ino
+    def _adopt(self, st: InodeStat, path: str) -> _Inode:
+        """The inode st describes, made known or refreshed from what the server said."""
+        node = self.inodes.get(st.ino)
+        if node is None:
+            journal = None
+            if stat.S_ISREG(st.mode):
+                journal = SegmentJournal(self.cache_dir, st.size, self.hold)
+            node = self.inodes[st.ino] = _Inode(st.ino, st, path, journal)
+            return node
+        j = node.journal
+        if j is not None and not j.has_changes() and j.sealed is None:
+            j.committed_size = st.size
+            node.dirty_ns = 0
+        if node.attrs.version != st.version:
+            self.cache.drop(st.ino)  # another client committed to it
+        node.attrs = st
+        if path:
+            node.path = path
+        return node
 
-    async def _lookup_name(self, name: str) -> int:
-        """The inode for segment name, refreshed from the server."""
-        with fuse_errors(f"lookup of {name!r}"):
-            with self._deadline():
-                st = await self.store.stat(name)
-            return self._adopt(name, st)
+    async def _refresh(self, node: _Inode) -> _Inode:
+        """node as the server holds it now; ESTALE if it is gone."""
+        with fuse_errors(f"stat of {node.path!r}"), self._deadline():
+            st = await self.store.getattr(node.ino)
+        return self._adopt(st, "")
 
-    def _adopt(self, name: str, st: SegmentStat) -> int:
-        """The inode for name, created or refreshed from what the server said of it."""
-        ino = self.by_name.get(name)
-        if ino is None:
-            ino = self._number(name)
-            journal = SegmentJournal(self.cache_dir, st.size, self.hold)
-            self.inodes[ino] = _Inode(name, journal, st.version)
-            self.by_name[name] = ino
-        else:
-            node = self.inodes[ino]
-            if not node.journal.has_changes() and node.journal.sealed is None:
-                node.journal.committed_size = st.size
-                if node.version != st.version:
-                    self.cache.drop(ino)  # another client committed to it
-                node.version = st.version
-        return ino
+    def _path(self, parent: int, name: str) -> str:
+        """The path of name in directory parent, from the mount's root, for messages
+        (as far as this mount has seen the tree)."""
+        where = self.inodes.get(parent)
+        return f"{where.path}/{name}" if where is not None and where.path else name
+
+    async def _lookup(self, parent: int, name: str) -> _Inode:
+        path = self._path(parent, name)
+        with fuse_errors(f"lookup of {path!r}"), self._deadline():
+            st = await self.store.lookup(parent, name)
+        return self._adopt(st, path)
+
+    async def _change(self, what: str, ops: Sequence[InodeOp]) -> ChangeResult:
+        with fuse_errors(what), self._deadline():
+            return await self.store.change(ops)
+
+    async def _made(self, parent: int, name: str, op: MakeNode) -> _Inode:
+        """Make the inode op describes; the new inode, known to the kernel."""
+        r = await self._change(f"making {name!r}", [op])
+        with fuse_errors(f"stat of new {name!r}"), self._deadline():
+            st = await self.store.getattr(r.created[0])
+        node = self._adopt(st, self._path(parent, name))
+        node.lookups += 1
+        return node
+
+    def _new_owner(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, int, int]:
+        """(uid, gid, extra mode bits) of a new inode in parent: a set-group-ID directory
+        gives its group, and to a new directory its set-group-ID bit."""
+        d = self.inodes.get(parent)
+        if d is not None and d.attrs.mode & stat.S_ISGID:
+            return ctx.uid, d.attrs.gid, stat.S_ISGID
+        return ctx.uid, ctx.gid, 0
 
     # --- namespace -----------------------------------------------------------------
 
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if name in (b".", b".."):
-            return self._attrs(ROOT, 0)
-        if len(name) > MAX_NAME_BYTES:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        ino = await self._lookup_name(self._name(name))
-        node = self.inodes[ino]
+        node = await self._lookup(parent_inode, _text(name))
         node.lookups += 1
-        return self._attrs(ino, node.journal.size)
+        return self._attrs(node)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for ino, n in inode_list:
@@ -204,20 +270,28 @@ class NetmemFS(pyfuse3.Operations):
             if node is None:
                 continue
             node.lookups -= n
-            idle = node.lookups <= 0 and node.opens == 0
-            if idle and not node.journal.has_changes() and node.journal.sealed is None:
-                node.journal.discard()
+            if node.idle():
+                if node.journal is not None:
+                    node.journal.discard()
                 del self.inodes[ino]
-                if self.by_name.get(node.name) == ino:
-                    del self.by_name[node.name]
 
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if inode == ROOT:
-            return self._attrs(ROOT, 0)
-        node = self._inode(inode)
-        return self._attrs(inode, node.journal.size)
+        node = self.inodes.get(inode)
+        if node is None:
+            with fuse_errors(f"stat of inode {inode}"), self._deadline():
+                node = self._adopt(await self.store.getattr(inode), "")
+            return self._attrs(node)
+        try:
+            node = await self._refresh(node)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ESTALE:
+                raise
+            # Removed on the server while the kernel holds it (open, say): as it was
+            # last seen, with no links.
+            node.attrs = dataclasses.replace(node.attrs, nlink=0)
+        return self._attrs(node)
 
     async def setattr(
         self,
@@ -227,60 +301,130 @@ class NetmemFS(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if inode == ROOT:
-            return self._attrs(ROOT, 0)
         node = self._inode(inode)
-        if fields.update_size and not node.name:
-            raise pyfuse3.FUSEError(errno.ENOENT)
         if fields.update_size:
-            size = attr.st_size
-            with fuse_errors(f"truncate of {node.name!r} to {size}"):
-                old = node.journal.size
-                if size > old and old % PAGE_SIZE:
-                    await self._complete_last_page(node)
-                tail = size % PAGE_SIZE
-                last = None
-                if size < old and tail and node.journal.read_page(size // PAGE_SIZE) is None:
-                    # Keep the new last page whole in the journal, zeros past the end
-                    # (set_size zeroes the tail of a page the journal already holds).
-                    last = await self._read_pages(node, size // PAGE_SIZE, 1)
-                if last is not None:
-                    # Before the size: a page the journal refuses changes nothing, and
-                    # set_size cannot fail (no await between the two).
-                    node.journal.write_page(
-                        size // PAGE_SIZE, last[:tail] + bytes(PAGE_SIZE - tail)
-                    )
-                node.journal.set_size(size)
-        # Mode, owner and times are not kept: files are 0644 and owned by the mounter.
-        return self._attrs(inode, node.journal.size)
+            await self._truncate(node, attr.st_size)
+        change = SetAttr(
+            node.ino,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        if change != SetAttr(node.ino):
+            if fields.update_mtime and node.journal is not None:
+                # The commit of earlier writes would date the file anew: commit them
+                # first, so that the time set is the one that stays (as NFS does).
+                await self._commit(node)
+            await self._change(f"setattr of {node.path!r}", [change])
+        return self._attrs(await self._refresh(node))
+
+    async def _truncate(self, node: _Inode, size: int) -> None:
+        journal = node.file
+        if node.gone:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        with fuse_errors(f"truncate of {node.path!r} to {size}"):
+            old = journal.size
+            if size > old and old % PAGE_SIZE:
+                await self._complete_last_page(node)
+            tail = size % PAGE_SIZE
+            last = None
+            if size < old and tail and journal.read_page(size // PAGE_SIZE) is None:
+                # Keep the new last page whole in the journal, zeros past the end
+                # (set_size zeroes the tail of a page the journal already holds).
+                last = await self._read_pages(node, size // PAGE_SIZE, 1)
+            if last is not None:
+                # Before the size: a page the journal refuses changes nothing, and
+                # set_size cannot fail (no await between the two).
+                journal.write_page(size // PAGE_SIZE, last[:tail] + bytes(PAGE_SIZE - tail))
+            journal.set_size(size)
+        node.dirty_ns = time.time_ns()
 
     async def _complete_last_page(self, node: _Inode) -> None:
         """Before growing a file whose last page is partial, make sure the journal holds
         that page whole, so the bytes past the old end are zeros (the server's may not
-        be, if the segment was shrunk since)."""
-        size = node.journal.size
+        be, if the file was shrunk since)."""
+        journal = node.file
+        size = journal.size
         last = size // PAGE_SIZE
-        if node.journal.read_page(last) is None:
+        if journal.read_page(last) is None:
             data = await self._read_pages(node, last, 1)
             tail = size % PAGE_SIZE
-            node.journal.write_page(last, data[:tail] + bytes(PAGE_SIZE - tail))
+            journal.write_page(last, data[:tail] + bytes(PAGE_SIZE - tail))
+
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        text = _text(name)
+        uid, gid, _ = self._new_owner(parent_inode, ctx)
+        op = MakeNode(parent_inode, text, mode, uid, gid, rdev=rdev)
+        return self._attrs(await self._made(parent_inode, text, op))
+
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        text = _text(name)
+        uid, gid, extra = self._new_owner(parent_inode, ctx)
+        op = MakeNode(parent_inode, text, stat.S_IFDIR | (mode & 0o7777) | extra, uid, gid)
+        return self._attrs(await self._made(parent_inode, text, op))
+
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        text = _text(name)
+        if len(target) > MAX_TARGET_BYTES:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        uid, gid, _ = self._new_owner(parent_inode, ctx)
+        op = MakeNode(parent_inode, text, stat.S_IFLNK | 0o777, uid, gid, target=bytes(target))
+        return self._attrs(await self._made(parent_inode, text, op))
+
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._refresh(self._inode(inode))
+        if not stat.S_ISLNK(node.attrs.mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.attrs.target
+
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        text = _text(new_name)
+        await self._change(
+            f"link of {node.path!r} as {text!r}", [Link(inode, new_parent_inode, text)]
+        )
+        node = await self._refresh(node)
+        node.lookups += 1
+        return self._attrs(node)
 
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
-        text = self._name(name)
-        with fuse_errors(f"unlink of {text!r}"), self._deadline():
-            await self.store.delete(text)
-        ino = self.by_name.pop(text, None)
-        self.numbers.pop(text, None)
-        if ino is not None:
-            self._orphan(self.inodes[ino])
+        text = _text(name)
+        await self._change(f"unlink of {text!r}", [Unlink(parent_inode, text)])
 
-    def _orphan(self, node: _Inode) -> None:
-        """node's segment is gone: drop its changes; open handles now write nowhere
-        (their writes fail with ENOENT)."""
-        node.journal.discard()
-        node.name = ""
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        text = _text(name)
+        await self._change(f"rmdir of {text!r}", [Rmdir(parent_inode, text)])
 
     async def rename(
         self,
@@ -291,64 +435,54 @@ class NetmemFS(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        old, new = self._name(name_old), self._name(name_new)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        ino = self.by_name.get(old)
-        if ino is not None:
-            # A commit that failed earlier names the old segment: finish it first.
-            node = self.inodes[ino]
-            async with node.commit_lock:
-                await self._retry_sealed(node)
-        with fuse_errors(f"rename of {old!r} to {new!r}"), self._deadline():
-            if flags & pyfuse3.RENAME_NOREPLACE and new in await self.store.list_segments():
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            await self.store.rename(old, new)
-        replaced = self.by_name.pop(new, None)
-        if replaced is not None:
-            self._orphan(self.inodes[replaced])
-        self.numbers.pop(new, None)
-        if ino is not None:
-            del self.by_name[old]
-            self.by_name[new] = ino
-            self.numbers[new] = self.numbers.pop(old)
-            self.inodes[ino].name = new
+        # A file keeps its inode, and its uncommitted pages go on to it by number,
+        # whatever its name now is.
+        old, new = _text(name_old), _text(name_new)
+        op = Move(parent_inode_old, old, parent_inode_new, new, flags)
+        await self._change(f"rename of {old!r} to {new!r}", [op])
 
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
-        if inode != ROOT:
+        node = await self._refresh(self._inode(inode))
+        if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return pyfuse3.FileHandleT(0)
+        return pyfuse3.FileHandleT(inode)
 
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
-        with fuse_errors("readdir"), self._deadline():
-            names = sorted(await self.store.list_segments())
-            window = names[start_id : start_id + READDIR_BATCH]
-            stats: dict[str, SegmentStat] = {}
+        d = self._inode(fh)
+        with fuse_errors(f"listing {d.path!r}"), self._deadline():
+            listing = await self.store.readdir(d.ino)
+            entries = [(".", d.ino), ("..", 0)] + [(n, i) for n, i, _ in listing]
+            window = entries[start_id : start_id + READDIR_BATCH]
+            stats: dict[str, InodeStat] = {}
 
-            async def stat(name: str) -> None:
-                with contextlib.suppress(SegmentNotFound):  # deleted since the listing
-                    stats[name] = await self.store.stat(name)
+            async def stat_of(name: str, ino: int) -> None:
+                with contextlib.suppress(Stale, SegmentNotFound):  # removed since
+                    stats[name] = await (
+                        self.store.lookup(d.ino, "..") if name == ".." else self.store.getattr(ino)
+                    )
 
             async with open_quiet_nursery() as nursery:  # requests pipelined on one link
-                for name in window:
-                    nursery.start_soon(stat, name)
-        for i, name in enumerate(window, start_id):
-            # pyfuse3 answers with readdirplus: each entry the kernel takes counts as a
-            # lookup, and its attributes are cached like a lookup's. The kernel asks
-            # again from the next id for what did not fit, or lay past this window.
-            if name not in stats:
+                for name, ino in window:
+                    nursery.start_soon(stat_of, name, ino)
+        for i, (name, _) in enumerate(window, start_id):
+            # pyfuse3 answers with readdirplus: each entry the kernel takes but '.' and
+            # '..' counts as a lookup, and its attributes are cached like a lookup's. The
+            # kernel asks again from the next id for what did not fit, or lay past this
+            # window.
+            st = stats.get(name)
+            if st is None:
                 continue
-            with fuse_errors(f"readdir entry {name!r}"):
-                ino = self._adopt(name, stats[name])
-            node = self.inodes[ino]
-            attrs = self._attrs(ino, node.journal.size)
-            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name.encode()), attrs, i + 1):
+            dot = name in (".", "..")
+            node = self._adopt(st, "" if dot else self._path(d.ino, name))
+            attrs = self._attrs(node)
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name_bytes(name)), attrs, i + 1):
                 break
-            node.lookups += 1
+            if not dot:
+                node.lookups += 1
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         pass
@@ -380,43 +514,6 @@ class NetmemFS(pyfuse3.Operations):
         s.f_namemax = MAX_NAME_BYTES
         return s
 
-    async def mkdir(
-        self,
-        parent_inode: pyfuse3.InodeT,
-        name: pyfuse3.FileNameT,
-        mode: pyfuse3.ModeT,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # one flat directory of segments
-
-    async def symlink(
-        self,
-        parent_inode: pyfuse3.InodeT,
-        name: pyfuse3.FileNameT,
-        target: pyfuse3.FileNameT,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-
-    async def link(
-        self,
-        inode: pyfuse3.InodeT,
-        new_parent_inode: pyfuse3.InodeT,
-        new_name: pyfuse3.FileNameT,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-
-    async def mknod(
-        self,
-        parent_inode: pyfuse3.InodeT,
-        name: pyfuse3.FileNameT,
-        mode: pyfuse3.ModeT,
-        rdev: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-
     # --- files ---------------------------------------------------------------------
 
     async def create(
@@ -427,20 +524,18 @@ class NetmemFS(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        if parent_inode != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        text = self._name(name)
+        text = _text(name)
+        uid, gid, _ = self._new_owner(parent_inode, ctx)
+        op = MakeNode(parent_inode, text, stat.S_IFREG | (mode & 0o7777), uid, gid)
         try:
-            with fuse_errors(f"create of {text!r}"), self._deadline():
-                await self.store.create(text, 0)
+            node = await self._made(parent_inode, text, op)
         except pyfuse3.FUSEError as e:
             if e.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise
-        ino = await self._lookup_name(text)
-        node = self.inodes[ino]
-        node.lookups += 1
+            node = await self._lookup(parent_inode, text)  # made meanwhile elsewhere
+            node.lookups += 1
         node.opens += 1
-        return self._file_info(ino, keep_cache=False), self._attrs(ino, node.journal.size)
+        return self._file_info(node.ino, keep_cache=False), self._attrs(node)
 
     def _file_info(self, ino: int, *, keep_cache: bool) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(ino))
@@ -451,17 +546,15 @@ class NetmemFS(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         node = self._inode(inode)
-        if not node.name:
-            raise pyfuse3.FUSEError(errno.ENOENT)
         # Close-to-open: what another mount committed since we last looked is seen now.
-        before = node.version
-        log.debug("open %r ino=%d version=%d", node.name, inode, before)
-        await self._lookup_name(node.name)
+        # An inode removed meanwhile answers ESTALE, on which the kernel looks the path
+        # up again, finding whatever file has the name now.
+        before = node.attrs.version
+        node = await self._refresh(node)
         node.opens += 1
         if flags & os.O_TRUNC:
-            with fuse_errors(f"truncate of {node.name!r}"):
-                node.journal.set_size(0)
-        return self._file_info(inode, keep_cache=node.version == before)
+            await self._truncate(node, 0)
+        return self._file_info(inode, keep_cache=node.attrs.version == before)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         node = self.inodes.get(fh)
@@ -473,37 +566,36 @@ class NetmemFS(pyfuse3.Operations):
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._inode(fh)
-        if not node.name:
-            raise pyfuse3.FUSEError(errno.ENOENT)  # deleted, here or by another client
-        end = min(off + size, node.journal.size)
+        journal = node.file
+        end = min(off + size, journal.size)
         if off >= end:
             return b""
         first = off // PAGE_SIZE
         count = pages_for(end) - first
-        with fuse_errors(f"read of {node.name!r} at {off}"):
+        with fuse_errors(f"read of {node.path!r} at {off}"):
             data = await self._read_pages(node, first, count)
         start = off - first * PAGE_SIZE
         return data[start : start + end - off]
 
     async def _read_pages(self, node: _Inode, first: int, count: int) -> bytes:
         """Pages first..first+count-1 as the file shows them: journal, then server."""
+        journal = node.file
         out = bytearray(count * PAGE_SIZE)
         missing: list[int] = []
         for i in range(count):
-            data = node.journal.read_page(first + i)
+            data = journal.read_page(first + i)
             if data is None:
                 missing.append(first + i)
             else:
                 out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
         # Only pages the server has for this file can be asked for: past its size, or
         # past a shrink not committed yet, they are zeros.
-        server_pages = pages_for(node.journal.low_water())
-        ino = self.by_name.get(node.name, 0)
+        server_pages = pages_for(journal.low_water())
         fetch = []
         for p in missing:
             if p >= server_pages:
                 continue
-            cached = self.cache.get(ino, p)
+            cached = self.cache.get(node.ino, p)
             if cached is None:
                 fetch.append(p)
             else:
@@ -514,27 +606,28 @@ class NetmemFS(pyfuse3.Operations):
                 for p, n in runs:
                     for q in range(p, p + n, MAX_MESSAGE_PAGES):
                         m = min(MAX_MESSAGE_PAGES, p + n - q)
-                        got = await self.store.read_pages(node.name, q, m)
-                        keep = got.version == node.version  # else it changed: do not keep
+                        got = await self.store.read_inode(node.ino, q, m)
+                        keep = got.version == node.attrs.version  # else it changed
                         for run in got.runs:
                             off = (run.first - first) * PAGE_SIZE
                             out[off : off + len(run.data)] = run.data
                             if keep:
-                                self.cache.put(ino, run.first, run.data)
+                                self.cache.put(node.ino, run.first, run.data)
             # A page written while we waited for the server: the journal's is newer.
             for p in missing:
-                data = node.journal.read_page(p)
+                data = journal.read_page(p)
                 if data is not None:
                     out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = data
         return bytes(out)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         node = self._inode(fh)
-        if not node.name:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        journal = node.file
+        if node.gone:
+            raise pyfuse3.FUSEError(errno.ESTALE)
         end = off + len(buf)
-        with fuse_errors(f"write to {node.name!r} at {off}"):
-            if end > node.journal.size and node.journal.size % PAGE_SIZE:
+        with fuse_errors(f"write to {node.path!r} at {off}"):
+            if end > journal.size and journal.size % PAGE_SIZE:
                 await self._complete_last_page(node)
             first = off // PAGE_SIZE
             last = (end - 1) // PAGE_SIZE
@@ -552,10 +645,11 @@ class NetmemFS(pyfuse3.Operations):
                 data = bytes(whole)
             # One call: a write the journal refuses changes neither pages nor size.
             try:
-                node.journal.write_pages(first, data, grow_to=end)
+                journal.write_pages(first, data, grow_to=end)
             except JournalError:
                 self._forget_cached_pages(fh)
                 raise
+        node.dirty_ns = time.time_ns()
         return len(buf)
 
     def _forget_cached_pages(self, ino: int) -> None:
@@ -573,9 +667,16 @@ class NetmemFS(pyfuse3.Operations):
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         node = self._inode(fh)
-        if not node.name:
+        if node.journal is None:
             return
-        with fuse_errors(f"fsync of {node.name!r}"):
+        await self._commit(node)
+
+    async def _commit(self, node: _Inode) -> None:
+        """Commit what the journal holds of node, as one transaction."""
+        if node.gone:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        assert node.journal is not None
+        with fuse_errors(f"fsync of {node.path!r}"):
             async with node.commit_lock:
                 await self._retry_sealed(node)
                 if node.journal.has_changes():
@@ -584,16 +685,25 @@ class NetmemFS(pyfuse3.Operations):
 
     async def _retry_sealed(self, node: _Inode) -> None:
         """Commit the sealed journal, if any (the caller holds node.commit_lock)."""
-        journal = node.journal
+        journal = node.file
         if journal.sealed is None:
             return
         txn = self.store.new_txn()
         t0 = time.perf_counter()
-        commit = await trio.to_thread.run_sync(journal.seal_finish, txn, node.name)
+        commit = await trio.to_thread.run_sync(journal.seal_finish, txn, node.path, node.ino)
         t1 = time.perf_counter()
-        result = await journal.send_sealed(self._send)
-        node.version = result.versions.get(commit.name, node.version)
-        self.cache.drop(self.by_name.get(node.name, 0))  # cached pages may be older
+        try:
+            result = await journal.send_sealed(self._send)
+        except Stale:
+            # Its inode is gone (its last name removed, here or by another client):
+            # the pages have nowhere to land, and never land in another file.
+            node.gone = True
+            journal.discard()
+            raise
+        node.attrs = dataclasses.replace(
+            node.attrs, version=result.inodes.get(node.ino, node.attrs.version)
+        )
+        self.cache.drop(node.ino)  # cached pages may be older
         log.debug(
             "committed %d pages of %r: sealed in %.1f ms, sent in %.1f ms",
             sum(r.count for r in commit.runs),
@@ -602,25 +712,28 @@ class NetmemFS(pyfuse3.Operations):
             (time.perf_counter() - t1) * 1000,
         )
 
-    async def _send(self, commit: SealedCommit) -> CommitResult:
+    async def _send(self, commit: SealedCommit) -> ChangeResult:
         try:
             with self._deadline():
+                if commit.ino:
+                    return await self.store.change(commit.inode_ops(), txn=commit.txn)
+                # Left by a daemon from before inodes: the file by its name.
                 r = await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
-        except SegmentNotFound:
+                return ChangeResult(r.txn, {}, (), r.replayed)
+        except (Stale, SegmentNotFound):
             log.error(
-                "commit to %r failed: the segment no longer exists on the server (deleted "
-                "or renamed by another client); its pages stay in the journal",
+                "commit to %r failed: the file no longer exists on the server (its last "
+                "name was removed, here or by another client); its changes are dropped",
                 commit.name,
             )
             raise
-        return r
 
     async def resend_recovered(self, commits: list[tuple[SealedCommit, Path]]) -> None:
         """At start: finish the commits a dead daemon left sealed."""
         for commit, path in commits:
             try:
                 r = await self._send(commit)
-            except (SegmentNotFound, SegmentExists) as e:
+            except (Stale, SegmentNotFound, SegmentExists) as e:
                 log.error("dropping the recovered commit to %r: %s", commit.name, e)
             else:
                 log.info(
@@ -643,7 +756,9 @@ MAX_TASKS = 32
 
 def mount(ops: NetmemFS, mountpoint: Path, *, allow_other: bool) -> None:
     options = set(pyfuse3.default_options)
-    options |= {"fsname=netmemfs", "subtype=netmemfs"}
+    # The kernel checks access by the modes and owners we report (the server stores
+    # them); without it, any user that may enter the mount could open any file.
+    options |= {"fsname=netmemfs", "subtype=netmemfs", "default_permissions"}
     if allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, str(mountpoint), options)

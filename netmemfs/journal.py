@@ -15,9 +15,11 @@ Records are framed by netmemfs.records (magic b"NMJR"); payloads:
 
     ["pages", first, data]        whole 4096-byte pages first, first+1, ...
     ["size", size]                the file's size became size bytes
-    ["begin", txn, name, min_size]  sealed: commit all of the above as transaction txn
-                                  to segment name; min_size is the smallest size the file
-                                  had since the previous commit
+    ["begin", txn, name, min_size, ino]  sealed: commit all of the above as transaction
+                                  txn to inode ino (a file of a mount; name is its path,
+                                  for messages), or, without ino, to segment name;
+                                  min_size is the smallest size the file had since the
+                                  previous commit
 
 Sealing appends the begin record and renames <id>-<n>.active to <id>-<n>.sealed before
 the commit is sent, so a daemon that dies at any moment finds, at the next start, either
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from netmemfs.errors import NetmemError, ProtocolError, ServerUnreachable
+from netmemfs.ops import InodeOp, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE, consecutive, pages_for
 from netmemfs.protocol import PageRun
 from netmemfs.records import encode_record, pwrite_all, read_records
@@ -314,12 +317,21 @@ class _File:
 
 @dataclass(frozen=True)
 class SealedCommit:
-    """What a sealed journal asks the server to do, as one transaction."""
+    """What a sealed journal asks the server to do, as one transaction: to inode ino
+    (inode_ops), or if ino is 0 to the segment name (resizes, runs)."""
 
     txn: bytes
     name: str
     resizes: list[tuple[str, int]]
     runs: list[PageRun]
+    ino: int = 0
+
+    def inode_ops(self) -> list[InodeOp]:
+        """The commit as inode ops: the sizes first, then the pages (as Change wants
+        them when it has to stage the pages)."""
+        assert self.ino, "a segment's commit has no inode"
+        ops: list[InodeOp] = [Truncate(self.ino, size) for _, size in self.resizes]
+        return ops + [WritePages(self.ino, r.first, r.data) for r in self.runs]
 
 
 class SegmentJournal:
@@ -447,9 +459,9 @@ class SegmentJournal:
         self.sealed = self.active
         self.active = self._new_active()
 
-    def seal_finish(self, txn: bytes, name: str) -> SealedCommit:
+    def seal_finish(self, txn: bytes, name: str, ino: int = 0) -> SealedCommit:
         """Write what memory holds, the begin record, and rename the file to .sealed,
-        as transaction txn.
+        as transaction txn to inode ino (0: to segment name).
 
         Call from a worker thread (it reads the whole file back); nothing else changes
         `sealed` meanwhile (writes go to the active file). After a JournalError the
@@ -462,7 +474,7 @@ class SegmentJournal:
         f.flush_held()
         min_size = f.min_size if f.min_size is not None else self.size
         end = f.end
-        f.append(["begin", txn, name, min_size])
+        f.append(["begin", txn, name, min_size, *([ino] if ino else [])])
         sealed_path = f.path.with_suffix(".sealed")
         try:
             if not f.path.exists() and self.directory.is_dir():
@@ -475,7 +487,7 @@ class SegmentJournal:
                 os.ftruncate(f.fd, end)
             raise journal_error("seal the journal", f.path, e) from e
         f.path = sealed_path
-        self.sealed_commit = _commit_of(f, txn, name, min_size)
+        self.sealed_commit = _commit_of(f, txn, name, min_size, ino)
         return self.sealed_commit
 
     async def send_sealed(self, send: Callable[[SealedCommit], Awaitable[T]]) -> T:
@@ -546,7 +558,7 @@ class SegmentJournal:
         self.sealed_commit = None
 
 
-def _commit_of(f: _File, txn: bytes, name: str, min_size: int) -> SealedCommit:
+def _commit_of(f: _File, txn: bytes, name: str, min_size: int, ino: int) -> SealedCommit:
     resizes = []
     npages = None
     if f.size is not None:
@@ -556,7 +568,7 @@ def _commit_of(f: _File, txn: bytes, name: str, min_size: int) -> SealedCommit:
         resizes.append((name, f.size))
         npages = pages_for(f.size)
     runs = list(_runs(f, name, npages))
-    return SealedCommit(txn, name, resizes, runs)
+    return SealedCommit(txn, name, resizes, runs, ino)
 
 
 def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
@@ -584,8 +596,9 @@ def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
         i = k + 1
 
 
-def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
-    """Index a journal file; the begin record's (txn, name, min_size) if it has one.
+def _load(path: Path) -> tuple[_File, tuple[bytes, str, int, int] | None]:
+    """Index a journal file; the begin record's (txn, name, min_size, ino) if it has
+    one (ino 0: a segment's).
     A record that passed its checksum yet is not one this module writes makes a
     JournalError: that is damage (or another program's file), not a torn tail."""
     fd = os.open(path, os.O_RDWR)
@@ -604,7 +617,7 @@ def _load(path: Path) -> tuple[_File, tuple[bytes, str, int] | None]:
                     f.size = rec[1]
                     f.drop_from(pages_for(rec[1]))
                 else:
-                    begin = (bytes(rec[1]), rec[2], rec[3])
+                    begin = (bytes(rec[1]), rec[2], rec[3], rec[4] if len(rec) > 4 else 0)
                 f.end = end
     except ValueError as e:
         f.close()
@@ -632,10 +645,10 @@ def _record_kind(rec: object) -> str:
         ok = len(fields) == 1 and _is_count(fields[0])
     elif kind == "begin":
         ok = (
-            len(fields) == 3
+            len(fields) in (3, 4)
             and isinstance(fields[0], bytes)
             and isinstance(fields[1], str)
-            and _is_count(fields[2])
+            and all(_is_count(v) for v in fields[2:])
         )
     else:
         raise ValueError(f"unknown record kind {kind[:40]!r}")
@@ -674,8 +687,7 @@ def recover(directory: Path) -> list[tuple[SealedCommit, Path]]:
                     log.warning("dropping %s: it has no begin record", path.name)
                     path.unlink()
                     continue
-                txn, name, min_size = begin
-                out.append((_commit_of(f, txn, name, min_size), path))
+                out.append((_commit_of(f, *begin), path))
             finally:
                 f.close()
     return out

@@ -30,10 +30,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-# Request types (docs/protocol.md)
-READ_PAGES = 9
-STAGE_PAGES = 10
-COMMIT = 11
+from netmemfs import protocol
+
+# Request types (docs/protocol.md); the mount's reads and commits address inodes.
+READ_PAGES = protocol.ReadPages.TYPE
+STAGE_PAGES = protocol.StagePages.TYPE
+COMMIT = protocol.Commit.TYPE
+READ_INODE = protocol.ReadInode.TYPE
+CHANGE = protocol.Change.TYPE
 ACTIONS = ("reset", "reset-after", "cut", "drop", "delay")
 DEADLINE_S = 30.0
 

@@ -21,7 +21,7 @@ import pytest
 
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
-from tests.faultproxy import COMMIT, READ_PAGES, FaultProxy
+from tests.faultproxy import CHANGE, COMMIT, READ_INODE, READ_PAGES, FaultProxy
 from tests.helpers import MountProc, ServerProc, describe_page, run_trio, stamp_page
 
 PAGES = 64
@@ -74,7 +74,7 @@ def test_mount_reset_during_a_fetch_is_only_a_delay(
 ) -> None:
     _put(server, "f", 1)
     mount = mount_factory(proxy.address, "--cache-size", "0")
-    rule = proxy.arm(READ_PAGES, "reset")
+    rule = proxy.arm(READ_INODE, "reset")
     _check(mount.path("f").read_bytes(), "f", 1)
     rule.wait()
     assert proxy.connections >= 2, "the daemon never reconnected"
@@ -85,7 +85,7 @@ def test_mount_delayed_fetch_is_only_a_delay(
 ) -> None:
     _put(server, "d", 1)
     mount = mount_factory(proxy.address, "--timeout", "10", "--cache-size", "0")
-    rule = proxy.arm(READ_PAGES, "delay", delay_s=1.0)
+    rule = proxy.arm(READ_INODE, "delay", delay_s=1.0)
     _check(mount.path("d").read_bytes(), "d", 1)
     rule.wait()
 
@@ -99,7 +99,7 @@ def test_mount_dropped_fetch_times_out_and_the_read_is_retried(
     _put(server, "x", 1)
     mount = mount_factory(proxy.address, "--timeout", "2", "--cache-size", "0")
     mount.expect_log("within --timeout")
-    rule = proxy.arm(READ_PAGES, "drop")
+    rule = proxy.arm(READ_INODE, "drop")
     _check(mount.path("x").read_bytes(), "x", 1)
     rule.wait()
     assert "no answer from the server within --timeout" in mount.log_text()
@@ -120,7 +120,7 @@ def test_mount_reset_during_a_commit_lands_it_once(
     fd = os.open(mount.path("c"), os.O_RDWR)
     try:
         os.write(fd, b"".join(stamp_page("c", n, 2) for n in range(PAGES)))
-        rule = proxy.arm(COMMIT, action)
+        rule = proxy.arm(CHANGE, action)
         os.fsync(fd)  # retried under the same transaction id
         rule.wait()
     finally:
