@@ -270,6 +270,7 @@ async def _serve_connected(
             nursery.start_soon(on_signal)
             nursery.start_soon(started)
             nursery.start_soon(attach.serve, store)
+            nursery.start_soon(ops.keep_holds)
             if device is not None:
                 provider = kdoor.DeviceProvider(store, device, commit_timeout_s=opts.timeout_s)
                 nursery.start_soon(provider.serve)

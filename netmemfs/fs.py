@@ -68,6 +68,7 @@ BLOCK_SIZE = 1 << 20  # st_blksize: what `cp` and friends should read at a time
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_UNJOURNALED_BYTES = 64 << 20
 READDIR_BATCH = 128  # directory entries whose attributes are fetched at once
+DEFAULT_LEASE_S = 20.0  # until the server names its own (netmemfs-server --hold-lease)
 
 
 @contextmanager
@@ -160,6 +161,53 @@ class NetmemFS(pyfuse3.Operations):
         # The root's user.netmemfs.agent attribute: where libnetmem maps regions this
         # daemon serves (agent.AttachPoint), if it serves them.
         self.attach_path: bytes | None = None
+        # Holds: the server keeps an inode this mount has open alive, by number, after
+        # its last name goes, as long as we renew our holds within its lease.
+        self.client_id = os.urandom(16)
+        self.held: frozenset[int] = frozenset()  # as the server last heard
+        self.lease_s = DEFAULT_LEASE_S
+        self._holds_changed = trio.Event()
+        self._holds_lock = trio.Lock()
+
+    def _open_inodes(self) -> frozenset[int]:
+        return frozenset(ino for ino, node in self.inodes.items() if node.opens > 0)
+
+    async def _send_holds(self) -> None:
+        """Tell the server which inodes are open here now."""
+        async with self._holds_lock:
+            want = self._open_inodes()
+            with self._deadline():
+                self.lease_s = await self.store.hold(self.client_id, want)
+            self.held = want
+
+    async def _opened(self, node: _Inode) -> None:
+        """node was opened: held on the server before the open is answered, so that a
+        removal by anyone after this leaves it readable and writable here."""
+        node.opens += 1
+        if node.ino not in self.held:
+            try:
+                with fuse_errors(f"open of {node.path!r} (its hold on the server)"):
+                    await self._send_holds()
+            except BaseException:
+                node.opens -= 1  # not open after all
+                raise
+
+    async def keep_holds(self) -> None:
+        """Renew the holds a few times per lease, and send them soon after a change
+        (a file closed); runs as long as the mount. A failure is logged and tried again:
+        past the lease, files removed while open here are freed (docs/semantics.md)."""
+        while True:
+            with trio.move_on_after(self.lease_s / 3):
+                await self._holds_changed.wait()
+            self._holds_changed = trio.Event()
+            try:
+                await self._send_holds()
+            except (NetmemError, trio.TooSlowError) as e:
+                log.warning(
+                    "could not renew the holds on %d open files (%s); trying again",
+                    len(self._open_inodes()),
+                    e or "no answer within --timeout",
+                )
 
     async def adopt_root(self) -> None:
         """Know the root before the kernel asks for anything (it never looks it up)."""
@@ -534,7 +582,7 @@ class NetmemFS(pyfuse3.Operations):
                 raise
             node = await self._lookup(parent_inode, text)  # made meanwhile elsewhere
             node.lookups += 1
-        node.opens += 1
+        await self._opened(node)
         return self._file_info(node.ino, keep_cache=False), self._attrs(node)
 
     def _file_info(self, ino: int, *, keep_cache: bool) -> pyfuse3.FileInfo:
@@ -551,7 +599,7 @@ class NetmemFS(pyfuse3.Operations):
         # up again, finding whatever file has the name now.
         before = node.attrs.version
         node = await self._refresh(node)
-        node.opens += 1
+        await self._opened(node)
         if flags & os.O_TRUNC:
             await self._truncate(node, 0)
         return self._file_info(inode, keep_cache=node.attrs.version == before)
@@ -560,6 +608,8 @@ class NetmemFS(pyfuse3.Operations):
         node = self.inodes.get(fh)
         if node is not None:
             node.opens -= 1
+            if node.opens == 0:
+                self._holds_changed.set()  # sent by keep_holds, not before the reply
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         pass

@@ -138,9 +138,19 @@ class Truncate:
     time_ns: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Reap:
+    """Free inode ino, which has no name left and no client holding it open. The
+    server's own op, added to the transaction that took the last name (or later, when
+    the last holder let go): a client's Change may not carry it."""
+
+    ino: int
+    time_ns: int = 0
+
+
 SegmentOp = Create | Resize | Rename | Delete | Write
 InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate
-Op = SegmentOp | InodeOp
+Op = SegmentOp | InodeOp | Reap
 INODE_OPS = (MakeNode, Link, Unlink, Rmdir, Move, SetAttr, WritePages, Truncate)
 # What a Change request may carry (the segment ops have requests of their own).
 INODE_OP_TAGS = frozenset(("mk", "ln", "ul", "rd", "mv", "sa", "wp", "tr"))
@@ -202,6 +212,8 @@ def op_to_item(op: Op) -> tuple[object, ...]:
         return ("sa", op.ino, op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns, t)
     if isinstance(op, WritePages):
         return ("wp", op.ino, op.first, op.data, t)
+    if isinstance(op, Reap):
+        return ("rp", op.ino, t)
     return ("tr", op.ino, op.size, t)
 
 
@@ -264,4 +276,6 @@ def item_to_op(item: list[object]) -> Op:
         return WritePages(as_int(f[0]), as_int(f[1]), data, t)
     if tag == "tr":
         return Truncate(as_int(f[0]), as_int(f[1]), t)
+    if tag == "rp":
+        return Reap(as_int(f[0]), t)
     raise ValueError(f"unknown op {tag!r}")

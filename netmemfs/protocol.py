@@ -273,6 +273,18 @@ class StageInode(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Hold(Request):
+    """Client `client` (an id it chose, the same on every connection) holds exactly the
+    inodes inos open, until it says otherwise or its lease lapses: an inode held loses
+    its last name without being freed. Sent again within the lease to keep it."""
+
+    TYPE = 20
+    KINDS = (U64, TXN, U64S)
+    client: bytes
+    inos: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -324,6 +336,15 @@ class Staged(Reply):
     KINDS = (U64, TXN, U64)
     txn: bytes
     staged_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Held(Reply):
+    """Reply to Hold: the holds last lease_ms from now."""
+
+    TYPE = 76
+    KINDS = (U64, U64)
+    lease_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +449,7 @@ REQUESTS: dict[int, type[Message]] = {
         ReadInode,
         Change,
         StageInode,
+        Hold,
     )
 }
 REPLIES: dict[int, type[Message]] = {
@@ -445,6 +467,7 @@ REPLIES: dict[int, type[Message]] = {
         Attrs,
         Entries,
         Changed,
+        Held,
         Error,
     )
 }

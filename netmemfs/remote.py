@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +71,10 @@ from netmemfs.protocol import (
     Entries,
     Error,
     GetAttr,
+    Held,
     Hello,
     HelloReply,
+    Hold,
     ListSegments,
     Lookup,
     PageRun,
@@ -566,6 +568,13 @@ class RemoteStore:
             if r.done or not r.entries:
                 return out
             after = r.entries[-1][0]
+
+    async def hold(self, client: bytes, inos: Collection[int]) -> float:
+        """Client `client` holds exactly inos open (each keeps living, by number, when
+        its last name goes); the server's lease in seconds: send again within it."""
+        what = f"hold of {len(inos)} open files"
+        r = await self._call(what, lambda i: Hold(i, client, tuple(sorted(inos))), Held)
+        return r.lease_ms / 1000
 
     async def read_inode(self, ino: int, first: int, count: int) -> PageRead:
         """Pages first..first+count-1 of file ino (at most MAX_MESSAGE_PAGES)."""

@@ -246,6 +246,16 @@ class MountProc(LogChecked):
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
 
+def server_used_bytes(server: ServerProc) -> int:
+    """The bytes of page data srv stores, as it says."""
+
+    async def ask() -> int:
+        async with RemoteStore.connect(server.address) as store:
+            return (await store.server_stat()).used_bytes
+
+    return run_trio(ask)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -19,8 +19,8 @@ def _w(seg: str, first: int, *gens: int) -> Write:
 
 
 def _commit(store: MemoryPageStore, txn: bytes, *ops: Op) -> None:
-    store.check(ops)
-    store.apply(txn, ops)
+    """As the server commits: checked, orphans no client holds reaped."""
+    store.apply(txn, store.settle(ops))
 
 
 def test_holes_runs_and_chunk_boundaries() -> None:

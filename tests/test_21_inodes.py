@@ -22,6 +22,7 @@ from netmemfs.ops import (
     MakeNode,
     Move,
     Op,
+    Reap,
     Rmdir,
     SetAttr,
     Truncate,
@@ -51,10 +52,10 @@ class Store:
         log); the inode numbers MakeNode handed out."""
         self.n += 1
         txn = f"txn-{self.n}".encode()
-        self.s.check(ops)
+        settled = self.s.settle(ops)  # with the Reaps of orphans, no holders here
         if self.log is not None:
-            self.log.append(txn, ops)
-        self.s.apply(txn, ops)
+            self.log.append(txn, settled)
+        self.s.apply(txn, settled)
         outcome = self.s.outcome(txn)
         assert outcome is not None
         return outcome.created
@@ -297,12 +298,42 @@ def test_an_op_on_an_inode_its_own_commit_freed_is_refused_by_check() -> None:
     server then could not replay its log)."""
     st = Store()
     f = st.make(ROOT_INO, "f")
-    st.refuses(errno.ESTALE, Unlink(ROOT_INO, "f"), Truncate(f, 0))
-    st.refuses(
-        errno.ESTALE,
+    st.refuses(errno.ESTALE, Unlink(ROOT_INO, "f"), Reap(f), Truncate(f, 0))
+    st.refuses(errno.EPERM, Reap(f))  # it has a name
+    st.refuses(  # linkat of a file with no name left: ENOENT, as Linux answers
+        errno.ENOENT,
         Move(ROOT_INO, "f", ROOT_INO, "f"),
         Unlink(ROOT_INO, "f"),
         Link(f, ROOT_INO, "g"),
     )
     st.commit(Unlink(ROOT_INO, "f"))
     assert f not in st.s.inodes
+
+
+def test_a_held_file_outlives_its_last_name_until_reaped(tmp_path: Path) -> None:
+    """An inode whose last name goes while a client holds it stays, by number, through
+    the log and a checkpoint: read, written and resized, but not found by name or linked
+    to; a Reap frees it and its pages."""
+    data = tmp_path / "data"
+    durable = LogPageStore.open(data, capacity_bytes=None, checkpoint_bytes=1 << 40)
+    st = Store(log=durable)
+    (f,) = st.commit(MakeNode(ROOT_INO, "f", FILE))
+    st.commit(Truncate(f, PAGE_SIZE), WritePages(f, 0, stamp_page("f", 0, 1)))
+    ops = durable.mem.settle([Unlink(ROOT_INO, "f")], held={f})
+    assert ops == [Unlink(ROOT_INO, "f")]  # no Reap: it is held
+    durable.append(b"unlink", ops)
+    durable.mem.apply(b"unlink", ops)
+    assert durable.mem.orphans == {f} and durable.mem.inode(f).nlink == 0
+    st.refuses(errno.ENOENT, Link(f, ROOT_INO, "back"))
+    st.commit(Truncate(f, 2 * PAGE_SIZE), WritePages(f, 1, stamp_page("f", 1, 2)))
+    assert durable.mem.used_bytes == 2 * PAGE_SIZE
+    durable.checkpoint()
+    durable.close()
+    loaded = LogPageStore.open(data, capacity_bytes=None, checkpoint_bytes=1 << 40)
+    assert loaded.mem.orphans == {f}
+    assert loaded.mem.read_inode(f, 1, 1)[1][0].data == stamp_page("f", 1, 2)
+    with pytest.raises(NetmemError):
+        loaded.mem.lookup(ROOT_INO, "f")
+    Store(loaded.mem).commit(Reap(f))
+    assert f not in loaded.mem.inodes and not loaded.mem.orphans and loaded.mem.used_bytes == 0
+    loaded.close()

@@ -20,7 +20,7 @@ def _open(d: Path, checkpoint_bytes: int = 1 << 30) -> LogPageStore:
 
 
 def _commit(store: LogPageStore, txn: bytes, ops: list[Op]) -> None:
-    store.mem.check(ops)
+    ops = store.mem.settle(ops)
     store.append(txn, ops)
     store.mem.apply(txn, ops)
 

@@ -16,6 +16,7 @@ from netmemfs.ops import (
     Link,
     MakeNode,
     Move,
+    Reap,
     Rmdir,
     SetAttr,
     Truncate,
@@ -157,6 +158,13 @@ def test_a_hostile_client_meets_the_same_refusals(server: ServerProc) -> None:
     raw.send(Lookup(4, ROOT_INO, b"y" * 255))
     got = raw.receive()
     assert isinstance(got, Error) and got.code == "not_found", got
+    raw.close()
+    # Reap is the server's own op: a client may not free an inode someone holds.
+    raw = RawClient(server.address)
+    raw.hello()
+    raw.send_raw(encode(Change(5, b"h3", (Reap(ROOT_INO),))))  # type: ignore[arg-type]
+    got = raw.receive()
+    assert isinstance(got, Error) and got.code == "protocol", got
     raw.close()
 
 

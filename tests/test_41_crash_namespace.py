@@ -121,7 +121,7 @@ class _ChangeStream:
                     gen += 1
                     self.inflight = _random_change(self.rng, self.acked, gen)
                     await store.change(self.inflight)
-                    self.acked.apply(f"m{gen}".encode(), self.inflight)
+                    self.acked.apply(f"m{gen}".encode(), self.acked.settle(self.inflight))
                     self.inflight = None
                     self.count += 1
             except NetmemError:
@@ -159,8 +159,7 @@ def test_kill_9_during_namespace_changes(
             f"last acknowledged one:\n{_diff(_model_tree(model), got)}"
         )
         landed = copy.deepcopy(model)
-        landed.check(inflight)
-        landed.apply(b"landed", inflight)
+        landed.apply(b"landed", landed.settle(inflight))
         assert got == _model_tree(landed), (
             f"kill {kill} {note}: the tree is neither the last acknowledged change nor the "
             f"one in flight ({inflight}) applied whole:\n{_diff(_model_tree(landed), got)}"

@@ -4,19 +4,21 @@ kernel enforces; and the identity of a file across renames and deletes by anothe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from netmemfs.pages import PAGE_SIZE
-from tests.helpers import MountProc, ServerProc, stamp_page
+from tests.helpers import MountProc, ServerProc, server_used_bytes, stamp_page, wait_for
 
 MountFactory = Callable[..., MountProc]
 
@@ -164,3 +166,63 @@ def test_a_file_deleted_and_made_again_is_read_anew_by_another_mount(
     _write_and_fsync(a.path("f"), b"two" * 1000)
     assert b.path("f").read_bytes() == b"two" * 1000
     assert os.stat(b.path("f")).st_ino != old  # a number is never used again
+
+
+def test_a_file_removed_by_another_mount_keeps_working_where_it_is_open(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    """B unlinks f and renames h over g while A has both open, one of them mapped: A's
+    descriptors and mapping read, write and fsync the old files; their pages are freed
+    when A closes them."""
+    a = mount_factory(server.address, name="a")
+    b = mount_factory(server.address, name="b")
+    _write_and_fsync(a.path("f"), stamp_page("f", 0, 1))
+    _write_and_fsync(a.path("g"), stamp_page("g", 0, 1))
+    _write_and_fsync(a.path("h"), stamp_page("h", 0, 1))
+    f = os.open(a.path("f"), os.O_RDWR)
+    g = os.open(a.path("g"), os.O_RDWR)
+    m = mmap.mmap(g, PAGE_SIZE)
+    try:
+        os.unlink(b.path("f"))
+        os.rename(b.path("h"), b.path("g"))
+        assert sorted(os.listdir(b.mountpoint)) == ["g"]
+        os.posix_fadvise(f, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the server again
+        assert os.pread(f, PAGE_SIZE, 0) == stamp_page("f", 0, 1)
+        os.pwrite(f, stamp_page("f", 1, 2), PAGE_SIZE)
+        os.fsync(f)
+        os.posix_fadvise(f, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(f, PAGE_SIZE, PAGE_SIZE) == stamp_page("f", 1, 2)
+        assert m[:] == stamp_page("g", 0, 1)
+        m[:] = stamp_page("g", 0, 2)
+        m.flush()
+        os.fsync(g)
+        assert b.path("g").read_bytes() == stamp_page("h", 0, 1)  # B's g is h
+    finally:
+        m.close()
+        os.close(f)
+        os.close(g)
+    # f (2 pages) and the old g (1 page) are freed; h (1 page, now g) stays.
+    wait_for(lambda: server_used_bytes(server) == PAGE_SIZE, "A's last closes to free them")
+
+
+def test_holds_of_a_dead_client_lapse_after_the_lease(
+    server_factory: Callable[..., ServerProc], mount_factory: MountFactory
+) -> None:
+    srv = server_factory("--hold-lease", "1")
+    a = mount_factory(srv.address, name="a")
+    b = mount_factory(srv.address, name="b")
+    _write_and_fsync(a.path("f"), stamp_page("f", 0, 1))
+    fd = os.open(a.path("f"), os.O_RDONLY)
+    try:
+        os.unlink(b.path("f"))
+        # A renews its hold (a third of the lease) while it lives: still there after
+        # three leases.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert server_used_bytes(srv) == PAGE_SIZE
+            time.sleep(0.2)
+        a.kill()  # SIGKILL: it lets go of nothing
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the mount died with its daemon
+            os.close(fd)
+    wait_for(lambda: server_used_bytes(srv) == 0, "the lease to lapse and f to be freed")

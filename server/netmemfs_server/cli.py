@@ -177,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the rest of a message, or to take a reply (default %(default)g)",
     )
     p.add_argument(
+        "--hold-lease",
+        type=float,
+        default=limits.hold_lease_s,
+        metavar="SECONDS",
+        help="a file removed while a client has it open lives on for that client; if the "
+        "client goes silent (dies, or the network parts it from us) for this long, its "
+        "holds lapse and such files are freed (default %(default)g)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening on a non-loopback address without --token-file",
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             max_frame_bytes=args.max_frame,
             idle_timeout_s=args.idle_timeout,
             slow_client_timeout_s=args.slow_client_timeout,
+            hold_lease_s=args.hold_lease,
         )
         limits.check()
     except ValueError as e:

@@ -281,6 +281,8 @@ def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
             f"{path} is incomplete or damaged (checkpoints are renamed into place only "
             "when whole, so this is not a crash); restore it from a backup"
         )
+    # Orphans (no name left, some client held them) are kept like any inode.
+    mem.orphans = {ino for ino, n in mem.inodes.items() if n.nlink == 0 and ino != ROOT_INO}
     return int(covers), fmt
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,7 +50,18 @@ from netmemfs.errors import (
     TooLarge,
     VersionMismatch,
 )
-from netmemfs.ops import Create, Delete, Op, Rename, Resize, Write, WritePages, name_bytes, name_str
+from netmemfs.ops import (
+    Create,
+    Delete,
+    Op,
+    Reap,
+    Rename,
+    Resize,
+    Write,
+    WritePages,
+    name_bytes,
+    name_str,
+)
 from netmemfs.pages import PAGE_SIZE, check_name
 from netmemfs.protocol import (
     CLOSED,
@@ -71,8 +83,10 @@ from netmemfs.protocol import (
     Entries,
     Error,
     GetAttr,
+    Held,
     Hello,
     HelloReply,
+    Hold,
     ListSegments,
     Lookup,
     Message,
@@ -111,6 +125,9 @@ HANDSHAKE_FRAME_BYTES = 1024
 FAREWELL_S = 1.0
 # Entries in one ReadDir reply at most (a reply stays well below a frame's limit).
 MAX_READDIR_ENTRIES = 1024
+# Inodes one client may hold open (Hold), and all clients together.
+MAX_HELD_PER_CLIENT = 1 << 20
+MAX_HELD_TOTAL = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +144,8 @@ class Limits:
     max_frame_bytes: int = MAX_FRAME_BYTES
     idle_timeout_s: float = 3600.0
     slow_client_timeout_s: float = 30.0
+    # How long a client's holds on open files last unless it renews them (--hold-lease).
+    hold_lease_s: float = 20.0
 
     def check(self) -> None:
         """ValueError naming the option, for limits that cannot work."""
@@ -140,6 +159,8 @@ class Limits:
             raise ValueError("--max-inflight must be at least --max-frame (one commit must fit)")
         if self.idle_timeout_s <= 0 or self.slow_client_timeout_s <= 0:
             raise ValueError("--idle-timeout and --slow-client-timeout must be positive")
+        if self.hold_lease_s <= 0:
+            raise ValueError("--hold-lease must be positive")
 
 
 class _Close(Exception):
@@ -166,6 +187,12 @@ class PageServer:
         self.connections = 0
         self.refused_busy = 0
         self.staged_bytes = 0  # all connections' staged pages
+        # What each client holds open (Hold), and until when (trio time), by client id.
+        self.holds: dict[bytes, tuple[frozenset[int], float]] = {}
+        self.held_total = 0  # inodes in all holds together (MAX_HELD_TOTAL)
+        # Orphans found at start are not reaped for a lease: their holders may not
+        # have renewed their holds with this server yet.
+        self._inherited = set(mem.orphans)
 
     async def commit(self, txn: bytes, ops: Sequence[Op]) -> tuple[Outcome, bool]:
         """Apply ops as transaction txn exactly once: (what it did, replayed)."""
@@ -177,7 +204,8 @@ class PageServer:
             # and the log keeps the dates, so a replay gives each inode the times it had.
             now = time.time_ns()
             ops = [dataclasses.replace(op, time_ns=now) for op in ops]
-            self.mem.check(ops)
+            # With a Reap of each inode left with no name that no client holds open.
+            ops = self.mem.settle(ops, self.held())
             durable = self.durable
             if durable is None:
                 self.mem.apply(txn, ops)
@@ -202,6 +230,49 @@ class PageServer:
                         )
             return self._outcome(txn), False
 
+    def held(self) -> set[int]:
+        return {ino for inos, _ in self.holds.values() for ino in inos}
+
+    def hold(self, client: bytes, inos: frozenset[int]) -> None:
+        """client now holds inos (and no others) for a lease from now."""
+        old = self.holds.pop(client, (frozenset(), 0.0))[0]
+        total = self.held_total - len(old) + len(inos)
+        if len(inos) > MAX_HELD_PER_CLIENT or total > MAX_HELD_TOTAL:
+            self.holds[client] = (old, trio.current_time() + self.limits.hold_lease_s)
+            raise TooLarge(
+                f"a client may hold {MAX_HELD_PER_CLIENT} inodes open, all clients "
+                f"{MAX_HELD_TOTAL}; this hold of {len(inos)} would pass that"
+            )
+        self.held_total = total
+        if inos:
+            self.holds[client] = (inos, trio.current_time() + self.limits.hold_lease_s)
+
+    async def reap(self) -> None:
+        """Free the orphans no client holds any more (one transaction)."""
+        held = self.held() | self._inherited
+        free = sorted(ino for ino in self.mem.orphans if ino not in held)
+        if free:
+            await self.commit(b"reap-" + os.urandom(12), [Reap(ino) for ino in free])
+
+    async def _keep_leases(self) -> None:
+        """Drop the holds of clients that did not renew them within the lease, and free
+        what they held, a few times per lease."""
+        lease = self.limits.hold_lease_s
+        started = trio.current_time()
+        while True:
+            await trio.sleep(lease / 4)
+            if trio.current_time() > started + lease:
+                self._inherited.clear()
+            now = trio.current_time()
+            for client, (inos, until) in list(self.holds.items()):
+                if until < now:
+                    del self.holds[client]
+                    self.held_total -= len(inos)
+            try:
+                await self.reap()
+            except NetmemError as e:  # the log's disk, say: tried again next time
+                log.error("freeing inodes with no name and no holder failed: %s", e)
+
     def _outcome(self, txn: bytes) -> Outcome:
         outcome = self.mem.outcome(txn)
         assert outcome is not None  # apply() just remembered it
@@ -220,8 +291,10 @@ class PageServer:
         if self.tls is not None:
             # The TLS handshake runs on the first receive, under the slow-client timeout.
             listeners = [trio.SSLListener(t, self.tls, https_compatible=False) for t in tcp]
-        task_status.started(bound)
-        await trio.serve_listeners(self._handle, listeners)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_leases)
+            task_status.started(bound)
+            await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         sock = socket_of(stream)
@@ -493,6 +566,11 @@ class _Session:
         ops: list[Op] = [*msg.ops, *staged]
         await self.start_commit(nursery, msg, ops, inline, _staged_bytes(staged))
 
+    async def on_hold(self, msg: Hold, nursery: trio.Nursery) -> None:
+        self.server.hold(msg.client, frozenset(msg.inos))
+        await self.server.reap()  # what it let go of, if nobody else holds it
+        await self.send(Held(msg.req_id, int(self.limits.hold_lease_s * 1000)))
+
     def stage(self, msg: StagePages | StageInode) -> None:
         if isinstance(msg, StagePages):
             check_name(msg.segment)
@@ -641,4 +719,5 @@ _HANDLERS: dict[type[Message], _Handler] = {
     ReadInode: _Session.on_read_inode,
     Change: _Session.on_change,
     StageInode: _Session.on_stage_inode,
+    Hold: _Session.on_hold,
 }

@@ -25,7 +25,7 @@ import bisect
 import dataclasses
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 
 from netmemfs.errors import (
@@ -52,6 +52,7 @@ from netmemfs.ops import (
     MakeNode,
     Move,
     Op,
+    Reap,
     Rename,
     Resize,
     Rmdir,
@@ -300,6 +301,7 @@ class _Run:
         self.names: dict[str, None] = {}  # segments touched by segment ops, by final name
         self.touched: dict[int, None] = {}
         self.created: list[int] = []
+        self.orphaned: dict[int, None] = {}  # inodes this run took the last name of
 
     def undo(self) -> None:
         for action in reversed(self.undo_log):
@@ -339,20 +341,39 @@ class _Run:
         self.touched[node.ino] = None
 
     def _drop_link(self, node: Inode, t: int) -> None:
-        """One name of node is gone; the last one frees it. A check takes it out too
-        (and puts it back in undo): a later op of the commit must find it gone then as
-        well, or apply() would meet an error that check() did not."""
+        """One name of node is gone. After the last it is an orphan: it lives on, by
+        number only, until a Reap frees it (the server adds one at once unless a client
+        holds it open)."""
         self._set(node, "nlink", node.nlink - (2 if node.entries is not None else 1))
         self._touch(node, t)
         if node.nlink > 0:
             return
         ino = node.ino
+        self.s.orphans.add(ino)
+        self.orphaned[ino] = None
+        if self.dry:
+            self.undo_log.append(lambda: self.s.orphans.discard(ino))
+
+    def _reap(self, op: Reap) -> None:
+        node = self.inode(op.ino)
+        if node.nlink > 0 or node.ino == ROOT_INO:
+            raise NotPermitted(f"inode {op.ino} has a name; only an orphan is reaped")
+        ino = node.ino
         del self.s.inodes[ino]
+        self.s.orphans.discard(ino)
         self.touched.pop(ino, None)
+        self.orphaned.pop(ino, None)
         if self.dry:
             self.undo_log.append(lambda: self.s.inodes.__setitem__(ino, node))
+            self.undo_log.append(lambda: self.s.orphans.add(ino))
         else:
             self.s.used_pages -= node.stored_pages
+
+    def _living(self, d: Inode) -> Inode:
+        """d, a directory that may get a new name: not one removed while in use."""
+        if d.nlink == 0:
+            raise SegmentNotFound(f"directory {d.ino} was removed; nothing can be made in it")
+        return d
 
     # -- lookups --
 
@@ -439,6 +460,8 @@ class _Run:
             self._setattr(op)
         elif isinstance(op, WritePages):
             self._write(self._file(op.ino), op.first, op.data, op.time_ns)
+        elif isinstance(op, Reap):
+            self._reap(op)
         else:
             self._truncate(self._file(op.ino), op.size, op.time_ns)
 
@@ -491,7 +514,7 @@ class _Run:
         return node
 
     def _make_node(self, op: MakeNode) -> None:
-        d = self.directory(op.parent)
+        d = self._living(self.directory(op.parent))
         check_entry_name(op.name)
         kind = stat.S_IFMT(op.mode)
         if kind not in _TYPES:
@@ -510,7 +533,9 @@ class _Run:
 
     def _link(self, op: Link) -> None:
         node = self.inode(op.ino)
-        d = self.directory(op.parent)
+        d = self._living(self.directory(op.parent))
+        if node.nlink == 0:
+            raise SegmentNotFound(f"inode {op.ino} has no name left to link to")
         check_entry_name(op.name)
         if node.entries is not None:
             raise NotPermitted(f"inode {op.ino} is a directory; directories take no links")
@@ -548,7 +573,7 @@ class _Run:
 
     def _checked_move(self, op: Move) -> None:
         d = self.directory(op.parent)
-        nd = self.directory(op.new_parent)
+        nd = self._living(self.directory(op.new_parent))
         for name in (op.name, op.new_name):
             if name in (".", ".."):
                 raise InvalidMove(f"rename of {name!r} is not allowed")
@@ -642,6 +667,9 @@ class MemoryPageStore:
         root.parent = ROOT_INO
         self.root = root
         self.inodes: dict[int, Inode] = {ROOT_INO: root}
+        # Inodes with no name left (nlink 0), kept until a Reap: some client may hold
+        # one open (serve.py's holds decide when to reap).
+        self.orphans: set[int] = set()
         self.next_ino = ROOT_INO + 1  # never handed out before; only grows
         self.used_pages = 0
         self.committed: OrderedDict[bytes, Outcome] = OrderedDict()
@@ -730,8 +758,21 @@ class MemoryPageStore:
 
     # --- mutations -----------------------------------------------------------------
 
-    def check(self, ops: Sequence[Op], *, enforce_capacity: bool = True) -> None:
-        """Raise the error applying ops would meet; change nothing.
+    def settle(self, ops: Sequence[Op], held: Container[int] = ()) -> list[Op]:
+        """ops as they are to be applied and logged: checked (raising what check raises),
+        followed by a Reap of each inode they leave without a name that is not in held
+        (inodes some client holds open)."""
+        orphaned = self.check(ops)
+        reaps: list[Op] = [Reap(ino) for ino in orphaned if ino not in held]
+        if not reaps:
+            return list(ops)
+        out = [*ops, *reaps]
+        self.check(out)
+        return out
+
+    def check(self, ops: Sequence[Op], *, enforce_capacity: bool = True) -> list[int]:
+        """Raise the error applying ops would meet; change nothing. Return the inodes
+        whose last name the ops take (orphans, for settle to reap).
 
         The ops run in order, for real but without page data, and are then undone, so
         a transaction may make a directory and a file in it, or create a segment and
@@ -752,6 +793,7 @@ class MemoryPageStore:
                 f"{self.used_bytes} of its {cap}-byte --max-memory; delete or shrink "
                 "segments, or restart the server with a larger --max-memory"
             )
+        return list(run.orphaned)
 
     def apply(self, txn: bytes, ops: Sequence[Op]) -> Versions:
         """Apply ops that check() accepted; record txn; return the new versions of the
