@@ -1,8 +1,11 @@
 """Child process of the mount crash test: commits generations of pages to files in a
-mount, printing what it is about to commit and what was acknowledged, until it fails."""
+mount, and between them changes the names in its directory ns/ (mkdir, create, symlink,
+link, unlink, rmdir, rename), printing what it is about to do and what was acknowledged,
+until it fails."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -11,6 +14,32 @@ import sys
 from tests.helpers import stamp_page
 
 PAGES = 32
+NS = "ns"  # the directory whose names the writer changes (each op one transaction)
+NAMES = ("a", "b", "c", "d")
+NS_OPS = ("mkdir", "create", "symlink", "link", "unlink", "rmdir", "rename")
+
+
+def ns_op(rng: random.Random) -> tuple[str, str, str]:
+    """A namespace op on NAMES (valid or not: a refused one changes nothing)."""
+    return rng.choice(NS_OPS), rng.choice(NAMES), rng.choice(NAMES)
+
+
+def do_ns_op(root: str, op: str, a: str, b: str) -> None:
+    pa, pb = os.path.join(root, NS, a), os.path.join(root, NS, b)
+    if op == "mkdir":
+        os.mkdir(pa)
+    elif op == "create":
+        os.close(os.open(pa, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    elif op == "symlink":
+        os.symlink(b, pa)
+    elif op == "link":
+        os.link(pa, pb, follow_symlinks=False)
+    elif op == "unlink":
+        os.unlink(pa)
+    elif op == "rmdir":
+        os.rmdir(pa)
+    else:
+        os.rename(pa, pb)
 
 
 def main() -> None:
@@ -27,6 +56,18 @@ def main() -> None:
     try:
         while True:
             gen += 1
+            if gen % 3 == 0:
+                op, a, b = ns_op(rng)
+                print("nsbegin", gen, op, a, b, flush=True)
+                try:
+                    do_ns_op(mountpoint, op, a, b)
+                except OSError as e:
+                    if e.errno in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED):
+                        raise  # the daemon is gone
+                    print("nsrefused", gen, e.errno, flush=True)
+                else:
+                    print("nsacked", gen, flush=True)
+                continue
             name = rng.choice(sorted(files))
             pages = sorted(rng.sample(range(PAGES), rng.randint(1, 12)))
             for p in pages:

@@ -1,12 +1,14 @@
-"""Crash test of the mount: SIGKILL the daemon during a stream of fsyncs, start it again
-with the same cache dir, and check the server holds, for every file, exactly the last
-acknowledged commit or the one in flight applied whole."""
+"""Crash test of the mount: SIGKILL the daemon during a stream of fsyncs and namespace
+changes, start it again with the same cache dir, and check the server holds, for every
+file, exactly the last acknowledged commit or the one in flight applied whole, and a
+namespace that is the last acknowledged one or that with the change in flight made."""
 
 from __future__ import annotations
 
 import os
 import random
 import selectors
+import stat
 import subprocess
 import sys
 import time
@@ -15,8 +17,13 @@ from pathlib import Path
 
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.remote import RemoteStore
+from netmemfs_server.store import ROOT_INO
 from tests.helpers import MountProc, ServerProc, describe_page, run_trio, stamp_page
-from tests.mount_writer import PAGES
+from tests.mount_writer import NS, PAGES
+
+# name in ns/ -> (kind "d", "f" or "l", which inode: the gen that made it; a hard link
+# shares it)
+Names = dict[str, tuple[str, int]]
 
 KILLS = int(os.environ.get("NETMEMFS_MOUNT_KILLS", "20"))
 FILES = ("f0", "f1", "f2")
@@ -36,6 +43,47 @@ def _server_state(address: str) -> dict[str, bytes]:
             return {name: await store.read_bytes(name, 0, PAGES) for name in FILES}
 
     return run_trio(read)
+
+
+def _kinds(names: Names) -> dict[str, str]:
+    return {name: kind for name, (kind, _) in names.items()}
+
+
+def _server_names(address: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        async with RemoteStore.connect(address) as store:
+            ns = await store.lookup(ROOT_INO, NS)
+            kinds = {stat.S_IFDIR: "d", stat.S_IFREG: "f", stat.S_IFLNK: "l"}
+            return {n: kinds[stat.S_IFMT(m)] for n, _, m in await store.readdir(ns.ino)}
+
+    return run_trio(read)
+
+
+def _ns_apply(names: Names, gen: int, op: str, a: str, b: str) -> Names | None:
+    """names after op (made in gen) as POSIX does it, or None if POSIX refuses it."""
+    out = dict(names)
+    kind = names[a][0] if a in names else None
+    if op in ("mkdir", "create", "symlink"):
+        if kind is not None:
+            return None
+        out[a] = ({"mkdir": "d", "create": "f", "symlink": "l"}[op], gen)
+    elif op == "link":
+        if kind not in ("f", "l") or b in names:
+            return None
+        out[b] = names[a]
+    elif op in ("unlink", "rmdir"):
+        if kind is None or (kind == "d") != (op == "rmdir"):
+            return None
+        del out[a]
+    else:
+        if kind is None:
+            return None
+        if names.get(b) == names[a]:
+            return out  # two names of one inode (or one name): rename does nothing
+        if b in names and (names[b][0] == "d") != (kind == "d"):
+            return None
+        out[b] = out.pop(a)
+    return out
 
 
 def _diff(want: bytes, got: bytes) -> str:
@@ -59,7 +107,10 @@ def test_kill_9_of_the_mount_daemon_during_fsyncs(
             f.truncate(PAGES * PAGE_SIZE)
             f.flush()
             os.fsync(f.fileno())
+    os.mkdir(mnt.path(NS))
     model: Model = {name: {} for name in FILES}
+    names: Names = {}
+    ns_stats = {"acked": 0, "refused": 0, "inflight_landed": 0, "inflight_dropped": 0}
     gen = 0
     stats = {"acked": 0, "inflight_landed": 0, "inflight_dropped": 0}
     for kill in range(KILLS):
@@ -104,9 +155,22 @@ def test_kill_9_of_the_mount_daemon_during_fsyncs(
         assert writer.wait(60) is not None
         lines = raw.decode().splitlines()
         inflight: tuple[str, int, list[int]] | None = None
+        ns_inflight: tuple[int, str, str, str] | None = None
         for line in lines:
             word, *rest = line.split()
-            if word == "begin":
+            if word == "nsbegin":
+                ns_inflight = (int(rest[0]), rest[1], rest[2], rest[3])
+                gen = max(gen, int(rest[0]))
+            elif word in ("nsacked", "nsrefused"):
+                assert ns_inflight is not None
+                after = _ns_apply(names, *ns_inflight)
+                assert (after is None) == (word == "nsrefused"), (
+                    f"kill {kill} {note}: the mount answered {ns_inflight} with {line!r} in {names}"
+                )
+                names = names if after is None else after
+                ns_inflight = None
+                ns_stats["acked" if after is not None else "refused"] += 1
+            elif word == "begin":
                 inflight = (rest[0], int(rest[1]), [int(x) for x in rest[2:]])
                 gen = max(gen, int(rest[1]))
             elif word == "acked":
@@ -117,6 +181,17 @@ def test_kill_9_of_the_mount_daemon_during_fsyncs(
                 inflight = None
                 stats["acked"] += 1
         mnt.start()  # same cache dir: a sealed commit is finished now
+        got_names = _server_names(server.address)
+        if got_names != _kinds(names):
+            made = _ns_apply(names, *ns_inflight) if ns_inflight is not None else None
+            assert made is not None and got_names == _kinds(made), (
+                f"kill {kill} {note}: ns/ holds {got_names}: neither the last acknowledged "
+                f"{names} nor that with {ns_inflight} made"
+            )
+            names = made
+            ns_stats["inflight_landed"] += 1
+        elif ns_inflight is not None:
+            ns_stats["inflight_dropped"] += 1
         got = _server_state(server.address)
         for name in FILES:
             want = _expected(model, name)
@@ -139,5 +214,6 @@ def test_kill_9_of_the_mount_daemon_during_fsyncs(
                     f"{_diff(_expected({name: landed}, name), got[name])}"
                 )
                 stats["inflight_dropped"] += 1
-    print(f"mount crash test: {KILLS} kills, {stats}")
+    print(f"mount crash test: {KILLS} kills, {stats}, namespace: {ns_stats}")
     assert stats["acked"] >= KILLS, f"too few commits acknowledged to mean anything: {stats}"
+    assert ns_stats["acked"] >= KILLS, f"too few namespace changes acknowledged: {ns_stats}"
