@@ -111,7 +111,8 @@ struct region {
 	bool async;		/* WP_ASYNC + MOVE, else sync write-protect */
 	bool borrowed;		/* the caller's mapping: not ours to unmap */
 	bool can_poison;
-	char segment[256];
+	char segment[256];	/* the file's path, as the caller named it */
+	uint64_t ino;		/* its inode, as the agent resolved it at OPEN */
 	char agent_name[300];	/* for messages: "the agent", or the daemon's */
 	unsigned int timeout_ms;
 
@@ -908,8 +909,11 @@ static void on_redial(struct region *r, const struct nm_wire_header *h,
 static void srv_ask(struct region *r, struct fetch *f)
 {
 	unsigned char req[NM_SRV_REQUEST_MAX];
-	size_t len = nm_srv_read_pages(req, f->id, r->segment, f->first,
-				       f->count);
+	/* By inode number: the file the agent resolved at OPEN, whatever its
+	 * name is now. An agent of before inodes gives 0: then by name. */
+	size_t len = r->ino ?
+		nm_srv_read_inode(req, f->id, r->ino, f->first, f->count) :
+		nm_srv_read_pages(req, f->id, r->segment, f->first, f->count);
 	ssize_t n = send(r->srv, req, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 	/* A request is a few dozen bytes and at most MAX_FETCHES are in
@@ -1448,6 +1452,7 @@ static int open_segment(struct region *r)
 		srv = -1;
 	}
 	r->srv = srv;
+	r->ino = h.first;
 	return 0;
 }
 
@@ -1576,7 +1581,8 @@ void *netmem_map_opts(const struct netmem_options *o)
 	if (!server)
 		server = DEFAULT_SERVER;
 	if (!o->segment || !o->segment[0] || strlen(o->segment) > 255) {
-		fail(EINVAL, "the segment name must be 1 to 255 bytes");
+		fail(EINVAL, "the segment (a file's path from the root of the "
+		     "server's tree) must be 1 to 255 bytes");
 		return NULL;
 	}
 	if (!o->size || o->size % PS || sysconf(_SC_PAGESIZE) != (long)PS) {
@@ -1746,6 +1752,10 @@ int netmem_sync(void *addr)
 	} else if (ret) {
 		ret = fail(EIO, "sync of segment %s: the agent did not answer "
 			   "in time; the pages stay dirty", r->segment);
+	} else if (r->sync_errno == ESTALE) {
+		/* The file was removed or replaced: the agent dropped them. */
+		ret = fail(ESTALE, "sync of segment %s failed: %s", r->segment,
+			   r->sync_msg);
 	} else if (r->sync_errno) {
 		ret = fail(r->sync_errno, "sync of segment %s failed: %s; the "
 			   "pages stay staged for the next sync", r->segment,

@@ -24,9 +24,10 @@ struct nm_wire_header {
 } __attribute__((packed));
 
 enum nm_wire_op {
-	NM_OP_OPEN = 1,		/* payload: segment name; reply: empty, and
-				 * maybe (SCM_RIGHTS) a connection to the
-				 * server for direct reads */
+	NM_OP_OPEN = 1,		/* payload: the file's path; reply: empty,
+				 * `first` its inode number, and maybe
+				 * (SCM_RIGHTS) a connection to the server
+				 * for direct reads */
 	NM_OP_FETCH = 2,	/* reply: bitmap, then data of set pages */
 	NM_OP_STAGE = 3,	/* payload: count pages; replied to only on failure */
 	NM_OP_COMMIT = 4,	/* commit all staged pages as one transaction */

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * server_wire.h - the part of the netmemfs server protocol (docs/protocol.md)
- * that libnetmem speaks itself: ReadPages out, Pages or Error back.
+ * that libnetmem speaks itself: ReadInode (or ReadPages) out, Pages or Error
+ * back.
  *
  * The agent does the handshake (and authentication) on a second connection
  * and hands it over; the handler then reads pages on it without a hop through
@@ -18,6 +19,7 @@
 #include <string.h>
 
 #define NM_SRV_READ_PAGES 9
+#define NM_SRV_READ_INODE 17
 #define NM_SRV_PAGES 68
 #define NM_SRV_ERROR 127
 /* ReadPages: 4 + 1 + 1 + 9 + (2 + 255) + 9 + 9 bytes at most. */
@@ -33,6 +35,19 @@ static inline unsigned char *nm_put_u64(unsigned char *p, uint64_t v)
 	return p;
 }
 
+/* Put the length of the body that ends at end in front of it (out[0..3]);
+ * the whole frame's length. */
+static inline size_t nm_srv_frame_end(unsigned char *out, unsigned char *end)
+{
+	size_t len = (size_t)(end - out) - 4;
+
+	out[0] = (unsigned char)(len >> 24);
+	out[1] = (unsigned char)(len >> 16);
+	out[2] = (unsigned char)(len >> 8);
+	out[3] = (unsigned char)len;
+	return len + 4;
+}
+
 /* Encode ReadPages(id, segment, first, count) as one frame into out (at
  * least NM_SRV_REQUEST_MAX bytes); return its length. The segment name is
  * at most 255 bytes (netmem_map_opts checks). */
@@ -40,7 +55,7 @@ static inline size_t nm_srv_read_pages(unsigned char *out, uint64_t id,
 				       const char *segment, uint64_t first,
 				       uint64_t count)
 {
-	size_t n = strlen(segment), len;
+	size_t n = strlen(segment);
 	unsigned char *p = out + 4;
 
 	*p++ = 0x95;			/* fixarray of 5 */
@@ -56,12 +71,24 @@ static inline size_t nm_srv_read_pages(unsigned char *out, uint64_t id,
 	p += n;
 	p = nm_put_u64(p, first);
 	p = nm_put_u64(p, count);
-	len = (size_t)(p - out) - 4;
-	out[0] = (unsigned char)(len >> 24);
-	out[1] = (unsigned char)(len >> 16);
-	out[2] = (unsigned char)(len >> 8);
-	out[3] = (unsigned char)len;
-	return len + 4;
+	return nm_srv_frame_end(out, p);
+}
+
+/* Encode ReadInode(id, ino, first, count) as one frame into out (at least
+ * NM_SRV_REQUEST_MAX bytes); return its length. */
+static inline size_t nm_srv_read_inode(unsigned char *out, uint64_t id,
+				       uint64_t ino, uint64_t first,
+				       uint64_t count)
+{
+	unsigned char *p = out + 4;
+
+	*p++ = 0x95;			/* fixarray of 5 */
+	*p++ = NM_SRV_READ_INODE;	/* positive fixint */
+	p = nm_put_u64(p, id);
+	p = nm_put_u64(p, ino);
+	p = nm_put_u64(p, first);
+	p = nm_put_u64(p, count);
+	return nm_srv_frame_end(out, p);
 }
 
 /* A bounds-checked reader over one frame's body. */

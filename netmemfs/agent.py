@@ -35,10 +35,11 @@ from pathlib import Path
 import trio
 
 from netmemfs._trio_util import open_quiet_nursery, send_parts
+from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
-from netmemfs.journal import SealedCommit, SegmentJournal
-from netmemfs.pages import PAGE_SIZE, Buffer, check_name
-from netmemfs.remote import CommitResult, RemoteStore
+from netmemfs.journal import SegmentJournal
+from netmemfs.pages import PAGE_SIZE, Buffer
+from netmemfs.remote import InodeStat, RemoteStore
 
 log = logging.getLogger("netmemfs.agent")
 
@@ -137,17 +138,17 @@ class _Socket:
 
 
 class Region:
-    """One mapped region: its segment, its journal, its requests."""
+    """One mapped region: its file (by inode number), its journal, its requests."""
 
     def __init__(
-        self, io: _Socket, store: RemoteStore, name: str, size: int, journal_dir: Path
+        self, io: _Socket, store: RemoteStore, file: InodeStat, path: str, journal_dir: Path
     ) -> None:
         self.io = io
-        self.store = store
-        self.name = name
-        self.npages = size // PAGE_SIZE
-        self.journal = SegmentJournal(journal_dir, size)
-        self.commit_lock = trio.Lock()
+        self.name = path
+        self.npages = file.size // PAGE_SIZE
+        journal = SegmentJournal(journal_dir, file.size)
+        self.core = FileCore(store, file.ino, path, journal, version=file.version)
+        self.journal = journal
 
     async def serve(self) -> None:
         async with open_quiet_nursery() as nursery:
@@ -171,8 +172,7 @@ class Region:
                 elif op == OP_COMMIT:
                     # What was handed over before this message is what commits; the
                     # pages that arrive while it is under way are the next sync's.
-                    if self.journal.sealed is None and self.journal.has_changes():
-                        self.journal.seal_start()
+                    self.core.seal()
                     nursery.start_soon(self.commit, req_id)
                 elif op == OP_REDIAL:
                     nursery.start_soon(self.redial, req_id)
@@ -185,23 +185,8 @@ class Region:
 
     async def fetch(self, req_id: int, first: int, count: int) -> None:
         """Pages first..first+count-1: the journal's, else the server's; holes as bits."""
-        pages: list[Buffer | None] = [
-            self.journal.read_page(p) for p in range(first, first + count)
-        ]
         try:
-            if any(p is None for p in pages):
-                got = await self.store.read_pages(self.name, first, count)
-                for run in got.runs:
-                    view = memoryview(run.data)
-                    for i in range(run.count):
-                        k = run.first - first + i
-                        if pages[k] is None:
-                            pages[k] = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                # Handed over while we waited for the server: the journal's is newer.
-                for k in range(count):
-                    newer = self.journal.read_page(first + k)
-                    if newer is not None:
-                        pages[k] = newer
+            pages = await self.core.read(first, count)
         except NetmemError as e:
             self.io.error(OP_FETCH, req_id, e, f"read of pages {first}..{first + count - 1}")
             return
@@ -218,7 +203,7 @@ class Region:
         """A new connection for the region's direct reads: the server closed the last
         one (its --idle-timeout, or a restart)."""
         try:
-            fd = await self.store.open_handover()
+            fd = await self.core.store.open_handover()
         except NetmemError as e:
             self.io.error(OP_REDIAL, req_id, e, "a new connection to the server")
             return
@@ -226,31 +211,17 @@ class Region:
 
     async def commit(self, req_id: int) -> None:
         try:
-            async with self.commit_lock:
-                await self._commit_sealed()
-                if self.journal.sealed is None and self.journal.has_changes():
-                    # A COMMIT that came while an earlier one was still sending.
-                    self.journal.seal_start()
-                    await self._commit_sealed()
+            await self.core.commit()
         except NetmemError as e:
             log.warning("commit to %r failed: %s", self.name, e)
             self.io.error(OP_COMMIT, req_id, e, f"commit to {self.name!r}")
             return
         self.io.reply(OP_COMMIT, req_id, 0, 0, [])
 
-    async def _commit_sealed(self) -> None:
-        journal = self.journal
-        if journal.sealed is None:
-            return
-        await trio.to_thread.run_sync(journal.seal_finish, self.store.new_txn(), self.name)
-        await journal.send_sealed(self._send)
-
-    async def _send(self, commit: SealedCommit) -> CommitResult:
-        return await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
-
 
 async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Region | None:
-    """Answer the region's OPEN: create its segment, or check the one there."""
+    """Answer the region's OPEN: find its file by path, or make it; the reply carries
+    its inode number, by which the region reads and commits from now on."""
     msg = await io.receive()
     if msg is None:
         return None
@@ -258,9 +229,8 @@ async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Reg
     if op != OP_OPEN:
         raise WireError(f"expected OPEN, got request {op}")
     try:
-        name = payload.decode()
-        check_name(name)
-        await store.open_segment(name, size)
+        path = payload.decode()
+        file = await resolve(store, path, size, uid=os.getuid(), gid=os.getgid())
     except (NetmemError, UnicodeDecodeError) as e:
         io.error(OP_OPEN, req_id, e, "cannot open the segment")
         return None
@@ -271,8 +241,8 @@ async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Reg
         handover = await store.open_handover()
     except NetmemError as e:
         log.info("no direct connection for the region (%s); reads go through the agent", e)
-    io.reply(OP_OPEN, req_id, 0, 0, [], fd=handover)
-    return Region(io, store, name, size, journal_dir)
+    io.reply(OP_OPEN, req_id, file.ino, 0, [], fd=handover)
+    return Region(io, store, file, path, journal_dir)
 
 
 async def _run_socket(

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from netmemfs._netmem_cffi import ffi, lib
-from netmemfs.errors import NetmemError, NoSpace, SegmentNotFound
-from netmemfs.pages import PAGE_SIZE, check_name
+from netmemfs.errors import NetmemError, NoSpace, SegmentNotFound, Stale
+from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE
 from netmemfs.uffd import UffdUnavailable
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -44,7 +44,12 @@ class RegionError(NetmemError):
 def _raise(what: str) -> None:
     err = ffi.errno or errno.EIO
     message = ffi.string(lib.netmem_error()).decode(errors="replace")
-    cls = {errno.EPERM: UffdUnavailable, errno.ENOSPC: NoSpace, errno.ENOENT: SegmentNotFound}
+    cls = {
+        errno.EPERM: UffdUnavailable,
+        errno.ENOSPC: NoSpace,
+        errno.ENOENT: SegmentNotFound,
+        errno.ESTALE: Stale,
+    }
     if err in cls:
         raise cls[err](f"{what}: {message}")
     raise RegionError(f"{what}: {message}", err)
@@ -117,13 +122,25 @@ def map(
     bytes resident (0: all of it). A fault the server cannot serve within `timeout`
     seconds gets SIGBUS.
 
+    `segment` is the path of a regular file from the root of the server's tree (which
+    a mount shows at its root): "seg0", or "dir/seg0" in a directory that exists. It is
+    made with `size` bytes if missing; if there, it must have that size. The region
+    keeps the file it found at map time, by inode number: renamed meanwhile, it reads
+    and commits to it still; removed or replaced, its next sync raises Stale (ESTALE),
+    naming the path, and drops the changes.
+
     `server` is "HOST:PORT" of a netmemfs-server (a private agent process serves the
     region), or the mount point of a running `netmemfs mount` (an absolute path: that
     mount's daemon serves the region, with its server and token). Default:
     $NETMEM_SERVER, else 127.0.0.1:7733."""
     if server is not None:
         server = os.fspath(server)
-    check_name(segment)
+    if not 0 < len(os.fsencode(segment)) <= MAX_NAME_BYTES or "\0" in segment:
+        raise RegionError(
+            f"segment {segment[:40]!r}: give the path of a file from the root of the "
+            f"server's tree (like 'seg0' or 'dir/seg0'), 1 to {MAX_NAME_BYTES} bytes",
+            errno.EINVAL,
+        )
     if size <= 0 or size % PAGE_SIZE:
         raise RegionError(f"size {size} is not a positive multiple of {PAGE_SIZE}", errno.EINVAL)
     region = Region(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)

@@ -27,7 +27,7 @@ import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -36,6 +36,7 @@ import trio
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import AttachPoint
 from netmemfs.cache import PageCache
+from netmemfs.core import FileCore, send
 from netmemfs.errors import (
     NetmemError,
     NoSpace,
@@ -56,8 +57,8 @@ from netmemfs.ops import (
     name_bytes,
     name_str,
 )
-from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, consecutive, pages_for
-from netmemfs.protocol import MAX_MESSAGE_PAGES, MAX_TARGET_BYTES
+from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, pages_for
+from netmemfs.protocol import MAX_TARGET_BYTES
 from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
 
 log = logging.getLogger("netmemfs.fs")
@@ -100,20 +101,21 @@ class _Inode:
     ino: int
     attrs: InodeStat
     path: str  # where it was last seen, for messages only
-    journal: SegmentJournal | None  # regular files
+    core: FileCore | None  # regular files: journal, reads, commits
     lookups: int = 0
     opens: int = 0
     # When it was last changed here, not yet committed: shown as its mtime and ctime.
     dirty_ns: int = 0
-    # Gone from the server (a commit to it was refused as stale): writes fail (ESTALE).
-    gone: bool = False
-    commit_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
-    def file(self) -> SegmentJournal:
-        if self.journal is None:
+    def file(self) -> FileCore:
+        if self.core is None:
             raise pyfuse3.FUSEError(errno.EISDIR if self.is_dir else errno.EINVAL)
-        return self.journal
+        return self.core
+
+    @property
+    def journal(self) -> SegmentJournal | None:
+        return None if self.core is None else self.core.journal
 
     @property
     def is_dir(self) -> bool:
@@ -248,10 +250,19 @@ class NetmemFS(pyfuse3.Operations):
         """The inode st describes, made known or refreshed from what the server said."""
         node = self.inodes.get(st.ino)
         if node is None:
-            journal = None
+            core = None
             if stat.S_ISREG(st.mode):
                 journal = SegmentJournal(self.cache_dir, st.size, self.hold)
-            node = self.inodes[st.ino] = _Inode(st.ino, st, path, journal)
+                core = FileCore(
+                    self.store,
+                    st.ino,
+                    path,
+                    journal,
+                    version=st.version,
+                    cache=self.cache,
+                    timeout_s=self.timeout_s,
+                )
+            node = self.inodes[st.ino] = _Inode(st.ino, st, path, core)
             return node
         j = node.journal
         if j is not None and not j.has_changes() and j.sealed is None:
@@ -262,6 +273,9 @@ class NetmemFS(pyfuse3.Operations):
         node.attrs = st
         if path:
             node.path = path
+        if node.core is not None:
+            node.core.version = st.version
+            node.core.path = node.path
         return node
 
     async def _refresh(self, node: _Inode) -> _Inode:
@@ -361,7 +375,7 @@ class NetmemFS(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         if change != SetAttr(node.ino):
-            if fields.update_mtime and node.journal is not None:
+            if fields.update_mtime and node.core is not None:
                 # The commit of earlier writes would date the file anew: commit them
                 # first, so that the time set is the one that stays (as NFS does).
                 await self._commit(node)
@@ -369,8 +383,8 @@ class NetmemFS(pyfuse3.Operations):
         return self._attrs(await self._refresh(node))
 
     async def _truncate(self, node: _Inode, size: int) -> None:
-        journal = node.file
-        if node.gone:
+        journal = node.file.journal
+        if node.file.gone:
             raise pyfuse3.FUSEError(errno.ESTALE)
         with fuse_errors(f"truncate of {node.path!r} to {size}"):
             old = journal.size
@@ -393,7 +407,7 @@ class NetmemFS(pyfuse3.Operations):
         """Before growing a file whose last page is partial, make sure the journal holds
         that page whole, so the bytes past the old end are zeros (the server's may not
         be, if the file was shrunk since)."""
-        journal = node.file
+        journal = node.file.journal
         size = journal.size
         last = size // PAGE_SIZE
         if journal.read_page(last) is None:
@@ -616,7 +630,7 @@ class NetmemFS(pyfuse3.Operations):
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._inode(fh)
-        journal = node.file
+        journal = node.file.journal
         end = min(off + size, journal.size)
         if off >= end:
             return b""
@@ -628,52 +642,19 @@ class NetmemFS(pyfuse3.Operations):
         return data[start : start + end - off]
 
     async def _read_pages(self, node: _Inode, first: int, count: int) -> bytes:
-        """Pages first..first+count-1 as the file shows them: journal, then server."""
-        journal = node.file
+        """Pages first..first+count-1 as the file shows them (holes as zeros)."""
         out = bytearray(count * PAGE_SIZE)
-        missing: list[int] = []
-        for i in range(count):
-            data = journal.read_page(first + i)
-            if data is None:
-                missing.append(first + i)
-            else:
-                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
-        # Only pages the server has for this file can be asked for: past its size, or
-        # past a shrink not committed yet, they are zeros.
-        server_pages = pages_for(journal.low_water())
-        fetch = []
-        for p in missing:
-            if p >= server_pages:
-                continue
-            cached = self.cache.get(node.ino, p)
-            if cached is None:
-                fetch.append(p)
-            else:
-                out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = cached
-        runs = consecutive(fetch)
-        if runs:
-            with self._deadline():
-                for p, n in runs:
-                    for q in range(p, p + n, MAX_MESSAGE_PAGES):
-                        m = min(MAX_MESSAGE_PAGES, p + n - q)
-                        got = await self.store.read_inode(node.ino, q, m)
-                        keep = got.version == node.attrs.version  # else it changed
-                        for run in got.runs:
-                            off = (run.first - first) * PAGE_SIZE
-                            out[off : off + len(run.data)] = run.data
-                            if keep:
-                                self.cache.put(node.ino, run.first, run.data)
-            # A page written while we waited for the server: the journal's is newer.
-            for p in missing:
-                data = journal.read_page(p)
-                if data is not None:
-                    out[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE] = data
+        with self._deadline():
+            pages = await node.file.read(first, count)
+        for i, page in enumerate(pages):
+            if page is not None:
+                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
         return bytes(out)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         node = self._inode(fh)
-        journal = node.file
-        if node.gone:
+        journal = node.file.journal
+        if node.file.gone:
             raise pyfuse3.FUSEError(errno.ESTALE)
         end = off + len(buf)
         with fuse_errors(f"write to {node.path!r} at {off}"):
@@ -717,72 +698,20 @@ class NetmemFS(pyfuse3.Operations):
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         node = self._inode(fh)
-        if node.journal is None:
-            return
-        await self._commit(node)
+        if node.core is not None:
+            await self._commit(node)
 
     async def _commit(self, node: _Inode) -> None:
         """Commit what the journal holds of node, as one transaction."""
-        if node.gone:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        assert node.journal is not None
         with fuse_errors(f"fsync of {node.path!r}"):
-            async with node.commit_lock:
-                await self._retry_sealed(node)
-                if node.journal.has_changes():
-                    node.journal.seal_start()
-                    await self._retry_sealed(node)
-
-    async def _retry_sealed(self, node: _Inode) -> None:
-        """Commit the sealed journal, if any (the caller holds node.commit_lock)."""
-        journal = node.file
-        if journal.sealed is None:
-            return
-        txn = self.store.new_txn()
-        t0 = time.perf_counter()
-        commit = await trio.to_thread.run_sync(journal.seal_finish, txn, node.path, node.ino)
-        t1 = time.perf_counter()
-        try:
-            result = await journal.send_sealed(self._send)
-        except Stale:
-            # Its inode is gone (its last name removed, here or by another client):
-            # the pages have nowhere to land, and never land in another file.
-            node.gone = True
-            journal.discard()
-            raise
-        node.attrs = dataclasses.replace(
-            node.attrs, version=result.inodes.get(node.ino, node.attrs.version)
-        )
-        self.cache.drop(node.ino)  # cached pages may be older
-        log.debug(
-            "committed %d pages of %r: sealed in %.1f ms, sent in %.1f ms",
-            sum(r.count for r in commit.runs),
-            commit.name,
-            (t1 - t0) * 1000,
-            (time.perf_counter() - t1) * 1000,
-        )
-
-    async def _send(self, commit: SealedCommit) -> ChangeResult:
-        try:
-            with self._deadline():
-                if commit.ino:
-                    return await self.store.change(commit.inode_ops(), txn=commit.txn)
-                # Left by a daemon from before inodes: the file by its name.
-                r = await self.store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
-                return ChangeResult(r.txn, {}, (), r.replayed)
-        except (Stale, SegmentNotFound):
-            log.error(
-                "commit to %r failed: the file no longer exists on the server (its last "
-                "name was removed, here or by another client); its changes are dropped",
-                commit.name,
-            )
-            raise
+            await node.file.commit()  # its sending bounded by --timeout
 
     async def resend_recovered(self, commits: list[tuple[SealedCommit, Path]]) -> None:
         """At start: finish the commits a dead daemon left sealed."""
         for commit, path in commits:
             try:
-                r = await self._send(commit)
+                with self._deadline():
+                    r = await send(self.store, commit)
             except (Stale, SegmentNotFound, SegmentExists) as e:
                 log.error("dropping the recovered commit to %r: %s", commit.name, e)
             else:

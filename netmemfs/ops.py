@@ -62,7 +62,7 @@ class Write:
 class MakeNode:
     """A new inode named name in directory parent: mode's type (S_IFREG, S_IFDIR,
     S_IFLNK, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK) and permission bits; target: a
-    symlink's; rdev: a device's number."""
+    symlink's; rdev: a device's number; size: a regular file's, in bytes (all holes)."""
 
     parent: int
     name: str
@@ -72,6 +72,7 @@ class MakeNode:
     target: bytes = b""
     rdev: int = 0
     time_ns: int = 0
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,7 @@ def op_to_item(op: Op) -> tuple[object, ...]:
             op.gid,
             op.target,
             op.rdev,
+            *([op.size] if op.size else []),
             t,
         )
     if isinstance(op, Link):
@@ -247,8 +249,8 @@ def item_to_op(item: list[object]) -> Op:
     if tag == "d":
         return Delete(name_str(f[0]), t)
     if tag == "mk":
-        parent, name, mode, uid, gid, target, rdev = f
-        assert isinstance(target, bytes)
+        parent, name, mode, uid, gid, target, rdev, *size = f  # size: only if not 0
+        assert isinstance(target, bytes) and len(size) <= 1
         return MakeNode(
             as_int(parent),
             name_str(name),
@@ -258,6 +260,7 @@ def item_to_op(item: list[object]) -> Op:
             target,
             as_int(rdev),
             t,
+            as_int(size[0]) if size else 0,
         )
     if tag == "ln":
         return Link(as_int(f[0]), as_int(f[1]), name_str(f[2]), t)

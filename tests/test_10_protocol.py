@@ -28,7 +28,18 @@ opt = st.none() | small
 # Names as the store keeps them: bytes, surrogate-escaped where they are not UTF-8.
 op_names = entry_names.map(lambda b: b.decode("utf-8", "surrogateescape"))
 inode_ops = st.one_of(
-    st.builds(ops.MakeNode, small, op_names, small, small, small, st.binary(max_size=9), small),
+    st.builds(
+        ops.MakeNode,
+        small,
+        op_names,
+        small,
+        small,
+        small,
+        st.binary(max_size=9),
+        small,
+        small,
+        small,
+    ),
     st.builds(ops.Link, small, small, op_names),
     st.builds(ops.Unlink, small, op_names),
     st.builds(ops.Rmdir, small, op_names),

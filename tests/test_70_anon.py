@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from netmemfs import anon
-from netmemfs.errors import NetmemError
+from netmemfs.errors import NetmemError, Stale
 from tests.anon_worker import stamp
 from tests.helpers import MountProc, ServerProc, wait_for
 
@@ -502,3 +502,51 @@ def test_without_userfaultfd_privilege_the_message_says_how(anon_test_bin: Path)
     assert "cannot use userfaultfd" in out.stderr, out.stderr
     assert "vm.unprivileged_userfaultfd" in out.stderr and "/dev/userfaultfd" in out.stderr
     assert "(errno 1)" in out.stderr  # EPERM, which netmemfs.anon raises as UffdUnavailable
+
+
+@pytest.mark.parametrize("d", ["d/", ""], ids=["in-a-directory", "at-the-root"])
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct-reads", "agent-reads"])
+def test_a_region_keeps_its_file_by_number(
+    server: ServerProc,
+    mount_factory: Callable[..., MountProc],
+    monkeypatch: pytest.MonkeyPatch,
+    direct: str,
+    d: str,
+) -> None:
+    """A region of a file (by path): renamed while mapped, the region reads it still
+    (evicted pages come back from it, not from what has the name now: libnetmem's direct
+    reads ask for the inode) and its sync lands in it; replaced while mapped, the next
+    sync fails with Stale naming the path, and nothing lands in the new file."""
+    monkeypatch.setenv("NETMEM_DIRECT", direct)
+    m = mount_factory(server.address)
+    if d:
+        os.mkdir(m.path("d"))
+    size = 4 * MiB
+    with anon.map(size, segment=f"{d}r", server=server.address, budget=MiB) as region:
+        for n in range(size // 4096):
+            region[n * 4096 : (n + 1) * 4096] = stamp(n, 1)
+        region.sync()
+        os.rename(m.path(f"{d}r"), m.path(f"{d}moved"))
+        with open(m.path(f"{d}r"), "wb") as f:  # a new file takes the name
+            f.write(b"new" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        for n in range(size // 4096):  # most were evicted: read back from the server
+            assert region[n * 4096 : (n + 1) * 4096] == stamp(n, 1), f"page {n}"
+        region[0:4096] = stamp(0, 2)
+        region.sync()
+        with open(m.path(f"{d}moved"), "rb") as f:
+            assert f.read(4096) == stamp(0, 2)
+        assert m.path(f"{d}r").read_bytes() == b"new" * 4096
+        os.rename(m.path(f"{d}r"), m.path(f"{d}moved"))  # replaces the region's file
+        region[0:4096] = stamp(0, 3)  # resident: a page that is not would get SIGBUS
+        with pytest.raises(Stale, match=rf"'{d}r'.*no longer exists"):
+            region.sync()
+    assert m.path(f"{d}moved").read_bytes() == b"new" * 4096
+
+
+def test_a_region_in_a_missing_directory_says_so(server: ServerProc) -> None:
+    with pytest.raises(NetmemError, match="does not exist"):
+        anon.map(MiB, segment="nodir/r", server=server.address)
+    with pytest.raises(NetmemError, match="path of a file"):
+        anon.map(MiB, segment="", server=server.address)

@@ -21,7 +21,7 @@ import pytest
 
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
-from tests.faultproxy import CHANGE, COMMIT, READ_INODE, READ_PAGES, FaultProxy
+from tests.faultproxy import CHANGE, READ_INODE, FaultProxy
 from tests.helpers import MountProc, ServerProc, describe_page, run_trio, stamp_page
 
 PAGES = 64
@@ -179,7 +179,7 @@ def _start_reader(proxy: FaultProxy, segment: str) -> subprocess.Popen[str]:
 def test_region_reset_during_a_fetch_is_only_a_delay(server: ServerProc, proxy: FaultProxy) -> None:
     _put(server, "r", 1)
     reader = _start_reader(proxy, "r")
-    rule = proxy.arm(READ_PAGES, "reset")
+    rule = proxy.arm(READ_INODE, "reset")
     out, err = reader.communicate("go\n", timeout=60)
     assert reader.returncode == 0 and out == "ok\n", (reader.returncode, out, err)
     rule.wait()
@@ -211,7 +211,7 @@ def test_a_commit_through_a_region_survives_a_reset(server: ServerProc, proxy: F
         "    r.sync()\n"
         "print('synced', flush=True)\n"
     )
-    rule = proxy.arm(COMMIT, "reset-after")
+    rule = proxy.arm(CHANGE, "reset-after")
     r = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT
     )

@@ -527,6 +527,11 @@ class _Run:
         node = self._make(d, op.name, kind | (op.mode & 0o7777), op.uid, op.gid, op.time_ns)
         node.target = op.target if kind == stat.S_IFLNK else b""
         node.rdev = op.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        if op.size:
+            if node.data is None:
+                raise OutOfRange(f"{op.name!r} is not a regular file; it takes no size")
+            check_size(op.size)
+            node.data.size = op.size
         if node.entries is not None:
             node.parent = d.ino
             self._set(d, "nlink", d.nlink + 1)

@@ -1,0 +1,212 @@
+"""The door core: one regular file as every door serves it.
+
+Where it sits: below the three doors (fs.py for files in the mount, agent.py for
+anonymous regions, kdoor.py for /dev/netmem areas), above journal.py and remote.py; it
+imports neither pyfuse3 nor cffi. A door turns its kernel interface's requests into
+calls on a FileCore and its errors into errnos; the rules live here, once:
+
+- resolve(): a path to the inode of a regular file, made with its size if absent
+  (regions and areas name their file by path at map time, and keep its number);
+- FileCore.read(): the pages the file shows: its journal's (written here, not yet
+  committed) over the cache's over the server's, asked for by inode number;
+- FileCore.commit(): what the journal holds, sealed and sent as one transaction to
+  the inode (a Change: sizes, then pages), exactly once; a commit that failed with
+  its outcome unknown is sent again, under the same id, before anything newer.
+
+A commit to an inode that is gone (the file was removed or replaced and nobody holds
+it) is refused by the server whole, so it never lands in another file: the changes are
+dropped and Stale names the path (docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import stat
+import time
+
+import trio
+
+from netmemfs.cache import PageCache
+from netmemfs.errors import (
+    InvalidName,
+    NotADirectory,
+    OutOfRange,
+    SegmentExists,
+    SegmentNotFound,
+    Stale,
+)
+from netmemfs.journal import SealedCommit, SegmentJournal
+from netmemfs.ops import MakeNode
+from netmemfs.pages import PAGE_SIZE, Buffer, consecutive, pages_for
+from netmemfs.protocol import MAX_MESSAGE_PAGES
+from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
+
+log = logging.getLogger("netmemfs.core")
+
+ROOT_INO = 1
+MAX_PATH_BYTES = 4095  # PATH_MAX less its NUL
+
+
+async def resolve(
+    store: RemoteStore, path: str, size: int, *, uid: int = 0, gid: int = 0
+) -> InodeStat:
+    """The regular file at path (names separated by '/', from the root directory): made,
+    size bytes of holes, owned by uid and gid, mode 0644, if it is not there (the
+    directories on the way must be); if it is there, it must have that size."""
+    names = [n for n in path.split("/") if n]
+    if not names or len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise InvalidName(f"{path!r} names no file: give a path of 1 to {MAX_PATH_BYTES} bytes")
+    parent = ROOT_INO
+    for i, name in enumerate(names[:-1]):
+        st = await store.lookup(parent, name)
+        if not stat.S_ISDIR(st.mode):
+            raise NotADirectory(f"{'/'.join(names[: i + 1])!r} in {path!r} is not a directory")
+        parent = st.ino
+    try:
+        st = await store.lookup(parent, names[-1])
+    except SegmentNotFound:
+        make = MakeNode(parent, names[-1], stat.S_IFREG | 0o644, uid, gid, size=size)
+        try:
+            (ino,) = (await store.change([make])).created
+            return await store.getattr(ino)
+        except SegmentExists:
+            st = await store.lookup(parent, names[-1])  # made by someone else meanwhile
+    if not stat.S_ISREG(st.mode):
+        raise OutOfRange(f"{path!r} is not a regular file; map a file")
+    if st.size != size:
+        raise OutOfRange(
+            f"{path!r} has {st.size} bytes on the server, not {size}: map it with its size, "
+            "or use another name"
+        )
+    return st
+
+
+class FileCore:
+    """A regular file's pages and commits, by inode number. version: the server's, as
+    the door last saw it (pages cached under an older one are not used); cache: pages
+    read from the server (None: none kept); timeout_s: how long one commit's sending may
+    take before trio.TooSlowError (its outcome is then unknown: it stays sealed, to be
+    sent again first)."""
+
+    def __init__(
+        self,
+        store: RemoteStore,
+        ino: int,
+        path: str,
+        journal: SegmentJournal,
+        *,
+        version: int = 0,
+        cache: PageCache | None = None,
+        timeout_s: float = math.inf,
+    ) -> None:
+        self.store = store
+        self.ino = ino
+        self.path = path
+        self.journal = journal
+        self.version = version
+        self.cache = cache
+        self.timeout_s = timeout_s
+        self.commit_lock = trio.Lock()
+        # The server refused a commit as stale: the inode is gone, and so are the
+        # changes; every later change is refused too.
+        self.gone = False
+
+    async def read(self, first: int, count: int) -> list[Buffer | None]:
+        """Pages first..first+count-1 as the file shows them; None for a hole."""
+        journal = self.journal
+        pages: list[Buffer | None] = [journal.read_page(first + i) for i in range(count)]
+        # Only pages the server has for this file can be asked for: past its size, or
+        # past a shrink not committed yet, they are holes.
+        server_pages = pages_for(journal.low_water())
+        fetch = []
+        for i, page in enumerate(pages):
+            p = first + i
+            if page is not None or p >= server_pages:
+                continue
+            cached = self.cache.get(self.ino, p) if self.cache is not None else None
+            if cached is None:
+                fetch.append(p)
+            else:
+                pages[i] = cached
+        for p, n in consecutive(fetch):
+            for q in range(p, p + n, MAX_MESSAGE_PAGES):
+                got = await self.store.read_inode(self.ino, q, min(MAX_MESSAGE_PAGES, p + n - q))
+                for run in got.runs:
+                    view = memoryview(run.data)
+                    for k in range(run.count):
+                        pages[run.first - first + k] = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+                    if self.cache is not None and got.version == self.version:
+                        self.cache.put(self.ino, run.first, run.data)  # else: it changed
+        if fetch:
+            # A page written while we waited for the server: the journal's is newer.
+            for p in fetch:
+                newer = journal.read_page(p)
+                if newer is not None:
+                    pages[p - first] = newer
+        return pages
+
+    def seal(self) -> None:
+        """What the journal holds now is what the next commit() sends (later writes go
+        to the one after); nothing if a commit is already sealed or nothing changed."""
+        if self.journal.sealed is None and self.journal.has_changes():
+            self.journal.seal_start()
+
+    async def commit(self) -> None:
+        """Commit every change made so far: a commit sealed earlier (sent again under its
+        own id if it failed with its outcome unknown), then the rest, each one
+        transaction. Stale if the inode is gone (the changes are then dropped)."""
+        if self.gone:
+            raise self._stale()
+        async with self.commit_lock:
+            await self._send_sealed()
+            self.seal()
+            await self._send_sealed()
+
+    async def _send_sealed(self) -> None:
+        journal = self.journal
+        if journal.sealed is None:
+            return
+        t0 = time.perf_counter()
+        txn = self.store.new_txn()
+        commit = await trio.to_thread.run_sync(journal.seal_finish, txn, self.path, self.ino)
+        t1 = time.perf_counter()
+        try:
+            # Not around seal_finish: a worker thread cannot be called back, and a
+            # second one must not seal the same file meanwhile.
+            with trio.fail_after(self.timeout_s):
+                result = await journal.send_sealed(self.send)
+        except Stale:
+            self.gone = True
+            journal.discard()
+            log.error("%s", self._stale())
+            raise self._stale() from None
+        self.version = result.inodes.get(self.ino, self.version)
+        if self.cache is not None:
+            self.cache.drop(self.ino)  # cached pages may be older
+        log.debug(
+            "committed %d pages of %r: sealed in %.1f ms, sent in %.1f ms",
+            sum(r.count for r in commit.runs),
+            self.path,
+            (t1 - t0) * 1000,
+            (time.perf_counter() - t1) * 1000,
+        )
+
+    async def send(self, commit: SealedCommit) -> ChangeResult:
+        return await send(self.store, commit)
+
+    def _stale(self) -> Stale:
+        return Stale(
+            f"commit to {self.path!r} failed: the file (inode {self.ino}) no longer exists "
+            "on the server (removed or replaced since it was opened or mapped, and nobody "
+            "holds it); its changes are dropped"
+        )
+
+
+async def send(store: RemoteStore, commit: SealedCommit) -> ChangeResult:
+    """Send a sealed commit: to its inode, or, left by a daemon from before inodes,
+    to its segment by name."""
+    if commit.ino:
+        return await store.change(commit.inode_ops(), txn=commit.txn)
+    r = await store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
+    return ChangeResult(r.txn, {}, (), r.replayed)
