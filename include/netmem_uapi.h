@@ -25,7 +25,7 @@
 
 /* NETMEM_IOC_ATTACH: what this file maps (once per open file). */
 struct netmem_attach {
-	char segment[NETMEM_SEGMENT_MAX];	/* 1..63 bytes, then NUL */
+	char segment[NETMEM_SEGMENT_MAX];	/* a path, 1..63 bytes, then NUL */
 	__u64 size;				/* bytes, a multiple of 4096 */
 	/*
 	 * Clean pages kept resident, in bytes; beyond it the module drops clean
@@ -50,7 +50,7 @@ struct netmem_provide {
 #define NETMEM_IOC_PROVIDE	_IOW(NETMEM_IOC_MAGIC, 2, struct netmem_provide)
 
 enum netmem_msg_type {
-	NETMEM_MSG_OPEN = 1,		/* create the segment, or check its size */
+	NETMEM_MSG_OPEN = 1,		/* find or make the file, check its size */
 	NETMEM_MSG_FETCH = 2,		/* one page's contents */
 	NETMEM_MSG_COMMIT_PAGES = 3,	/* pages of a commit (no reply) */
 	NETMEM_MSG_COMMIT_END = 4,	/* commit them all as one transaction */

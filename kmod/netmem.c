@@ -778,14 +778,20 @@ static int nm_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
-static bool nm_segment_ok(const char *s)
+/*
+ * A name of 1..63 printable bytes, NUL-terminated in its buffer. A segment is
+ * a file's path in the store's tree, so it may hold '/' (the daemon looks it
+ * up one name at a time); a store's name may not.
+ */
+static bool nm_name_ok(const char *s, bool path)
 {
 	size_t len = strnlen(s, NETMEM_SEGMENT_MAX), i;
 
 	if (len == 0 || len == NETMEM_SEGMENT_MAX)
 		return false;
 	for (i = 0; i < len; i++)
-		if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f || s[i] == '/')
+		if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f ||
+		    (s[i] == '/' && !path))
 			return false;
 	return true;
 }
@@ -799,7 +805,7 @@ static long nm_attach(struct nm_area *area, void __user *uarg)
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
-	if (!nm_segment_ok(a.segment) || !a.size || a.size % PAGE_SIZE ||
+	if (!nm_name_ok(a.segment, true) || !a.size || a.size % PAGE_SIZE ||
 	    a.size > NETMEM_MAX_BYTES)
 		return -EINVAL;
 	npages = a.size >> PAGE_SHIFT;
@@ -858,7 +864,7 @@ static long nm_provide(struct file *file, struct nm_area *area,
 		return -EPERM;
 	if (copy_from_user(&p, uarg, sizeof(p)))
 		return -EFAULT;
-	if (!nm_segment_ok(p.store))
+	if (!nm_name_ok(p.store, false))
 		return -EINVAL;
 	if (mutex_lock_killable(&area->lock))
 		return -EINTR;

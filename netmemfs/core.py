@@ -49,11 +49,18 @@ MAX_PATH_BYTES = 4095  # PATH_MAX less its NUL
 
 
 async def resolve(
-    store: RemoteStore, path: str, size: int, *, uid: int = 0, gid: int = 0
+    store: RemoteStore,
+    path: str,
+    size: int,
+    *,
+    uid: int = 0,
+    gid: int = 0,
+    create: bool = True,
 ) -> InodeStat:
-    """The regular file at path (names separated by '/', from the root directory): made,
-    size bytes of holes, owned by uid and gid, mode 0644, if it is not there (the
-    directories on the way must be); if it is there, it must have that size."""
+    """The regular file at path (names separated by '/', from the root directory): if
+    it is not there and create, made, size bytes of holes, owned by uid and gid, mode
+    0644 (the directories on the way must be there); if it is there, it must have that
+    size."""
     names = [n for n in path.split("/") if n]
     if not names or len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
         raise InvalidName(f"{path!r} names no file: give a path of 1 to {MAX_PATH_BYTES} bytes")
@@ -66,6 +73,8 @@ async def resolve(
     try:
         st = await store.lookup(parent, names[-1])
     except SegmentNotFound:
+        if not create:
+            raise
         make = MakeNode(parent, names[-1], stat.S_IFREG | 0o644, uid, gid, size=size)
         try:
             (ino,) = (await store.change([make])).created
@@ -76,8 +85,8 @@ async def resolve(
         raise OutOfRange(f"{path!r} is not a regular file; map a file")
     if st.size != size:
         raise OutOfRange(
-            f"{path!r} has {st.size} bytes on the server, not {size}: map it with its size, "
-            "or use another name"
+            f"segment {path!r} has {st.size} bytes on the server, not {size}: map it with "
+            "its size, or use another name"
         )
     return st
 

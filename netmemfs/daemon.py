@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -272,7 +273,14 @@ async def _serve_connected(
             nursery.start_soon(attach.serve, store)
             nursery.start_soon(ops.keep_holds)
             if device is not None:
-                provider = kdoor.DeviceProvider(store, device, commit_timeout_s=opts.timeout_s)
+                # The kernel keeps a failed sync's pages dirty: its journal is not
+                # kept across daemons.
+                device_journal = opts.cache_dir / "device"
+                shutil.rmtree(device_journal, ignore_errors=True)
+                device_journal.mkdir()
+                provider = kdoor.DeviceProvider(
+                    store, device, device_journal, commit_timeout_s=opts.timeout_s
+                )
                 nursery.start_soon(provider.serve)
             await fs.serve()
             unmounted = not terminated

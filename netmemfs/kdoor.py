@@ -4,19 +4,29 @@ Where it sits: beside fs.py and agent.py, above remote.py. kmod/netmem.c turns a
 a mapped /dev/netmem area into a request; this module is the page provider that reads
 those requests from the device (NETMEM_IOC_PROVIDE) and writes the answers back:
 
-    OPEN          create the segment with the area's size, or check the size it has
+    OPEN          find the area's file by path (its "segment"), or make it with the
+                  area's size; the area reads and commits by its inode number from then
     FETCH         one page: its data, or "hole" (the kernel leaves the page zeroed)
     COMMIT_PAGES  pages of a sync, 64 at a time, kept here until...
-    COMMIT_END    ...commit them all as one transaction (exactly once, remote.py)
+    COMMIT_END    ...written to the area's journal and committed as one transaction
+                  (core.FileCore, as the other doors commit: exactly once, by inode)
     COMMIT_ABORT  the kernel gave up on a sync: drop it unless it is on its way
 
 The layouts come from include/netmem_uapi.h through the cffi module. Requests are
 answered concurrently; the kernel matches answers by id, except that the syncs of one
 area are committed one after the other, in the order their COMMIT_END arrived: sync N
 has landed or failed before sync N+1 is sent, so an older sync the kernel gave up on can
-never land after a newer one (the rule the mount's journal follows with its commit lock).
-A sync the kernel aborts before its turn is dropped; one already on its way lands or fails
-before the area's next.
+never land after a newer one (the journal's rule: a commit whose outcome is unknown, one
+that timed out say, is sent again under its own id before anything newer). A sync the
+kernel aborts before its turn is dropped; one already on its way lands or fails before
+the area's next.
+
+The module names an area's file by path in every request; the daemon keeps the inode it
+found at OPEN for each area (by the module's area id). A daemon started while areas are
+mapped (a restart) finds their files by path again, at their first request, without
+making them: a file removed meanwhile is then stale (docs/kmod.md). The journal is not
+kept across daemons: the kernel keeps the pages of a sync that failed dirty, and sends
+them again.
 
 The daemon names the store it serves when it becomes the provider (store_name): the
 module serves an area only by daemons of the store that attached it, so a daemon started
@@ -31,6 +41,7 @@ import hashlib
 import logging
 import os
 import ssl
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,9 +51,10 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
+from netmemfs.journal import SegmentJournal
 from netmemfs.pages import PAGE_SIZE, consecutive
-from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
 
 log = logging.getLogger("netmemfs.kdoor")
@@ -54,6 +66,11 @@ _NUMBERS = lib.NETMEM_CHUNK_PAGES * 8
 
 class DeviceError(NetmemError):
     """/dev/netmem cannot be served; the message says why and what to do."""
+
+
+# Areas whose file the daemon keeps (one FileCore each); past it, idle ones are
+# forgotten, to be found by path again at their next request.
+MAX_AREAS = 65536
 
 
 @dataclass
@@ -101,9 +118,18 @@ def open_device(path: Path, store: str) -> Iterator[int]:
 class DeviceProvider:
     """Answers the module's requests with one server's pages."""
 
-    def __init__(self, store: RemoteStore, fd: int, *, commit_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: RemoteStore,
+        fd: int,
+        journal_dir: Path,
+        *,
+        commit_timeout_s: float = 30.0,
+    ) -> None:
         self.store = store
         self.fd = fd
+        self.journal_dir = journal_dir
+        self.areas: dict[int, FileCore] = {}  # by the module's area id
         self.commits: dict[tuple[int, int], _Commit] = {}
         # How long one commit may take before the sync fails (its outcome is then
         # unknown; the kernel marks the pages dirty again, and the next sync of the
@@ -131,9 +157,11 @@ class DeviceProvider:
                 req_id, kind, area = int(msg.id), int(msg.type), int(msg.area)
                 segment = ffi.string(msg.segment).decode("utf-8", "replace")
                 if kind == lib.NETMEM_MSG_OPEN:
-                    nursery.start_soon(self._open, req_id, segment, int(msg.size))
+                    nursery.start_soon(self._open, req_id, area, segment, int(msg.size))
                 elif kind == lib.NETMEM_MSG_FETCH:
-                    nursery.start_soon(self._fetch, req_id, segment, int(msg.page))
+                    nursery.start_soon(
+                        self._fetch, req_id, area, segment, int(msg.size), int(msg.page)
+                    )
                 elif kind == lib.NETMEM_MSG_COMMIT_PAGES:
                     self._stage(area, int(msg.commit), segment, int(msg.count), buf)
                 elif kind == lib.NETMEM_MSG_COMMIT_END:
@@ -144,7 +172,15 @@ class DeviceProvider:
                     done = self.last_commit[area] = trio.Event()
                     scope = self.queued[key] = trio.CancelScope()
                     nursery.start_soon(
-                        self._commit_after, key, scope, before, done, req_id, commit, int(msg.count)
+                        self._commit_after,
+                        key,
+                        scope,
+                        before,
+                        done,
+                        req_id,
+                        commit,
+                        int(msg.count),
+                        int(msg.size),
                     )
                 elif kind == lib.NETMEM_MSG_COMMIT_ABORT:
                     self._abort((area, int(msg.commit)), segment)
@@ -168,24 +204,59 @@ class DeviceProvider:
             # The faulting task gave up (timeout, killed) before the answer came.
             log.info("request %d was withdrawn before its answer", req_id)
 
-    async def _open(self, req_id: int, segment: str, size: int) -> None:
+    async def _open(self, req_id: int, area: int, segment: str, size: int) -> None:
         try:
-            await self.store.open_segment(segment, size)
+            await self._file(area, segment, size, create=True)
         except NetmemError as e:
             log.warning("cannot attach an area to segment %r: %s", segment, e)
             self._reply(req_id, e.errno)
             return
         self._reply(req_id)
 
-    async def _fetch(self, req_id: int, segment: str, page: int) -> None:
+    async def _file(self, area: int, segment: str, size: int, *, create: bool) -> FileCore:
+        """The file of area: found at its OPEN, or (an area this daemon did not see
+        attach) found by path now, never made."""
+        core = self.areas.get(area)
+        if core is not None:
+            return core
+        st = await resolve(self.store, segment, size, create=create)
+        core = self.areas.get(area)  # found meanwhile by another request of the area
+        if core is None:
+            self._forget_idle()
+            journal = SegmentJournal(self.journal_dir, size)
+            core = FileCore(
+                self.store,
+                st.ino,
+                segment,
+                journal,
+                version=st.version,
+                timeout_s=self.commit_timeout_s,
+            )
+            self.areas[area] = core
+        return core
+
+    def _forget_idle(self) -> None:
+        """Keep at most MAX_AREAS files: forget the oldest with nothing to commit."""
+        excess = len(self.areas) - MAX_AREAS + 1
+        for area, core in list(self.areas.items()):
+            if excess <= 0:
+                return
+            j = core.journal
+            if not j.has_changes() and j.sealed is None and not core.commit_lock.locked():
+                j.discard()
+                del self.areas[area]
+                excess -= 1
+
+    async def _fetch(self, req_id: int, area: int, segment: str, size: int, page: int) -> None:
         try:
-            got = await self.store.read_pages(segment, page, 1)
+            core = await self._file(area, segment, size, create=False)
+            (data,) = await core.read(page, 1)
         except NetmemError as e:
             log.warning("fetch of page %d of %r failed: %s", page, segment, e)
             self._reply(req_id, e.errno)
             return
-        if got.runs:
-            self._reply(req_id, 0, bytes(got.runs[0].data))
+        if data is not None:
+            self._reply(req_id, 0, bytes(data))
         else:
             self._reply(req_id, hole=True)  # the kernel's page stays zeroed
 
@@ -230,6 +301,7 @@ class DeviceProvider:
         req_id: int,
         commit: _Commit,
         count: int,
+        size: int,
     ) -> None:
         """Commit once the area's commit before this one has landed or failed, unless
         the kernel aborts it first (nothing is answered then: nobody waits)."""
@@ -240,14 +312,14 @@ class DeviceProvider:
                     await before.wait()
             if self.queued.pop(key, None) is None:
                 return  # aborted (on the way now, an abort cannot find it)
-            await self._commit(req_id, commit, count)
+            await self._commit(req_id, area, commit, count, size)
         finally:
             self.queued.pop(key, None)
             done.set()
             if self.last_commit.get(area) is done:
                 del self.last_commit[area]
 
-    async def _commit(self, req_id: int, commit: _Commit, count: int) -> None:
+    async def _commit(self, req_id: int, area: int, commit: _Commit, count: int, size: int) -> None:
         if len(commit.pages) != count:
             log.error(
                 "a sync of %r announced %d pages, %d arrived; refusing it",
@@ -257,23 +329,25 @@ class DeviceProvider:
             )
             self._reply(req_id, errno.EIO)
             return
-        runs = [
-            PageRun(commit.segment, first, b"".join(commit.pages[first + k] for k in range(n)))
-            for first, n in consecutive(sorted(commit.pages))
-        ]
         try:
-            with trio.move_on_after(self.commit_timeout_s) as deadline:
-                await self.store.commit(runs, txn=self.store.new_txn())
-            if deadline.cancelled_caught:
-                log.warning(
-                    "commit of %d pages to %r had no answer within %g s; the sync fails "
-                    "(the kernel keeps the pages dirty for the next one)",
-                    count,
-                    commit.segment,
-                    self.commit_timeout_s,
-                )
-                self._reply(req_id, errno.ETIMEDOUT)
-                return
+            core = await self._file(area, commit.segment, size, create=False)
+            # Into the journal, then one commit of what it holds (after a commit that
+            # failed with its outcome unknown, if there is one: it goes first).
+            for first, n in consecutive(sorted(commit.pages)):
+                data = b"".join(commit.pages[first + k] for k in range(n))
+                core.journal.write_pages(first, data)
+            core.seal()
+            await core.commit()
+        except trio.TooSlowError:
+            log.warning(
+                "commit of %d pages to %r had no answer within %g s; the sync fails "
+                "(the kernel keeps the pages dirty for the next one)",
+                count,
+                commit.segment,
+                self.commit_timeout_s,
+            )
+            self._reply(req_id, errno.ETIMEDOUT)
+            return
         except NetmemError as e:
             log.warning("commit of %d pages to %r failed: %s", count, commit.segment, e)
             self._reply(req_id, e.errno)
@@ -289,8 +363,12 @@ async def run(
     timeout_s: float,
 ) -> None:
     """Serve device with server's pages until cancelled."""
-    with open_device(device, server) as fd:
+    with (
+        open_device(device, server) as fd,
+        tempfile.TemporaryDirectory(prefix="netmemfs-device-") as journal_dir,
+    ):
         connect = RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
         async with connect as store:
             print(f"serving {device} with pages of {server}", flush=True)
-            await DeviceProvider(store, fd, commit_timeout_s=timeout_s).serve()
+            provider = DeviceProvider(store, fd, Path(journal_dir), commit_timeout_s=timeout_s)
+            await provider.serve()

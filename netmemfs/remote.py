@@ -42,11 +42,8 @@ from netmemfs.errors import (
     Busy,
     LocalProtocolError,
     NetmemError,
-    OutOfRange,
     ProtocolError,
     RemoteProtocolError,
-    SegmentExists,
-    SegmentNotFound,
     ServerUnreachable,
     error_for_code,
 )
@@ -492,24 +489,6 @@ class RemoteStore:
     async def stat(self, name: str) -> SegmentStat:
         r = await self._call(f"stat of {name!r}", lambda i: StatSegment(i, name), SegmentInfo)
         return SegmentStat(r.name, r.size, r.version, r.stored_pages)
-
-    async def open_segment(self, name: str, size: int) -> None:
-        """Make segment name with size bytes, or check that the one there has that size
-        (what a region or an area does when it is mapped). Another client making it at
-        the same moment is not an error."""
-        try:
-            st: SegmentStat | None = await self.stat(name)
-        except SegmentNotFound:
-            try:
-                await self.create(name, size)
-                return
-            except SegmentExists:  # another mapper made it meanwhile
-                st = await self.stat(name)
-        if st is not None and st.size != size:
-            raise OutOfRange(
-                f"segment {name!r} has {st.size} bytes on the server, not {size}: map it "
-                "with its size, or use another name"
-            )
 
     async def server_stat(self) -> ServerStat:
         r = await self._call("server stat", StatServer, ServerInfo)

@@ -21,6 +21,7 @@ import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 import trio
 
 from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.ops import MakeNode
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
 from tests.anon_worker import stamp
@@ -347,6 +349,26 @@ def main(test_bin: str, only: list[str]) -> int:
 
     g.check("second_sync_commits_the_new_writes", resync)
     g.check("malformed_ioctls_get_errors", lambda: g.ok("ioctls", "bad"))
+
+    def area_of_a_file_in_a_directory() -> None:
+        """The segment is a path: the daemon finds (or makes) the file in a directory,
+        and the area's sync lands in it."""
+
+        async def mkdir() -> None:
+            async with RemoteStore.connect(g.address) as store:
+                await store.change([MakeNode(1, "kd", stat.S_IFDIR | 0o755)])
+
+        async def read() -> bytes:
+            async with RemoteStore.connect(g.address) as store:
+                d = await store.lookup(1, "kd")
+                f = await store.lookup(d.ino, "f")
+                return (await store.read_inode(f.ino, 0, SIZE // PAGE)).to_bytes()
+
+        trio.run(mkdir)
+        g.ok("write", "kd/f", SIZE, 4)
+        assert trio.run(read) == b"".join(stamp(n, 4) for n in range(SIZE // PAGE))
+
+    g.check("an_area_of_a_file_in_a_directory", area_of_a_file_in_a_directory)
 
     def stalled() -> None:
         try:

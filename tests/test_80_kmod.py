@@ -34,6 +34,7 @@ CHECKS = [
     "two_processes_map_one_segment",
     "second_sync_commits_the_new_writes",
     "malformed_ioctls_get_errors",
+    "an_area_of_a_file_in_a_directory",
     "stalled_daemon_gives_sigbus_after_the_timeout",
     "unload_refused_while_mapped",
     "killed_daemon_gives_sigbus",
