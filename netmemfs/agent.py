@@ -37,7 +37,6 @@ import trio
 from netmemfs._trio_util import open_quiet_nursery, send_parts
 from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
-from netmemfs.journal import SegmentJournal
 from netmemfs.pages import PAGE_SIZE, Buffer
 from netmemfs.remote import InodeStat, RemoteStore
 
@@ -146,9 +145,8 @@ class Region:
         self.io = io
         self.name = path
         self.npages = file.size // PAGE_SIZE
-        journal = SegmentJournal(journal_dir, file.size)
-        self.core = FileCore(store, file.ino, path, journal, version=file.version)
-        self.journal = journal
+        self.core = FileCore.of(store, file, path, journal_dir)
+        self.journal = self.core.journal
 
     async def serve(self) -> None:
         async with open_quiet_nursery() as nursery:

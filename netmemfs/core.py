@@ -24,6 +24,7 @@ import logging
 import math
 import stat
 import time
+from pathlib import Path
 
 import trio
 
@@ -36,7 +37,7 @@ from netmemfs.errors import (
     SegmentNotFound,
     Stale,
 )
-from netmemfs.journal import SealedCommit, SegmentJournal
+from netmemfs.journal import HoldBudget, SealedCommit, SegmentJournal
 from netmemfs.ops import MakeNode
 from netmemfs.pages import PAGE_SIZE, Buffer, consecutive, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
@@ -120,6 +121,25 @@ class FileCore:
         # The server refused a commit as stale: the inode is gone, and so are the
         # changes; every later change is refused too.
         self.gone = False
+
+    @classmethod
+    def of(
+        cls,
+        store: RemoteStore,
+        st: InodeStat,
+        path: str,
+        journal_dir: Path,
+        *,
+        hold: HoldBudget | None = None,
+        cache: PageCache | None = None,
+        timeout_s: float = math.inf,
+    ) -> FileCore:
+        """The file st describes (as the server said it is now), with a new journal in
+        journal_dir (hold: memory for pages that directory cannot take)."""
+        journal = SegmentJournal(journal_dir, st.size, hold)
+        return cls(
+            store, st.ino, path, journal, version=st.version, cache=cache, timeout_s=timeout_s
+        )
 
     async def read(self, first: int, count: int) -> list[Buffer | None]:
         """Pages first..first+count-1 as the file shows them; None for a hole."""

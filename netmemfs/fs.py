@@ -252,13 +252,12 @@ class NetmemFS(pyfuse3.Operations):
         if node is None:
             core = None
             if stat.S_ISREG(st.mode):
-                journal = SegmentJournal(self.cache_dir, st.size, self.hold)
-                core = FileCore(
+                core = FileCore.of(
                     self.store,
-                    st.ino,
+                    st,
                     path,
-                    journal,
-                    version=st.version,
+                    self.cache_dir,
+                    hold=self.hold,
                     cache=self.cache,
                     timeout_s=self.timeout_s,
                 )

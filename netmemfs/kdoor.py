@@ -53,7 +53,6 @@ from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
 from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
-from netmemfs.journal import SegmentJournal
 from netmemfs.pages import PAGE_SIZE, consecutive
 from netmemfs.remote import RemoteStore
 
@@ -223,14 +222,8 @@ class DeviceProvider:
         core = self.areas.get(area)  # found meanwhile by another request of the area
         if core is None:
             self._forget_idle()
-            journal = SegmentJournal(self.journal_dir, size)
-            core = FileCore(
-                self.store,
-                st.ino,
-                segment,
-                journal,
-                version=st.version,
-                timeout_s=self.commit_timeout_s,
+            core = FileCore.of(
+                self.store, st, segment, self.journal_dir, timeout_s=self.commit_timeout_s
             )
             self.areas[area] = core
         return core
