@@ -612,10 +612,17 @@ class NetmemFS(pyfuse3.Operations):
         # up again, finding whatever file has the name now.
         before = node.attrs.version
         node = await self._refresh(node)
+        changed = node.attrs.version != before
+        if changed:
+            # The kernel may hold the old attributes (a stat within ATTR_TIMEOUT_S):
+            # its reads would stop at the old size. Attributes only: the kernel takes
+            # no lock of the inode for that, so it is safe from inside a request.
+            with contextlib.suppress(OSError):  # the kernel forgot the inode meanwhile
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
         await self._opened(node)
         if flags & os.O_TRUNC:
             await self._truncate(node, 0)
-        return self._file_info(inode, keep_cache=node.attrs.version == before)
+        return self._file_info(inode, keep_cache=not changed)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         node = self.inodes.get(fh)
