@@ -118,6 +118,12 @@ class _Inode:
         return None if self.core is None else self.core.journal
 
     @property
+    def version(self) -> int:
+        """The version this mount's view of it is of: a file's core follows its own
+        commits, which the attributes last fetched do not know of."""
+        return self.attrs.version if self.core is None else self.core.version
+
+    @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.attrs.mode)
 
@@ -267,7 +273,7 @@ class NetmemFS(pyfuse3.Operations):
         if j is not None and not j.has_changes() and j.sealed is None:
             j.committed_size = st.size
             node.dirty_ns = 0
-        if node.attrs.version != st.version:
+        if node.version != st.version:
             self.cache.drop(st.ino)  # another client committed to it
         node.attrs = st
         if path:
@@ -610,9 +616,9 @@ class NetmemFS(pyfuse3.Operations):
         # Close-to-open: what another mount committed since we last looked is seen now.
         # An inode removed meanwhile answers ESTALE, on which the kernel looks the path
         # up again, finding whatever file has the name now.
-        before = node.attrs.version
+        before = node.version
         node = await self._refresh(node)
-        changed = node.attrs.version != before
+        changed = node.version != before
         if changed:
             # The kernel may hold the old attributes (a stat within ATTR_TIMEOUT_S):
             # its reads would stop at the old size. Attributes only: the kernel takes
