@@ -20,6 +20,7 @@ about 10 us each on this machine, some 8% of a small read's server time).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -187,8 +188,11 @@ class PageServer:
         self.connections = 0
         self.refused_busy = 0
         self.staged_bytes = 0  # all connections' staged pages
-        # What each client holds open (Hold), and until when (trio time), by client id.
+        # What each client holds open (Hold), and until when (trio time), by client id;
+        # and how many clients hold each inode (what every commit asks: kept, not built
+        # again per commit).
         self.holds: dict[bytes, tuple[frozenset[int], float]] = {}
+        self.holders: collections.Counter[int] = collections.Counter()
         self.held_total = 0  # inodes in all holds together (MAX_HELD_TOTAL)
         # Orphans found at start are not reaped for a lease: their holders may not
         # have renewed their holds with this server yet.
@@ -205,7 +209,7 @@ class PageServer:
             now = time.time_ns()
             ops = [dataclasses.replace(op, time_ns=now) for op in ops]
             # With a Reap of each inode left with no name that no client holds open.
-            ops = self.mem.settle(ops, self.held())
+            ops = self.mem.settle(ops, self.holders)
             durable = self.durable
             if durable is None:
                 self.mem.apply(txn, ops)
@@ -230,27 +234,40 @@ class PageServer:
                         )
             return self._outcome(txn), False
 
-    def held(self) -> set[int]:
-        return {ino for inos, _ in self.holds.values() for ino in inos}
-
     def hold(self, client: bytes, inos: frozenset[int]) -> None:
         """client now holds inos (and no others) for a lease from now."""
-        old = self.holds.pop(client, (frozenset(), 0.0))[0]
+        old = self.holds.get(client, (frozenset[int](), 0.0))[0]
         total = self.held_total - len(old) + len(inos)
+        until = trio.current_time() + self.limits.hold_lease_s
         if len(inos) > MAX_HELD_PER_CLIENT or total > MAX_HELD_TOTAL:
-            self.holds[client] = (old, trio.current_time() + self.limits.hold_lease_s)
+            if old:
+                self.holds[client] = (old, until)
             raise TooLarge(
                 f"a client may hold {MAX_HELD_PER_CLIENT} inodes open, all clients "
                 f"{MAX_HELD_TOTAL}; this hold of {len(inos)} would pass that"
             )
-        self.held_total = total
+        self._let_go(client)
         if inos:
-            self.holds[client] = (inos, trio.current_time() + self.limits.hold_lease_s)
+            self.holds[client] = (inos, until)
+            self.holders.update(inos)
+            self.held_total += len(inos)
+
+    def _let_go(self, client: bytes) -> None:
+        """client holds nothing any more."""
+        inos = self.holds.pop(client, (frozenset[int](), 0.0))[0]
+        self.holders.subtract(inos)
+        for ino in inos:
+            if self.holders[ino] <= 0:
+                del self.holders[ino]
+        self.held_total -= len(inos)
 
     async def reap(self) -> None:
         """Free the orphans no client holds any more (one transaction)."""
-        held = self.held() | self._inherited
-        free = sorted(ino for ino in self.mem.orphans if ino not in held)
+        free = sorted(
+            ino
+            for ino in self.mem.orphans
+            if ino not in self.holders and ino not in self._inherited
+        )
         if free:
             await self.commit(b"reap-" + os.urandom(12), [Reap(ino) for ino in free])
 
@@ -264,10 +281,9 @@ class PageServer:
             if trio.current_time() > started + lease:
                 self._inherited.clear()
             now = trio.current_time()
-            for client, (inos, until) in list(self.holds.items()):
+            for client, (_, until) in list(self.holds.items()):
                 if until < now:
-                    del self.holds[client]
-                    self.held_total -= len(inos)
+                    self._let_go(client)
             try:
                 await self.reap()
             except NetmemError as e:  # the log's disk, say: tried again next time
