@@ -128,9 +128,8 @@ class _Inode:
         return stat.S_ISDIR(self.attrs.mode)
 
     def idle(self) -> bool:
-        j = self.journal
-        busy = j is not None and (j.has_changes() or j.sealed is not None)
-        return self.lookups <= 0 and self.opens == 0 and not busy
+        settled = self.journal is None or self.journal.settled()
+        return self.lookups <= 0 and self.opens == 0 and settled
 
 
 def _text(name: bytes) -> str:
@@ -270,7 +269,7 @@ class NetmemFS(pyfuse3.Operations):
             node = self.inodes[st.ino] = _Inode(st.ino, st, path, core)
             return node
         j = node.journal
-        if j is not None and not j.has_changes() and j.sealed is None:
+        if j is not None and j.settled():
             j.committed_size = st.size
             node.dirty_ns = 0
         if node.version != st.version:

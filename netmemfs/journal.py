@@ -387,6 +387,10 @@ class SegmentJournal:
         f = self.active
         return bool(f.pages) or bool(f.held) or f.size is not None
 
+    def settled(self) -> bool:
+        """Nothing to commit: no change since the last commit, and none sealed."""
+        return not self.has_changes() and self.sealed is None
+
     # --- changes -----------------------------------------------------------------
 
     def write_page(self, page: int, data: bytes) -> None:

@@ -234,9 +234,8 @@ class DeviceProvider:
         for area, core in list(self.areas.items()):
             if excess <= 0:
                 return
-            j = core.journal
-            if not j.has_changes() and j.sealed is None and not core.commit_lock.locked():
-                j.discard()
+            if core.journal.settled() and not core.commit_lock.locked():
+                core.journal.discard()
                 del self.areas[area]
                 excess -= 1
 
