@@ -194,7 +194,12 @@ async def _serve_mount(
         notice = trio.CancelScope()
         outer.start_soon(_say_waiting, notice, address, opts.timeout_s, ready_fd)
         async with RemoteStore.connect(
-            address, token=opts.token, tls=opts.tls, retry_for_s=opts.timeout_s
+            address,
+            token=opts.token,
+            tls=opts.tls,
+            retry_for_s=opts.timeout_s,
+            # The device's daemon, replaced, must not be overtaken by its own past.
+            claim=kdoor.device_claim() if device is not None else None,
         ) as store:
             notice.cancel()
             await _serve_connected(opts, store, address, device, ready_fd)

@@ -109,6 +109,14 @@ class Stale(NetmemError):
     code = "stale"
 
 
+class Fenced(NetmemError):
+    """A commit from a connection whose claim another connection has since taken
+    (protocol Claim): its sender was replaced, and its late commit must not land."""
+
+    errno = _errno.ESTALE
+    code = "fenced"
+
+
 class NotADirectory(NetmemError):
     errno = _errno.ENOTDIR
     code = "not_dir"
@@ -170,6 +178,7 @@ _BY_CODE: dict[str, type[NetmemError]] = {
         ProtocolError,
         VersionMismatch,
         Stale,
+        Fenced,
         NotADirectory,
         IsADirectory,
         NotEmpty,

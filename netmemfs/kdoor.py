@@ -26,7 +26,9 @@ found at OPEN for each area (by the module's area id). A daemon started while ar
 mapped (a restart) finds their files by path again, at their first request, without
 making them: a file removed meanwhile is then stale (docs/kmod.md). The journal is not
 kept across daemons: the kernel keeps the pages of a sync that failed dirty, and sends
-them again.
+them again. So that a commit a dead (or cut-off) daemon had sent cannot land after its
+successor's, every daemon of a machine claims one name at the server (device_claim,
+protocol Claim): the server refuses what the older connection had not yet applied.
 
 The daemon names the store it serves when it becomes the provider (store_name): the
 module serves an area only by daemons of the store that attached it, so a daemon started
@@ -87,6 +89,22 @@ def store_name(server: str) -> str:
     if 0 < len(raw) < lib.NETMEM_SEGMENT_MAX and server.isprintable() and "/" not in server:
         return server
     return "sha256-" + hashlib.sha256(raw).hexdigest()[:40]
+
+
+def device_claim() -> bytes:
+    """The name this machine's device daemons claim at a server (protocol Claim), the
+    same for each of them: the machine's id, or this boot's where it has none."""
+    for source in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            ident = Path(source).read_text().strip()
+        except OSError:
+            continue
+        if ident:
+            return b"netmem-device:" + ident.encode()[:48]
+    raise DeviceError(
+        "this machine has neither /etc/machine-id nor a boot id, which name its device "
+        "daemon at the server; create /etc/machine-id (systemd-machine-id-setup)"
+    )
 
 
 @contextmanager
@@ -359,7 +377,9 @@ async def run(
         open_device(device, server) as fd,
         tempfile.TemporaryDirectory(prefix="netmemfs-device-") as journal_dir,
     ):
-        connect = RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
+        connect = RemoteStore.connect(
+            server, token=token, tls=tls, retry_for_s=timeout_s, claim=device_claim()
+        )
         async with connect as store:
             print(f"serving {device} with pages of {server}", flush=True)
             provider = DeviceProvider(store, fd, Path(journal_dir), commit_timeout_s=timeout_s)

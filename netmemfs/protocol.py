@@ -285,6 +285,19 @@ class Hold(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Claim(Request):
+    """This connection now speaks for `name` (an id the client picks, the same on all
+    its connections): every other connection that claimed the name is fenced, and a
+    commit of its not yet applied is refused (`fenced`). A client that reconnects, or a
+    daemon that replaces a dead one, claims its name first, so a commit its predecessor
+    had sent cannot land after its own."""
+
+    TYPE = 21
+    KINDS = (U64, TXN)
+    name: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -345,6 +358,15 @@ class Held(Reply):
     TYPE = 76
     KINDS = (U64, U64)
     lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed(Reply):
+    """Reply to Claim: fenced says whether another connection held the name."""
+
+    TYPE = 77
+    KINDS = (U64, BOOL)
+    fenced: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +472,7 @@ REQUESTS: dict[int, type[Message]] = {
         Change,
         StageInode,
         Hold,
+        Claim,
     )
 }
 REPLIES: dict[int, type[Message]] = {
@@ -468,6 +491,7 @@ REPLIES: dict[int, type[Message]] = {
         Entries,
         Changed,
         Held,
+        Claimed,
         Error,
     )
 }

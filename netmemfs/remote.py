@@ -60,6 +60,8 @@ from netmemfs.protocol import (
     AuthReply,
     Change,
     Changed,
+    Claim,
+    Claimed,
     Commit,
     Committed,
     Connection,
@@ -289,12 +291,16 @@ class RemoteStore:
         token: bytes | None,
         tls: ssl.SSLContext | None,
         retry_for_s: float,
+        claim: bytes | None = None,
     ) -> None:
         self.host, self.port = parse_host_port(address, DEFAULT_PORT)
         self.address = f"{self.host}:{self.port}"
         self.token = token
         self.tls = tls
         self.retry_for_s = retry_for_s
+        # A name every connection of ours claims (protocol Claim) before its first
+        # request: the connection before it, ours or a dead predecessor's, is fenced.
+        self.claim = claim
         self.reconnects = 0
         self._nursery = nursery
         self._ids = itertools.count(1)
@@ -312,12 +318,18 @@ class RemoteStore:
         token: bytes | None = None,
         tls: ssl.SSLContext | None = None,
         retry_for_s: float = 30.0,
+        claim: bytes | None = None,
     ) -> AsyncIterator[RemoteStore]:
         """Connect (retrying for up to retry_for_s), run the connection, close on exit.
         With tls (see tls_client_context), the connection is TLS and the server's
-        certificate must be valid for the host in address."""
+        certificate must be valid for the host in address. With claim, each connection
+        claims that name first (protocol Claim): a commit an earlier connection under
+        the name had sent, and the server had not yet applied, is refused from then on
+        (use one name per sender that must not be overtaken by its own past)."""
         async with open_quiet_nursery() as nursery:
-            store = cls(address, nursery, token=token, tls=tls, retry_for_s=retry_for_s)
+            store = cls(
+                address, nursery, token=token, tls=tls, retry_for_s=retry_for_s, claim=claim
+            )
             await store._get_link(trio.current_time() + retry_for_s, "connect")
             try:
                 yield store
@@ -352,7 +364,7 @@ class RemoteStore:
             delay = RECONNECT_MIN_S
             while True:
                 try:
-                    link = await self._open_link()
+                    link = await self._open_link(claim=self.claim)
                     break
                 except (OSError, trio.BrokenResourceError, _LinkLost, Busy) as e:
                     _raise_if_tls_refused(e, self.address)
@@ -393,7 +405,7 @@ class RemoteStore:
             raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
         return socket_of(link.stream).detach()
 
-    async def _open_link(self) -> _Link:
+    async def _open_link(self, claim: bytes | None = None) -> _Link:
         tcp = await trio.open_tcp_stream(self.host, self.port)
         tune_socket(tcp.socket)
         stream: trio.abc.Stream = tcp
@@ -404,12 +416,12 @@ class RemoteStore:
                         tcp, self.tls, server_hostname=self.host, https_compatible=False
                     )
                     await stream.do_handshake()
-                return await self._handshake(stream)
+                return await self._handshake(stream, claim)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
 
-    async def _handshake(self, stream: trio.abc.Stream) -> _Link:
+    async def _handshake(self, stream: trio.abc.Stream, claim: bytes | None) -> _Link:
         conn = Connection(Role.CLIENT)
         nonce = auth.new_nonce()
 
@@ -447,6 +459,10 @@ class RemoteStore:
                     f"server {self.address} could not prove it knows the token; it may not "
                     "be the server you meant"
                 )
+        if claim is not None:
+            claimed = await ask(Claim(0, claim))
+            if not isinstance(claimed, Claimed):
+                raise RemoteProtocolError(f"server {self.address} answered Claim with {claimed!r}")
         return _Link(stream, conn)
 
     async def _with_link(self, what: str, body: Callable[[_Link], Awaitable[T]]) -> T:

@@ -15,6 +15,8 @@ second byte is the message type; docs/protocol.md), so a rule fires on a named r
     "cut"          forward half of the frame, then reset: a stream cut mid-frame
     "drop"         swallow the frame and keep the link: the server never hears of it
     "delay"        forward the frame after delay_s seconds (later frames wait behind it)
+    "hold"         keep the frame (and later ones of its link) until rule.release(),
+                   then forward it: a request that reaches the server late
 
 stall() stops every byte in both directions until resume(); reset_all() resets every
 connection now; drop_replies, while true, throws away what the server sends (it acts on
@@ -38,7 +40,7 @@ STAGE_PAGES = protocol.StagePages.TYPE
 COMMIT = protocol.Commit.TYPE
 READ_INODE = protocol.ReadInode.TYPE
 CHANGE = protocol.Change.TYPE
-ACTIONS = ("reset", "reset-after", "cut", "drop", "delay")
+ACTIONS = ("reset", "reset-after", "cut", "drop", "delay", "hold")
 DEADLINE_S = 30.0
 
 
@@ -48,6 +50,11 @@ class Rule:
     action: str
     delay_s: float = 0.0
     fired: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        """A "hold" rule's frame goes on to the server now."""
+        self.released.set()
 
     def wait(self, timeout_s: float = DEADLINE_S) -> None:
         if not self.fired.wait(timeout_s):
@@ -128,12 +135,16 @@ class _Link:
                     break
                 frame, buf = buf[: 4 + length], buf[4 + length :]
                 rule = self.proxy._take_rule(frame[5])
-                if rule is not None and rule.action in ("drop", "delay"):
+                if rule is not None and rule.action in ("drop", "delay", "hold"):
                     rule.fired.set()
                     if rule.action == "drop":
                         continue
-                    # Sleeping in this link's pump holds back only this link's requests.
-                    time.sleep(rule.delay_s)  # the injected fault, not coordination
+                    if rule.action == "hold":
+                        rule.released.wait(DEADLINE_S)
+                    else:
+                        # Sleeping in this link's pump holds back only this link's
+                        # requests.
+                        time.sleep(rule.delay_s)  # the injected fault, not coordination
                     rule = None
                 if rule is None:
                     if not self._send(self.server, frame):

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
+from netmemfs.errors import Fenced
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import CommitResult, RemoteStore
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import COMMIT, FaultProxy
 from tests.helpers import ServerProc, run_trio, stamp_page, wait_for_async
 
 
@@ -91,3 +93,47 @@ def test_replayed_txn_ids_apply_nothing_after_reconnect_and_restart(
             assert (await store.stat("s")).version == first.versions["s"]
 
     run_trio(main)
+
+
+def test_a_claim_fences_the_connection_that_held_the_name(server: ServerProc) -> None:
+    """A sends a commit that reaches the server late (held in the proxy); meanwhile B
+    claims the same name and commits newer pages. A's commit must be refused (Fenced),
+    and so must anything else A sends: B replaced it. A store that claims another name,
+    or none, is not touched."""
+    proxy = FaultProxy(server.address)
+
+    async def main() -> None:
+        async with (
+            RemoteStore.connect(proxy.address, claim=b"writer") as a,
+            RemoteStore.connect(server.address, claim=b"someone else") as other,
+        ):
+            await a.create("s", 4 * PAGE_SIZE)
+            held = proxy.arm(COMMIT, "hold")
+            outcome: list[BaseException | CommitResult] = []
+            done = trio.Event()
+
+            async def late() -> None:
+                try:
+                    outcome.append(await a.commit([PageRun("s", 0, stamp_page("s", 0, 1))]))
+                except Fenced as e:
+                    outcome.append(e)
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(late)
+                await trio.to_thread.run_sync(held.wait)
+                async with RemoteStore.connect(server.address, claim=b"writer") as b:
+                    await b.commit([PageRun("s", 0, stamp_page("s", 0, 2))])
+                    held.release()
+                    with trio.fail_after(10):
+                        await done.wait()
+                    assert isinstance(outcome[0], Fenced), outcome
+                    assert "claimed b'writer'" in str(outcome[0]), outcome[0]
+                    with pytest.raises(Fenced):
+                        await a.commit([PageRun("s", 1, stamp_page("s", 1, 1))])
+                    await other.commit([PageRun("s", 2, stamp_page("s", 2, 3))])
+                    got = (await b.read_pages("s", 0, 3)).to_bytes()
+        assert got == stamp_page("s", 0, 2) + bytes(PAGE_SIZE) + stamp_page("s", 2, 3)
+        proxy.close()
+
+    run_trio(main, timeout_s=60)

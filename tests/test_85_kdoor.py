@@ -8,6 +8,7 @@ include/netmem_uapi.h and reads the answers. The server is real, behind tests/fa
 
 from __future__ import annotations
 
+import errno
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,7 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
-from netmemfs.kdoor import DeviceProvider
+from netmemfs.kdoor import DeviceProvider, device_claim
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.remote import RemoteStore
 from tests.faultproxy import CHANGE, FaultProxy
@@ -162,5 +163,41 @@ def test_a_sync_the_kernel_aborts_before_its_turn_is_never_sent(
             assert pages[n] == want, f"page {n}: {describe_page(pages[n])}"
         for n in (2, 3):
             assert pages[n] == stamp_page(SEGMENT, n, 1), f"page {n}: {describe_page(pages[n])}"
+
+    run_trio(main, timeout_s=60)
+
+
+def test_a_replaced_daemon_s_late_commit_never_lands_after_its_successor_s(
+    server: ServerProc, proxy: FaultProxy
+) -> None:
+    """Daemon 1's commit of sync 1 is held up on its way to the server (daemon 1 was cut
+    off, or paused). Daemon 2, started in its place, commits sync 2 of the same pages.
+    When sync 1 then reaches the server it must be refused: both daemons claim the
+    machine's name (device_claim), and daemon 2's claim fenced daemon 1's connection.
+    Without that, the older pages land last, after daemon 2's sync was acknowledged."""
+
+    async def main() -> None:
+        claim = device_claim()
+        async with (
+            RemoteStore.connect(proxy.address, claim=claim) as store1,
+            _device(store1) as old,
+        ):
+            old.send(_msg(lib.NETMEM_MSG_OPEN, 1))
+            assert await _answer(old) == (1, 0)
+            held = proxy.arm(CHANGE, "hold")
+            _sync(old, 2, commit=1, count=4, gen=1)
+            await trio.to_thread.run_sync(held.wait)
+            async with (
+                RemoteStore.connect(server.address, claim=claim) as store2,
+                _device(store2) as new,
+            ):
+                _sync(new, 10, commit=2, count=4, gen=2)
+                assert await _answer(new) == (11, 0)
+            held.release()
+            req_id, status = await _answer(old)
+        assert req_id == 3
+        assert status == -errno.ESTALE, f"daemon 1's late sync answered {status}"
+        for n, page in enumerate(await _server_pages(server)):
+            assert page == stamp_page(SEGMENT, n, 2), f"page {n}: {describe_page(page)}"
 
     run_trio(main, timeout_s=60)

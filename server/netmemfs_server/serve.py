@@ -44,6 +44,7 @@ from netmemfs._trio_util import (
 from netmemfs.errors import (
     AuthFailed,
     Busy,
+    Fenced,
     NetmemError,
     ProtocolError,
     RemoteProtocolError,
@@ -76,6 +77,8 @@ from netmemfs.protocol import (
     AuthReply,
     Change,
     Changed,
+    Claim,
+    Claimed,
     Commit,
     Committed,
     Connection,
@@ -194,16 +197,29 @@ class PageServer:
         self.holds: dict[bytes, tuple[frozenset[int], float]] = {}
         self.holders: collections.Counter[int] = collections.Counter()
         self.held_total = 0  # inodes in all holds together (MAX_HELD_TOTAL)
+        # Which connection speaks for each claimed name (Claim); a connection a newer
+        # claim replaced is fenced. One entry per live connection at most.
+        self.claims: dict[bytes, _Session] = {}
         # Orphans found at start are not reaped for a lease: their holders may not
         # have renewed their holds with this server yet.
         self._inherited = set(mem.orphans)
 
-    async def commit(self, txn: bytes, ops: Sequence[Op]) -> tuple[Outcome, bool]:
-        """Apply ops as transaction txn exactly once: (what it did, replayed)."""
+    async def commit(
+        self, txn: bytes, ops: Sequence[Op], session: _Session | None = None
+    ) -> tuple[Outcome, bool]:
+        """Apply ops as transaction txn exactly once: (what it did, replayed). A commit
+        from a session that a newer claim fenced is refused (Fenced), checked here, where
+        nothing can come between the check and the change."""
         async with self._commit_lock:
             prior = self.mem.outcome(txn)
             if prior is not None:
                 return prior, True
+            if session is not None and session.fenced_by is not None:
+                raise Fenced(
+                    f"transaction refused: a newer connection from {session.fenced_by} "
+                    f"claimed {session.claim!r}, which this connection ({session.peer}) "
+                    "spoke for; its sender was replaced and must not commit any more"
+                )
             # The server's clock dates every change (a client's times are not taken),
             # and the log keeps the dates, so a replay gives each inode the times it had.
             now = time.time_ns()
@@ -348,6 +364,8 @@ class PageServer:
         finally:
             self.connections -= 1
             session.unstage(session.staged_bytes)  # open transactions die with it
+            if session.claim is not None and self.claims.get(session.claim) is session:
+                del self.claims[session.claim]
             await trio.aclose_forcefully(stream)
 
     async def _refuse_busy(self, stream: trio.abc.Stream, peer: str) -> None:
@@ -399,6 +417,8 @@ class _Session:
         self._last_commit_done = self._opened
         self._scope: trio.CancelScope | None = None
         self._timed_out: str | None = None
+        self.claim: bytes | None = None  # the name this connection speaks for (Claim)
+        self.fenced_by: str | None = None  # the peer whose claim replaced ours
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
@@ -587,6 +607,23 @@ class _Session:
         await self.server.reap()  # what it let go of, if nobody else holds it
         await self.send(Held(msg.req_id, int(self.limits.hold_lease_s * 1000)))
 
+    async def on_claim(self, msg: Claim, nursery: trio.Nursery) -> None:
+        claims = self.server.claims
+        old = claims.get(msg.name)
+        if self.claim is not None and self.claim != msg.name:
+            raise ProtocolError("a connection speaks for one name; connect again for another")
+        if old is not None and old is not self:
+            old.fenced_by = self.peer
+            log.info(
+                "connection from %s claimed %r: the one from %s is fenced",
+                self.peer,
+                msg.name,
+                old.peer,
+            )
+        claims[msg.name] = self
+        self.claim = msg.name
+        await self.send(Claimed(msg.req_id, old is not None and old is not self))
+
     def stage(self, msg: StagePages | StageInode) -> None:
         if isinstance(msg, StagePages):
             check_name(msg.segment)
@@ -648,7 +685,7 @@ class _Session:
     ) -> None:
         req_id, txn = msg.req_id, msg.txn
         try:
-            outcome, replayed = await self.server.commit(txn, ops)
+            outcome, replayed = await self.server.commit(txn, ops, self)
             reply: Reply = (
                 Changed(req_id, txn, outcome.inodes, outcome.created, replayed)
                 if isinstance(msg, Change)
@@ -736,4 +773,5 @@ _HANDLERS: dict[type[Message], _Handler] = {
     Change: _Session.on_change,
     StageInode: _Session.on_stage_inode,
     Hold: _Session.on_hold,
+    Claim: _Session.on_claim,
 }
