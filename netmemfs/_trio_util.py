@@ -124,20 +124,21 @@ async def send_parts(stream: trio.abc.SendStream, parts: Sequence[Buffer]) -> No
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     sock = stream.socket
     waited = False
-    while views:
+    at = 0  # views[at:] are still to send (an index: popping the head is O(n))
+    while at < len(views):
         try:
             # Each view stays alive in `views` until the kernel has copied all of it.
-            sent = os.writev(_fd(sock), views[:_MAX_IOV])
+            sent = os.writev(_fd(sock), views[at : at + _MAX_IOV])
         except BlockingIOError:
             waited = True
             await trio.lowlevel.wait_writable(sock)
             continue
         except OSError as e:
             raise trio.BrokenResourceError(f"send failed: {e.strerror}") from e
-        while sent and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
+        while sent and sent >= len(views[at]):
+            sent -= len(views[at])
+            at += 1
         if sent:
-            views[0] = views[0][sent:]
+            views[at] = views[at][sent:]
     if not waited:
         await trio.lowlevel.cancel_shielded_checkpoint()

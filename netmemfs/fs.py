@@ -58,7 +58,7 @@ from netmemfs.ops import (
     name_str,
 )
 from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, pages_for
-from netmemfs.protocol import MAX_TARGET_BYTES
+from netmemfs.protocol import MAX_TARGET_BYTES, Notice
 from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
 
 log = logging.getLogger("netmemfs.fs")
@@ -175,17 +175,64 @@ class NetmemFS(pyfuse3.Operations):
         self.lease_s = DEFAULT_LEASE_S
         self._holds_changed = trio.Event()
         self._holds_lock = trio.Lock()
+        # Push invalidation: the server tells us of other clients' commits to the files
+        # open here (we subscribe to what we hold); keep_coherent drops what they
+        # changed. Heard and not yet handled, by inode: the newest version heard.
+        self.heard: dict[int, int] = {}
+        self.heard_everything = False  # a reconnect: notices may have been missed
+        self._heard_event = trio.Event()
+        store.on_notice = self._hear
 
     def _open_inodes(self) -> frozenset[int]:
         return frozenset(ino for ino, node in self.inodes.items() if node.opens > 0)
 
     async def _send_holds(self) -> None:
-        """Tell the server which inodes are open here now."""
+        """Tell the server which inodes are open here now: they are held, and this mount
+        hears of other clients' commits to them (both requests sent together)."""
         async with self._holds_lock:
             want = self._open_inodes()
-            with self._deadline():
+
+            async def hold() -> None:
                 self.lease_s = await self.store.hold(self.client_id, want)
+
+            with self._deadline():
+                async with trio.open_nursery() as both:
+                    both.start_soon(hold)
+                    if want != self.store.subscribed:
+                        both.start_soon(self.store.subscribe, want)
             self.held = want
+
+    def _hear(self, notice: Notice | None) -> None:
+        """From the store's reader: note it for keep_coherent (nothing here may wait)."""
+        if notice is None:
+            self.heard_everything = True
+        else:
+            self.heard[notice.ino] = max(notice.version, self.heard.get(notice.ino, 0))
+        self._heard_event.set()
+
+    async def keep_coherent(self) -> None:
+        """Drop what other clients' commits changed, as the server tells of them, from
+        this daemon's cache and the kernel's page cache (mapped pages too: the next
+        access faults and reads the new data); runs as long as the mount. Pages written
+        here and not yet committed stay: the kernel hands them to us first, and the
+        journal's pages win over the server's until their own commit."""
+        while True:
+            await self._heard_event.wait()
+            self._heard_event = trio.Event()
+            heard, self.heard = self.heard, {}
+            if self.heard_everything:
+                self.heard_everything = False
+                heard = dict.fromkeys(self._open_inodes(), 0)
+            for ino in heard:
+                node = self.inodes.get(ino)
+                if node is None:
+                    continue  # forgotten here meanwhile
+                self.cache.drop(ino)
+                try:
+                    await self._refresh(node)  # the new size and version
+                except pyfuse3.FUSEError as e:
+                    log.info("could not refresh %r after a notice: %s", node.path, e)
+                await self._invalidate(ino)
 
     async def _opened(self, node: _Inode) -> None:
         """node was opened: held on the server before the open is answered, so that a

@@ -298,6 +298,16 @@ class Claim(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Subscribe(Request):
+    """Tell this connection of every commit of another connection's that changes one of
+    the inodes inos (a Notice each), replacing what it subscribed to before."""
+
+    TYPE = 22
+    KINDS = (U64, U64S)
+    inos: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -367,6 +377,31 @@ class Claimed(Reply):
     TYPE = 77
     KINDS = (U64, BOOL)
     fenced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed(Reply):
+    """Reply to Subscribe: how many inodes the connection is subscribed to now."""
+
+    TYPE = 78
+    KINDS = (U64, U64)
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Reply):
+    """Unasked (req_id 0), to a connection subscribed to ino: a commit of another
+    connection's changed it, and it is at version now. pages: the runs (first page,
+    count) the commit wrote; empty: its attributes alone changed. whole: anything may
+    have changed (its size, or more than one notice carries, or commits this
+    connection fell behind on): drop all of it."""
+
+    TYPE = 79
+    KINDS = (U64, U64, U64, INO_VERSIONS, BOOL)
+    ino: int
+    version: int
+    pages: tuple[tuple[int, int], ...]
+    whole: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +508,7 @@ REQUESTS: dict[int, type[Message]] = {
         StageInode,
         Hold,
         Claim,
+        Subscribe,
     )
 }
 REPLIES: dict[int, type[Message]] = {
@@ -492,6 +528,8 @@ REPLIES: dict[int, type[Message]] = {
         Changed,
         Held,
         Claimed,
+        Subscribed,
+        Notice,
         Error,
     )
 }
@@ -529,7 +567,9 @@ def pack_parts(obj: object, out: list[Buffer]) -> None:
     of _PASSTHROUGH_BYTES or more are appended as the very objects given, after their
     header, so page data is copied only when the parts are finally written.
     """
-    if isinstance(obj, list | tuple):
+    if isinstance(obj, list | tuple) and all(type(item) is int for item in obj):
+        out.append(msgpack.packb(obj))  # one part, not one per number (u64s)
+    elif isinstance(obj, list | tuple):
         out.append(_array_header(len(obj)))
         for item in obj:
             pack_parts(item, out)

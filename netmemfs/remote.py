@@ -76,6 +76,7 @@ from netmemfs.protocol import (
     Hold,
     ListSegments,
     Lookup,
+    Notice,
     PageRun,
     Pages,
     ReadDir,
@@ -94,6 +95,8 @@ from netmemfs.protocol import (
     StagePages,
     StatSegment,
     StatServer,
+    Subscribe,
+    Subscribed,
     holes_and_runs,
 )
 from netmemfs.sizes import parse_host_port
@@ -206,9 +209,15 @@ class _Waiter:
 class _Link:
     """One connection after its handshake; a reader task routes replies to waiters."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: Connection) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: Connection,
+        on_notice: Callable[[Notice | None], None] | None = None,
+    ) -> None:
         self.stream = stream
         self.conn = conn
+        self.on_notice = on_notice  # called with each Notice the server sends
         self.pending: dict[int, _Waiter] = {}
         self.send_lock = trio.Lock()
         self.lost: str | None = None
@@ -266,6 +275,10 @@ class _Link:
                     if ev is CLOSED:
                         raise _LinkLost(why)
                     assert isinstance(ev, Reply)
+                    if isinstance(ev, Notice):
+                        if self.on_notice is not None:
+                            self.on_notice(ev)
+                        continue
                     if isinstance(ev, Error) and ev.req_id == 0:
                         why = f"server ended the connection: {ev.message}"
                         continue
@@ -301,6 +314,10 @@ class RemoteStore:
         # A name every connection of ours claims (protocol Claim) before its first
         # request: the connection before it, ours or a dead predecessor's, is fenced.
         self.claim = claim
+        # What this store's connection hears of (subscribe), and who is told: with each
+        # Notice, and with None when a new connection may have missed some.
+        self.subscribed: frozenset[int] = frozenset()
+        self.on_notice: Callable[[Notice | None], None] | None = None
         self.reconnects = 0
         self._nursery = nursery
         self._ids = itertools.count(1)
@@ -364,7 +381,7 @@ class RemoteStore:
             delay = RECONNECT_MIN_S
             while True:
                 try:
-                    link = await self._open_link(claim=self.claim)
+                    link = await self._open_link(main=True)
                     break
                 except (OSError, trio.BrokenResourceError, _LinkLost, Busy) as e:
                     _raise_if_tls_refused(e, self.address)
@@ -383,10 +400,13 @@ class RemoteStore:
                     )
                 await trio.sleep(min(delay, left))
                 delay = min(delay * 2, RECONNECT_MAX_S)
-            if self._link is not None:
+            reconnected = self._link is not None
+            if reconnected:
                 self.reconnects += 1
             self._link = link
             self._nursery.start_soon(link.read_loop)
+            if reconnected:
+                self._notice(None)  # commits made while no connection was ours went unheard
             return link
 
     async def open_handover(self) -> int:
@@ -405,7 +425,9 @@ class RemoteStore:
             raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
         return socket_of(link.stream).detach()
 
-    async def _open_link(self, claim: bytes | None = None) -> _Link:
+    async def _open_link(self, *, main: bool = False) -> _Link:
+        """A new connection, handshake done. The main one (not a handover) claims the
+        store's name and subscribes to what the store is subscribed to."""
         tcp = await trio.open_tcp_stream(self.host, self.port)
         tune_socket(tcp.socket)
         stream: trio.abc.Stream = tcp
@@ -416,12 +438,12 @@ class RemoteStore:
                         tcp, self.tls, server_hostname=self.host, https_compatible=False
                     )
                     await stream.do_handshake()
-                return await self._handshake(stream, claim)
+                return await self._handshake(stream, main)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
 
-    async def _handshake(self, stream: trio.abc.Stream, claim: bytes | None) -> _Link:
+    async def _handshake(self, stream: trio.abc.Stream, main: bool) -> _Link:
         conn = Connection(Role.CLIENT)
         nonce = auth.new_nonce()
 
@@ -438,6 +460,9 @@ class RemoteStore:
                     conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
                     continue
                 assert isinstance(ev, Reply)
+                if isinstance(ev, Notice):  # may come before Subscribe's reply
+                    self._notice(ev)
+                    continue
                 if isinstance(ev, Error):
                     raise error_for_code(ev.code)(f"server {self.address}: {ev.message}")
                 return ev
@@ -459,11 +484,21 @@ class RemoteStore:
                     f"server {self.address} could not prove it knows the token; it may not "
                     "be the server you meant"
                 )
-        if claim is not None:
-            claimed = await ask(Claim(0, claim))
+        if main and self.claim is not None:
+            claimed = await ask(Claim(0, self.claim))
             if not isinstance(claimed, Claimed):
                 raise RemoteProtocolError(f"server {self.address} answered Claim with {claimed!r}")
-        return _Link(stream, conn)
+        if main and self.subscribed:
+            subscribed = await ask(Subscribe(0, tuple(sorted(self.subscribed))))
+            if not isinstance(subscribed, Subscribed):
+                raise RemoteProtocolError(
+                    f"server {self.address} answered Subscribe with {subscribed!r}"
+                )
+        return _Link(stream, conn, self._notice if main else None)
+
+    def _notice(self, notice: Notice | None) -> None:
+        if self.on_notice is not None:
+            self.on_notice(notice)
 
     async def _with_link(self, what: str, body: Callable[[_Link], Awaitable[T]]) -> T:
         """Run body on a live link, again on a new one if the link breaks, until
@@ -570,6 +605,20 @@ class RemoteStore:
         what = f"hold of {len(inos)} open files"
         r = await self._call(what, lambda i: Hold(i, client, tuple(sorted(inos))), Held)
         return r.lease_ms / 1000
+
+    async def subscribe(self, inos: Collection[int]) -> None:
+        """Hear of other clients' commits to exactly inos from now on (on_notice), on
+        this connection and each one after it."""
+        want = frozenset(inos)
+
+        async def body(link: _Link) -> Reply:
+            return await link.request(Subscribe(next(self._ids), tuple(sorted(want))))
+
+        what = f"subscription to {len(want)} files"
+        self._check(await self._with_link(what, body), Subscribed, what)
+        # A reconnect from now on subscribes to these. (One in the middle of this call
+        # subscribed to the old set and said so with on_notice(None): nothing is missed.)
+        self.subscribed = want
 
     async def read_inode(self, ino: int, first: int, count: int) -> PageRead:
         """Pages first..first+count-1 of file ino (at most MAX_MESSAGE_PAGES)."""

@@ -77,10 +77,20 @@ requests = st.one_of(
     st.builds(p.StageInode, u64, txns, u64, small, pages),
     st.builds(p.Hold, u64, txns, st.lists(u64, max_size=5).map(tuple)),
     st.builds(p.Claim, u64, txns),
+    st.builds(p.Subscribe, u64, st.lists(u64, max_size=5).map(tuple)),
 )
 replies = st.one_of(
     st.builds(p.Held, u64, u64),
     st.builds(p.Claimed, u64, st.booleans()),
+    st.builds(p.Subscribed, u64, u64),
+    st.builds(
+        p.Notice,
+        u64,
+        u64,
+        u64,
+        st.lists(st.tuples(u64, u64), max_size=3).map(tuple),
+        st.booleans(),
+    ),
     st.builds(p.HelloReply, u64, u64, st.binary(min_size=1, max_size=64), st.booleans()),
     st.builds(p.SegmentList, u64, st.lists(names, max_size=5).map(tuple)),
     st.builds(p.SegmentInfo, u64, names, small, small, small),

@@ -59,6 +59,7 @@ from netmemfs.ops import (
     Reap,
     Rename,
     Resize,
+    Truncate,
     Write,
     WritePages,
     name_bytes,
@@ -94,6 +95,7 @@ from netmemfs.protocol import (
     ListSegments,
     Lookup,
     Message,
+    Notice,
     PageRun,
     Pages,
     ReadDir,
@@ -111,6 +113,8 @@ from netmemfs.protocol import (
     StagePages,
     StatSegment,
     StatServer,
+    Subscribe,
+    Subscribed,
 )
 from netmemfs_server.log import LogPageStore
 from netmemfs_server.store import ATTR_FIELDS, Inode, MemoryPageStore, Outcome
@@ -132,6 +136,12 @@ MAX_READDIR_ENTRIES = 1024
 # Inodes one client may hold open (Hold), and all clients together.
 MAX_HELD_PER_CLIENT = 1 << 20
 MAX_HELD_TOTAL = 4 << 20
+# Inodes one connection may subscribe to (Subscribe), and all connections together.
+MAX_SUBSCRIBED_PER_CONNECTION = 1 << 20
+MAX_SUBSCRIBED_TOTAL = 4 << 20
+# Page runs one notice carries; past it (a client behind by many commits, or a commit
+# of scattered pages) the notice says "all of it".
+MAX_NOTICE_RUNS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +210,9 @@ class PageServer:
         # Which connection speaks for each claimed name (Claim); a connection a newer
         # claim replaced is fenced. One entry per live connection at most.
         self.claims: dict[bytes, _Session] = {}
+        # Which connections hear of commits to each inode (Subscribe).
+        self.subscribers: dict[int, set[_Session]] = {}
+        self.subscribed_total = 0
         # Orphans found at start are not reaped for a lease: their holders may not
         # have renewed their holds with this server yet.
         self._inherited = set(mem.orphans)
@@ -229,6 +242,7 @@ class PageServer:
             durable = self.durable
             if durable is None:
                 self.mem.apply(txn, ops)
+                self._notify(ops, self._outcome(txn), session)
                 return self._outcome(txn), False
             # Shielded so that the log and memory never disagree: a record appended but
             # not applied (cancelled in between) would be applied twice after a client
@@ -238,6 +252,7 @@ class PageServer:
                 # We hold the commit lock and reads change nothing, so the check above
                 # still describes the state apply() sees.
                 self.mem.apply(txn, ops)
+                self._notify(ops, self._outcome(txn), session)
                 if durable.wants_checkpoint():
                     try:
                         await trio.to_thread.run_sync(durable.checkpoint)
@@ -249,6 +264,55 @@ class PageServer:
                             e,
                         )
             return self._outcome(txn), False
+
+    def _notify(self, ops: Sequence[Op], outcome: Outcome, origin: _Session | None) -> None:
+        """Queue a notice of what ops changed for every connection subscribed to an
+        inode they touched, but the one that sent them (it knows)."""
+        if not self.subscribers:
+            return
+        runs: dict[int, list[tuple[int, int]] | None] = {}
+        whole = False  # segment ops name files, not inodes: say "all of it"
+        for op in ops:
+            if isinstance(op, WritePages):
+                wrote = runs.setdefault(op.ino, [])
+                if wrote is not None:
+                    wrote.append((op.first, len(op.data) // PAGE_SIZE))
+            elif isinstance(op, Truncate):
+                runs[op.ino] = None
+            elif isinstance(op, Write | Create | Resize | Rename | Delete):
+                whole = True
+        for ino, version in outcome.inodes:
+            subs = self.subscribers.get(ino)
+            if not subs:
+                continue
+            changed = None if whole else runs.get(ino, [])
+            for session in subs:
+                if session is not origin:
+                    session.queue_notice(ino, version, changed)
+
+    def subscribe(self, session: _Session, inos: frozenset[int]) -> None:
+        """session hears of commits to inos (and no others) from now on."""
+        total = self.subscribed_total - len(session.subscribed) + len(inos)
+        if len(inos) > MAX_SUBSCRIBED_PER_CONNECTION or total > MAX_SUBSCRIBED_TOTAL:
+            raise TooLarge(
+                f"a connection may subscribe to {MAX_SUBSCRIBED_PER_CONNECTION} inodes, all "
+                f"connections to {MAX_SUBSCRIBED_TOTAL}; this subscription of {len(inos)} "
+                "would pass that"
+            )
+        self.unsubscribe(session)
+        for ino in inos:
+            self.subscribers.setdefault(ino, set()).add(session)
+        session.subscribed = inos
+        self.subscribed_total += len(inos)
+
+    def unsubscribe(self, session: _Session) -> None:
+        for ino in session.subscribed:
+            subs = self.subscribers[ino]
+            subs.discard(session)
+            if not subs:
+                del self.subscribers[ino]
+        self.subscribed_total -= len(session.subscribed)
+        session.subscribed = frozenset()
 
     def hold(self, client: bytes, inos: frozenset[int]) -> None:
         """client now holds inos (and no others) for a lease from now."""
@@ -366,6 +430,7 @@ class PageServer:
             session.unstage(session.staged_bytes)  # open transactions die with it
             if session.claim is not None and self.claims.get(session.claim) is session:
                 del self.claims[session.claim]
+            self.unsubscribe(session)
             await trio.aclose_forcefully(stream)
 
     async def _refuse_busy(self, stream: trio.abc.Stream, peer: str) -> None:
@@ -419,6 +484,12 @@ class _Session:
         self._timed_out: str | None = None
         self.claim: bytes | None = None  # the name this connection speaks for (Claim)
         self.fenced_by: str | None = None  # the peer whose claim replaced ours
+        # Inodes this connection hears of (Subscribe), and the notices not yet sent: one
+        # per inode, merged (page runs, or None: all of it), so they stay bounded by
+        # the subscription however slowly the client reads.
+        self.subscribed: frozenset[int] = frozenset()
+        self.notices: dict[int, tuple[int, list[tuple[int, int]] | None]] = {}
+        self.notices_ready = trio.Event()
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
@@ -436,6 +507,7 @@ class _Session:
             self._scope = scope
             async with open_quiet_nursery() as watch:
                 watch.start_soon(self._watchdog)
+                watch.start_soon(self._send_notices)
                 try:
                     await self._serve()
                 finally:
@@ -470,6 +542,29 @@ class _Session:
                 self._waiting_since = trio.current_time()
                 await receive_into(self.stream, self.conn)
                 self._waiting_since = None
+
+    def queue_notice(self, ino: int, version: int, runs: list[tuple[int, int]] | None) -> None:
+        """Tell the client (soon) that ino is at version, runs of its pages changed."""
+        queued = self.notices.get(ino)
+        if queued is not None:
+            old = queued[1]
+            runs = None if old is None or runs is None else old + runs
+        if runs is not None and len(runs) > MAX_NOTICE_RUNS:
+            runs = None
+        self.notices[ino] = (version, runs)
+        self.notices_ready.set()
+
+    async def _send_notices(self) -> None:
+        """Send queued notices as they come; a client that does not take them is cut
+        off by the watchdog (--slow-client-timeout), like one that does not take a reply."""
+        while True:
+            await self.notices_ready.wait()
+            self.notices_ready = trio.Event()
+            while self.notices:
+                ino = next(iter(self.notices))
+                version, runs = self.notices.pop(ino)
+                pages = tuple(runs) if runs is not None else ()
+                await self.send(Notice(0, ino, version, pages, runs is None))
 
     async def _watchdog(self) -> None:
         """End the connection when a timeout passes. It wakes a few times per timeout
@@ -606,6 +701,10 @@ class _Session:
         self.server.hold(msg.client, frozenset(msg.inos))
         await self.server.reap()  # what it let go of, if nobody else holds it
         await self.send(Held(msg.req_id, int(self.limits.hold_lease_s * 1000)))
+
+    async def on_subscribe(self, msg: Subscribe, nursery: trio.Nursery) -> None:
+        self.server.subscribe(self, frozenset(msg.inos))
+        await self.send(Subscribed(msg.req_id, len(self.subscribed)))
 
     async def on_claim(self, msg: Claim, nursery: trio.Nursery) -> None:
         claims = self.server.claims
@@ -774,4 +873,5 @@ _HANDLERS: dict[type[Message], _Handler] = {
     StageInode: _Session.on_stage_inode,
     Hold: _Session.on_hold,
     Claim: _Session.on_claim,
+    Subscribe: _Session.on_subscribe,
 }
