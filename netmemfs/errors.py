@@ -117,6 +117,20 @@ class Fenced(NetmemError):
     code = "fenced"
 
 
+class WouldBlock(NetmemError):
+    """A lock was not granted within the time the request would wait."""
+
+    errno = _errno.EAGAIN
+    code = "would_block"
+
+
+class NotHeld(NetmemError):
+    """A lock released or renewed that the client does not hold (any more)."""
+
+    errno = _errno.ENOLCK
+    code = "not_held"
+
+
 class NotADirectory(NetmemError):
     errno = _errno.ENOTDIR
     code = "not_dir"
@@ -179,6 +193,8 @@ _BY_CODE: dict[str, type[NetmemError]] = {
         VersionMismatch,
         Stale,
         Fenced,
+        WouldBlock,
+        NotHeld,
         NotADirectory,
         IsADirectory,
         NotEmpty,

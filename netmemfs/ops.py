@@ -149,12 +149,23 @@ class Reap:
     time_ns: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Apply this transaction only while lock token `token` on inode ino is held (a
+    commit made under a lock whose lease ran out is refused). A check the server makes
+    and drops: it is never logged."""
+
+    ino: int
+    token: int
+    time_ns: int = 0
+
+
 SegmentOp = Create | Resize | Rename | Delete | Write
-InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate
+InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate | Fence
 Op = SegmentOp | InodeOp | Reap
-INODE_OPS = (MakeNode, Link, Unlink, Rmdir, Move, SetAttr, WritePages, Truncate)
+INODE_OPS = (MakeNode, Link, Unlink, Rmdir, Move, SetAttr, WritePages, Truncate, Fence)
 # What a Change request may carry (the segment ops have requests of their own).
-INODE_OP_TAGS = frozenset(("mk", "ln", "ul", "rd", "mv", "sa", "wp", "tr"))
+INODE_OP_TAGS = frozenset(("mk", "ln", "ul", "rd", "mv", "sa", "wp", "tr", "fe"))
 
 
 def name_bytes(name: str) -> bytes:
@@ -216,6 +227,8 @@ def op_to_item(op: Op) -> tuple[object, ...]:
         return ("wp", op.ino, op.first, op.data, t)
     if isinstance(op, Reap):
         return ("rp", op.ino, t)
+    if isinstance(op, Fence):
+        return ("fe", op.ino, op.token, t)
     return ("tr", op.ino, op.size, t)
 
 
@@ -281,4 +294,6 @@ def item_to_op(item: list[object]) -> Op:
         return Truncate(as_int(f[0]), as_int(f[1]), t)
     if tag == "rp":
         return Reap(as_int(f[0]), t)
+    if tag == "fe":
+        return Fence(as_int(f[0]), as_int(f[1]), t)
     raise ValueError(f"unknown op {tag!r}")

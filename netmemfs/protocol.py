@@ -308,6 +308,35 @@ class Subscribe(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Lock(Request):
+    """A shared or exclusive lock on bytes start..start+length-1 of inode ino (length
+    0: to any end), for this connection; waits up to wait_ms for it (0: try once)."""
+
+    TYPE = 23
+    KINDS = (U64, U64, U64, U64, BOOL, U64)
+    ino: int
+    start: int
+    length: int
+    exclusive: bool
+    wait_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unlock(Request):
+    TYPE = 24
+    KINDS = (U64, U64)
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renew(Request):
+    """Every lock this connection holds lasts a lease from now."""
+
+    TYPE = 25
+    KINDS = (U64,)
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -402,6 +431,34 @@ class Notice(Reply):
     version: int
     pages: tuple[tuple[int, int], ...]
     whole: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Locked(Reply):
+    """Reply to Lock: granted, with its fencing token (never handed out twice), its
+    lease, and the inode's version when it was granted."""
+
+    TYPE = 80
+    KINDS = (U64, U64, U64, U64)
+    token: int
+    lease_ms: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unlocked(Reply):
+    TYPE = 81
+    KINDS = (U64,)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed(Reply):
+    """Reply to Renew: how many locks the connection holds, and their lease from now."""
+
+    TYPE = 82
+    KINDS = (U64, U64, U64)
+    count: int
+    lease_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +566,9 @@ REQUESTS: dict[int, type[Message]] = {
         Hold,
         Claim,
         Subscribe,
+        Lock,
+        Unlock,
+        Renew,
     )
 }
 REPLIES: dict[int, type[Message]] = {
@@ -530,6 +590,9 @@ REPLIES: dict[int, type[Message]] = {
         Claimed,
         Subscribed,
         Notice,
+        Locked,
+        Unlocked,
+        Renewed,
         Error,
     )
 }

@@ -75,6 +75,8 @@ from netmemfs.protocol import (
     HelloReply,
     Hold,
     ListSegments,
+    Lock,
+    Locked,
     Lookup,
     Notice,
     PageRun,
@@ -83,6 +85,8 @@ from netmemfs.protocol import (
     ReadInode,
     ReadPages,
     RenameSegment,
+    Renew,
+    Renewed,
     Reply,
     Request,
     ResizeSegment,
@@ -97,6 +101,8 @@ from netmemfs.protocol import (
     StatServer,
     Subscribe,
     Subscribed,
+    Unlock,
+    Unlocked,
     holes_and_runs,
 )
 from netmemfs.sizes import parse_host_port
@@ -178,6 +184,16 @@ class InodeStat:
     @classmethod
     def of(cls, r: Attrs) -> InodeStat:
         return cls(*(getattr(r, f) for f in cls.__slots__))
+
+
+@dataclass(frozen=True, slots=True)
+class LockGrant:
+    """A lock granted: its fencing token, its lease (renew within it), and the file's
+    version when it was granted (after every commit made under the locks before)."""
+
+    token: int
+    lease_s: float
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,6 +635,35 @@ class RemoteStore:
         # A reconnect from now on subscribes to these. (One in the middle of this call
         # subscribed to the old set and said so with on_notice(None): nothing is missed.)
         self.subscribed = want
+
+    async def lock(
+        self, ino: int, start: int, length: int, *, exclusive: bool, wait_s: float
+    ) -> LockGrant:
+        """A lock on bytes start..start+length-1 of ino (length 0: to any end), held by
+        this store's connection, waiting up to wait_s for it (WouldBlock past that). It
+        ends with unlock, with the connection (a reconnect loses it: commits fenced by
+        it are then refused), or past its lease unless renew() is called in time."""
+        what = f"{'exclusive' if exclusive else 'shared'} lock on inode {ino}"
+        wait_ms = max(0, int(wait_s * 1000))
+
+        async def body(link: _Link) -> Reply:
+            with trio.move_on_after(wait_s + self.retry_for_s):
+                return await link.request(
+                    Lock(next(self._ids), ino, start, length, exclusive, wait_ms)
+                )
+            link.fail(f"no answer to a lock request within {wait_s + self.retry_for_s:g} s")
+            raise _LinkLost("the server did not answer a lock request")
+
+        r = self._check(await self._with_link(what, body), Locked, what)
+        return LockGrant(r.token, r.lease_ms / 1000, r.version)
+
+    async def unlock(self, token: int) -> None:
+        await self._call(f"unlock of lock {token}", lambda i: Unlock(i, token), Unlocked)
+
+    async def renew(self) -> float:
+        """Every lock this store holds lasts a lease from now; the lease in seconds."""
+        r = await self._call("renewal of locks", Renew, Renewed)
+        return r.lease_ms / 1000
 
     async def read_inode(self, ino: int, first: int, count: int) -> PageRead:
         """Pages first..first+count-1 of file ino (at most MAX_MESSAGE_PAGES)."""

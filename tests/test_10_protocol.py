@@ -47,6 +47,7 @@ inode_ops = st.one_of(
     st.builds(ops.SetAttr, small, opt, opt, opt, opt, opt),
     st.builds(ops.WritePages, small, small, pages),
     st.builds(ops.Truncate, small, small),
+    st.builds(ops.Fence, small, u64),
 )
 
 requests = st.one_of(
@@ -78,11 +79,17 @@ requests = st.one_of(
     st.builds(p.Hold, u64, txns, st.lists(u64, max_size=5).map(tuple)),
     st.builds(p.Claim, u64, txns),
     st.builds(p.Subscribe, u64, st.lists(u64, max_size=5).map(tuple)),
+    st.builds(p.Lock, u64, u64, u64, u64, st.booleans(), u64),
+    st.builds(p.Unlock, u64, u64),
+    st.builds(p.Renew, u64),
 )
 replies = st.one_of(
     st.builds(p.Held, u64, u64),
     st.builds(p.Claimed, u64, st.booleans()),
     st.builds(p.Subscribed, u64, u64),
+    st.builds(p.Locked, u64, u64, u64, u64),
+    st.builds(p.Unlocked, u64),
+    st.builds(p.Renewed, u64, u64, u64),
     st.builds(
         p.Notice,
         u64,

@@ -186,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
         "holds lapse and such files are freed (default %(default)g)",
     )
     p.add_argument(
+        "--lock-lease",
+        type=float,
+        default=limits.lock_lease_s,
+        metavar="SECONDS",
+        help="a lock (netmemfs lock, netmemfs.lock, netmem_lock) whose holder goes silent "
+        "for this long (a machine that hangs, or that the network parts from us) is taken "
+        "from it and given to the next waiter; commits it then makes under that lock are "
+        "refused. A holder whose connection closes (a process or daemon that dies) loses "
+        "its locks at once (default %(default)g)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening on a non-loopback address without --token-file",
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_timeout_s=args.idle_timeout,
             slow_client_timeout_s=args.slow_client_timeout,
             hold_lease_s=args.hold_lease,
+            lock_lease_s=args.lock_lease,
         )
         limits.check()
     except ValueError as e:

@@ -55,6 +55,7 @@ from netmemfs.errors import (
 from netmemfs.ops import (
     Create,
     Delete,
+    Fence,
     Op,
     Reap,
     Rename,
@@ -93,6 +94,8 @@ from netmemfs.protocol import (
     HelloReply,
     Hold,
     ListSegments,
+    Lock,
+    Locked,
     Lookup,
     Message,
     Notice,
@@ -102,6 +105,8 @@ from netmemfs.protocol import (
     ReadInode,
     ReadPages,
     RenameSegment,
+    Renew,
+    Renewed,
     Reply,
     ResizeSegment,
     Role,
@@ -115,7 +120,10 @@ from netmemfs.protocol import (
     StatServer,
     Subscribe,
     Subscribed,
+    Unlock,
+    Unlocked,
 )
+from netmemfs_server.locks import LockTable
 from netmemfs_server.log import LogPageStore
 from netmemfs_server.store import ATTR_FIELDS, Inode, MemoryPageStore, Outcome
 
@@ -160,6 +168,8 @@ class Limits:
     slow_client_timeout_s: float = 30.0
     # How long a client's holds on open files last unless it renews them (--hold-lease).
     hold_lease_s: float = 20.0
+    # How long a lock lasts unless its holder renews it (--lock-lease).
+    lock_lease_s: float = 10.0
 
     def check(self) -> None:
         """ValueError naming the option, for limits that cannot work."""
@@ -175,6 +185,8 @@ class Limits:
             raise ValueError("--idle-timeout and --slow-client-timeout must be positive")
         if self.hold_lease_s <= 0:
             raise ValueError("--hold-lease must be positive")
+        if self.lock_lease_s <= 0:
+            raise ValueError("--lock-lease must be positive")
 
 
 class _Close(Exception):
@@ -213,6 +225,7 @@ class PageServer:
         # Which connections hear of commits to each inode (Subscribe).
         self.subscribers: dict[int, set[_Session]] = {}
         self.subscribed_total = 0
+        self.locks = LockTable(limits.lock_lease_s)
         # Orphans found at start are not reaped for a lease: their holders may not
         # have renewed their holds with this server yet.
         self._inherited = set(mem.orphans)
@@ -233,6 +246,7 @@ class PageServer:
                     f"claimed {session.claim!r}, which this connection ({session.peer}) "
                     "spoke for; its sender was replaced and must not commit any more"
                 )
+            ops = self._fenced(ops)
             # The server's clock dates every change (a client's times are not taken),
             # and the log keeps the dates, so a replay gives each inode the times it had.
             now = time.time_ns()
@@ -264,6 +278,22 @@ class PageServer:
                             e,
                         )
             return self._outcome(txn), False
+
+    def _fenced(self, ops: Sequence[Op]) -> list[Op]:
+        """ops without their Fence checks, each of which must name a lock that still
+        lasts (Fenced if one does not: the commit was made under a lock since lost)."""
+        out: list[Op] = []
+        for op in ops:
+            if not isinstance(op, Fence):
+                out.append(op)
+            elif self.locks.check(op.ino, op.token) is None:
+                raise Fenced(
+                    f"transaction refused: it was made under lock {op.token} on inode "
+                    f"{op.ino}, which is no longer held (released, or its lease ran out "
+                    "and it may have gone to another client); nothing of it applied, so "
+                    "that it cannot overwrite the next holder's work"
+                )
+        return out
 
     def _notify(self, ops: Sequence[Op], outcome: Outcome, origin: _Session | None) -> None:
         """Queue a notice of what ops changed for every connection subscribed to an
@@ -389,6 +419,7 @@ class PageServer:
             listeners = [trio.SSLListener(t, self.tls, https_compatible=False) for t in tcp]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_leases)
+            nursery.start_soon(self.locks.keep_leases)
             task_status.started(bound)
             await trio.serve_listeners(self._handle, listeners)
 
@@ -431,6 +462,7 @@ class PageServer:
             if session.claim is not None and self.claims.get(session.claim) is session:
                 del self.claims[session.claim]
             self.unsubscribe(session)
+            self.locks.release_all(session)
             await trio.aclose_forcefully(stream)
 
     async def _refuse_busy(self, stream: trio.abc.Stream, peer: str) -> None:
@@ -706,6 +738,32 @@ class _Session:
         self.server.subscribe(self, frozenset(msg.inos))
         await self.send(Subscribed(msg.req_id, len(self.subscribed)))
 
+    async def on_lock(self, msg: Lock, nursery: trio.Nursery) -> None:
+        self.mem.inode(msg.ino)  # Stale if there is no such inode
+        # Waits in a task of its own: this loop must go on reading (Unlock, Renew...).
+        nursery.start_soon(self._lock, msg)
+
+    async def _lock(self, msg: Lock) -> None:
+        try:
+            grant = await self.server.locks.acquire(
+                self, msg.ino, msg.start, msg.length, msg.exclusive, msg.wait_ms / 1000
+            )
+            # The version after every commit made under the locks before this one.
+            version = self.mem.inode(msg.ino).version
+        except NetmemError as e:
+            await self.send(Error(msg.req_id, e.code, str(e)))
+            return
+        lease_ms = int(self.server.locks.lease_s * 1000)
+        await self.send(Locked(msg.req_id, grant.token, lease_ms, version))
+
+    async def on_unlock(self, msg: Unlock, nursery: trio.Nursery) -> None:
+        self.server.locks.release(self, msg.token)
+        await self.send(Unlocked(msg.req_id))
+
+    async def on_renew(self, msg: Renew, nursery: trio.Nursery) -> None:
+        n = self.server.locks.renew(self)
+        await self.send(Renewed(msg.req_id, n, int(self.server.locks.lease_s * 1000)))
+
     async def on_claim(self, msg: Claim, nursery: trio.Nursery) -> None:
         claims = self.server.claims
         old = claims.get(msg.name)
@@ -874,4 +932,7 @@ _HANDLERS: dict[type[Message], _Handler] = {
     Hold: _Session.on_hold,
     Claim: _Session.on_claim,
     Subscribe: _Session.on_subscribe,
+    Lock: _Session.on_lock,
+    Unlock: _Session.on_unlock,
+    Renew: _Session.on_renew,
 }
