@@ -165,6 +165,67 @@ const char *netmem_error(void)
 	return err_buf[0] ? err_buf : "no error";
 }
 
+/* The mount daemon's lock requests (netmemfs/fs.py, "locks"), as getxattr names. */
+#define NM_LOCK_XATTR "user.netmemfs.lock."
+#define NM_UNLOCK_XATTR "user.netmemfs.unlock."
+
+static int lock_errno(const char *what, const char *path)
+{
+	int err = errno == ENODATA ? ENOTSUP : errno;
+
+	switch (err) {
+	case EAGAIN:
+		snprintf(err_buf, sizeof(err_buf),
+			 "%s on %s was not granted in time: another client holds it",
+			 what, path);
+		break;
+	case ENOLCK:
+		snprintf(err_buf, sizeof(err_buf),
+			 "%s on %s is not held by this process (lost or released)",
+			 what, path);
+		break;
+	case ENOTSUP:
+		snprintf(err_buf, sizeof(err_buf),
+			 "%s: %s is not a file of a netmemfs mount", what, path);
+		break;
+	default:
+		snprintf(err_buf, sizeof(err_buf), "%s on %s failed: %s", what,
+			 path, strerror(err));
+	}
+	errno = err;
+	return -1;
+}
+
+int netmem_lock_file(const char *path, uint64_t start, uint64_t length,
+		     int exclusive, unsigned int wait_ms, uint64_t *token)
+{
+	char name[128], value[32];
+	ssize_t n;
+
+	snprintf(name, sizeof(name), NM_LOCK_XATTR "%s.%llu.%llu.%u",
+		 exclusive ? "x" : "s", (unsigned long long)start,
+		 (unsigned long long)length, wait_ms);
+	/* value is NUL-terminated below: getxattr stores at most size - 1 bytes. */
+	n = getxattr(path, name, value, sizeof(value) - 1);
+	if (n < 0)
+		return lock_errno(exclusive ? "an exclusive lock" : "a shared lock",
+				  path);
+	value[n] = '\0';
+	*token = strtoull(value, NULL, 10);
+	return 0;
+}
+
+int netmem_unlock_file(const char *path, uint64_t token)
+{
+	char name[64], value[8];
+
+	snprintf(name, sizeof(name), NM_UNLOCK_XATTR "%llu",
+		 (unsigned long long)token);
+	if (getxattr(path, name, value, sizeof(value)) < 0)
+		return lock_errno("the lock", path);
+	return 0;
+}
+
 __attribute__((format(printf, 2, 3)))
 static int fail(int err, const char *fmt, ...)
 {

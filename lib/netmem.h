@@ -62,6 +62,22 @@ int netmem_unmap(void *addr);
 /* Bytes of the region resident in this process (what the budget caps). */
 long netmem_resident(void *addr);
 
+/*
+ * Locks across machines on a file of a netmemfs mount (docs/semantics.md,
+ * "Locks across machines"). netmem_lock_file takes a shared (exclusive 0) or
+ * exclusive lock on bytes start..start+length-1 of the file at path (length
+ * 0: to any end), waiting up to wait_ms (0: try once), and stores its fencing
+ * token in *token. When it returns, this machine's view of the file shows
+ * every commit made under the locks before. fsync a descriptor of the file
+ * before netmem_unlock_file to commit under the lock. The lock is the calling
+ * process's and ends when it exits. 0, or -1 with errno set: EAGAIN (not
+ * granted within wait_ms), ENOLCK (unlock: not held by this process, or
+ * lost), ENOTSUP (not a file of a netmemfs mount).
+ */
+int netmem_lock_file(const char *path, uint64_t start, uint64_t length,
+		     int exclusive, unsigned int wait_ms, uint64_t *token);
+int netmem_unlock_file(const char *path, uint64_t token);
+
 /* The last error of this thread, in words: what failed and what to do. */
 const char *netmem_error(void);
 

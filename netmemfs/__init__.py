@@ -6,3 +6,7 @@ errors.py and pages.py sit under all of them.
 """
 
 __version__ = "0.1.0"
+
+from netmemfs.locking import lock
+
+__all__ = ["lock"]

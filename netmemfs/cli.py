@@ -24,6 +24,7 @@ from netmemfs.daemon import MountOptions, default_cache_dir, lock_cache_dir
 from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
 from netmemfs.fs import DEFAULT_CACHE_BYTES, DEFAULT_UNJOURNALED_BYTES
+from netmemfs.locking import lock
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import DEFAULT_PORT, RemoteStore, tls_client_context
@@ -147,6 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     u.add_argument("--cache-dir", type=Path, metavar="DIR", help="as given to mount")
+    lk = sub.add_parser(
+        "lock",
+        help="run a command holding a lock on a file of a mount (like flock(1))",
+        description="Take a lock on FILE (a file of a netmemfs mount) from the server, so "
+        "that every mount on every machine sees it; run COMMAND; commit the file (as fsync "
+        "would: what COMMAND wrote to it from this machine lands under the lock); release "
+        "the lock. Exits with COMMAND's status, or 1 if the lock was not granted within "
+        "--wait or was lost before the commit (then nothing of the commit landed). Taking "
+        "the lock brings this machine's view of FILE up to date with every commit made "
+        "under it before. Example: netmemfs lock /mnt/nm/counter -- sh -c 'n=$(cat "
+        "/mnt/nm/counter); echo $((n+1)) > /mnt/nm/counter'",
+    )
+    lk.add_argument("file", type=Path, metavar="FILE")
+    lk.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    lk.add_argument("--shared", action="store_true", help="a shared lock (default: exclusive)")
+    lk.add_argument("--start", type=int, default=0, help="first byte locked (default 0)")
+    lk.add_argument("--length", type=int, default=0, help="bytes locked (default 0: to any end)")
+    lk.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="give up if not granted within S seconds (default %(default)g; 0: try once)",
+    )
+    lk.add_argument(
+        "--no-commit", action="store_true", help="release without committing FILE first"
+    )
     demo = sub.add_parser(
         "demo",
         help="write, commit and read back a segment",
@@ -452,6 +480,27 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
 
 
+def _lock(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("netmemfs lock: give a command after --", file=sys.stderr)
+        return 2
+    with lock(
+        args.file,
+        args.start,
+        args.length,
+        exclusive=not args.shared,
+        wait_s=args.wait,
+        commit=not args.no_commit,
+    ):
+        try:
+            status = subprocess.run(cmd).returncode
+        except OSError as e:
+            print(f"netmemfs lock: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+            status = 127
+    return status if status >= 0 else 128 - status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="netmemfs: %(levelname)s %(message)s")
@@ -466,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args)
         if args.command == "umount":
             return _umount(args)
+        if args.command == "lock":
+            return _lock(args)
         if args.command == "agent":
             token, tls = _access(args)
             timeout_s = max(args.timeout_ms, 1) / 1000

@@ -24,12 +24,14 @@ import logging
 import math
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from netmemfs.cache import PageCache
 from netmemfs.errors import (
+    Fenced,
     InvalidName,
     NotADirectory,
     OutOfRange,
@@ -38,7 +40,7 @@ from netmemfs.errors import (
     Stale,
 )
 from netmemfs.journal import HoldBudget, SealedCommit, SegmentJournal
-from netmemfs.ops import MakeNode
+from netmemfs.ops import Fence, MakeNode
 from netmemfs.pages import PAGE_SIZE, Buffer, consecutive, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
 from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
@@ -121,6 +123,9 @@ class FileCore:
         # The server refused a commit as stale: the inode is gone, and so are the
         # changes; every later change is refused too.
         self.gone = False
+        # Tokens of the locks on this file held through this door: every commit names
+        # them (Fence), so one made after such a lock was lost is refused, not applied.
+        self.fences: set[int] = set()
 
     @classmethod
     def of(
@@ -210,6 +215,13 @@ class FileCore:
             journal.discard()
             log.error("%s", self._stale())
             raise self._stale() from None
+        except Fenced as e:
+            # Made under a lock that another client may hold now: its pages are
+            # dropped (send_sealed did), not sent again, and cached pages may be old.
+            if self.cache is not None:
+                self.cache.drop(self.ino)
+            log.error("commit to %r dropped: %s", self.path, e)
+            raise
         self.version = result.inodes.get(self.ino, self.version)
         if self.cache is not None:
             self.cache.drop(self.ino)  # cached pages may be older
@@ -222,7 +234,7 @@ class FileCore:
         )
 
     async def send(self, commit: SealedCommit) -> ChangeResult:
-        return await send(self.store, commit)
+        return await send(self.store, commit, sorted(self.fences))
 
     def _stale(self) -> Stale:
         return Stale(
@@ -232,10 +244,14 @@ class FileCore:
         )
 
 
-async def send(store: RemoteStore, commit: SealedCommit) -> ChangeResult:
+async def send(
+    store: RemoteStore, commit: SealedCommit, fences: Sequence[int] = ()
+) -> ChangeResult:
     """Send a sealed commit: to its inode, or, left by a daemon from before inodes,
-    to its segment by name."""
+    to its segment by name. fences: lock tokens it is made under (applied only while
+    each lasts)."""
     if commit.ino:
-        return await store.change(commit.inode_ops(), txn=commit.txn)
+        checks = [Fence(commit.ino, token) for token in fences]
+        return await store.change([*checks, *commit.inode_ops()], txn=commit.txn)
     r = await store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
     return ChangeResult(r.txn, {}, (), r.replayed)

@@ -278,6 +278,7 @@ async def _serve_connected(
             nursery.start_soon(attach.serve, store)
             nursery.start_soon(ops.keep_holds)
             nursery.start_soon(ops.keep_coherent)
+            nursery.start_soon(ops.keep_locks)
             if device is not None:
                 # The kernel keeps a failed sync's pages dirty: its journal is not
                 # kept across daemons.

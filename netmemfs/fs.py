@@ -132,6 +132,29 @@ class _Inode:
         return self.lookups <= 0 and self.opens == 0 and settled
 
 
+@dataclass(frozen=True)
+class _MountLock:
+    ino: int
+    owner: int  # the process (thread group) that took it
+
+
+# getxattr names that take and release locks (netmemfs/locking.py; docs/semantics.md).
+LOCK_XATTR = b"user.netmemfs.lock."
+UNLOCK_XATTR = b"user.netmemfs.unlock."
+
+
+def _process_of(tid: int) -> int:
+    """The process a thread id belongs to (FUSE names the calling thread)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
 def _text(name: bytes) -> str:
     """A name from the kernel as the store takes it (bytes that are not UTF-8
     surrogate-escaped); the server checks it, as it does a hostile client's."""
@@ -179,6 +202,11 @@ class NetmemFS(pyfuse3.Operations):
         # open here (we subscribe to what we hold); keep_coherent drops what they
         # changed. Heard and not yet handled, by inode: the newest version heard.
         self.heard: dict[int, int] = {}
+        # Locks held through this mount, by token: for which file and process.
+        self.locks: dict[int, _MountLock] = {}
+        self.lock_lease_s = DEFAULT_LEASE_S
+        self._locks_changed = trio.Event()
+        self._watched: set[int] = set()  # processes whose exit releases their locks
         self.heard_everything = False  # a reconnect: notices may have been missed
         self._heard_event = trio.Event()
         store.on_notice = self._hear
@@ -227,12 +255,14 @@ class NetmemFS(pyfuse3.Operations):
                 node = self.inodes.get(ino)
                 if node is None:
                     continue  # forgotten here meanwhile
+                # The kernel's pages go before the version moves on: a lock granted
+                # at the new version (_lock) then finds nothing old left to drop.
                 self.cache.drop(ino)
+                await self._invalidate(ino)
                 try:
                     await self._refresh(node)  # the new size and version
                 except pyfuse3.FUSEError as e:
                     log.info("could not refresh %r after a notice: %s", node.path, e)
-                await self._invalidate(ino)
 
     async def _opened(self, node: _Inode) -> None:
         """node was opened: held on the server before the open is answered, so that a
@@ -605,7 +635,104 @@ class NetmemFS(pyfuse3.Operations):
     ) -> bytes:
         if inode == ROOT and name == AttachPoint.XATTR and self.attach_path is not None:
             return self.attach_path
+        if name.startswith(LOCK_XATTR):
+            return await self._lock(self._inode(inode), name[len(LOCK_XATTR) :], ctx.pid)
+        if name.startswith(UNLOCK_XATTR):
+            return await self._unlock(self._inode(inode), name[len(UNLOCK_XATTR) :], ctx.pid)
         raise pyfuse3.FUSEError(errno.ENODATA)
+
+    # --- locks (netmemfs/locking.py is the caller's side) --------------------------------
+
+    async def _lock(self, node: _Inode, request: bytes, tid: int) -> bytes:
+        """A lock for the process that asked, granted by the server: "x" or "s", start,
+        length, wait in ms, dot-separated. Returns its token, in decimal. The view of the
+        file here is brought up to date with the commits made under the locks before
+        (entry consistency) before the answer goes back."""
+        try:
+            kind, start, length, wait_ms = request.decode().split(".")
+            exclusive = {"x": True, "s": False}[kind]
+            first, count, wait_s = int(start), int(length), int(wait_ms) / 1000
+        except (ValueError, KeyError):
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        owner = _process_of(tid)
+        core = node.file
+        what = f"{'exclusive' if exclusive else 'shared'} lock on {node.path!r}"
+        with fuse_errors(what):
+            grant = await self.store.lock(
+                node.ino, first, count, exclusive=exclusive, wait_s=wait_s
+            )
+        self.locks[grant.token] = _MountLock(node.ino, owner)
+        core.fences.add(grant.token)
+        self.lock_lease_s = grant.lease_s
+        self._locks_changed.set()
+        if self.background is not None and owner not in self._watched:
+            self._watched.add(owner)
+            self.background.start_soon(self._release_at_exit, owner)
+        if grant.version != node.version:
+            self.cache.drop(node.ino)
+            with contextlib.suppress(pyfuse3.FUSEError):
+                await self._refresh(node)  # its size and version now
+            await self._invalidate(node.ino)
+        return str(grant.token).encode()
+
+    async def _unlock(self, node: _Inode, request: bytes, tid: int) -> bytes:
+        try:
+            token = int(request.decode())
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        held = self.locks.get(token)
+        if held is None or held.ino != node.ino or held.owner != _process_of(tid):
+            log.info("unlock of %s on %r: not a lock this process holds", token, node.path)
+            raise pyfuse3.FUSEError(errno.ENOLCK)
+        await self._let_go(token)
+        return b"0"
+
+    async def _let_go(self, token: int) -> None:
+        held = self.locks.pop(token)
+        node = self.inodes.get(held.ino)
+        if node is not None and node.core is not None:
+            node.core.fences.discard(token)
+        with fuse_errors(f"unlock of lock {token}"), self._deadline():
+            await self.store.unlock(token)
+
+    async def _release_at_exit(self, pid: int) -> None:
+        """Release what process pid holds when it exits (a process killed while holding
+        a lock must not keep it for a lease)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = None
+        try:
+            if fd is not None:
+                await trio.lowlevel.wait_readable(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            self._watched.discard(pid)
+        for token in [t for t, held in self.locks.items() if held.owner == pid]:
+            log.info("process %d ended holding lock %d; released", pid, token)
+            with contextlib.suppress(pyfuse3.FUSEError):
+                await self._let_go(token)
+
+    async def keep_locks(self) -> None:
+        """Renew the locks held here a few times per lease; runs as long as the mount. A
+        lock not renewed in time is lost at the server, and commits fenced by it are
+        refused (the process learns at its fsync)."""
+        while True:
+            if not self.locks:
+                await self._locks_changed.wait()
+                self._locks_changed = trio.Event()
+                continue
+            await trio.sleep(self.lock_lease_s / 3)
+            try:
+                with self._deadline():
+                    await self.store.renew()
+            except (NetmemError, trio.TooSlowError) as e:
+                log.warning(
+                    "could not renew %d locks (%s); past their lease they are lost",
+                    len(self.locks),
+                    e or "no answer within --timeout",
+                )
 
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext

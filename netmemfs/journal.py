@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from netmemfs.errors import NetmemError, ProtocolError, ServerUnreachable
+from netmemfs.errors import Fenced, NetmemError, ProtocolError, ServerUnreachable
 from netmemfs.ops import InodeOp, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE, consecutive, pages_for
 from netmemfs.protocol import PageRun
@@ -506,11 +506,22 @@ class SegmentJournal:
             result = await send(commit)
         except (ServerUnreachable, ProtocolError):
             raise
+        except Fenced:
+            self.drop_sealed()  # made under a lock since lost: never to land
+            raise
         except NetmemError:
             self.unseal()
             raise
         self.trim()
         return result
+
+    def drop_sealed(self) -> None:
+        """The sealed commit was refused and must not be sent again: forget it."""
+        f = self.sealed
+        assert f is not None
+        f.remove()
+        self.sealed = None
+        self.sealed_commit = None
 
     def trim(self) -> None:
         """The sealed commit was acknowledged: forget it; its last resize, if any, is
