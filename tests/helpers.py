@@ -345,3 +345,12 @@ def build_suite(build: Callable[[Path], T], into: Path) -> T:
         if os.environ.get("NETMEMFS_REQUIRE_SUITES") == "1":
             pytest.fail(str(e))
         pytest.skip(str(e))
+
+
+def build_c_test(name: str, out_dir: Path) -> Path:
+    """tests/c/<name>.c, built the way a user builds: `gcc prog.c -lnetmem`."""
+    out = out_dir / name
+    source = Path(__file__).resolve().parent / "c" / f"{name}.c"
+    gcc = ["gcc", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source), "-lnetmem"]
+    subprocess.run(gcc, check=True)
+    return out

@@ -25,7 +25,7 @@ import pytest
 from netmemfs import anon
 from netmemfs.errors import NetmemError, Stale
 from tests.anon_worker import stamp
-from tests.helpers import MountProc, ServerProc, wait_for
+from tests.helpers import MountProc, ServerProc, build_c_test, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -37,21 +37,7 @@ _MAPPED = re.compile(r"mapped (0x[0-9a-f]+)")
 @pytest.fixture(scope="module")
 def anon_test_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/c/anon_test.c, built the way a user builds: `gcc prog.c -lnetmem`."""
-    out = tmp_path_factory.mktemp("c") / "anon_test"
-    subprocess.run(
-        [
-            "gcc",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-            str(out),
-            str(ROOT / "tests/c/anon_test.c"),
-            "-lnetmem",
-        ],
-        check=True,
-    )
-    return out
+    return build_c_test("anon_test", tmp_path_factory.mktemp("c"))
 
 
 class Worker:
