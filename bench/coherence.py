@@ -16,6 +16,12 @@ commit from the server (push invalidation) and drops the page, and the reader's 
 touch faults it in again. tmpfs: the same two processes on one file in /dev/shm: the
 local limit, where the mapping is the page itself (its figure is about how fast the
 reader notices, and is 0 when it saw the page before fsync returned).
+
+Then locks under contention: three processes, each on its own mount, take and release
+an exclusive lock on one file (netmemfs.locking, no commit) --locks times each, all at
+once; beside the same three processes taking flock(2) on one tmpfs file. Printed: lock
+and release round trips per second, all processes together, and the p50/p99 of one
+acquire+release.
 """
 
 from __future__ import annotations
@@ -119,25 +125,77 @@ def report(name: str, xs: list[float]) -> tuple[float, float]:
     return p50, p99
 
 
+def locker(path: str, n: int, kind: str, out: int) -> None:
+    """In a child: n acquire+release pairs; writes each pair's seconds to out."""
+    import fcntl
+
+    from netmemfs.locking import acquire, release
+
+    times = []
+    fd = os.open(path, os.O_RDONLY)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if kind == "netmemfs":
+            release(acquire(path, wait_s=60))
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        times.append(time.perf_counter() - t0)
+    os.write(out, struct.pack(f"<{n}d", *times))
+    os._exit(0)
+
+
+def contend(paths: list[Path], n: int, kind: str) -> tuple[float, list[float]]:
+    """Pairs per second of all processes together, and each pair's seconds."""
+    children = []
+    started = time.perf_counter()
+    for p in paths:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(r)
+            try:
+                locker(str(p), n, kind, w)
+            finally:
+                os._exit(2)
+        os.close(w)
+        children.append((pid, r))
+    times: list[float] = []
+    for pid, r in children:
+        data = _read_exact(r, 8 * n)
+        times += struct.unpack(f"<{n}d", data)
+        os.waitpid(pid, 0)
+        os.close(r)
+    return len(times) / (time.perf_counter() - started), times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--commits", type=int, default=1000, help="commits measured (default 1000)")
+    ap.add_argument(
+        "--locks", type=int, default=1000, help="lock+release pairs per process (default 1000)"
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="coherence-") as tmp:
         srv = ServerProc(Path(tmp))
         a = MountProc(Path(tmp), srv.address, name="a")
         b = MountProc(Path(tmp), srv.address, name="b")
+        c = MountProc(Path(tmp), srv.address, name="c")
         try:
             (a.mountpoint / "f").write_bytes(bytes(PAGES * PAGE))
             os.stat(b.mountpoint / "f")
             ours = measure(a.mountpoint / "f", b.mountpoint / "f", args.commits)
+            lock_rate, lock_times = contend(
+                [m.mountpoint / "f" for m in (a, b, c)], args.locks, "netmemfs"
+            )
         finally:
-            b.cleanup()
-            a.cleanup()
+            for m in (c, b, a):
+                m.cleanup()
             srv.kill()
     with tempfile.TemporaryDirectory(prefix="coherence-", dir="/dev/shm") as shm:
         local = measure(Path(shm) / "f", Path(shm) / "f", args.commits)
+        flock_rate, flock_times = contend([Path(shm) / "f"] * 3, args.locks, "flock")
 
     print(f"fsync returned -> another process's mapping shows the page, {args.commits} commits")
     n50, n99 = report("netmemfs", ours)
@@ -147,6 +205,12 @@ def main() -> None:
         f"ratio netmemfs/tmpfs: p50 {n50 / max(t50, floor):.0f}x, "
         f"p99 {n99 / max(t99, floor):.0f}x (against at least 1 us)"
     )
+    print(f"\nlock + release, 3 processes contending, {args.locks} pairs each")
+    print(f"netmemfs  {lock_rate:9.0f} pairs/s  ", end="")
+    report("", lock_times)
+    print(f"flock     {flock_rate:9.0f} pairs/s  ", end="")
+    report("", flock_times)
+    print(f"ratio netmemfs/flock: {lock_rate / flock_rate:.4f}x the rate")
 
 
 if __name__ == "__main__":
