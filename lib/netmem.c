@@ -168,6 +168,8 @@ const char *netmem_error(void)
 /* The mount daemon's lock requests (netmemfs/fs.py, "locks"), as getxattr names. */
 #define NM_LOCK_XATTR "user.netmemfs.lock."
 #define NM_UNLOCK_XATTR "user.netmemfs.unlock."
+#define NM_VERSION_XATTR "user.netmemfs.version"
+#define NM_EXPECT_XATTR "user.netmemfs.expect."
 
 static int lock_errno(const char *what, const char *path)
 {
@@ -213,6 +215,40 @@ int netmem_lock_file(const char *path, uint64_t start, uint64_t length,
 	value[n] = '\0';
 	*token = strtoull(value, NULL, 10);
 	return 0;
+}
+
+int netmem_file_version(int fd, uint64_t *version)
+{
+	char value[32];
+	ssize_t n;
+
+	/* value is NUL-terminated below: fgetxattr stores at most size - 1 bytes. */
+	n = fgetxattr(fd, NM_VERSION_XATTR, value, sizeof(value) - 1);
+	if (n < 0)
+		return lock_errno("the version", "the file");
+	value[n] = '\0';
+	*version = strtoull(value, NULL, 10);
+	return 0;
+}
+
+int netmem_commit_if(int fd, uint64_t based_on)
+{
+	char name[64], value[8];
+
+	snprintf(name, sizeof(name), NM_EXPECT_XATTR "%llu",
+		 (unsigned long long)based_on);
+	if (fgetxattr(fd, name, value, sizeof(value)) < 0)
+		return lock_errno("the commit", "the file");
+	if (fsync(fd) == 0)
+		return 0;
+	if (errno == ECANCELED)
+		snprintf(err_buf, sizeof(err_buf),
+			 "commit refused: another commit came after version %llu; the changes are dropped: read the file again and retry",
+			 (unsigned long long)based_on);
+	else
+		snprintf(err_buf, sizeof(err_buf), "commit failed: %s",
+			 strerror(errno));
+	return -1;
 }
 
 int netmem_unlock_file(const char *path, uint64_t token)

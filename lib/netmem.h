@@ -78,6 +78,18 @@ int netmem_lock_file(const char *path, uint64_t start, uint64_t length,
 		     int exclusive, unsigned int wait_ms, uint64_t *token);
 int netmem_unlock_file(const char *path, uint64_t token);
 
+/*
+ * Optimistic commits on a file of a netmemfs mount (docs/semantics.md,
+ * "Optimistic commits"). netmem_file_version stores in *version the version
+ * of the file that this machine's view of it shows. netmem_commit_if commits
+ * the file's changes (as fsync(fd) does) only if no other commit came since
+ * based_on. 0, or -1 with errno set: ECANCELED (another commit came first: the
+ * changes are dropped and the file shows the current contents; read it again
+ * and retry), or fsync's errors.
+ */
+int netmem_file_version(int fd, uint64_t *version);
+int netmem_commit_if(int fd, uint64_t based_on);
+
 /* The last error of this thread, in words: what failed and what to do. */
 const char *netmem_error(void);
 

@@ -7,6 +7,6 @@ errors.py and pages.py sit under all of them.
 
 __version__ = "0.1.0"
 
-from netmemfs.locking import lock
+from netmemfs.locking import commit_if, lock, version
 
-__all__ = ["lock"]
+__all__ = ["commit_if", "lock", "version"]

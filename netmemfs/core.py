@@ -31,16 +31,20 @@ import trio
 
 from netmemfs.cache import PageCache
 from netmemfs.errors import (
+    Conflict,
     Fenced,
     InvalidName,
+    NetmemError,
     NotADirectory,
     OutOfRange,
+    ProtocolError,
     SegmentExists,
     SegmentNotFound,
+    ServerUnreachable,
     Stale,
 )
 from netmemfs.journal import HoldBudget, SealedCommit, SegmentJournal
-from netmemfs.ops import Fence, MakeNode
+from netmemfs.ops import Expect, Fence, InodeOp, MakeNode
 from netmemfs.pages import PAGE_SIZE, Buffer, consecutive, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
 from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
@@ -126,6 +130,9 @@ class FileCore:
         # Tokens of the locks on this file held through this door: every commit names
         # them (Fence), so one made after such a lock was lost is refused, not applied.
         self.fences: set[int] = set()
+        # An optimistic commit: the next commit applies only if the file is still at
+        # this version (Expect), else it is refused (Conflict) and its changes dropped.
+        self.expect: int | None = None
 
     @classmethod
     def of(
@@ -210,18 +217,30 @@ class FileCore:
             # second one must not seal the same file meanwhile.
             with trio.fail_after(self.timeout_s):
                 result = await journal.send_sealed(self.send)
+        except (ServerUnreachable, ProtocolError, trio.TooSlowError):
+            raise  # its outcome unknown: sent again as it was (expectation and all)
         except Stale:
             self.gone = True
+            self.expect = None
             journal.discard()
             log.error("%s", self._stale())
             raise self._stale() from None
-        except Fenced as e:
-            # Made under a lock that another client may hold now: its pages are
-            # dropped (send_sealed did), not sent again, and cached pages may be old.
+        except (Fenced, Conflict) as e:
+            # Made under a lock that another client may hold now, or an optimistic
+            # commit that lost its race: its pages are dropped (send_sealed did), not
+            # sent again, and cached pages may be old.
+            self.expect = None
             if self.cache is not None:
                 self.cache.drop(self.ino)
-            log.error("commit to %r dropped: %s", self.path, e)
+            if isinstance(e, Fenced):
+                log.error("commit to %r dropped: %s", self.path, e)
+            else:
+                log.info("optimistic commit to %r refused: %s", self.path, e)
             raise
+        except NetmemError:
+            self.expect = None
+            raise
+        self.expect = None
         self.version = result.inodes.get(self.ino, self.version)
         if self.cache is not None:
             self.cache.drop(self.ino)  # cached pages may be older
@@ -234,7 +253,7 @@ class FileCore:
         )
 
     async def send(self, commit: SealedCommit) -> ChangeResult:
-        return await send(self.store, commit, sorted(self.fences))
+        return await send(self.store, commit, sorted(self.fences), self.expect)
 
     def _stale(self) -> Stale:
         return Stale(
@@ -245,13 +264,18 @@ class FileCore:
 
 
 async def send(
-    store: RemoteStore, commit: SealedCommit, fences: Sequence[int] = ()
+    store: RemoteStore,
+    commit: SealedCommit,
+    fences: Sequence[int] = (),
+    expect: int | None = None,
 ) -> ChangeResult:
     """Send a sealed commit: to its inode, or, left by a daemon from before inodes,
     to its segment by name. fences: lock tokens it is made under (applied only while
-    each lasts)."""
+    each lasts); expect: the version it is based on (applied only if still current)."""
     if commit.ino:
-        checks = [Fence(commit.ino, token) for token in fences]
+        checks: list[InodeOp] = [Fence(commit.ino, token) for token in fences]
+        if expect is not None:
+            checks.append(Expect(commit.ino, expect))
         return await store.change([*checks, *commit.inode_ops()], txn=commit.txn)
     r = await store.commit(commit.runs, resizes=commit.resizes, txn=commit.txn)
     return ChangeResult(r.txn, {}, (), r.replayed)

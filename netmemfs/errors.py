@@ -117,6 +117,18 @@ class Fenced(NetmemError):
     code = "fenced"
 
 
+class Conflict(NetmemError):
+    """An optimistic commit (Expect) found the file at another version than it was
+    based on: another commit came first. current: that version (when known)."""
+
+    errno = _errno.ECANCELED
+    code = "conflict"
+
+    def __init__(self, message: str, current: int | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 class WouldBlock(NetmemError):
     """A lock was not granted within the time the request would wait."""
 
@@ -193,6 +205,7 @@ _BY_CODE: dict[str, type[NetmemError]] = {
         VersionMismatch,
         Stale,
         Fenced,
+        Conflict,
         WouldBlock,
         NotHeld,
         NotADirectory,

@@ -106,6 +106,9 @@ class _Inode:
     opens: int = 0
     # When it was last changed here, not yet committed: shown as its mtime and ctime.
     dirty_ns: int = 0
+    # A commit of it was refused for good and its pages may still be in the kernel's
+    # cache (they are dropped in the background): drop them before telling a version.
+    refused: bool = False
 
     @property
     def file(self) -> FileCore:
@@ -141,6 +144,9 @@ class _MountLock:
 # getxattr names that take and release locks (netmemfs/locking.py; docs/semantics.md).
 LOCK_XATTR = b"user.netmemfs.lock."
 UNLOCK_XATTR = b"user.netmemfs.unlock."
+# The version this mount's view of a file is of, and an expectation for its next commit.
+VERSION_XATTR = b"user.netmemfs.version"
+EXPECT_XATTR = b"user.netmemfs.expect."
 
 
 def _process_of(tid: int) -> int:
@@ -639,6 +645,22 @@ class NetmemFS(pyfuse3.Operations):
             return await self._lock(self._inode(inode), name[len(LOCK_XATTR) :], ctx.pid)
         if name.startswith(UNLOCK_XATTR):
             return await self._unlock(self._inode(inode), name[len(UNLOCK_XATTR) :], ctx.pid)
+        if name == VERSION_XATTR:
+            node = self._inode(inode)
+            if node.refused:
+                # A refused commit's pages may still be in the kernel's cache: the
+                # version must not be newer than what a read shows.
+                node.refused = False
+                await self._invalidate(node.ino)
+            return str(node.version).encode()
+        if name.startswith(EXPECT_XATTR):
+            # The next commit of the file applies only at this version (optimistic).
+            try:
+                version = int(name[len(EXPECT_XATTR) :].decode())
+            except ValueError:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            self._inode(inode).file.expect = version
+            return b"0"
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     # --- locks (netmemfs/locking.py is the caller's side) --------------------------------
@@ -668,7 +690,8 @@ class NetmemFS(pyfuse3.Operations):
         if self.background is not None and owner not in self._watched:
             self._watched.add(owner)
             self.background.start_soon(self._release_at_exit, owner)
-        if grant.version != node.version:
+        if grant.version != node.version or node.refused:
+            node.refused = False
             self.cache.drop(node.ino)
             with contextlib.suppress(pyfuse3.FUSEError):
                 await self._refresh(node)  # its size and version now
@@ -887,9 +910,19 @@ class NetmemFS(pyfuse3.Operations):
             await self._commit(node)
 
     async def _commit(self, node: _Inode) -> None:
-        """Commit what the journal holds of node, as one transaction."""
-        with fuse_errors(f"fsync of {node.path!r}"):
-            await node.file.commit()  # its sending bounded by --timeout
+        """Commit what the journal holds of node, as one transaction. One the server
+        refused for good (a lost lock, a lost optimistic race) is dropped here: the
+        file then shows what the server holds."""
+        try:
+            with fuse_errors(f"fsync of {node.path!r}"):
+                await node.file.commit()  # its sending bounded by --timeout
+        except pyfuse3.FUSEError as e:
+            if e.errno in (errno.ESTALE, errno.ECANCELED) and not node.file.gone:
+                with contextlib.suppress(pyfuse3.FUSEError):
+                    await self._refresh(node)
+                node.refused = True  # until its pages are dropped
+                self._forget_cached_pages(node.ino)
+            raise
 
     async def resend_recovered(self, commits: list[tuple[SealedCommit, Path]]) -> None:
         """At start: finish the commits a dead daemon left sealed."""

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from netmemfs.errors import Fenced, NetmemError, ProtocolError, ServerUnreachable
+from netmemfs.errors import Conflict, Fenced, NetmemError, ProtocolError, ServerUnreachable
 from netmemfs.ops import InodeOp, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE, consecutive, pages_for
 from netmemfs.protocol import PageRun
@@ -506,8 +506,8 @@ class SegmentJournal:
             result = await send(commit)
         except (ServerUnreachable, ProtocolError):
             raise
-        except Fenced:
-            self.drop_sealed()  # made under a lock since lost: never to land
+        except (Fenced, Conflict):
+            self.drop_sealed()  # under a lock since lost, or a lost race: never to land
             raise
         except NetmemError:
             self.unseal()

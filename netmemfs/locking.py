@@ -1,4 +1,5 @@
-"""Locks across machines on files of a netmemfs mount (docs/semantics.md, "Locks").
+"""Locks and optimistic commits across machines on files of a netmemfs mount
+(docs/semantics.md, "Locks across machines" and "Optimistic commits").
 
     import netmemfs
 
@@ -28,10 +29,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from netmemfs.errors import Fenced, NetmemError, NotHeld, WouldBlock
+from netmemfs.errors import Conflict, Fenced, NetmemError, NotHeld, WouldBlock
 
 LOCK_XATTR = "user.netmemfs.lock."
 UNLOCK_XATTR = "user.netmemfs.unlock."
+VERSION_XATTR = "user.netmemfs.version"
+EXPECT_XATTR = "user.netmemfs.expect."
 DEFAULT_WAIT_S = 60.0
 
 
@@ -104,6 +107,40 @@ def lock(
         release(held)
     finally:
         os.close(fd)
+
+
+def version(path: str | os.PathLike[str]) -> int:
+    """The version of the file that this machine's view of it shows (what reads and
+    mappings here return). Pass it to commit_if after changing the file."""
+    try:
+        return int(os.getxattr(path, VERSION_XATTR))
+    except OSError as e:
+        raise _error(e, path, "the version") from None
+
+
+def commit_if(path: str | os.PathLike[str], based_on: int) -> int:
+    """Commit the file's changes made on this machine (as fsync does) only if no other
+    commit came since version based_on; the new version. Conflict (with .current) if
+    one did: the changes are dropped, and the file here shows the current contents,
+    to read again and retry from."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            os.getxattr(path, f"{EXPECT_XATTR}{based_on}")
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno != errno.ECANCELED:
+                raise _error(e, path, "the commit") from None
+            current = version(path)
+            raise Conflict(
+                f"commit to {os.fspath(path)} refused: it was based on version {based_on}, "
+                f"and another commit made it {current}; the changes are dropped: read the "
+                "file again and retry",
+                current,
+            ) from None
+    finally:
+        os.close(fd)
+    return version(path)
 
 
 def _error(e: OSError, path: str | os.PathLike[str], what: str) -> NetmemError:

@@ -160,12 +160,23 @@ class Fence:
     time_ns: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """Apply this transaction only if inode ino is still at version (an optimistic
+    commit: refused with `conflict` if another commit came first). A check the server
+    makes and drops, like Fence."""
+
+    ino: int
+    version: int
+    time_ns: int = 0
+
+
 SegmentOp = Create | Resize | Rename | Delete | Write
-InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate | Fence
+InodeOp = MakeNode | Link | Unlink | Rmdir | Move | SetAttr | WritePages | Truncate | Fence | Expect
 Op = SegmentOp | InodeOp | Reap
-INODE_OPS = (MakeNode, Link, Unlink, Rmdir, Move, SetAttr, WritePages, Truncate, Fence)
+INODE_OPS = (MakeNode, Link, Unlink, Rmdir, Move, SetAttr, WritePages, Truncate, Fence, Expect)
 # What a Change request may carry (the segment ops have requests of their own).
-INODE_OP_TAGS = frozenset(("mk", "ln", "ul", "rd", "mv", "sa", "wp", "tr", "fe"))
+INODE_OP_TAGS = frozenset(("mk", "ln", "ul", "rd", "mv", "sa", "wp", "tr", "fe", "ex"))
 
 
 def name_bytes(name: str) -> bytes:
@@ -229,6 +240,8 @@ def op_to_item(op: Op) -> tuple[object, ...]:
         return ("rp", op.ino, t)
     if isinstance(op, Fence):
         return ("fe", op.ino, op.token, t)
+    if isinstance(op, Expect):
+        return ("ex", op.ino, op.version, t)
     return ("tr", op.ino, op.size, t)
 
 
@@ -296,4 +309,6 @@ def item_to_op(item: list[object]) -> Op:
         return Reap(as_int(f[0]), t)
     if tag == "fe":
         return Fence(as_int(f[0]), as_int(f[1]), t)
+    if tag == "ex":
+        return Expect(as_int(f[0]), as_int(f[1]), t)
     raise ValueError(f"unknown op {tag!r}")

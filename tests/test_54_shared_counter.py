@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import netmemfs
-from netmemfs.errors import Fenced, WouldBlock
+from netmemfs.errors import Conflict, Fenced, WouldBlock
 from netmemfs.locking import acquire, release
 from tests.faultproxy import FaultProxy
-from tests.helpers import MountProc, ServerProc, wait_for
+from tests.helpers import MountProc, ServerProc, build_c_test, wait_for
 
 MountFactory = Callable[..., MountProc]
 ServerFactory = Callable[..., ServerProc]
@@ -214,28 +214,71 @@ def test_the_c_api_counts_exactly_beside_python(
 ) -> None:
     """netmem_lock_file/netmem_unlock_file (libnetmem, built as a user builds: -lnetmem):
     a C process on mount A and a Python one on mount B add 300 each: 600."""
-    binary = tmp_path / "lock_test"
-    subprocess.run(
-        [
-            "gcc",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-            str(binary),
-            str(ROOT / "tests/c/lock_test.c"),
-            "-lnetmem",
-        ],
-        check=True,
-    )
+    binary = build_c_test("counter_test", tmp_path)
     paths = _three(server, mount_factory)
-    c = subprocess.Popen([str(binary), str(paths[0]), "300"], stdout=subprocess.PIPE, text=True)
+    c = subprocess.Popen(
+        [str(binary), str(paths[0]), "300", "lock"], stdout=subprocess.PIPE, text=True
+    )
     _run_workers([paths[1]], 300, "lock")
     out, _ = c.communicate(timeout=600)
-    assert c.returncode == 0 and out.strip() == "done"
+    assert c.returncode == 0 and out.strip() == "done 0"
     assert _counter(paths[2]) == 600
     elsewhere = tmp_path / "not-netmemfs"
     elsewhere.write_bytes(bytes(8))
-    r = subprocess.run([str(binary), str(elsewhere), "1"], capture_output=True, text=True)
+    r = subprocess.run([str(binary), str(elsewhere), "1", "lock"], capture_output=True, text=True)
     assert r.returncode == 1
     assert "is not a file of a netmemfs mount" in r.stderr, r.stderr
+
+
+def test_an_optimistic_commit_loses_to_a_commit_that_came_first(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    """A reads f at version v and changes it; B commits meanwhile; A's commit_if(v) is
+    refused with the current version, its change is dropped (not sent by a later
+    fsync either), and A reads B's contents; retried from there, it lands."""
+    a = mount_factory(server.address, name="a")
+    b = mount_factory(server.address, name="b")
+    pa, pb = a.path("f"), b.path("f")
+    pa.write_bytes(b"0" * PAGE)
+    _fsync(pa)
+    v = netmemfs.version(pa)
+    assert netmemfs.commit_if(pa, v) == v  # nothing changed: nothing to refuse
+    with open(pa, "r+b") as f:
+        f.write(b"A")
+    with open(pb, "r+b") as f:
+        f.write(b"B")
+    _fsync(pb)
+    with pytest.raises(Conflict) as refused:
+        netmemfs.commit_if(pa, v)
+    assert refused.value.current == netmemfs.version(pb) != v
+    assert pa.read_bytes()[:1] == b"B"
+    _fsync(pa)  # the refused change is gone, not committed by a plain fsync
+    assert pb.read_bytes()[:2] == b"B0"
+    now = netmemfs.version(pa)
+    with open(pa, "r+b") as f:
+        f.write(b"BA")
+    after = netmemfs.commit_if(pa, now)
+    assert after > now
+    wait_for(lambda: pb.read_bytes()[:2] == b"BA", "B to read A's retried commit")
+
+
+def test_optimistic_counting_from_c_is_exact(
+    server: ServerProc, mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """netmem_file_version/netmem_commit_if: two C processes on two mounts add 1 to a
+    counter 200 times each with no lock, retrying on conflict: 400 exactly."""
+    binary = build_c_test("counter_test", tmp_path)
+    paths = _three(server, mount_factory)
+    procs = [
+        subprocess.Popen(
+            [str(binary), str(p), "200", "optimistic"], stdout=subprocess.PIPE, text=True
+        )
+        for p in paths[:2]
+    ]
+    retries = 0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        retries += int(out.split()[-1])
+    assert _counter(paths[2]) == 400
+    print(f"400 optimistic increments, {retries} conflicts retried")

@@ -44,6 +44,7 @@ from netmemfs._trio_util import (
 from netmemfs.errors import (
     AuthFailed,
     Busy,
+    Conflict,
     Fenced,
     NetmemError,
     ProtocolError,
@@ -55,6 +56,7 @@ from netmemfs.errors import (
 from netmemfs.ops import (
     Create,
     Delete,
+    Expect,
     Fence,
     Op,
     Reap,
@@ -280,11 +282,21 @@ class PageServer:
             return self._outcome(txn), False
 
     def _fenced(self, ops: Sequence[Op]) -> list[Op]:
-        """ops without their Fence checks, each of which must name a lock that still
-        lasts (Fenced if one does not: the commit was made under a lock since lost)."""
+        """ops without their checks: each Fence must name a lock that still lasts
+        (Fenced if one does not: the commit was made under a lock since lost), each
+        Expect the version its inode is at (Conflict if another commit came first)."""
         out: list[Op] = []
         for op in ops:
-            if not isinstance(op, Fence):
+            if isinstance(op, Expect):
+                current = self.mem.inode(op.ino).version
+                if current != op.version:
+                    raise Conflict(
+                        f"transaction refused: it was based on version {op.version} of "
+                        f"inode {op.ino}, which another commit has since moved to version "
+                        f"{current}; nothing of it applied: read the file again and retry",
+                        current,
+                    )
+            elif not isinstance(op, Fence):
                 out.append(op)
             elif self.locks.check(op.ino, op.token) is None:
                 raise Fenced(

@@ -48,6 +48,7 @@ from netmemfs.ops import (
     RENAME_NOREPLACE,
     Create,
     Delete,
+    Expect,
     Fence,
     Link,
     MakeNode,
@@ -463,10 +464,10 @@ class _Run:
             self._write(self._file(op.ino), op.first, op.data, op.time_ns)
         elif isinstance(op, Reap):
             self._reap(op)
-        elif isinstance(op, Fence):
+        elif isinstance(op, Fence | Expect):
             # The server checks fences against its locks and drops them before a
             # transaction reaches the store; one that got here is a bug, not input.
-            raise AssertionError("a Fence reached the store")
+            raise AssertionError("a Fence or Expect reached the store")
         else:
             self._truncate(self._file(op.ino), op.size, op.time_ns)
 
