@@ -532,6 +532,7 @@ class _Session:
         # per inode, merged (page runs, or None: all of it), so they stay bounded by
         # the subscription however slowly the client reads.
         self.subscribed: frozenset[int] = frozenset()
+        self._lock_waits: set[trio.CancelScope] = set()  # one per Lock request waiting
         self.notices: dict[int, tuple[int, list[tuple[int, int]] | None]] = {}
         self.notices_ready = trio.Event()
 
@@ -579,7 +580,11 @@ class _Session:
                     if ev is NEED_DATA:
                         break
                     if ev is CLOSED:
-                        return  # the nursery lets running commits finish
+                        # The nursery lets running commits finish; lock requests
+                        # still waiting are for nobody now.
+                        for scope in self._lock_waits:
+                            scope.cancel()
+                        return
                     assert isinstance(ev, Message)
                     self._frame_started = None
                     await self.dispatch(ev, nursery)
@@ -757,9 +762,16 @@ class _Session:
 
     async def _lock(self, msg: Lock) -> None:
         try:
-            grant = await self.server.locks.acquire(
-                self, msg.ino, msg.start, msg.length, msg.exclusive, msg.wait_ms / 1000
-            )
+            with trio.CancelScope() as scope:
+                self._lock_waits.add(scope)
+                try:
+                    grant = await self.server.locks.acquire(
+                        self, msg.ino, msg.start, msg.length, msg.exclusive, msg.wait_ms / 1000
+                    )
+                finally:
+                    self._lock_waits.discard(scope)
+            if scope.cancel_called:
+                return  # the connection closed: release_all takes what was granted
             # The version after every commit made under the locks before this one.
             version = self.mem.inode(msg.ino).version
         except NetmemError as e:
