@@ -126,6 +126,7 @@ struct region {
 	struct fetch fetches[MAX_FETCHES];
 	size_t nfetches;
 	struct held held[MAX_HELD];
+	uint64_t invalidated;	/* pages other clients' commits made us drop */
 	size_t seq_lo, seq_next, seq_ahead;	/* the sequential stream */
 	unsigned char *buf;	/* replies and staging */
 	size_t buf_len;
@@ -582,6 +583,39 @@ static size_t evict_run(struct region *r, size_t first, size_t n)
 	return moved;
 }
 
+/*
+ * Another client committed pages [first, first+count) of the file (the agent's
+ * INVALIDATE): drop the resident ones, so that the next touch fetches the new
+ * data. evict_run keeps what was written here (it stages changed pages, which
+ * the agent's journal then serves first): the local write wins until its own
+ * sync. Readahead pages held back are dropped too. A fetch under way may still
+ * install the page it read before the commit (docs/anon.md).
+ */
+static void invalidate(struct region *r, uint64_t first, uint64_t count)
+{
+	size_t p, n, end, i;
+
+	if (first >= r->npages)
+		return;
+	end = count > r->npages - first ? r->npages : first + count;
+	for (i = 0; i < MAX_HELD; i++) {
+		p = r->held[i].page;
+		if (p != (size_t)-1 && p >= first && p < end) {
+			r->state[p] = MISSING;
+			r->held[i].page = (size_t)-1;
+		}
+	}
+	for (p = first; p < end; p += n ? n : 1) {
+		n = 0;
+		while (p + n < end && n < BATCH &&
+		       (r->state[p + n] & ST_MASK) == PRESENT)
+			n++;
+		if (n && evict_run(r, p, n) < n)
+			n = 1;	/* the rest is tried again, one page on */
+	}
+	r->invalidated += end - first;
+}
+
 /* Make room for `need` more pages under the budget. */
 static void make_room(struct region *r, size_t need)
 {
@@ -918,6 +952,8 @@ static int process_reply(struct region *r)
 		} else {
 			on_pages(r, f, h.len);
 		}
+	} else if (h.op == NM_OP_INVALIDATE) {
+		invalidate(r, h.first, h.count);
 	} else if (h.op == NM_OP_STAGE && h.status) {
 		snprintf(r->stage_error, sizeof(r->stage_error), "%.*s",
 			 (int)h.len, r->buf);

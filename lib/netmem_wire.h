@@ -33,6 +33,10 @@ enum nm_wire_op {
 	NM_OP_COMMIT = 4,	/* commit all staged pages as one transaction */
 	NM_OP_REDIAL = 5,	/* reply: empty and (SCM_RIGHTS) a new connection
 				 * for direct reads, or an error message */
+	NM_OP_INVALIDATE = 6,	/* from the agent, unasked: another client
+				 * committed pages first..first+count-1 of
+				 * the file; drop them (they fault in again),
+				 * keeping what was written here */
 };
 
 /* On the root of a netmemfs mount: the path of its daemon's socket, where

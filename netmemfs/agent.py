@@ -38,13 +38,14 @@ from netmemfs._trio_util import open_quiet_nursery, send_parts
 from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE, Buffer
+from netmemfs.protocol import Notice
 from netmemfs.remote import InodeStat, RemoteStore
 
 log = logging.getLogger("netmemfs.agent")
 
 HEADER = struct.Struct("<IIQQII")  # op, status, id, first, count, len: netmem_wire.h
 assert HEADER.size == 32
-OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT, OP_REDIAL = 1, 2, 3, 4, 5
+OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT, OP_REDIAL, OP_INVALIDATE = 1, 2, 3, 4, 5, 6
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
 
 
@@ -148,7 +149,32 @@ class Region:
         self.core = FileCore.of(store, file, path, journal_dir)
         self.journal = self.core.journal
 
+    def changed(self, notice: Notice | None) -> None:
+        """Another client committed to the region's file (None: we may have missed
+        commits): tell the handler which pages to drop. It keeps what was written
+        here; the agent's cached pages go too."""
+        if self.core.cache is not None:
+            self.core.cache.drop(self.core.ino)
+        if notice is None or notice.whole:
+            runs: Sequence[tuple[int, int]] = [(0, self.npages)]
+        else:
+            runs = notice.pages
+            self.core.version = max(self.core.version, notice.version)
+        for first, count in runs:
+            if first < self.npages and count:
+                self.io.reply(OP_INVALIDATE, 0, first, min(count, self.npages - first), [])
+
     async def serve(self) -> None:
+        store = self.core.store
+        # Other clients' commits to the file are told to the handler as they land
+        # (push invalidation): its mapped pages follow them.
+        store.listen(self.core.ino, self.changed)
+        try:
+            await self._serve()
+        finally:
+            store.unlisten(self.core.ino, self.changed)
+
+    async def _serve(self) -> None:
         async with open_quiet_nursery() as nursery:
             while True:
                 msg = await self.io.receive()

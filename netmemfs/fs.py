@@ -232,7 +232,7 @@ class NetmemFS(pyfuse3.Operations):
             with self._deadline():
                 async with trio.open_nursery() as both:
                     both.start_soon(hold)
-                    if want != self.store.subscribed:
+                    if want != self.store.wanted:
                         both.start_soon(self.store.subscribe, want)
             self.held = want
 

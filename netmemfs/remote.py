@@ -330,10 +330,15 @@ class RemoteStore:
         # A name every connection of ours claims (protocol Claim) before its first
         # request: the connection before it, ours or a dead predecessor's, is fenced.
         self.claim = claim
-        # What this store's connection hears of (subscribe), and who is told: with each
-        # Notice, and with None when a new connection may have missed some.
+        # What this store's connection hears of, and who is told: on_notice of every
+        # Notice (and of None when a new connection may have missed some), for the
+        # inodes of subscribe(); each listener (listen()) of those of its inode. The
+        # server knows `subscribed`: the union.
         self.subscribed: frozenset[int] = frozenset()
+        self.wanted: frozenset[int] = frozenset()
         self.on_notice: Callable[[Notice | None], None] | None = None
+        self.listeners: dict[int, list[Callable[[Notice | None], None]]] = {}
+        self._subscribe_lock = trio.Lock()
         self.reconnects = 0
         self._nursery = nursery
         self._ids = itertools.count(1)
@@ -504,17 +509,26 @@ class RemoteStore:
             claimed = await ask(Claim(0, self.claim))
             if not isinstance(claimed, Claimed):
                 raise RemoteProtocolError(f"server {self.address} answered Claim with {claimed!r}")
-        if main and self.subscribed:
-            subscribed = await ask(Subscribe(0, tuple(sorted(self.subscribed))))
+        want = self.wanted | frozenset(self.listeners)
+        if main and want:
+            subscribed = await ask(Subscribe(0, tuple(sorted(want))))
             if not isinstance(subscribed, Subscribed):
                 raise RemoteProtocolError(
                     f"server {self.address} answered Subscribe with {subscribed!r}"
                 )
+            self.subscribed = want
         return _Link(stream, conn, self._notice if main else None)
 
     def _notice(self, notice: Notice | None) -> None:
-        if self.on_notice is not None:
+        if self.on_notice is not None and (notice is None or notice.ino in self.wanted):
             self.on_notice(notice)
+        if notice is None:
+            for fns in list(self.listeners.values()):
+                for fn in fns:
+                    fn(None)
+        else:
+            for fn in self.listeners.get(notice.ino, []):
+                fn(notice)
 
     async def _with_link(self, what: str, body: Callable[[_Link], Awaitable[T]]) -> T:
         """Run body on a live link, again on a new one if the link breaks, until
@@ -625,16 +639,55 @@ class RemoteStore:
     async def subscribe(self, inos: Collection[int]) -> None:
         """Hear of other clients' commits to exactly inos from now on (on_notice), on
         this connection and each one after it."""
-        want = frozenset(inos)
+        old, self.wanted = self.wanted, frozenset(inos)
+        try:
+            await self._resubscribe()
+        except BaseException:
+            self.wanted = old  # refused (too many, say): what was asked before stands
+            raise
 
-        async def body(link: _Link) -> Reply:
-            return await link.request(Subscribe(next(self._ids), tuple(sorted(want))))
+    def listen(self, ino: int, fn: Callable[[Notice | None], None]) -> None:
+        """Call fn with each Notice of a commit to ino by another client (and with None
+        after a reconnect), until unlisten. The server is told in the background: this
+        never waits for it (a server out of reach must not stall the caller)."""
+        self.listeners.setdefault(ino, []).append(fn)
+        self._update_subscription()
 
-        what = f"subscription to {len(want)} files"
-        self._check(await self._with_link(what, body), Subscribed, what)
-        # A reconnect from now on subscribes to these. (One in the middle of this call
-        # subscribed to the old set and said so with on_notice(None): nothing is missed.)
-        self.subscribed = want
+    def unlisten(self, ino: int, fn: Callable[[Notice | None], None]) -> None:
+        fns = self.listeners.get(ino, [])
+        if fn in fns:
+            fns.remove(fn)
+        if not fns:
+            self.listeners.pop(ino, None)
+        self._update_subscription()
+
+    def _update_subscription(self) -> None:
+        with suppress(RuntimeError):  # the store is closing: nothing to update
+            self._nursery.start_soon(self._resubscribe_quietly)
+
+    async def _resubscribe_quietly(self) -> None:
+        try:
+            await self._resubscribe()
+        except NetmemError as e:
+            # The next connection subscribes to what is wanted then, and tells the
+            # listeners (None) that commits may have gone unheard.
+            log.info("subscription not updated for now: %s", e)
+
+    async def _resubscribe(self) -> None:
+        # One at a time, the set taken inside: the last one sent is the newest.
+        async with self._subscribe_lock:
+            want = self.wanted | frozenset(self.listeners)
+            if want == self.subscribed:
+                return
+
+            async def body(link: _Link) -> Reply:
+                return await link.request(Subscribe(next(self._ids), tuple(sorted(want))))
+
+            what = f"subscription to {len(want)} files"
+            self._check(await self._with_link(what, body), Subscribed, what)
+            # A reconnect from now on subscribes to these. (One in the middle of this
+            # call subscribed to the old set and said so with on_notice(None).)
+            self.subscribed = want
 
     async def lock(
         self, ino: int, start: int, length: int, *, exclusive: bool, wait_s: float
