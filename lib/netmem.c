@@ -154,6 +154,19 @@ struct region {
 	char sync_msg[512];
 	char fail_msg[512];
 	pthread_mutex_t sync_mu;	/* one sync at a time */
+	/* A lock request of an application thread (netmem_lock, netmem_unlock),
+	 * sent by the handler; under mu but for lock_mu, which serializes them. */
+	pthread_mutex_t lock_mu;
+	struct {
+		uint32_t op;		/* NM_OP_LOCK or NM_OP_UNLOCK; 0: none */
+		uint64_t first;		/* LOCK: the first byte; UNLOCK: the token */
+		struct nm_wire_lock args;
+		uint64_t id;		/* sent, awaiting its reply; 0: not yet */
+		bool done;
+		int err;
+		uint64_t token;
+		char msg[256];
+	} lk;
 };
 
 static pthread_mutex_t regions_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -954,6 +967,18 @@ static int process_reply(struct region *r)
 		}
 	} else if (h.op == NM_OP_INVALIDATE) {
 		invalidate(r, h.first, h.count);
+	} else if (h.op == NM_OP_LOCK || h.op == NM_OP_UNLOCK) {
+		pthread_mutex_lock(&r->mu);
+		if (r->lk.id && h.id == r->lk.id) {	/* else: given up on */
+			r->lk.err = (int)h.status;
+			r->lk.token = h.first;
+			snprintf(r->lk.msg, sizeof(r->lk.msg), "%.*s",
+				 (int)h.len, r->buf);
+			r->lk.done = true;
+			r->lk.id = 0;
+			pthread_cond_broadcast(&r->cv);
+		}
+		pthread_mutex_unlock(&r->mu);
 	} else if (h.op == NM_OP_STAGE && h.status) {
 		snprintf(r->stage_error, sizeof(r->stage_error), "%.*s",
 			 (int)h.len, r->buf);
@@ -1331,6 +1356,33 @@ static void check_timeouts(struct region *r)
 	}
 }
 
+/* Send the application's lock request, if one waits and is not sent yet. */
+static void send_lock_request(struct region *r)
+{
+	uint32_t op;
+	uint64_t first, id;
+	struct nm_wire_lock args;
+
+	pthread_mutex_lock(&r->mu);
+	op = r->lk.op;
+	first = r->lk.first;
+	args = r->lk.args;
+	id = 0;
+	if (op && !r->lk.id && !r->lk.done)
+		id = r->lk.id = ++r->next_id;
+	pthread_mutex_unlock(&r->mu);
+	if (!id)
+		return;
+	if (send_msg(r->sock, op, id, first, 0, &args,
+		     op == NM_OP_LOCK ? sizeof(args) : 0) < 0) {
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s went away during a lock request",
+			 r->agent_name);
+		fail_region(r, why);
+	}
+}
+
 static void *handler_main(void *arg)
 {
 	struct region *r = arg;
@@ -1354,6 +1406,7 @@ static void *handler_main(void *arg)
 			break;
 		if (want_sync)
 			start_sync(r);
+		send_lock_request(r);
 		fds[0] = (struct pollfd){ r->uffd, POLLIN, 0 };
 		fds[1] = (struct pollfd){ r->failed ? -1 : r->sock, POLLIN, 0 };
 		fds[2] = (struct pollfd){ r->evfd, POLLIN, 0 };
@@ -1644,6 +1697,7 @@ static void destroy(struct region *r)
 	pthread_mutex_destroy(&r->mu);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->sync_mu);
+	pthread_mutex_destroy(&r->lock_mu);
 	free(r);
 }
 
@@ -1737,6 +1791,7 @@ void *netmem_map_opts(const struct netmem_options *o)
 	pthread_mutex_init(&r->mu, NULL);
 	pthread_cond_init(&r->cv, NULL);
 	pthread_mutex_init(&r->sync_mu, NULL);
+	pthread_mutex_init(&r->lock_mu, NULL);
 	snprintf(r->segment, sizeof(r->segment), "%s", o->segment);
 	r->size = o->size;
 	r->npages = o->size / PS;
@@ -1896,6 +1951,76 @@ int netmem_sync(void *addr)
 	}
 	pthread_mutex_unlock(&r->mu);
 	pthread_mutex_unlock(&r->sync_mu);
+	return ret;
+}
+
+/* Ask the handler for op, wait for the agent's answer; 0 or -1 (errno). */
+static int lock_request(struct region *r, uint32_t op, uint64_t first,
+			const struct nm_wire_lock *args, uint64_t *token)
+{
+	struct timespec deadline;
+	int ret = 0, err;
+
+	pthread_mutex_lock(&r->lock_mu);
+	pthread_mutex_lock(&r->mu);
+	r->lk.op = op;
+	r->lk.first = first;
+	if (args)
+		r->lk.args = *args;
+	r->lk.id = 0;
+	r->lk.done = false;
+	pthread_mutex_unlock(&r->mu);
+	kick(r);
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += (args ? args->wait_ms : 0) / 1000 +
+			   2 * r->timeout_ms / 1000 + 10;
+	pthread_mutex_lock(&r->mu);
+	while (!r->lk.done && !r->failed && ret == 0)
+		ret = pthread_cond_timedwait(&r->cv, &r->mu, &deadline);
+	err = r->lk.done ? r->lk.err : 0;
+	if (r->failed) {
+		ret = fail(EIO, "lock request on segment %s failed: %s",
+			   r->segment, r->fail_msg);
+	} else if (ret) {
+		ret = fail(EIO, "lock request on segment %s: the agent did not "
+			   "answer in time", r->segment);
+	} else if (err) {
+		ret = fail(err, "%s", r->lk.msg);
+	} else if (token) {
+		*token = r->lk.token;
+	}
+	r->lk.op = 0;
+	r->lk.id = 0;
+	pthread_mutex_unlock(&r->mu);
+	pthread_mutex_unlock(&r->lock_mu);
+	return ret;
+}
+
+int netmem_lock(void *addr, uint64_t start, uint64_t length, int exclusive,
+		unsigned int wait_ms, uint64_t *token)
+{
+	struct region *r = lookup(addr, false);
+	struct nm_wire_lock args = {
+		.length = length, .exclusive = !!exclusive, .wait_ms = wait_ms,
+	};
+
+	if (!r)
+		return -1;
+	return lock_request(r, NM_OP_LOCK, start, &args, token);
+}
+
+int netmem_unlock(void *addr, uint64_t token, int commit)
+{
+	struct region *r = lookup(addr, false);
+	int ret = 0;
+
+	if (!r)
+		return -1;
+	if (commit)
+		ret = netmem_sync(addr);
+	/* Released even when the commit failed: the lock is not kept. */
+	if (lock_request(r, NM_OP_UNLOCK, token, NULL, NULL) < 0 && !ret)
+		ret = -1;
 	return ret;
 }
 

@@ -79,6 +79,21 @@ int netmem_lock_file(const char *path, uint64_t start, uint64_t length,
 int netmem_unlock_file(const char *path, uint64_t token);
 
 /*
+ * Locks on a region's file (the same locks as netmem_lock_file takes through a
+ * mount; every client of the server sees them). netmem_lock takes a shared or
+ * exclusive lock on bytes start..start+length-1 of the file (length 0: to any
+ * end), waiting up to wait_ms, and first drops the region's pages that other
+ * clients changed under the locks before (entry consistency). netmem_unlock
+ * releases it, after a netmem_sync if commit (the sync lands under the lock,
+ * and is refused if the lock was lost). A region's locks end with it. 0, or -1
+ * with errno: EAGAIN (not granted in time), ESTALE (unlock with commit: the
+ * lock was lost, the commit refused), ENOLCK (not held), EIO.
+ */
+int netmem_lock(void *addr, uint64_t start, uint64_t length, int exclusive,
+		unsigned int wait_ms, uint64_t *token);
+int netmem_unlock(void *addr, uint64_t token, int commit);
+
+/*
  * Optimistic commits on a file of a netmemfs mount (docs/semantics.md,
  * "Optimistic commits"). netmem_file_version stores in *version the version
  * of the file that this machine's view of it shows. netmem_commit_if commits

@@ -37,7 +37,18 @@ enum nm_wire_op {
 				 * committed pages first..first+count-1 of
 				 * the file; drop them (they fault in again),
 				 * keeping what was written here */
+	NM_OP_LOCK = 7,		/* first: the first byte; payload: struct
+				 * nm_wire_lock; reply: `first` the token,
+				 * after any INVALIDATE it brings */
+	NM_OP_UNLOCK = 8,	/* first: the token */
 };
+
+/* NM_OP_LOCK's payload. */
+struct nm_wire_lock {
+	uint64_t length;	/* bytes; 0: to any end */
+	uint32_t exclusive;
+	uint32_t wait_ms;
+} __attribute__((packed));
 
 /* On the root of a netmemfs mount: the path of its daemon's socket, where
  * a region can be served instead of by a private agent. */

@@ -27,6 +27,9 @@ void *netmem_map_opts(const struct netmem_options *opts);
 int netmem_sync(void *addr);
 int netmem_unmap(void *addr);
 long netmem_resident(void *addr);
+int netmem_lock(void *addr, uint64_t start, uint64_t length, int exclusive,
+                unsigned int wait_ms, uint64_t *token);
+int netmem_unlock(void *addr, uint64_t token, int commit);
 const char *netmem_error(void);
 """
 

@@ -36,7 +36,7 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery, send_parts
 from netmemfs.core import FileCore, resolve
-from netmemfs.errors import NetmemError
+from netmemfs.errors import NetmemError, NotHeld
 from netmemfs.pages import PAGE_SIZE, Buffer
 from netmemfs.protocol import Notice
 from netmemfs.remote import InodeStat, RemoteStore
@@ -46,6 +46,8 @@ log = logging.getLogger("netmemfs.agent")
 HEADER = struct.Struct("<IIQQII")  # op, status, id, first, count, len: netmem_wire.h
 assert HEADER.size == 32
 OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT, OP_REDIAL, OP_INVALIDATE = 1, 2, 3, 4, 5, 6
+OP_LOCK, OP_UNLOCK = 7, 8
+LOCK_ARGS = struct.Struct("<QII")  # struct nm_wire_lock: length, exclusive, wait_ms
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
 
 
@@ -148,6 +150,8 @@ class Region:
         self.npages = file.size // PAGE_SIZE
         self.core = FileCore.of(store, file, path, journal_dir)
         self.journal = self.core.journal
+        self.locks: set[int] = set()  # tokens of the locks the region holds
+        self.lock_lease_s = 10.0
 
     def changed(self, notice: Notice | None) -> None:
         """Another client committed to the region's file (None: we may have missed
@@ -173,9 +177,16 @@ class Region:
             await self._serve()
         finally:
             store.unlisten(self.core.ino, self.changed)
+            # A private agent's connection ends with it (and its locks with that); a
+            # mount daemon's does not. Bounded: the server may be out of reach.
+            with trio.move_on_after(2, shield=True):
+                for token in list(self.locks):
+                    with suppress(NetmemError):
+                        await store.unlock(token)
 
     async def _serve(self) -> None:
         async with open_quiet_nursery() as nursery:
+            nursery.start_soon(self._keep_locks)
             while True:
                 msg = await self.io.receive()
                 if msg is None:
@@ -200,6 +211,13 @@ class Region:
                     nursery.start_soon(self.commit, req_id)
                 elif op == OP_REDIAL:
                     nursery.start_soon(self.redial, req_id)
+                elif op == OP_LOCK:
+                    if len(payload) != LOCK_ARGS.size:
+                        raise WireError(f"LOCK carried {len(payload)} bytes")
+                    length, exclusive, wait_ms = LOCK_ARGS.unpack(payload)
+                    nursery.start_soon(self.lock, req_id, first, length, exclusive, wait_ms)
+                elif op == OP_UNLOCK:
+                    nursery.start_soon(self.unlock, req_id, first)
                 else:
                     raise WireError(f"unknown request {op}")
 
@@ -222,6 +240,49 @@ class Region:
                 parts.append(page)
         bitmap = bits.to_bytes(bitmap_bytes(count), "little")
         self.io.reply(OP_FETCH, req_id, first, count, [bitmap, *parts])
+
+    async def lock(
+        self, req_id: int, start: int, length: int, exclusive: int, wait_ms: int
+    ) -> None:
+        """A lock on the region's file for the region; the handler hears first of the
+        pages to drop (entry consistency: the INVALIDATE goes before the reply)."""
+        try:
+            grant = await self.core.store.lock(
+                self.core.ino, start, length, exclusive=bool(exclusive), wait_s=wait_ms / 1000
+            )
+        except NetmemError as e:
+            self.io.error(OP_LOCK, req_id, e, f"lock on {self.name!r}")
+            return
+        self.locks.add(grant.token)
+        self.core.fences.add(grant.token)
+        self.lock_lease_s = grant.lease_s
+        if grant.version != self.core.version:
+            self.changed(None)
+            self.core.version = grant.version
+        self.io.reply(OP_LOCK, req_id, grant.token, 0, [])
+
+    async def unlock(self, req_id: int, token: int) -> None:
+        if token not in self.locks:
+            self.io.error(OP_UNLOCK, req_id, NotHeld("not held by this region"), "unlock")
+            return
+        self.locks.discard(token)
+        self.core.fences.discard(token)
+        try:
+            await self.core.store.unlock(token)
+        except NetmemError as e:
+            self.io.error(OP_UNLOCK, req_id, e, f"unlock of {token} on {self.name!r}")
+            return
+        self.io.reply(OP_UNLOCK, req_id, token, 0, [])
+
+    async def _keep_locks(self) -> None:
+        """Renew the region's locks a few times per lease while it holds any."""
+        while True:
+            await trio.sleep(self.lock_lease_s / 3)
+            if self.locks:
+                try:
+                    await self.core.store.renew()
+                except NetmemError as e:
+                    log.warning("could not renew the locks of %r: %s", self.name, e)
 
     async def redial(self, req_id: int) -> None:
         """A new connection for the region's direct reads: the server closed the last

@@ -22,11 +22,13 @@ import mmap
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from netmemfs._netmem_cffi import ffi, lib
-from netmemfs.errors import NetmemError, NoSpace, SegmentNotFound, Stale
+from netmemfs.errors import NetmemError, NoSpace, SegmentNotFound, Stale, WouldBlock
 from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE
 from netmemfs.uffd import UffdUnavailable
 
@@ -73,6 +75,38 @@ class Region(mmap.mmap):
         (RegionError with errno EIO, NoSpace) the pages stay for the next sync."""
         if lib.netmem_sync(self._ptr()) < 0:
             _raise(f"sync of segment {self.segment!r}")
+
+    @contextmanager
+    def lock(
+        self,
+        start: int = 0,
+        length: int = 0,
+        *,
+        exclusive: bool = True,
+        wait_s: float = 60.0,
+        commit: bool = True,
+    ) -> Iterator[int]:
+        """Hold a lock on bytes start..start+length-1 of the region's file (length 0:
+        to any end) for the block, the same lock every client of the server sees
+        (docs/semantics.md). Taking it drops the pages other clients changed under the
+        locks before; leaving the block syncs (commit=True: the sync lands under the
+        lock, and Stale if the lock was lost) and releases it. Yields the token.
+        WouldBlock if not granted within wait_s."""
+        token = ffi.new("uint64_t *")
+        wait_ms = max(0, int(wait_s * 1000))
+        if lib.netmem_lock(self._ptr(), start, length, int(exclusive), wait_ms, token) < 0:
+            if ffi.errno == errno.EAGAIN:
+                message = ffi.string(lib.netmem_error()).decode(errors="replace")
+                raise WouldBlock(f"lock on segment {self.segment!r}: {message}")
+            _raise(f"lock on segment {self.segment!r}")
+        ok = False
+        try:
+            yield int(token[0])
+            ok = True
+        finally:
+            # Released either way; committed only if the block ended well.
+            if lib.netmem_unlock(self._ptr(), token[0], int(commit and ok)) < 0 and ok:
+                _raise(f"commit and release of lock {token[0]} on segment {self.segment!r}")
 
     def resident(self) -> int:
         """Bytes of the region resident now (what the budget caps), as the handler

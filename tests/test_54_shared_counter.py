@@ -9,7 +9,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,10 +31,19 @@ def _counter(path: Path) -> int:
         return int(struct.unpack("<q", f.read(8))[0])
 
 
-def _run_workers(paths: list[Path], n: int, mode: str) -> None:
+def _run_workers(paths: Sequence[Path | str], n: int, mode: str) -> None:
+    """Workers on paths (a mount's file; or SERVER:SEGMENT, an anonymous region, which
+    counts under its own lock whatever mode says)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.counter_worker", str(p), str(n), mode],
+            [
+                sys.executable,
+                "-m",
+                "tests.counter_worker",
+                str(p),
+                str(n),
+                mode if isinstance(p, Path) else "region",
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -75,6 +84,21 @@ def test_three_mounts_count_exactly_under_the_lock(
     for p in paths:
         assert _counter(p) == 3000, f"{p}: {_counter(p)}"
     print(f"3000 locked increments on three mounts in {took:.1f} s")
+
+
+def test_three_mounts_and_a_region_count_exactly_under_the_lock(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    """As above, with a fourth process adding through an anonymous region of the same
+    file (its lock taken through the region, netmem_lock): exactly 4000."""
+    paths = _three(server, mount_factory)
+    region = f"{server.address}:counter"
+    started = time.monotonic()
+    _run_workers([*paths, region], 1000, "lock")
+    took = time.monotonic() - started
+    for p in paths:
+        assert _counter(p) == 4000, f"{p}: {_counter(p)}"
+    print(f"4000 locked increments on three mounts and a region in {took:.1f} s")
 
 
 def test_without_the_lock_the_same_counting_loses_increments(
