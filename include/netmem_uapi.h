@@ -45,9 +45,22 @@ struct netmem_provide {
 	char store[NETMEM_SEGMENT_MAX];		/* 1..63 bytes, then NUL */
 };
 
+/*
+ * From the daemon (the provider's file): another client committed pages
+ * first..first+count-1 of the file of area `area`; the module drops those the
+ * area holds clean (they fault in again). Dirty pages stay. EBUSY while a sync
+ * of the area is under way: ask again after it.
+ */
+struct netmem_invalidate {
+	__u64 area;
+	__u64 first;
+	__u64 count;
+};
+
 #define NETMEM_IOC_MAGIC	0xB7
 #define NETMEM_IOC_ATTACH	_IOW(NETMEM_IOC_MAGIC, 1, struct netmem_attach)
 #define NETMEM_IOC_PROVIDE	_IOW(NETMEM_IOC_MAGIC, 2, struct netmem_provide)
+#define NETMEM_IOC_INVALIDATE	_IOW(NETMEM_IOC_MAGIC, 3, struct netmem_invalidate)
 
 enum netmem_msg_type {
 	NETMEM_MSG_OPEN = 1,		/* find or make the file, check its size */

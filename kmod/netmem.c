@@ -347,6 +347,48 @@ static struct page *nm_get_page(struct nm_area *area, unsigned long idx)
 }
 
 /*
+ * Drop page @idx of @area if it is clean: unmap it from every mapping, take it
+ * out of the area and let go of it. @wait: wait for the page's lock (a fault
+ * installing it holds it) rather than pass it by. Called with area->lock held.
+ * Returns whether it went.
+ */
+static bool nm_drop(struct nm_area *area, unsigned long idx, struct page *page,
+		    bool wait)
+{
+	struct folio *folio = page_folio(page);
+
+	if (test_bit(idx, area->dirty))
+		return false;
+	if (wait)
+		folio_lock(folio);
+	else if (!folio_trylock(folio))
+		return false;
+	/* page_mkwrite marks a page dirty under its lock: look again. */
+	if (test_bit(idx, area->dirty) || folio->mapping != &area->mapping) {
+		folio_unlock(folio);
+		return false;
+	}
+	/*
+	 * A fault maps a page only with its lock held, after checking
+	 * page->mapping: once unmapped here, no PTE can come back before the
+	 * page has left the area.
+	 */
+	unmap_mapping_range(&area->mapping, (loff_t)idx << PAGE_SHIFT,
+			    PAGE_SIZE, 0);
+	if (folio_mapped(folio)) {
+		folio_unlock(folio);
+		return false;
+	}
+	xa_erase(&area->pages, idx);
+	folio->mapping = NULL;
+	folio_unlock(folio);
+	put_page(page);
+	atomic_long_dec(&area->resident);
+	atomic_long_dec(&nm_resident);
+	return true;
+}
+
+/*
  * Drop up to @want clean pages of @area: unmap each from every mapping, take
  * it out of the area and let go of it; a later fault fetches it again. Dirty
  * pages are the only copy of unsynced writes and stay. Pages are tried in
@@ -359,7 +401,6 @@ static struct page *nm_get_page(struct nm_area *area, unsigned long idx)
 static unsigned long nm_evict(struct nm_area *area, unsigned long want)
 {
 	unsigned long idx, tries, freed = 0;
-	struct folio *folio;
 	struct page *page;
 
 	if (!mutex_trylock(&area->lock))
@@ -379,37 +420,64 @@ static unsigned long nm_evict(struct nm_area *area, unsigned long want)
 			if (!page)
 				break;
 		}
-		folio = page_folio(page);
-		if (test_bit(idx, area->dirty) || !folio_trylock(folio))
-			continue;
-		/* page_mkwrite marks a page dirty under its lock: look again. */
-		if (test_bit(idx, area->dirty)) {
-			folio_unlock(folio);
-			continue;
-		}
-		/*
-		 * A fault maps a page only with its lock held, after checking
-		 * page->mapping: once unmapped here, no PTE can come back
-		 * before the page has left the area.
-		 */
-		unmap_mapping_range(&area->mapping, (loff_t)idx << PAGE_SHIFT,
-				    PAGE_SIZE, 0);
-		if (folio_mapped(folio)) {
-			folio_unlock(folio);
-			continue;
-		}
-		xa_erase(&area->pages, idx);
-		folio->mapping = NULL;
-		folio_unlock(folio);
-		put_page(page);
-		atomic_long_dec(&area->resident);
-		atomic_long_dec(&nm_resident);
-		freed++;
+		if (nm_drop(area, idx, page, false))
+			freed++;
 		cond_resched();
 	}
 	area->hand = idx;
 	mutex_unlock(&area->lock);
 	return freed;
+}
+
+/*
+ * Invalidate: another client committed pages [first, first + count) of the
+ * area's file. Drop those held clean; dirty ones stay (the local write wins
+ * until its own sync). A sync under way (area->lock) must keep its pages
+ * until it knows its outcome: -EBUSY, and the daemon asks again after it.
+ */
+static long nm_invalidate(struct file *file, void __user *uarg)
+{
+	struct netmem_invalidate inv;
+	struct nm_area *area = NULL, *a;
+	unsigned long idx, end, npages;
+	struct page *page;
+	long err = 0;
+
+	if (file != READ_ONCE(nm.provider))
+		return -EINVAL;
+	if (copy_from_user(&inv, uarg, sizeof(inv)))
+		return -EFAULT;
+	mutex_lock(&nm_areas_lock);
+	list_for_each_entry(a, &nm_areas, node) {
+		/* An area whose last reference went is being freed: not it. */
+		if (a->id == inv.area && kref_get_unless_zero(&a->ref)) {
+			area = a;
+			break;
+		}
+	}
+	mutex_unlock(&nm_areas_lock);
+	if (!area)
+		return -ENOENT;
+	/* Pairs with the smp_store_release() in nm_attach(). */
+	npages = smp_load_acquire(&area->npages);
+	if (inv.first >= npages)
+		goto out_put;
+	end = inv.count > npages - inv.first ? npages : inv.first + inv.count;
+	if (!mutex_trylock(&area->lock)) {
+		err = -EBUSY;
+		goto out_put;
+	}
+	for (idx = inv.first; idx < end; idx++) {
+		/* Only eviction takes pages out, under area->lock (held). */
+		page = xa_load(&area->pages, idx);
+		if (page)
+			nm_drop(area, idx, page, true);
+		cond_resched();
+	}
+	mutex_unlock(&area->lock);
+out_put:
+	nm_area_put(area);
+	return err;
 }
 
 /*
@@ -895,6 +963,8 @@ static long nm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return nm_attach(area, (void __user *)arg);
 	case NETMEM_IOC_PROVIDE:
 		return nm_provide(file, area, (void __user *)arg);
+	case NETMEM_IOC_INVALIDATE:
+		return nm_invalidate(file, (void __user *)arg);
 	default:
 		return -ENOTTY;
 	}

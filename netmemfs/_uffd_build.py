@@ -63,6 +63,7 @@ int nm_madvise(void *addr, uint64_t len, int advice);
 /* /dev/netmem (kmod/): the daemon's side, netmemfs/kdoor.py */
 #define NETMEM_IOC_PROVIDE ...
 #define NETMEM_IOC_ATTACH ...
+#define NETMEM_IOC_INVALIDATE ...
 #define NETMEM_SEGMENT_MAX ...
 #define NETMEM_CHUNK_PAGES ...
 #define NETMEM_REPLY_HOLE ...
@@ -96,6 +97,11 @@ struct netmem_attach {
     char segment[64];
     uint64_t size;
     uint64_t budget;
+};
+struct netmem_invalidate {
+    uint64_t area;
+    uint64_t first;
+    uint64_t count;
 };
 """
 

@@ -44,8 +44,8 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from netmemfs._uffd_cffi import ffi, lib
 from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE, consecutive
+from netmemfs.protocol import Notice
 from netmemfs.remote import RemoteStore
 
 log = logging.getLogger("netmemfs.kdoor")
@@ -68,6 +69,9 @@ _NUMBERS = lib.NETMEM_CHUNK_PAGES * 8
 class DeviceError(NetmemError):
     """/dev/netmem cannot be served; the message says why and what to do."""
 
+
+# How soon an invalidation that a sync of its area put off is asked for again.
+INVALIDATE_RETRY_S = 0.02
 
 # Areas whose file the daemon keeps (one FileCore each); past it, idle ones are
 # forgotten, to be found by path again at their next request.
@@ -157,11 +161,15 @@ class DeviceProvider:
         # (area, commit) -> the scope of a commit waiting for its turn, which an abort
         # cancels
         self.queued: dict[tuple[int, int], trio.CancelScope] = {}
+        # area -> its listener of other clients' commits (RemoteStore.listen)
+        self.listening: dict[int, Callable[[Notice | None], None]] = {}
+        self.nursery: trio.Nursery | None = None  # serve()'s
 
     async def serve(self) -> None:
         """Read and answer requests until cancelled (or the device fails)."""
         buf = bytearray(lib.NETMEM_MSG_BYTES)
         async with open_quiet_nursery() as nursery:
+            self.nursery = nursery
             while True:
                 await trio.lowlevel.wait_readable(self.fd)
                 try:
@@ -244,7 +252,47 @@ class DeviceProvider:
                 self.store, st, segment, self.journal_dir, timeout_s=self.commit_timeout_s
             )
             self.areas[area] = core
+            # Other clients' commits to the file drop the area's clean pages.
+            self.listening[area] = self._listener(area, core)
+            self.store.listen(core.ino, self.listening[area])
         return core
+
+    def _listener(self, area: int, core: FileCore) -> Callable[[Notice | None], None]:
+        def changed(notice: Notice | None) -> None:
+            runs = [(0, 1 << 62)] if notice is None or notice.whole else list(notice.pages)
+            if self.nursery is not None:
+                with suppress(RuntimeError):  # the daemon is ending
+                    self.nursery.start_soon(self._invalidate, area, runs)
+
+        return changed
+
+    async def _invalidate(self, area: int, runs: list[tuple[int, int]]) -> None:
+        """Have the module drop the area's clean pages in runs; while a sync of the area
+        holds them (EBUSY), ask again, for up to the commit timeout."""
+        arg = ffi.new("struct netmem_invalidate *")
+        arg.area = area
+        deadline = trio.current_time() + self.commit_timeout_s
+        for first, count in runs:
+            arg.first, arg.count = first, count
+            while True:
+                try:
+                    fcntl.ioctl(self.fd, lib.NETMEM_IOC_INVALIDATE, bytes(ffi.buffer(arg)))
+                    break
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        return  # the area is gone
+                    if e.errno != errno.EBUSY or trio.current_time() > deadline:
+                        log.warning(
+                            "could not drop pages %d+%d of area %d after another "
+                            "client's commit: %s",
+                            first,
+                            count,
+                            area,
+                            e.strerror,
+                        )
+                        return
+                # A sync of the area keeps its pages until it knows its outcome.
+                await trio.sleep(INVALIDATE_RETRY_S)
 
     def _forget_idle(self) -> None:
         """Keep at most MAX_AREAS files: forget the oldest with nothing to commit."""
@@ -255,6 +303,7 @@ class DeviceProvider:
             if core.journal.settled() and not core.commit_lock.locked():
                 core.journal.discard()
                 del self.areas[area]
+                self.store.unlisten(core.ino, self.listening.pop(area))
                 excess -= 1
 
     async def _fetch(self, req_id: int, area: int, segment: str, size: int, page: int) -> None:

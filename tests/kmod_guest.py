@@ -32,7 +32,7 @@ from pathlib import Path
 import trio
 
 from netmemfs._uffd_cffi import ffi, lib
-from netmemfs.ops import MakeNode
+from netmemfs.ops import MakeNode, WritePages
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
 from tests.anon_worker import stamp
@@ -369,6 +369,32 @@ def main(test_bin: str, only: list[str]) -> int:
         assert trio.run(read) == b"".join(stamp(n, 4) for n in range(SIZE // PAGE))
 
     g.check("an_area_of_a_file_in_a_directory", area_of_a_file_in_a_directory)
+
+    def an_area_follows_other_clients_commits() -> None:
+        """Another client commits generation 2 of pages 1.. of a mapped area's file: the
+        server tells the daemon, which has the module drop those clean pages, so the
+        mapping shows them without mapping again; page 0, written in the area and not
+        synced, stays as written."""
+
+        async def commit() -> None:
+            async with RemoteStore.connect(g.address) as store:
+                f = await store.lookup(1, "fol")
+                data = b"".join(stamp(n, 2) for n in range(1, SIZE // PAGE))
+                await store.change([WritePages(f.ino, 1, data)])
+
+        g.ok("write", "fol", SIZE, 1)
+        p = g.run("follow", "fol", SIZE, 1, stdin=True)
+        try:
+            assert first_line(p, "kmod_test follow") == "mapped\n"
+            trio.run(commit)
+            say(p)
+            out, _ = p.communicate(timeout=DEADLINE_S)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0 and out == "followed\n", f"exit {p.returncode}: {out}"
+
+    g.check("an_area_follows_other_clients_commits", an_area_follows_other_clients_commits)
 
     def stalled() -> None:
         try:

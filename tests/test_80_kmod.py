@@ -35,6 +35,7 @@ CHECKS = [
     "second_sync_commits_the_new_writes",
     "malformed_ioctls_get_errors",
     "an_area_of_a_file_in_a_directory",
+    "an_area_follows_other_clients_commits",
     "stalled_daemon_gives_sigbus_after_the_timeout",
     "unload_refused_while_mapped",
     "killed_daemon_gives_sigbus",

@@ -38,6 +38,13 @@
  *                                         all again, say "pass2"
  *   kmod_test dropdirty SEG SIZE N       write pages 0..N-1, unmap and close
  *                                         without a sync
+ *   kmod_test follow SEG SIZE GEN        check every page holds stamp(n, GEN),
+ *                                         write stamp(0, 99) to page 0 (no
+ *                                         sync), say "mapped", wait for a line;
+ *                                         then, within 10 s, pages 1.. must
+ *                                         show stamp(n, GEN + 1) (another
+ *                                         client's commit) and page 0 stay
+ *                                         ours; say "followed"
  *
  * $KMOD_TEST_BUDGET: the area's budget in bytes (default 0: none).
  *
@@ -118,6 +125,54 @@ static int check(const unsigned char *p, uint64_t size, uint64_t gen,
 			return 1;
 		}
 	}
+	return 0;
+}
+
+/* Whether page n holds stamp(n, gen). */
+static int holds(const unsigned char *p, uint64_t n, uint64_t gen)
+{
+	unsigned char want[PS];
+
+	stamp(want, n, gen);
+	return !memcmp(p + n * PS, want, PS);
+}
+
+/* kmod_test follow: see the head of this file. */
+static int follow(unsigned char *p, uint64_t size, uint64_t gen)
+{
+	char line[16];
+	uint64_t n;
+	int tries;
+
+	if (check(p, size, gen, 1))
+		return 1;
+	stamp(p, 0, 99);
+	printf("mapped\n");
+	if (!fgets(line, sizeof(line), stdin))
+		return 1;
+	for (tries = 0; tries < 1000; tries++) {
+		for (n = 1; n < size / PS && holds(p, n, gen + 1); n++)
+			;
+		if (n == size / PS)
+			break;
+		usleep(10000);	/* polled: nothing says when the pages go */
+	}
+	for (n = 1; n < size / PS; n++) {
+		uint64_t have_gen;
+
+		if (holds(p, n, gen + 1))
+			continue;
+		memcpy(&have_gen, p + n * PS + 8, 8);
+		printf("page %llu: want gen %llu after the commit, have gen %llu\n",
+		       (unsigned long long)n, (unsigned long long)(gen + 1),
+		       (unsigned long long)have_gen);
+		return 1;
+	}
+	if (!holds(p, 0, 99)) {
+		printf("page 0: the unsynced write was lost\n");
+		return 1;
+	}
+	printf("followed\n");
 	return 0;
 }
 
@@ -394,6 +449,8 @@ int main(int argc, char **argv)
 		munmap(p, size);
 		close(fd);
 		return 0;
+	} else if (!strcmp(mode, "follow") && argc == 5) {
+		return follow(p, size, strtoull(argv[4], NULL, 0));
 	} else if (!strcmp(mode, "hold")) {
 		char line[16];
 
