@@ -12,20 +12,25 @@ Phases (each on both files):
   rand write   random page writes through the mapping, then msync + fsync
   verify       read everything back through a fresh open and check every page
 The netmemfs side is a real netmemfs-server (memory mode) and a real mount on this
-machine. Dropping caches needs root (/proc/sys/vm/drop_caches); without it the read
-phases measure the page cache and the script says so.
+machine; nullfs (bench/nullfs.py) is the same phases on a pyfuse3 file system that keeps
+its files in memory, the Python+FUSE floor without a network. Dropping caches needs
+root (/proc/sys/vm/drop_caches); without it the read phases measure the page cache and
+the script says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +39,25 @@ from tests.helpers import MountProc, ServerProc
 
 PAGE = 4096
 CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def nullfs(mountpoint: Path) -> Iterator[Path]:
+    """bench/nullfs.py mounted at mountpoint for the block."""
+    mountpoint.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "nullfs.py"), str(mountpoint)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("bench/nullfs.py did not mount")
+        yield mountpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def drop_caches() -> bool:
@@ -136,6 +160,8 @@ def main() -> None:
                 "tmpfs": run(Path(shm) / "f", size, args.random_reads, args.seed),
                 "netmemfs": run(mnt.path("f"), size, args.random_reads, args.seed),
             }
+            with nullfs(Path(tmp) / "null") as null:
+                results["nullfs"] = run(null / "f", size, args.random_reads, args.seed)
         finally:
             mnt.cleanup()
             srv.kill()
@@ -145,13 +171,21 @@ def main() -> None:
         f"{args.mib} MiB file, {args.random_reads} random reads; server and mount on loopback; "
         f"mount --cache-size {args.cache_size}"
     )
-    print(f"{'phase':<24} {'tmpfs':>10} {'netmemfs':>10} {'netmemfs/tmpfs':>15}")
+    print(
+        f"{'phase':<24} {'tmpfs':>10} {'nullfs':>10} {'netmemfs':>10} "
+        f"{'netmemfs/tmpfs':>15} {'netmemfs/nullfs':>16}"
+    )
     for key in results["tmpfs"]:
         if key in ("dropped", "verified"):
             continue
-        a, b = results["tmpfs"][key], results["netmemfs"][key]
-        print(f"{key:<24} {a:10.1f} {b:10.1f} {b / a:15.3f}")
-    print("verify: every page of both files checked")
+        a, n, b = results["tmpfs"][key], results["nullfs"][key], results["netmemfs"][key]
+        print(f"{key:<24} {a:10.1f} {n:10.1f} {b:10.1f} {b / a:15.3f} {b / n:16.3f}")
+    print(
+        "nullfs: bench/nullfs.py, a pyfuse3 file system in memory with the mount's FUSE "
+        "options (the Python+FUSE floor, no network); for latencies a ratio above 1 is slower, "
+        "for MB/s below 1"
+    )
+    print("verify: every page of the three files checked")
 
 
 if __name__ == "__main__":
