@@ -206,8 +206,8 @@ class NetmemFS(pyfuse3.Operations):
         self._holds_lock = trio.Lock()
         # Push invalidation: the server tells us of other clients' commits to the files
         # open here (we subscribe to what we hold); keep_coherent drops what they
-        # changed. Heard and not yet handled, by inode: the newest version heard.
-        self.heard: dict[int, int] = {}
+        # changed. The inodes heard of and not yet handled.
+        self.heard: set[int] = set()
         # Locks held through this mount, by token: for which file and process.
         self.locks: dict[int, _MountLock] = {}
         self.lock_lease_s = DEFAULT_LEASE_S
@@ -241,7 +241,7 @@ class NetmemFS(pyfuse3.Operations):
         if notice is None:
             self.heard_everything = True
         else:
-            self.heard[notice.ino] = max(notice.version, self.heard.get(notice.ino, 0))
+            self.heard.add(notice.ino)
         self._heard_event.set()
 
     async def keep_coherent(self) -> None:
@@ -253,22 +253,25 @@ class NetmemFS(pyfuse3.Operations):
         while True:
             await self._heard_event.wait()
             self._heard_event = trio.Event()
-            heard, self.heard = self.heard, {}
+            heard, self.heard = self.heard, set()
             if self.heard_everything:
                 self.heard_everything = False
-                heard = dict.fromkeys(self._open_inodes(), 0)
+                heard = set(self._open_inodes())
             for ino in heard:
                 node = self.inodes.get(ino)
-                if node is None:
-                    continue  # forgotten here meanwhile
-                # The kernel's pages go before the version moves on: a lock granted
-                # at the new version (_lock) then finds nothing old left to drop.
-                self.cache.drop(ino)
-                await self._invalidate(ino)
-                try:
-                    await self._refresh(node)  # the new size and version
-                except pyfuse3.FUSEError as e:
-                    log.info("could not refresh %r after a notice: %s", node.path, e)
+                if node is not None:  # else forgotten here meanwhile
+                    await self._catch_up(node)
+
+    async def _catch_up(self, node: _Inode) -> None:
+        """Drop node's pages from this daemon's cache and the kernel's (mapped pages
+        too), then fetch its size and version. The pages go before the version moves
+        on: a lock granted at the new version (_lock) then finds nothing old left."""
+        self.cache.drop(node.ino)
+        await self._invalidate(node.ino)
+        try:
+            await self._refresh(node)
+        except pyfuse3.FUSEError as e:
+            log.info("could not refresh %r after another client's commit: %s", node.path, e)
 
     async def _opened(self, node: _Inode) -> None:
         """node was opened: held on the server before the open is answered, so that a
@@ -692,10 +695,7 @@ class NetmemFS(pyfuse3.Operations):
             self.background.start_soon(self._release_at_exit, owner)
         if grant.version != node.version or node.refused:
             node.refused = False
-            self.cache.drop(node.ino)
-            with contextlib.suppress(pyfuse3.FUSEError):
-                await self._refresh(node)  # its size and version now
-            await self._invalidate(node.ino)
+            await self._catch_up(node)
         return str(grant.token).encode()
 
     async def _unlock(self, node: _Inode, request: bytes, tid: int) -> bytes:
