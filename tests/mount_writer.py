@@ -24,22 +24,25 @@ def ns_op(rng: random.Random) -> tuple[str, str, str]:
     return rng.choice(NS_OPS), rng.choice(NAMES), rng.choice(NAMES)
 
 
-def do_ns_op(root: str, op: str, a: str, b: str) -> None:
-    pa, pb = os.path.join(root, NS, a), os.path.join(root, NS, b)
+def do_ns_op(ns: int, op: str, a: str, b: str) -> None:
+    """op on names in the directory open as ns. Through that fd, not a path: once the
+    test has killed the daemon and lazily unmounted the mount, a path would name the
+    empty directory beneath (ENOENT, taken for the mount's answer); the fd still names
+    the dead mount (ENOTCONN)."""
     if op == "mkdir":
-        os.mkdir(pa)
+        os.mkdir(a, dir_fd=ns)
     elif op == "create":
-        os.close(os.open(pa, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.close(os.open(a, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=ns))
     elif op == "symlink":
-        os.symlink(b, pa)
+        os.symlink(b, a, dir_fd=ns)
     elif op == "link":
-        os.link(pa, pb, follow_symlinks=False)
+        os.link(a, b, src_dir_fd=ns, dst_dir_fd=ns, follow_symlinks=False)
     elif op == "unlink":
-        os.unlink(pa)
+        os.unlink(a, dir_fd=ns)
     elif op == "rmdir":
-        os.rmdir(pa)
+        os.rmdir(a, dir_fd=ns)
     else:
-        os.rename(pa, pb)
+        os.rename(a, b, src_dir_fd=ns, dst_dir_fd=ns)
 
 
 def main() -> None:
@@ -51,6 +54,7 @@ def main() -> None:
         fd = os.open(os.path.join(mountpoint, name), os.O_RDWR)
         files[name] = fd
         maps[name] = mmap.mmap(fd, PAGES * 4096)
+    ns = os.open(os.path.join(mountpoint, NS), os.O_RDONLY | os.O_DIRECTORY)
     gen = first_gen
     print("ready", flush=True)
     try:
@@ -60,7 +64,7 @@ def main() -> None:
                 op, a, b = ns_op(rng)
                 print("nsbegin", gen, op, a, b, flush=True)
                 try:
-                    do_ns_op(mountpoint, op, a, b)
+                    do_ns_op(ns, op, a, b)
                 except OSError as e:
                     if e.errno in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED):
                         raise  # the daemon is gone
