@@ -23,7 +23,7 @@ from netmemfs.auth import read_token_file
 from netmemfs.daemon import MountOptions, default_cache_dir, lock_cache_dir
 from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
-from netmemfs.fs import DEFAULT_CACHE_BYTES, DEFAULT_UNJOURNALED_BYTES
+from netmemfs.fs import ATTR_TIMEOUT_S, DEFAULT_CACHE_BYTES, DEFAULT_UNJOURNALED_BYTES
 from netmemfs.locking import lock
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
@@ -69,6 +69,19 @@ kept in memory (up to --max-unjournaled) and every fsync of their file fails wit
 ENOSPC or EROFS until there is room again; past that bound writes fail with the same
 errno. Nothing a write() or a mapping handed over is dropped without an error.
 """
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds from 0 to a day, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0 to 86400; write e.g. 1 or 0.5"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for written pages the cache dir cannot take (disk full or read-only), "
         "kept until it can; fsync fails until then, and past SIZE writes fail "
         f"(default {format_size(DEFAULT_UNJOURNALED_BYTES)})",
+    )
+    m.add_argument(
+        "--negative-timeout",
+        type=_seconds,
+        default=ATTR_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a name found missing is known as missing without asking the server "
+        "(default %(default)g, as for names that exist): a program that looks for a "
+        "missing file again and again (SQLite's -journal) is not slowed by the network, "
+        "but a file another client makes may be seen here that much later; 0 asks every "
+        "time",
     )
     m.add_argument("--token-file", type=Path, metavar="FILE", help="the server's token")
     _add_tls_ca(m)
@@ -311,6 +335,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         allow_other=args.allow_other,
         cache_bytes=args.cache_size,
         unjournaled_bytes=args.max_unjournaled,
+        negative_timeout_s=args.negative_timeout,
         serve_device=args.serve_device.absolute() if args.serve_device else None,
     )
 
@@ -417,6 +442,7 @@ def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
     out = ["mount", str(opts.mountpoint), "--cache-dir", str(opts.cache_dir)]
     out += ["--timeout", str(opts.timeout_s), "--cache-size", str(opts.cache_bytes)]
     out += ["--max-unjournaled", str(opts.unjournaled_bytes)]
+    out += ["--negative-timeout", str(opts.negative_timeout_s)]
     if args.server:
         out += ["--server", args.server]
     if args.token_file:

@@ -47,6 +47,7 @@ class MountOptions:
     cache_bytes: int
     unjournaled_bytes: int = fs.DEFAULT_UNJOURNALED_BYTES
     serve_device: Path | None = None  # also the provider of kmod/'s device
+    negative_timeout_s: float = fs.ATTR_TIMEOUT_S  # how long a missing name stays known
 
 
 class MountError(NetmemError):
@@ -236,6 +237,7 @@ async def _serve_connected(
         timeout_s=opts.timeout_s,
         cache_bytes=opts.cache_bytes,
         unjournaled_bytes=opts.unjournaled_bytes,
+        negative_timeout_s=opts.negative_timeout_s,
         # Only its mounter can enter a mount without allow_other: a user's files show
         # as theirs, whoever the server says made them (the root's owner is root).
         owner=None if os.getuid() == 0 or opts.allow_other else (os.getuid(), os.getgid()),

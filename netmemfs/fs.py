@@ -179,8 +179,10 @@ class NetmemFS(pyfuse3.Operations):
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         unjournaled_bytes: int = DEFAULT_UNJOURNALED_BYTES,
         owner: tuple[int, int] | None = None,
+        negative_timeout_s: float = ATTR_TIMEOUT_S,
     ) -> None:
         super().__init__()
+        self.negative_timeout_s = negative_timeout_s
         # Pages the kernel handed over that the cache dir cannot take: kept, not dropped.
         self.hold = HoldBudget(unjournaled_bytes)
         # Where work that must wait until a request is answered runs (set by the daemon).
@@ -412,7 +414,23 @@ class NetmemFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = await self._lookup(parent_inode, _text(name))
+        try:
+            node = await self._lookup(parent_inode, _text(name))
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            if not self.negative_timeout_s:
+                raise
+            # A name that does not exist is cached like one that does (inode 0: the
+            # kernel keeps the negative entry for entry_timeout), so a program that
+            # looks for a missing file again and again (SQLite's -journal) does not
+            # ask the server each time. The kernel drops the entry itself when a name
+            # is made through this mount; one made by another client is seen when the
+            # entry lapses (--negative-timeout).
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = pyfuse3.InodeT(0)
+            missing.entry_timeout = self.negative_timeout_s
+            return missing
         node.lookups += 1
         return self._attrs(node)
 

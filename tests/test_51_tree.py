@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from netmemfs.pages import PAGE_SIZE
+from tests.faultproxy import FaultProxy
 from tests.helpers import MountProc, ServerProc, server_used_bytes, stamp_page, wait_for
 
 MountFactory = Callable[..., MountProc]
@@ -77,6 +78,38 @@ def test_a_tree_made_in_one_mount_is_seen_by_another(
     assert os.stat(b.path("moved/f/file")).st_nlink == 1
     assert sorted(os.listdir(a.path("."))) == ["d", "moved"]
     assert a.path("moved/f/file").read_bytes() == b"deep"
+
+
+def test_a_missing_name_is_cached_like_a_present_one(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    """A name found missing stays known as missing for the entry timeout (one second),
+    as a present one does (issue 15, item 5): looked for again with the server stalled,
+    it is missing at once, where a lookup sent to the server would wait for --timeout
+    and fail with EIO. A name made through this mount is there at once; one made by
+    another mount is seen once the entry lapses."""
+    proxy = FaultProxy(server.address)
+    try:
+        a = mount_factory(proxy.address, "--timeout", "5", name="a")
+        b = mount_factory(server.address, name="b")
+        a.path("d").mkdir()
+        journal = a.path("d/db-journal")
+        assert not journal.exists()
+        proxy.stall()
+        try:
+            with pytest.raises(FileNotFoundError):
+                os.lstat(journal)
+        finally:
+            proxy.resume()
+        journal.write_bytes(b"made here")
+        assert journal.read_bytes() == b"made here"
+        os.unlink(journal)
+        assert not journal.exists()
+        _write_and_fsync(b.path("d/db-journal"), b"made there")
+        wait_for(journal.exists, "another mount's new name to be seen here", timeout_s=10)
+        assert journal.read_bytes() == b"made there"
+    finally:
+        proxy.close()
 
 
 def test_mmap_and_fsync_in_a_subdirectory_and_st_blocks(
