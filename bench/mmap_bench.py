@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import MountProc, ServerProc
+from tests.helpers import MountProc, ServerProc, cpu_s
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -73,8 +73,13 @@ def page_bytes(i: int, gen: int) -> bytes:
     return (b"%08d:%08d|" % (i, gen)) * (PAGE // 18) + b"." * (PAGE % 18)
 
 
-def run(path: Path, size: int, random_reads: int, seed: int) -> dict[str, float]:
+def run(
+    path: Path, size: int, random_reads: int, seed: int, pids: dict[str, int] | None = None
+) -> dict[str, float]:
+    """The phases on path; with pids (name -> process), also the CPU time each process
+    spent per random page fault and per page of the random write+fsync."""
     out: dict[str, float] = {}
+    pids = pids or {}
     pages = size // PAGE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     os.ftruncate(fd, size)
@@ -105,6 +110,7 @@ def run(path: Path, size: int, random_reads: int, seed: int) -> dict[str, float]
     with mmap.mmap(fd, size) as m:
         m.madvise(mmap.MADV_RANDOM)
         lat = []
+        cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
         for _ in range(random_reads):
             off = rng.randrange(pages) * PAGE
             t = time.perf_counter_ns()
@@ -114,14 +120,19 @@ def run(path: Path, size: int, random_reads: int, seed: int) -> dict[str, float]
         out["rand read p50 us"] = lat[len(lat) // 2] / 1000
         out["rand read p99 us"] = lat[len(lat) * 99 // 100] / 1000
         out["rand read mean us"] = statistics.fmean(lat) / 1000
+        for name, pid in pids.items():
+            out[f"cpu us/rand read {name}"] = (cpu_s(pid) - cpu0[name]) * 1e6 / random_reads
 
         written = rng.sample(range(pages), min(pages, 4096))
+        cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
         t0 = time.perf_counter()
         for p in written:
             m[p * PAGE : (p + 1) * PAGE] = page_bytes(p, 2)
         m.flush()
         os.fsync(fd)
         out["rand write+fsync MB/s"] = len(written) * PAGE / (time.perf_counter() - t0) / 1e6
+        for name, pid in pids.items():
+            out[f"cpu us/rand write {name}"] = (cpu_s(pid) - cpu0[name]) * 1e6 / len(written)
     os.close(fd)
 
     drop_caches()
@@ -155,10 +166,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
         srv = ServerProc(Path(tmp))
         mnt = MountProc(Path(tmp), srv.address, "--cache-size", args.cache_size)
+        assert srv.proc is not None
         try:
             results = {
                 "tmpfs": run(Path(shm) / "f", size, args.random_reads, args.seed),
-                "netmemfs": run(mnt.path("f"), size, args.random_reads, args.seed),
+                "netmemfs": run(
+                    mnt.path("f"),
+                    size,
+                    args.random_reads,
+                    args.seed,
+                    {"daemon": mnt.pid, "server": srv.proc.pid},
+                ),
             }
             with nullfs(Path(tmp) / "null") as null:
                 results["nullfs"] = run(null / "f", size, args.random_reads, args.seed)
@@ -180,6 +198,10 @@ def main() -> None:
             continue
         a, n, b = results["tmpfs"][key], results["nullfs"][key], results["netmemfs"][key]
         print(f"{key:<24} {a:10.1f} {n:10.1f} {b:10.1f} {b / a:15.3f} {b / n:16.3f}")
+    print("CPU time per page (user + system, from /proc), netmemfs's processes:")
+    for key, value in results["netmemfs"].items():
+        if key.startswith("cpu "):
+            print(f"  {key:<30} {value:8.1f}")
     print(
         "nullfs: bench/nullfs.py, a pyfuse3 file system in memory with the mount's FUSE "
         "options (the Python+FUSE floor, no network); for latencies a ratio above 1 is slower, "

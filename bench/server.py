@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
-from tests.helpers import ServerProc
+from tests.helpers import ServerProc, cpu_s
 
 BATCHES = [("4 KiB", 4 << 10), ("64 KiB", 64 << 10), ("1 MiB", 1 << 20)]
 SEGMENT_BYTES = 256 << 20
@@ -81,12 +81,6 @@ def plain_throughput(batch: int, seconds: float, span: int) -> float:
         child.wait(30)
     assert got == sent, (got, sent)
     return sent / dt / 1e6
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process pid so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def netmemfs_throughput(

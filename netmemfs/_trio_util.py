@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -115,24 +115,24 @@ async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None
         await trio.lowlevel.cancel_shielded_checkpoint()
 
 
-async def send_parts(stream: trio.abc.SendStream, parts: Sequence[Buffer]) -> None:
-    """Write parts in order, gathered into as few system calls as the kernel allows."""
-    if not isinstance(stream, trio.SocketStream):
-        for part in coalesce(parts):
-            await stream.send_all(part)
-        return
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    sock = stream.socket
-    waited = False
-    at = 0  # views[at:] are still to send (an index: popping the head is O(n))
+async def acquire_soon(lock: trio.Lock | trio.Semaphore) -> None:
+    """Acquire lock: at once, with no checkpoint, when it is free (a path taken per
+    request then pays no trip through the scheduler); else wait as acquire() does."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
+def _write_now(sock: trio.socket.SocketType, views: list[memoryview], at: int) -> int:
+    """Write views[at:] until done or the kernel would block; the index of the first
+    view not wholly written (views[at] trimmed to the part still to send)."""
     while at < len(views):
         try:
             # Each view stays alive in `views` until the kernel has copied all of it.
             sent = os.writev(_fd(sock), views[at : at + _MAX_IOV])
         except BlockingIOError:
-            waited = True
-            await trio.lowlevel.wait_writable(sock)
-            continue
+            return at
         except OSError as e:
             raise trio.BrokenResourceError(f"send failed: {e.strerror}") from e
         while sent and sent >= len(views[at]):
@@ -140,5 +140,56 @@ async def send_parts(stream: trio.abc.SendStream, parts: Sequence[Buffer]) -> No
             at += 1
         if sent:
             views[at] = views[at][sent:]
-    if not waited:
+    return at
+
+
+async def _send_rest(sock: trio.socket.SocketType, views: list[memoryview], at: int) -> None:
+    """Write views[at:], waiting for the socket to take them."""
+    while at < len(views):
+        await trio.lowlevel.wait_writable(sock)
+        at = _write_now(sock, views, at)
+
+
+async def send_parts(stream: trio.abc.SendStream, parts: Sequence[Buffer]) -> None:
+    """Write parts in order, gathered into as few system calls as the kernel allows."""
+    if not isinstance(stream, trio.SocketStream):
+        for part in coalesce(parts):
+            await stream.send_all(part)
+        return
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    at = _write_now(stream.socket, views, 0)
+    if at < len(views):
+        await _send_rest(stream.socket, views, at)
+    else:
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def send_parts_locked(
+    lock: trio.Lock,
+    stream: trio.abc.SendStream,
+    parts: Sequence[Buffer],
+    check: Callable[[], None] | None = None,
+) -> None:
+    """send_parts under lock (one writer at a time on stream), calling check first once
+    the lock is held (it may raise to give up). When the lock is free and the kernel
+    takes every byte at once, as it does a message of a few pages, this is one system
+    call and no trip through the scheduler: no checkpoint, so the caller's loop must
+    reach one elsewhere (as a receive does)."""
+    if lock.locked() or not isinstance(stream, trio.SocketStream):
+        async with lock:
+            if check is not None:
+                check()
+            await send_parts(stream, parts)
+        return
+    # Free, and nothing here yields until the lock is taken below: nobody else writes.
+    if check is not None:
+        check()
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    at = _write_now(stream.socket, views, 0)
+    if at == len(views):
+        return
+    lock.acquire_nowait()  # the rest waits for the socket: later writers queue behind
+    try:
+        await _send_rest(stream.socket, views, at)
+    finally:
+        lock.release()

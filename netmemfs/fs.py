@@ -65,6 +65,7 @@ log = logging.getLogger("netmemfs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
 ATTR_TIMEOUT_S = 1.0
+_ZERO_PAGE = bytes(PAGE_SIZE)
 BLOCK_SIZE = 1 << 20  # st_blksize: what `cp` and friends should read at a time
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_UNJOURNALED_BYTES = 64 << 20
@@ -869,13 +870,10 @@ class NetmemFS(pyfuse3.Operations):
 
     async def _read_pages(self, node: _Inode, first: int, count: int) -> bytes:
         """Pages first..first+count-1 as the file shows them (holes as zeros)."""
-        out = bytearray(count * PAGE_SIZE)
         with self._deadline():
             pages = await node.file.read(first, count)
-        for i, page in enumerate(pages):
-            if page is not None:
-                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
-        return bytes(out)
+        # One copy of each page, into the reply.
+        return b"".join(_ZERO_PAGE if page is None else page for page in pages)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         node = self._inode(fh)

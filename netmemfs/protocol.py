@@ -729,40 +729,63 @@ def _check_pages(data: Buffer, what: str) -> None:
         raise LocalProtocolError(f"{what}: at most {MAX_MESSAGE_PAGES} pages per message")
 
 
-def _wire_value(kind: str, value: object) -> object:
+def _wire_payload(kind: str, value: object) -> tuple[object, int]:
+    """A PAGES, RUNS or OPS field as it goes on the wire, and its bytes of page data;
+    LocalProtocolError if it is not whole pages within the limits."""
     if kind == PAGES:
         assert isinstance(value, bytes | bytearray | memoryview)
         _check_pages(value, "page data")
-    elif kind == RUNS:
+        return value, len(value)
+    if kind == RUNS:
         assert isinstance(value, tuple | list)
         total = 0
         for run in value:
             assert isinstance(run, PageRun)
-            _check_pages(run.data, f"run at page {run.first} of {run.segment!r}")
-            total += len(run.data)
+            n = len(run.data)
+            if not n or n % PAGE_SIZE or n > MAX_MESSAGE_PAGES * PAGE_SIZE:
+                _check_pages(run.data, f"run at page {run.first} of {run.segment!r}")
+            total += n
         _check_total(total, LocalProtocolError)
-        return [(run.segment, run.first, run.data) for run in value]
-    elif kind == OPS:
-        assert isinstance(value, tuple | list)
-        total = sum(len(op.data) for op in value if isinstance(op, WritePages))
-        _check_total(total, LocalProtocolError)
-        return [op_to_item(op) for op in value]
-    return value
+        return [(run.segment, run.first, run.data) for run in value], total
+    assert kind == OPS and isinstance(value, tuple | list)
+    total = sum(len(op.data) for op in value if isinstance(op, WritePages))
+    _check_total(total, LocalProtocolError)
+    return [op_to_item(op) for op in value], total
+
+
+# Field names per message class, in wire order (dataclasses.fields per message is slow).
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {}
+# Messages whose page payloads add up to less than this are packed in one call and their
+# pages copied; larger ones are packed by parts and their pages passed through.
+_COPY_BELOW = 32 * 1024
+_PAYLOAD_KINDS = frozenset((PAGES, RUNS, OPS))
 
 
 def encode_parts(msg: Message) -> list[Buffer]:
     """The frame for msg as a list of buffers to write in order.
 
-    Page payloads appear in the list as the very objects the message holds, so a caller
-    that writes the parts one by one (or joins them once) copies page data only once.
+    Page payloads of _COPY_BELOW bytes or more appear in the list as the very objects
+    the message holds, so a caller that writes the parts one by one (or joins them once)
+    copies page data only once; smaller messages are packed in one call.
     """
+    cls = type(msg)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
     values: list[object] = [msg.TYPE]
-    values += [
-        _wire_value(kind, getattr(msg, f.name))
-        for kind, f in zip(msg.KINDS, dataclasses.fields(msg), strict=True)
-    ]
-    out: list[Buffer] = [b""]
-    pack_parts(values, out)
+    payload = 0
+    for kind, name in zip(cls.KINDS, names, strict=True):
+        value = getattr(msg, name)
+        if kind in _PAYLOAD_KINDS:
+            value, n = _wire_payload(kind, value)
+            payload += n
+        values.append(value)
+    out: list[Buffer]
+    if payload < _COPY_BELOW:
+        out = [b"", msgpack.packb(values)]
+    else:
+        out = [b""]
+        pack_parts(values, out)
     length = sum(len(p) for p in out)
     if length > MAX_FRAME_BYTES:
         raise LocalProtocolError(
@@ -929,7 +952,11 @@ def decode_body(body: Buffer, table: dict[int, type[Message]]) -> Message:
         raise _bad(f"unknown message type {items[0]}")
     if len(items) != 1 + len(cls.KINDS):
         raise _bad(f"{cls.__name__} has {len(cls.KINDS)} fields, got {len(items) - 1}")
-    values: list[Any] = [_decode_field(k, v) for k, v in zip(cls.KINDS, items[1:], strict=True)]
+    values: list[Any] = [
+        # The common case (a number in range) checked here, without a call.
+        v if k == U64 and type(v) is int and 0 <= v <= MAX_U64 else _decode_field(k, v)
+        for k, v in zip(cls.KINDS, items[1:], strict=True)
+    ]
     return cls(*values)
 
 

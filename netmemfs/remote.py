@@ -33,7 +33,7 @@ from netmemfs import auth
 from netmemfs._trio_util import (
     open_quiet_nursery,
     receive_into,
-    send_parts,
+    send_parts_locked,
     socket_of,
     tune_socket,
 )
@@ -248,18 +248,22 @@ class _Link:
         parts = []
         for m in msgs:
             parts += self.conn.send_parts(m)
-        async with self.send_lock:
+
+        def usable() -> None:  # checked once this sender has the stream to itself
             if self.lost is not None:
                 raise _LinkLost(self.lost)
-            try:
-                await send_parts(self.stream, parts)
-            except BaseException as e:
-                # A frame cut short (cancelled, or the peer went away) leaves the stream
-                # unusable: nobody may write after it.
-                self.fail(f"send failed: {e!r}")
-                if isinstance(e, trio.BrokenResourceError | trio.ClosedResourceError):
-                    raise _LinkLost(self.lost) from e
-                raise
+
+        try:
+            await send_parts_locked(self.send_lock, self.stream, parts, usable)
+        except _LinkLost:
+            raise
+        except BaseException as e:
+            # A frame cut short (cancelled, or the peer went away) leaves the stream
+            # unusable: nobody may write after it.
+            self.fail(f"send failed: {e!r}")
+            if isinstance(e, trio.BrokenResourceError | trio.ClosedResourceError):
+                raise _LinkLost(self.lost) from e
+            raise
 
     async def request(self, msg: Request) -> Reply:
         waiter = self.start(msg)

@@ -256,6 +256,12 @@ def server_used_bytes(server: ServerProc) -> int:
     return run_trio(ask)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process pid so far (for benchmarks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from netmemfs import ops
 from netmemfs import protocol as p
 from netmemfs.errors import LocalProtocolError, RemoteProtocolError
-from netmemfs.pages import PAGE_SIZE
+from netmemfs.pages import PAGE_SIZE, Buffer
 
 names = st.text(min_size=1, max_size=20)
 u64 = st.integers(min_value=0, max_value=p.MAX_U64)
@@ -226,9 +226,25 @@ def test_eof_mid_frame_is_an_error() -> None:
 
 
 def test_page_data_passes_through_without_copy() -> None:
-    data = bytearray(PAGE_SIZE * 4)
+    data = bytearray(PAGE_SIZE * 16)  # at or past _COPY_BELOW: not copied
     parts = p.encode_parts(p.StagePages(1, b"t", "s", 0, data))
     assert any(part is data for part in parts)
+
+
+def test_small_messages_packed_in_one_call_are_the_same_bytes() -> None:
+    """Below _COPY_BELOW a message is packed by one msgpack call, pages copied; the
+    bytes are those packing by parts gives."""
+    page = bytes(range(256)) * (PAGE_SIZE // 256)
+    for msg in [
+        p.StagePages(1, b"t" * 16, "s", 7, page * 2),
+        p.Pages(2, "", 3, 4, 9, (p.PageRun("", 3, page), p.PageRun("", 5, page))),
+        p.ReadInode(3, 12, 0, 1),
+    ]:
+        joined = b"".join(p.encode_parts(msg))
+        by_parts: list[Buffer] = []
+        p.pack_parts(msgpack.unpackb(joined[4:]), by_parts)
+        assert joined[4:] == b"".join(by_parts), type(msg).__name__
+        assert len(joined) < p._COPY_BELOW
 
 
 def test_holes_and_runs_rejects_runs_outside_the_request() -> None:

@@ -35,9 +35,10 @@ import trio
 
 from netmemfs import auth
 from netmemfs._trio_util import (
+    acquire_soon,
     open_quiet_nursery,
     receive_into,
-    send_parts,
+    send_parts_locked,
     socket_of,
     tune_socket,
 )
@@ -238,48 +239,57 @@ class PageServer:
         """Apply ops as transaction txn exactly once: (what it did, replayed). A commit
         from a session that a newer claim fenced is refused (Fenced), checked here, where
         nothing can come between the check and the change."""
-        async with self._commit_lock:
-            prior = self.mem.outcome(txn)
-            if prior is not None:
-                return prior, True
-            if session is not None and session.fenced_by is not None:
-                raise Fenced(
-                    f"transaction refused: a newer connection from {session.fenced_by} "
-                    f"claimed {session.claim!r}, which this connection ({session.peer}) "
-                    "spoke for; its sender was replaced and must not commit any more"
-                )
-            ops = self._fenced(ops)
-            # The server's clock dates every change (a client's times are not taken),
-            # and the log keeps the dates, so a replay gives each inode the times it had.
-            now = time.time_ns()
-            ops = [dataclasses.replace(op, time_ns=now) for op in ops]
-            # With a Reap of each inode left with no name that no client holds open.
-            ops = self.mem.settle(ops, self.holders)
-            durable = self.durable
-            if durable is None:
-                self.mem.apply(txn, ops)
-                self._notify(ops, self._outcome(txn), session)
-                return self._outcome(txn), False
-            # Shielded so that the log and memory never disagree: a record appended but
-            # not applied (cancelled in between) would be applied twice after a client
-            # retry. Durability itself comes from the fsync inside append().
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(durable.append, txn, ops)
-                # We hold the commit lock and reads change nothing, so the check above
-                # still describes the state apply() sees.
-                self.mem.apply(txn, ops)
-                self._notify(ops, self._outcome(txn), session)
-                if durable.wants_checkpoint():
-                    try:
-                        await trio.to_thread.run_sync(durable.checkpoint)
-                    except OSError as e:
-                        log.error(
-                            "checkpoint of %s failed (%s); the log keeps growing until one "
-                            "succeeds: free space there",
-                            durable.data_dir,
-                            e,
-                        )
-            return self._outcome(txn), False
+        await acquire_soon(self._commit_lock)
+        try:
+            return await self._commit_locked(txn, ops, session)
+        finally:
+            self._commit_lock.release()
+
+    async def _commit_locked(
+        self, txn: bytes, ops: Sequence[Op], session: _Session | None
+    ) -> tuple[Outcome, bool]:
+        prior = self.mem.outcome(txn)
+        if prior is not None:
+            return prior, True
+        if session is not None and session.fenced_by is not None:
+            raise Fenced(
+                f"transaction refused: a newer connection from {session.fenced_by} "
+                f"claimed {session.claim!r}, which this connection ({session.peer}) "
+                "spoke for; its sender was replaced and must not commit any more"
+            )
+        ops = self._fenced(ops)
+        # The server's clock dates every change (a client's times are not taken),
+        # and the log keeps the dates, so a replay gives each inode the times it had.
+        now = time.time_ns()
+        ops = [dataclasses.replace(op, time_ns=now) for op in ops]
+        # With a Reap of each inode left with no name that no client holds open.
+        ops = self.mem.settle(ops, self.holders)
+        durable = self.durable
+        if durable is None:
+            self.mem.apply(txn, ops)
+            outcome = self._outcome(txn)
+            self._notify(ops, outcome, session)
+            return outcome, False
+        # Shielded so that the log and memory never disagree: a record appended but
+        # not applied (cancelled in between) would be applied twice after a client
+        # retry. Durability itself comes from the fsync inside append().
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(durable.append, txn, ops)
+            # We hold the commit lock and reads change nothing, so the check above
+            # still describes the state apply() sees.
+            self.mem.apply(txn, ops)
+            self._notify(ops, self._outcome(txn), session)
+            if durable.wants_checkpoint():
+                try:
+                    await trio.to_thread.run_sync(durable.checkpoint)
+                except OSError as e:
+                    log.error(
+                        "checkpoint of %s failed (%s); the log keeps growing until one "
+                        "succeeds: free space there",
+                        durable.data_dir,
+                        e,
+                    )
+        return self._outcome(txn), False
 
     def _fenced(self, ops: Sequence[Op]) -> list[Op]:
         """ops without their checks: each Fence must name a lock that still lasts
@@ -538,12 +548,11 @@ class _Session:
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
-        async with self.send_lock:
-            self._sending_since = trio.current_time()
-            try:
-                await send_parts(self.stream, parts)
-            finally:
-                self._sending_since = None
+        self._sending_since = trio.current_time()
+        try:
+            await send_parts_locked(self.send_lock, self.stream, parts)
+        finally:
+            self._sending_since = None
 
     async def run(self) -> None:
         """Serve the connection until the peer closes it, breaks a rule, or the watchdog
@@ -853,9 +862,15 @@ class _Session:
         limit = self.limits.max_inflight_bytes
         while self.inflight_bytes and self.inflight_bytes + inline_bytes > limit:
             await self.inflight_changed.wait()
-        await self.inflight.acquire()
+        await acquire_soon(self.inflight)
         self.inflight_bytes += inline_bytes
-        nursery.start_soon(self.run_commit, msg, ops, inline_bytes, staged_bytes)
+        if self.server.durable is None:
+            # In memory a commit never waits but for the commit lock: run it here,
+            # sparing a task per commit (this connection's next request waits for it,
+            # as it would for its turn at the lock).
+            await self.run_commit(msg, ops, inline_bytes, staged_bytes)
+        else:
+            nursery.start_soon(self.run_commit, msg, ops, inline_bytes, staged_bytes)
 
     async def run_commit(
         self,

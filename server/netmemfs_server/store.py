@@ -743,13 +743,14 @@ class MemoryPageStore:
     def _read(self, node: Inode, name: str, first: int, count: int) -> tuple[PageRun, ...]:
         fd = node.data
         assert fd is not None
-        what = repr(name) if name else f"inode {node.ino}"
         if count > MAX_MESSAGE_PAGES:
+            what = repr(name) if name else f"inode {node.ino}"
             raise TooLarge(
                 f"read of {count} pages of {what}: at most {MAX_MESSAGE_PAGES} per request"
             )
         npages = pages_for(fd.size)
         if first + count > npages:
+            what = repr(name) if name else f"inode {node.ino}"
             raise OutOfRange(
                 f"read of pages {first}..{first + count - 1} of {what} goes past its end "
                 f"({npages} pages, {fd.size} bytes); resize it first or read less"
