@@ -16,20 +16,32 @@ plain private anonymous mapping of the same size:
 It prints MB/s, p50/p99 latency of each 4 KiB access (from Python: about 1 us of it is
 the interpreter) and the netmemfs/plain ratios, then checks every page of the region
 against what was written.
+
+The same phases also run on plain anonymous memory in a child process held to the
+budget by a memory cgroup, swapping to zram (a compressed swap device in RAM): what the
+kernel does with the same memory limit and no network, the reference for a region's
+faults on pages it had to let go (netmemfs/zram ratios). That needs root, cgroup v1's
+memory controller or cgroup v2, and the zram driver (/sys/class/zram-control); the
+script makes a zram device of its own and removes it after, and says why if it cannot.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import itertools
+import json
 import mmap
+import os
 import random
+import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -119,6 +131,99 @@ def run(
     return out, sync_s, written
 
 
+ZRAM_CONTROL = Path("/sys/class/zram-control")
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+class NoZram(Exception):
+    """The zram reference cannot run here; the message says why."""
+
+
+@contextlib.contextmanager
+def zram_swap(swap_bytes: int) -> Iterator[str]:
+    """A zram device of swap_bytes made for the block and used as swap (its name)."""
+    if os.geteuid() != 0:
+        raise NoZram("needs root (a swap device and a memory cgroup)")
+    if not ZRAM_CONTROL.is_dir():
+        raise NoZram(f"no zram driver ({ZRAM_CONTROL} is missing; modprobe zram)")
+    n = int((ZRAM_CONTROL / "hot_add").read_text())
+    sysdir = Path(f"/sys/block/zram{n}")
+    dev = Path(f"/dev/zram{n}")
+    made_node = False
+    swapped = False
+    try:
+        if not dev.exists():  # no udev here: make the node from the driver's numbers
+            major, minor = map(int, (sysdir / "dev").read_text().split(":"))
+            os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(major, minor))
+            made_node = True
+        (sysdir / "disksize").write_text(str(swap_bytes))
+        subprocess.run(["mkswap", str(dev)], check=True, capture_output=True)
+        subprocess.run(["swapon", "-p", "32767", str(dev)], check=True, capture_output=True)
+        swapped = True
+        algo = (sysdir / "comp_algorithm").read_text().split("[")[1].split("]")[0]
+        yield f"{dev} ({algo})"
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise NoZram(f"could not set up {dev} as swap: {e}") from e
+    finally:
+        if swapped:
+            subprocess.run(["swapoff", str(dev)], capture_output=True)
+        with contextlib.suppress(OSError):
+            (ZRAM_CONTROL / "hot_remove").write_text(str(n))
+        if made_node:
+            with contextlib.suppress(OSError):
+                dev.unlink()
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    """A memory cgroup holding its processes to limit bytes (swapping past it); the file
+    a process writes its pid to, to join."""
+    name = f"netmemfs-bench-{os.getpid()}"
+    if (CGROUP_V1 / "memory.limit_in_bytes").exists():
+        group = CGROUP_V1 / name
+        group.mkdir()
+        try:
+            (group / "memory.limit_in_bytes").write_text(str(limit))
+            (group / "memory.swappiness").write_text("100")
+            yield group / "cgroup.procs"
+        finally:
+            group.rmdir()
+    elif "memory" in (CGROUP_V2 / "cgroup.controllers").read_text().split():
+        group = CGROUP_V2 / name
+        group.mkdir()
+        try:
+            (group / "memory.max").write_text(str(limit))
+            yield group / "cgroup.procs"
+        finally:
+            group.rmdir()
+    else:
+        raise NoZram("no memory cgroup controller")
+
+
+def zram_reference(
+    size: int, budget: int, ops: int, seed: int
+) -> tuple[dict[str, tuple[float, float, float]] | None, str]:
+    """The phases on plain anonymous memory held to budget and swapping to zram, in a
+    child process: (results or None, what ran or why not)."""
+    try:
+        with zram_swap(2 * size) as dev, memory_cgroup(budget) as procs:
+            argv = [sys.executable, __file__, "--zram-child", str(procs), "--mib", str(size >> 20)]
+            argv += ["--ops", str(ops), "--seed", str(seed)]
+            child = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if child.returncode != 0:
+                raise NoZram(f"the child failed: {child.stderr.strip()[-500:]}")
+            got = json.loads(child.stdout)
+            return {k: (v[0], v[1], v[2]) for k, v in got.items()}, dev
+    except (NoZram, OSError) as e:
+        return None, f"not run: {e}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,12 +232,26 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=int, default=256, help="resident budget (default 256)")
     ap.add_argument("--ops", type=int, default=20000, help="random 4 KiB accesses per phase")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-zram", action="store_true", help="skip the zram reference")
+    ap.add_argument("--zram-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     size, budget = args.mib << 20, args.budget_mib << 20
+    if args.zram_child:
+        # In the cgroup before the region exists, so that all of it is charged there.
+        args.zram_child.write_text(str(os.getpid()))
+        mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        out, _, _ = run(mem, lambda: None, args.ops, args.seed)
+        print(json.dumps(out))
+        return
 
     plain = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base, _, _ = run(plain, lambda: None, args.ops, args.seed)
     plain.close()
+    zram, zram_what = (
+        (None, "not run (--no-zram)")
+        if args.no_zram
+        else zram_reference(size, budget, args.ops, args.seed)
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProc(Path(tmp))
@@ -150,14 +269,25 @@ def main() -> None:
         f"{args.mib} MiB region, {args.budget_mib} MiB budget, {args.ops} random ops per "
         "phase; server on loopback; latencies in us per 4 KiB access"
     )
+    print(f"zram: plain memory held to the budget by a memory cgroup, swapping to {zram_what}")
     print(
-        f"{'phase':<12} {'plain MB/s':>11} {'netmemfs':>10} {'ratio':>7}   "
-        f"{'plain p50/p99':>14} {'netmemfs p50/p99':>17}"
+        f"{'phase':<12} {'plain MB/s':>11} {'zram':>8} {'netmemfs':>10} {'/plain':>7} "
+        f"{'/zram':>6}   {'plain p50/p99':>14} {'zram p50/p99':>14} {'netmemfs p50/p99':>17} "
+        f"{'p50/zram':>8}"
     )
     for key, (mbs, p50, p99) in base.items():
         n_mbs, n_p50, n_p99 = net[key]
-        lat = f"{p50:6.1f}/{p99:<7.1f} {n_p50:8.1f}/{n_p99:<8.1f}" if p50 else ""
-        print(f"{key:<12} {mbs:11.1f} {n_mbs:10.1f} {n_mbs / mbs:7.3f}   {lat}")
+        z_mbs, z_p50, z_p99 = zram[key] if zram else (float("nan"),) * 3
+        lat = (
+            f"{p50:6.1f}/{p99:<7.1f} {z_p50:6.1f}/{z_p99:<7.1f} {n_p50:8.1f}/{n_p99:<8.1f} "
+            f"{n_p50 / z_p50:8.1f}"
+            if p50
+            else ""
+        )
+        print(
+            f"{key:<12} {mbs:11.1f} {z_mbs:8.1f} {n_mbs:10.1f} {n_mbs / mbs:7.3f} "
+            f"{n_mbs / z_mbs:6.2f}   {lat}"
+        )
     print(f"syncs took {sync_s:.2f} s in all; resident at the end {peak >> 20} MiB")
     print("verify: every page as written" if ok else "verify: FAILED")
     if not ok:
