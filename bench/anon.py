@@ -12,6 +12,9 @@ plain private anonymous mapping of the same size:
     zipf read      --ops 4 KiB loads, pages drawn from zipf(0.99) (hot pages scattered)
     rand write     --ops 4 KiB stores at uniformly random pages, then a sync
     zipf write     --ops 4 KiB stores, zipf(0.99), then a sync
+    walk read      on a fresh region: stores over all of it, no sync, then --ops 4 KiB
+                   loads at uniformly random pages: past the budget, each fault brings
+                   back a page that was let go written and not committed
 
 It prints MB/s, p50/p99 latency of each 4 KiB access (from Python: about 1 us of it is
 the interpreter) and the netmemfs/plain ratios, then checks every page of the region
@@ -224,6 +227,27 @@ def zram_reference(
         return None, f"not run: {e}"
 
 
+def walk(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float, float]:
+    """Write every page of mem (never synced), then time ops random page loads, each
+    checked: (MB/s, p50 us, p99 us)."""
+    npages = len(mem) // PAGE
+    for p in range(npages):
+        mem[p * PAGE : p * PAGE + 8] = struct.pack("<Q", p ^ 0x5A5A)
+    rng = random.Random(seed + 1)
+    pages = [rng.randrange(npages) for _ in range(ops)]
+    clock = time.perf_counter_ns
+    lat = []
+    t0 = time.perf_counter()
+    for p in pages:
+        a = clock()
+        got = mem[p * PAGE : p * PAGE + 8]
+        lat.append((clock() - a) / 1000)
+        if got != struct.pack("<Q", p ^ 0x5A5A):
+            raise SystemExit(f"walk: page {p} lost its unsynced write")
+    took = time.perf_counter() - t0
+    return ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -241,12 +265,17 @@ def main() -> None:
         args.zram_child.write_text(str(os.getpid()))
         mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         out, _, _ = run(mem, lambda: None, args.ops, args.seed)
+        mem.close()
+        with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as fresh:
+            out["walk read"] = walk(fresh, args.ops, args.seed)
         print(json.dumps(out))
         return
 
     plain = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base, _, _ = run(plain, lambda: None, args.ops, args.seed)
     plain.close()
+    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as fresh:
+        base["walk read"] = walk(fresh, args.ops, args.seed)
     zram, zram_what = (
         (None, "not run (--no-zram)")
         if args.no_zram
@@ -259,6 +288,8 @@ def main() -> None:
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as region:
                 net, sync_s, written = run(region, region.sync, args.ops, args.seed)
                 peak = region.resident()
+            with anon.map(size, segment="walk", server=srv.address, budget=budget) as fresh:
+                net["walk read"] = walk(fresh, args.ops, args.seed)  # dropped unsynced
             # Every page, read back by a fresh mapping: what the syncs committed.
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as again:
                 ok = check(again, written)
