@@ -13,7 +13,16 @@
  *
  *   MISSING -> FETCHING -> PRESENT -> (evicted) MISSING
  *                      \-> HELD (readahead marker) -> PRESENT on its fault
+ *   PRESENT, written since the agent last had it -> (evicted) SPILLED
+ *   SPILLED -> PRESENT on its fault; -> MISSING when a sync stages it
  *   any -> POISONED when the agent or the server failed (access: SIGBUS)
+ *
+ * A page evicted with writes the agent has not seen goes to the spill file, an
+ * unlinked file of this process (at the page's own offset), and comes back
+ * from it on its next fault without asking the agent; a sync hands spilled
+ * pages to the agent like resident written ones. Without a spill file (it
+ * could not be made, or a write to it failed) such pages are staged with the
+ * agent at eviction instead.
  *
  * Only the handler thread changes page state, installs or evicts pages; an
  * application thread asks it to sync and waits. Dirty tracking has two modes:
@@ -81,7 +90,7 @@ extern char **environ;
 #define NETMEM_PREFIX "/usr/local"
 #endif
 
-enum { MISSING, FETCHING, PRESENT, HELD, POISONED };
+enum { MISSING, FETCHING, PRESENT, HELD, POISONED, SPILLED };
 #define ST_MASK 0x0f
 #define WANT_WRITE 0x10		/* a write fault waits for this page */
 #define WANTED 0x20		/* some fault waits for this page */
@@ -144,6 +153,12 @@ struct region {
 	bool redial_asked;	/* a REDIAL awaits its reply */
 	unsigned char *journaled;
 	uint64_t stages, commit_stages;
+	/* Evicted written pages (SPILLED), page p at offset p * PS; -1: none,
+	 * such pages are staged at eviction. */
+	int spill_fd;
+	bool spill_full;	/* a write failed: reads only */
+	size_t spilled;		/* pages SPILLED */
+	unsigned char *spill_buf;	/* one page, read back from the file */
 
 	/* Shared with application threads, under mu. */
 	pthread_mutex_t mu;
@@ -552,6 +567,34 @@ static void stage_marked(struct region *r, size_t first, size_t n,
 	}
 }
 
+/* Keep the pages of [first, first+n) whose flag is set, from src, for their
+ * next fault: in the spill file, else with the agent. */
+static void keep_marked(struct region *r, size_t first, size_t n,
+			const unsigned char *marks, const char *src)
+{
+	size_t i;
+
+	for (i = 0; i < n && r->spill_fd >= 0 && !r->spill_full; i++) {
+		ssize_t w;
+
+		if (!marks[i])
+			continue;
+		w = pwrite(r->spill_fd, src + i * PS, PS, (off_t)((first + i) * PS));
+		if (w != (ssize_t)PS) {
+			/* Pages spilled before stay readable; no more go. */
+			logmsg(r, "cannot write page %zu to the spill file (%s); "
+			       "evicted written pages go to the agent from now on",
+			       first + i, w < 0 ? strerror(errno) : "short write");
+			r->spill_full = true;
+			break;
+		}
+		r->state[first + i] = SPILLED;
+		r->spilled++;
+	}
+	if (i < n)
+		stage_marked(r, first + i, n - i, marks + i, src + i * PS);
+}
+
 /* Evict the run [first, first+n) of PRESENT pages; return how many went. */
 static size_t evict_run(struct region *r, size_t first, size_t n)
 {
@@ -578,20 +621,21 @@ static size_t evict_run(struct region *r, size_t first, size_t n)
 		for (i = 0; i < moved; i++)
 			marks[i] = page_hash(r->scratch + i * PS) !=
 				   r->hash[first + i];
-		stage_marked(r, first, moved, marks, r->scratch);
+		keep_marked(r, first, moved, marks, r->scratch);
 		madvise(r->scratch, moved * PS, MADV_DONTNEED);
 	} else {
 		/* Writers now fault and wait for us; the dirty flags are
 		 * exact. */
 		if (writeprotect(r, first, n, true) < 0)
 			return 0;
-		stage_marked(r, first, n, r->dirty + first, a);
+		keep_marked(r, first, n, r->dirty + first, a);
 		madvise(a, n * PS, MADV_DONTNEED);
 		memset(r->dirty + first, 0, n);
 		moved = n;
 	}
 	for (i = 0; i < moved; i++)
-		r->state[first + i] = MISSING;
+		if (r->state[first + i] != SPILLED)
+			r->state[first + i] = MISSING;
 	r->resident -= moved;
 	return moved;
 }
@@ -599,9 +643,9 @@ static size_t evict_run(struct region *r, size_t first, size_t n)
 /*
  * Another client committed pages [first, first+count) of the file (the agent's
  * INVALIDATE): drop the resident ones, so that the next touch fetches the new
- * data. evict_run keeps what was written here (it stages changed pages, which
- * the agent's journal then serves first): the local write wins until its own
- * sync. Readahead pages held back are dropped too. A fetch under way may still
+ * data. evict_run keeps what was written here (in the spill file, or staged
+ * with the agent, whose journal then serves it first): the local write wins
+ * until its own sync. Readahead pages held back are dropped too. A fetch under way may still
  * install the page it read before the commit (docs/anon.md).
  */
 static void invalidate(struct region *r, uint64_t first, uint64_t count)
@@ -803,6 +847,37 @@ static void on_held(struct region *r, size_t p, bool write)
 	read_ahead(r, p + 1);
 }
 
+/* A fault on a page evicted with writes the agent has not seen: back from the
+ * spill file, writable (written: the next sync stages it), with no agent. */
+static void on_spilled(struct region *r, size_t p)
+{
+	ssize_t n;
+
+	make_room(r, 1);
+	n = pread(r->spill_fd, r->spill_buf, PS, (off_t)(p * PS));
+	if (n != (ssize_t)PS) {
+		char why[256];
+
+		snprintf(why, sizeof(why), "cannot read page %zu back from the "
+			 "spill file: %s", p, n < 0 ? strerror(errno) : "short read");
+		fail_region(r, why);
+		r->state[p] = MISSING;	/* its writes are lost: no sync succeeds */
+		r->spilled--;
+		poison(r, p, 1);
+		return;
+	}
+	r->state[p] = PRESENT;
+	r->spilled--;
+	r->resident++;
+	/* r->hash[p] stays that of the agent's version: the page differs. */
+	if (!r->async)
+		r->dirty[p] = 1;
+	/* The file's copy is stale now, but its space is not given back here
+	 * (a hole punched per fault costs a file system transaction): the
+	 * page's next eviction writes over it, the next sync frees it all. */
+	install(r, r->base + p * PS, r->spill_buf, PS, false);
+}
+
 static void on_fault(struct region *r, const struct uffd_msg *m)
 {
 	uintptr_t addr = m->arg.pagefault.address & ~(PS - 1);
@@ -829,6 +904,9 @@ static void on_fault(struct region *r, const struct uffd_msg *m)
 		break;
 	case HELD:
 		on_held(r, p, write);
+		break;
+	case SPILLED:
+		on_spilled(r, p);
 		break;
 	case PRESENT:
 		if (wp && !r->async) {
@@ -1259,6 +1337,44 @@ static int sync_async_mode(struct region *r)
 	return 0;
 }
 
+/* Hand every SPILLED page to the agent (a sync commits them); they are
+ * MISSING and journaled after, as pages staged at eviction are. */
+static int stage_spilled(struct region *r)
+{
+	size_t p = 0, j, k;
+
+	while (r->spilled && p < r->npages && !r->failed) {
+		if (r->state[p] != SPILLED) {
+			p++;
+			continue;
+		}
+		for (j = p; j < r->npages && r->state[j] == SPILLED &&
+		     j - p < NM_WIRE_MAX_PAGES; j++)
+			;
+		if (pread(r->spill_fd, r->buf, (j - p) * PS, (off_t)(p * PS)) !=
+		    (ssize_t)((j - p) * PS)) {
+			char why[256];
+
+			snprintf(why, sizeof(why), "cannot read pages %zu..%zu back "
+				 "from the spill file: %s", p, j - 1,
+				 strerror(errno ? errno : EIO));
+			fail_region(r, why);
+			return -1;
+		}
+		stage(r, p, j - p, r->buf);
+		for (k = p; k < j; k++)
+			r->state[k] = MISSING;
+		r->spilled -= j - p;
+		p = j;
+	}
+	/* Nothing in the file is needed now (pages faulted back left stale
+	 * copies too): give all its space back at once. */
+	if (r->spill_fd >= 0 && !r->spilled && !r->failed)
+		fallocate(r->spill_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			  0, (off_t)r->size);
+	return 0;
+}
+
 static void sync_sync_mode(struct region *r)
 {
 	size_t p = 0, j;
@@ -1294,6 +1410,10 @@ static void start_sync(struct region *r)
 			 "(%s), so no commit of this region can be whole; unmap "
 			 "it and map it again", r->stage_error);
 		finish_sync(r, EIO, why);
+		return;
+	}
+	if (stage_spilled(r) < 0) {
+		finish_sync(r, EIO, r->fail_msg);
 		return;
 	}
 	if (r->async) {
@@ -1644,6 +1764,37 @@ static int open_segment(struct region *r)
 
 /* ---- the API ------------------------------------------------------------ */
 
+/* The spill file: a memfd (memory, swapped like the process's own), or an
+ * unlinked file in $NETMEM_SPILL_DIR when that is set (a disk: spilled pages
+ * can leave memory, at the cost of the disk's writeback; measured here, a
+ * slow disk's writeback held a sequential read of the region to 16 MB/s).
+ * Without one, evicted written pages are staged with the agent. */
+static void open_spill(struct region *r)
+{
+	const char *dir = getenv("NETMEM_SPILL_DIR");
+
+	if (dir && dir[0]) {
+		r->spill_fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+		if (r->spill_fd < 0)
+			logmsg(r, "no spill file in NETMEM_SPILL_DIR %s (%s); "
+			       "spilling to memory", dir, strerror(errno));
+	}
+	if (r->spill_fd < 0)
+		r->spill_fd = memfd_create("netmem-spill", MFD_CLOEXEC);
+	if (r->spill_fd < 0) {
+		logmsg(r, "no spill file (%s); evicted written pages go to the "
+		       "agent", strerror(errno));
+		return;
+	}
+	/* Sparse: blocks only for pages spilled, each at its own offset. */
+	if (ftruncate(r->spill_fd, (off_t)r->size) < 0) {
+		logmsg(r, "cannot size the spill file: %s; evicted written "
+		       "pages go to the agent", strerror(errno));
+		close(r->spill_fd);
+		r->spill_fd = -1;
+	}
+}
+
 static void destroy(struct region *r)
 {
 	if (r->thread) {
@@ -1673,6 +1824,8 @@ static void destroy(struct region *r)
 	}
 	if (r->pagemap >= 0)
 		close(r->pagemap);
+	if (r->spill_fd >= 0)
+		close(r->spill_fd);
 	if (r->evfd >= 0)
 		close(r->evfd);
 	if (r->base && r->uffd >= 0) {
@@ -1694,6 +1847,7 @@ static void destroy(struct region *r)
 	free(r->buf);
 	free(r->srv_buf);
 	free(r->journaled);
+	free(r->spill_buf);
 	pthread_mutex_destroy(&r->mu);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->sync_mu);
@@ -1787,7 +1941,7 @@ void *netmem_map_opts(const struct netmem_options *o)
 		fail(ENOMEM, "out of memory");
 		return NULL;
 	}
-	r->uffd = r->pagemap = r->sock = r->evfd = r->srv = -1;
+	r->uffd = r->pagemap = r->sock = r->evfd = r->srv = r->spill_fd = -1;
 	pthread_mutex_init(&r->mu, NULL);
 	pthread_cond_init(&r->cv, NULL);
 	pthread_mutex_init(&r->sync_mu, NULL);
@@ -1809,10 +1963,11 @@ void *netmem_map_opts(const struct netmem_options *o)
 	r->srv_cap = BATCH * PS + (BATCH / 2 + 1) * 300 + 1024;
 	r->srv_buf = malloc(r->srv_cap);
 	r->journaled = calloc(r->npages, 1);
+	r->spill_buf = malloc(PS);
 	for (e = 0; e < MAX_HELD; e++)
 		r->held[e].page = (size_t)-1;
 	if (!r->state || !r->dirty || !r->hash || !r->buf || !r->srv_buf ||
-	    !r->journaled) {
+	    !r->journaled || !r->spill_buf) {
 		fail(ENOMEM, "out of memory for the state of %zu pages",
 		     r->npages);
 		goto out;
@@ -1848,6 +2003,8 @@ void *netmem_map_opts(const struct netmem_options *o)
 	madvise(r->scratch, BATCH * PS, MADV_DONTFORK);
 	if (setup_uffd(r) < 0)
 		goto out;
+	if (r->budget < r->npages)
+		open_spill(r);
 	r->pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (r->async && r->pagemap < 0) {
 		fail(errno, "cannot open /proc/self/pagemap: %s",

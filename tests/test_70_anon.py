@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -536,3 +538,89 @@ def test_a_region_in_a_missing_directory_says_so(server: ServerProc) -> None:
         anon.map(MiB, segment="nodir/r", server=server.address)
     with pytest.raises(NetmemError, match="path of a file"):
         anon.map(MiB, segment="", server=server.address)
+
+
+_SPILL_CHILD = """
+import sys
+from netmemfs import anon
+from tests.anon_worker import stamp
+size = int(sys.argv[2])
+with anon.map(size, segment="spill", server=sys.argv[1], budget=512 * 1024, timeout=3) as r:
+    for p in range(size // 4096):
+        r[p * 4096 : (p + 1) * 4096] = stamp(p, 7)
+    print("written", flush=True)
+    sys.stdin.readline()
+    for p in range(size // 4096):
+        assert r[p * 4096 : (p + 1) * 4096] == stamp(p, 7), f"page {p}"
+    print("read", flush=True)
+    sys.stdin.readline()
+    r.sync()
+    print("synced", flush=True)
+"""
+
+
+def _line(child: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    """The child's next line of output, b"" if it ends or none comes within timeout_s."""
+    assert child.stdout is not None
+    fd = child.stdout.fileno()
+    out = b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while not out.endswith(b"\n"):
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                return out
+            chunk = os.read(fd, 1)
+            if not chunk:
+                return out
+            out += chunk
+    return out
+
+
+def _spill_child_steps(child: subprocess.Popen[bytes]) -> None:
+    """Stop the child's agent once it wrote its region; it must read every page back."""
+    assert child.stdin is not None and child.stdout is not None
+    agent = 0
+    try:
+        assert _line(child, 60) == b"written\n"
+        kids = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+        agent = next(int(k) for k in kids if b"agent" in Path(f"/proc/{k}/cmdline").read_bytes())
+        os.kill(agent, signal.SIGSTOP)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        line = _line(child, 30)
+        assert line == b"read\n", (
+            f"the reads did not finish within 30 s with the agent stopped: {line!r}, "
+            f"exit {child.poll()}"
+        )
+        os.kill(agent, signal.SIGCONT)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert _line(child, 60) == b"synced\n"
+        assert child.wait(60) == 0
+    finally:
+        if agent:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(agent, signal.SIGCONT)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_evicted_written_pages_come_back_without_the_agent(server: ServerProc) -> None:
+    """Pages written, never synced and evicted by the budget are kept by libnetmem in
+    its spill file (issue 15, item 1): with the agent stopped, every one of them reads
+    back from its fault thread alone; the sync then commits them like resident ones.
+    Without the spill the reads wait for the stopped agent and get SIGBUS after the
+    region's 3 s timeout."""
+    size = 8 * MiB
+    with subprocess.Popen(
+        [sys.executable, "-c", _SPILL_CHILD, server.address, str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    ) as child:
+        _spill_child_steps(child)
+    with anon.map(size, segment="spill", server=server.address, budget=512 * 1024) as region:
+        for p in range(size // 4096):
+            assert region[p * 4096 : (p + 1) * 4096] == stamp(p, 7), f"page {p}"
