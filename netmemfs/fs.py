@@ -280,7 +280,9 @@ class NetmemFS(pyfuse3.Operations):
         """node was opened: held on the server before the open is answered, so that a
         removal by anyone after this leaves it readable and writable here."""
         node.opens += 1
-        if node.ino not in self.held:
+        # A send under way may carry the set from before this open (a close's): then
+        # `held` still names the inode, yet the server is about to hear it let go.
+        if node.ino not in self.held or self._holds_lock.locked():
             try:
                 with fuse_errors(f"open of {node.path!r} (its hold on the server)"):
                     await self._send_holds()
