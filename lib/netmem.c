@@ -42,6 +42,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -73,7 +74,8 @@ extern char **environ;
 
 #define PS 4096UL
 #define BATCH 64		/* pages per fetch or eviction */
-#define WINDOW (4 * BATCH)	/* pages a sequential reader runs ahead */
+#define WINDOW (4 * BATCH)
+#define SLACK (BATCH / 2)	/* pages below the budget an eviction goes */	/* pages a sequential reader runs ahead */
 #define MAX_FETCHES 256		/* fetches in flight */
 #define MAX_HELD 16		/* readahead markers held back */
 /* A direct connection the server closed (its --idle-timeout, a restart) is
@@ -82,6 +84,7 @@ extern char **environ;
  * between; after that, reads stay with the agent. */
 #define MAX_REDIALS 3
 #define DEFAULT_TIMEOUT_MS 30000
+#define DEFAULT_SPIN_US 50
 #define DEFAULT_SERVER "127.0.0.1:7733"
 
 /* Where the library is installed: an agent installed with it is in
@@ -159,6 +162,12 @@ struct region {
 	bool spill_full;	/* a write failed: reads only */
 	size_t spilled;		/* pages SPILLED */
 	unsigned char *spill_buf;	/* one page, read back from the file */
+	/* After an event, poll without sleeping for this long before blocking
+	 * ($NETMEM_SPIN_US): a thread that sleeps lets its CPU idle, and
+	 * waking an idle CPU is most of a fault's cost on some machines. */
+	uint64_t spin_ns, last_event_ns;
+	/* Counts for netmem_stats(): the handler's alone, read as samples. */
+	uint64_t faults, fetches_asked, direct_fetches, evictions, evicted;
 
 	/* Shared with application threads, under mu. */
 	pthread_mutex_t mu;
@@ -313,6 +322,14 @@ static void logmsg(struct region *r, const char *fmt, ...)
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
 	fprintf(stderr, "netmem: segment %s: %s\n", r->segment, line);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
 }
 
 static uint64_t now_ms(void)
@@ -595,34 +612,44 @@ static void keep_marked(struct region *r, size_t first, size_t n,
 		stage_marked(r, first + i, n - i, marks + i, src + i * PS);
 }
 
-/* Evict the run [first, first+n) of PRESENT pages; return how many went. */
+/* Evict the PRESENT pages of [first, first+n) (n <= BATCH). In async mode the
+ * range may hold pages in any state but POISONED between them: one move
+ * takes them all, passing over the others as holes. Return how many pages of
+ * the range were dealt with (all n, unless a move stopped short). */
 static size_t evict_run(struct region *r, size_t first, size_t n)
 {
-	unsigned char marks[BATCH];
+	unsigned char marks[BATCH], present[BATCH];
 	char *a = r->base + first * PS;
-	size_t moved, i;
+	size_t done, gone = 0, i;
 
+	for (i = 0; i < n; i++)
+		present[i] = (r->state[first + i] & ST_MASK) == PRESENT;
 	if (r->async) {
 		struct uffdio_move mv = {
 			.dst = (uintptr_t)r->scratch, .src = (uintptr_t)a,
-			.len = n * PS, .mode = UFFDIO_MOVE_MODE_DONTWAKE,
+			.len = n * PS,
+			.mode = UFFDIO_MOVE_MODE_DONTWAKE |
+				UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
 		};
 
 		/* Invariant: the scratch area is ours, registered with this
 		 * uffd and empty; after the move the region's pages are gone
 		 * (a toucher faults and waits for us), so what we read from
-		 * scratch is exactly what the region held. */
+		 * scratch is exactly what the region held. Only offsets of
+		 * PRESENT pages are read: at the others scratch has nothing,
+		 * and a read there would fault on this very thread. */
 		if (ioctl(r->uffd, UFFDIO_MOVE, &mv) < 0 && mv.move <= 0) {
 			logmsg(r, "UFFDIO_MOVE of pages %zu..%zu: %s", first,
 			       first + n - 1, strerror(errno));
 			return 0;
 		}
-		moved = (size_t)mv.move / PS;
-		for (i = 0; i < moved; i++)
-			marks[i] = page_hash(r->scratch + i * PS) !=
+		done = (size_t)mv.move / PS;
+		for (i = 0; i < done; i++)
+			marks[i] = present[i] &&
+				   page_hash(r->scratch + i * PS) !=
 				   r->hash[first + i];
-		keep_marked(r, first, moved, marks, r->scratch);
-		madvise(r->scratch, moved * PS, MADV_DONTNEED);
+		keep_marked(r, first, done, marks, r->scratch);
+		madvise(r->scratch, done * PS, MADV_DONTNEED);
 	} else {
 		/* Writers now fault and wait for us; the dirty flags are
 		 * exact. */
@@ -631,13 +658,19 @@ static size_t evict_run(struct region *r, size_t first, size_t n)
 		keep_marked(r, first, n, r->dirty + first, a);
 		madvise(a, n * PS, MADV_DONTNEED);
 		memset(r->dirty + first, 0, n);
-		moved = n;
+		done = n;
 	}
-	for (i = 0; i < moved; i++)
+	for (i = 0; i < done; i++) {
+		if (!present[i])
+			continue;
 		if (r->state[first + i] != SPILLED)
 			r->state[first + i] = MISSING;
-	r->resident -= moved;
-	return moved;
+		gone++;
+	}
+	r->resident -= gone;
+	r->evictions++;
+	r->evicted += gone;
+	return done;
 }
 
 /*
@@ -673,26 +706,41 @@ static void invalidate(struct region *r, uint64_t first, uint64_t count)
 	r->invalidated += end - first;
 }
 
-/* Make room for `need` more pages under the budget. */
+/* Make room for `need` more pages under the budget: when it is reached,
+ * down to SLACK pages below it, so that evictions go in runs (each move out
+ * of the region interrupts every CPU the process runs on) rather than a page
+ * per fault. */
 static void make_room(struct region *r, size_t need)
 {
-	size_t scanned = 0;
+	size_t scanned = 0, goal = r->budget - SLACK;
 
-	while (r->resident + r->fetching + need > r->budget &&
+	if (r->resident + r->fetching + need <= r->budget)
+		return;
+	while (r->resident + r->fetching + need > goal &&
 	       scanned < r->npages) {
-		size_t p = r->hand, n = 0;
+		size_t p = r->hand, n = 0, got = 0;
+		size_t over = r->resident + r->fetching + need - goal;
 
-		while (p + n < r->npages && n < BATCH &&
-		       (r->state[p + n] & ST_MASK) == PRESENT)
-			n++;
-		if (n) {
-			size_t over = r->resident + r->fetching + need - r->budget;
+		if ((r->state[p] & ST_MASK) != PRESENT) {
+			n = 1;
+		} else if (r->async) {
+			/* Up to `over` PRESENT pages within a batch, what
+			 * lies between them passed over: one move. */
+			for (; p + n < r->npages && n < BATCH && got < over; n++) {
+				unsigned char st = r->state[p + n] & ST_MASK;
 
-			if (n > over)
-				n = over;
+				if (st == POISONED)
+					break;
+				got += st == PRESENT;
+			}
+			while ((r->state[p + n - 1] & ST_MASK) != PRESENT)
+				n--;
 			evict_run(r, p, n);
 		} else {
-			n = 1;
+			while (p + n < r->npages && n < BATCH && n < over &&
+			       (r->state[p + n] & ST_MASK) == PRESENT)
+				n++;
+			evict_run(r, p, n);
 		}
 		scanned += n;
 		r->hand = p + n >= r->npages ? 0 : p + n;
@@ -733,6 +781,7 @@ static void fetch(struct region *r, size_t first, size_t count, bool marker)
 		return;
 	}
 	make_room(r, count);
+	r->fetches_asked++;
 	if (r->redial_wanted && !r->redial_asked && r->srv < 0) {
 		/* This fetch goes through the agent; later ones, direct again. */
 		r->redial_wanted = false;
@@ -885,6 +934,7 @@ static void on_fault(struct region *r, const struct uffd_msg *m)
 	bool wp = m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP;
 	size_t p;
 
+	r->faults++;
 	if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->size) {
 		logmsg(r, "fault at %#lx outside the region; waking it",
 		       (unsigned long)addr);
@@ -1150,6 +1200,8 @@ static void srv_ask(struct region *r, struct fetch *f)
 	size_t len = r->ino ?
 		nm_srv_read_inode(req, f->id, r->ino, f->first, f->count) :
 		nm_srv_read_pages(req, f->id, r->segment, f->first, f->count);
+
+	r->direct_fetches++;
 	ssize_t n = send(r->srv, req, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 	/* A request is a few dozen bytes and at most MAX_FETCHES are in
@@ -1503,6 +1555,43 @@ static void send_lock_request(struct region *r)
 	}
 }
 
+/* $NETMEM_SPIN_US: microseconds, 0 (never spin) to 10000; else the default. */
+static uint64_t spin_us(void)
+{
+	const char *v = getenv("NETMEM_SPIN_US");
+	char *end;
+	unsigned long us;
+
+	if (!v || !*v)
+		return DEFAULT_SPIN_US;
+	errno = 0;
+	us = strtoul(v, &end, 10);
+	if (errno || *end || us > 10000) {
+		fprintf(stderr, "netmem: NETMEM_SPIN_US=%s is not a number of "
+			"microseconds from 0 to 10000; using %d\n", v,
+			DEFAULT_SPIN_US);
+		return DEFAULT_SPIN_US;
+	}
+	return us;
+}
+
+/* poll() the handler's descriptors: without sleeping while the last event
+ * is less than spin_ns old (yielding the CPU to any thread that wants it),
+ * then blocking for up to 200 ms (timeouts are checked that often). */
+static int wait_events(struct region *r, struct pollfd *fds, nfds_t n)
+{
+	uint64_t until = r->last_event_ns + r->spin_ns;
+	int ret;
+
+	while (r->spin_ns && now_ns() < until) {
+		ret = poll(fds, n, 0);
+		if (ret != 0)
+			return ret;
+		sched_yield();
+	}
+	return poll(fds, n, 200);
+}
+
 static void *handler_main(void *arg)
 {
 	struct region *r = arg;
@@ -1531,7 +1620,7 @@ static void *handler_main(void *arg)
 		fds[1] = (struct pollfd){ r->failed ? -1 : r->sock, POLLIN, 0 };
 		fds[2] = (struct pollfd){ r->evfd, POLLIN, 0 };
 		fds[3] = (struct pollfd){ r->srv, POLLIN, 0 };
-		if (poll(fds, 4, 200) < 0 && errno != EINTR)
+		if (wait_events(r, fds, 4) < 0 && errno != EINTR)
 			break;
 		if (fds[2].revents) {
 			uint64_t v;
@@ -1551,6 +1640,9 @@ static void *handler_main(void *arg)
 		}
 		if (r->nfetches)
 			check_timeouts(r);
+		/* Spin from when the work is done, not from when it came. */
+		if (fds[0].revents | fds[1].revents | fds[3].revents)
+			r->last_event_ns = now_ns();
 	}
 	return NULL;
 }
@@ -1951,6 +2043,7 @@ void *netmem_map_opts(const struct netmem_options *o)
 	r->npages = o->size / PS;
 	r->budget = (o->budget && o->budget < o->size ? o->budget : o->size) / PS;
 	r->timeout_ms = o->timeout_ms ? o->timeout_ms : DEFAULT_TIMEOUT_MS;
+	r->spin_ns = spin_us() * 1000;
 	r->buf_len = NM_WIRE_BITMAP_BYTES(NM_WIRE_MAX_PAGES) +
 		     NM_WIRE_MAX_PAGES * PS;
 	r->state = calloc(r->npages, 1);
@@ -2188,6 +2281,27 @@ int netmem_unmap(void *addr)
 	if (!r)
 		return -1;
 	destroy(r);
+	return 0;
+}
+
+int netmem_stats(void *addr, struct netmem_stats *out)
+{
+	struct region *r = lookup(addr, false);
+
+	if (!r) {
+		errno = EINVAL;
+		return -1;
+	}
+	/* The handler thread owns the counts; relaxed reads are samples. */
+	out->faults = __atomic_load_n(&r->faults, __ATOMIC_RELAXED);
+	out->fetches = __atomic_load_n(&r->fetches_asked, __ATOMIC_RELAXED);
+	out->direct_fetches = __atomic_load_n(&r->direct_fetches,
+					      __ATOMIC_RELAXED);
+	out->evictions = __atomic_load_n(&r->evictions, __ATOMIC_RELAXED);
+	out->evicted = __atomic_load_n(&r->evicted, __ATOMIC_RELAXED);
+	out->spilled = __atomic_load_n(&r->spilled, __ATOMIC_RELAXED);
+	out->resident = __atomic_load_n(&r->resident, __ATOMIC_RELAXED);
+	out->budget = r->budget;
 	return 0;
 }
 

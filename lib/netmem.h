@@ -62,6 +62,22 @@ int netmem_unmap(void *addr);
 /* Bytes of the region resident in this process (what the budget caps). */
 long netmem_resident(void *addr);
 
+/* What a region's fault thread has done since the map (counts), and holds
+ * now (pages), each read as a sample while it works. */
+struct netmem_stats {
+	uint64_t faults;	/* page faults it answered */
+	uint64_t fetches;	/* runs of pages it asked for */
+	uint64_t direct_fetches;	/* of those, read from the server itself */
+	uint64_t evictions;	/* runs of pages it evicted */
+	uint64_t evicted;	/* pages it evicted */
+	uint64_t spilled;	/* pages in the spill file now */
+	uint64_t resident;	/* pages resident now */
+	uint64_t budget;	/* pages the budget allows */
+};
+
+/* Fill *out; 0, or -1 with errno EINVAL (not a region). */
+int netmem_stats(void *addr, struct netmem_stats *out);
+
 /*
  * Locks across machines on a file of a netmemfs mount (docs/semantics.md,
  * "Locks across machines"). netmem_lock_file takes a shared (exclusive 0) or

@@ -27,6 +27,17 @@ void *netmem_map_opts(const struct netmem_options *opts);
 int netmem_sync(void *addr);
 int netmem_unmap(void *addr);
 long netmem_resident(void *addr);
+struct netmem_stats {
+    uint64_t faults;
+    uint64_t fetches;
+    uint64_t direct_fetches;
+    uint64_t evictions;
+    uint64_t evicted;
+    uint64_t spilled;
+    uint64_t resident;
+    uint64_t budget;
+};
+int netmem_stats(void *addr, struct netmem_stats *out);
 int netmem_lock(void *addr, uint64_t start, uint64_t length, int exclusive,
                 unsigned int wait_ms, uint64_t *token);
 int netmem_unlock(void *addr, uint64_t token, int commit);

@@ -17,6 +17,7 @@ close() refuses (BufferError) while views of the region are alive, as mmap does.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
@@ -61,6 +62,20 @@ def _agent() -> str:
     """The `netmemfs` program beside this interpreter (a venv's), else the one in PATH."""
     here = Path(sys.executable).parent / "netmemfs"
     return str(here) if here.exists() else shutil.which("netmemfs") or "netmemfs"
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionStatistics:
+    """Region.statistics(): counts since the map, then pages held now."""
+
+    faults: int  # page faults the fault thread answered
+    fetches: int  # runs of pages it asked for, from the agent or the server
+    direct_fetches: int  # of those, read from the server by the fault thread itself
+    evictions: int  # runs of pages the budget evicted
+    evicted: int  # pages the budget evicted
+    spilled: int  # pages in the spill file now (evicted written, not yet synced)
+    resident: int  # pages resident now
+    budget: int  # pages the budget allows
 
 
 class Region(mmap.mmap):
@@ -112,6 +127,15 @@ class Region(mmap.mmap):
         """Bytes of the region resident now (what the budget caps), as the handler
         counts them."""
         return int(lib.netmem_resident(self._ptr()))
+
+    def statistics(self) -> RegionStatistics:
+        """What the region's fault thread has done since the map, and holds now."""
+        out = ffi.new("struct netmem_stats *")
+        if lib.netmem_stats(self._ptr(), out) < 0:
+            _raise(f"statistics of segment {self.segment!r}")
+        return RegionStatistics(
+            **{f.name: int(getattr(out, f.name)) for f in dataclasses.fields(RegionStatistics)}
+        )
 
     def close(self) -> None:
         """Unmap; changes not synced are dropped. Raises BufferError (and keeps the
