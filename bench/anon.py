@@ -15,6 +15,10 @@ plain private anonymous mapping of the same size:
     walk read      on a fresh region: stores over all of it, no sync, then --ops 4 KiB
                    loads at uniformly random pages: past the budget, each fault brings
                    back a page that was let go written and not committed
+    resync         netmemfs only, on a region of --resync-mib with --resync-budget-mib:
+                   write it all and sync, then write it all again (timed: the region's
+                   sequential write rate) and sync (timed): how fast a sync commits a
+                   region rewritten past its budget, against that write rate
 
 It prints MB/s, p50/p99 latency of each 4 KiB access (from Python: about 1 us of it is
 the interpreter) and the netmemfs/plain ratios, then checks every page of the region
@@ -227,6 +231,31 @@ def zram_reference(
         return None, f"not run: {e}"
 
 
+def resync(region: anon.Region) -> tuple[float, float, float]:
+    """Write region all over and sync; write it all over again (MB/s), sync again
+    (MB/s); check a page per MiB. (rewrite MB/s, its sync's MB/s, first sync s)."""
+    size = len(region)
+    rates = []
+    first_sync = 0.0
+    for gen in (1, 2):
+        block = bytes([gen]) * CHUNK
+        t0 = time.perf_counter()
+        for off in range(0, size, CHUNK):
+            region[off : off + CHUNK] = block
+        wrote = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        region.sync()
+        synced = time.perf_counter() - t0
+        if gen == 1:
+            first_sync = synced
+        else:
+            rates = [size / wrote / 1e6, size / synced / 1e6]
+    for off in range(0, size, CHUNK):
+        if region[off : off + PAGE] != bytes([2]) * PAGE:
+            raise SystemExit(f"resync: the page at byte {off} lost its second write")
+    return rates[0], rates[1], first_sync
+
+
 def walk(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float, float]:
     """Write every page of mem (never synced), then time ops random page loads, each
     checked: (MB/s, p50 us, p99 us)."""
@@ -257,6 +286,10 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=20000, help="random 4 KiB accesses per phase")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-zram", action="store_true", help="skip the zram reference")
+    ap.add_argument("--resync-mib", type=int, default=512, help="resync region (default 512)")
+    ap.add_argument(
+        "--resync-budget-mib", type=int, default=128, help="resync budget (default 128)"
+    )
     ap.add_argument("--zram-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     size, budget = args.mib << 20, args.budget_mib << 20
@@ -293,6 +326,9 @@ def main() -> None:
             # Every page, read back by a fresh mapping: what the syncs committed.
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as again:
                 ok = check(again, written)
+            rs_size, rs_budget = args.resync_mib << 20, args.resync_budget_mib << 20
+            with anon.map(rs_size, segment="resync", server=srv.address, budget=rs_budget) as rs:
+                rewrite, resync_mbs, first_sync = resync(rs)
         finally:
             srv.kill()
 
@@ -320,6 +356,11 @@ def main() -> None:
             f"{n_mbs / z_mbs:6.2f}   {lat}"
         )
     print(f"syncs took {sync_s:.2f} s in all; resident at the end {peak >> 20} MiB")
+    print(
+        f"resync: {args.resync_mib} MiB region, {args.resync_budget_mib} MiB budget: "
+        f"rewrite {rewrite:.0f} MB/s, its sync {resync_mbs:.0f} MB/s = "
+        f"{resync_mbs / rewrite:.2f}x the rewrite (first sync {first_sync:.2f} s)"
+    )
     print("verify: every page as written" if ok else "verify: FAILED")
     if not ok:
         sys.exit(1)

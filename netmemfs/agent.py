@@ -148,7 +148,9 @@ class Region:
         self.io = io
         self.name = path
         self.npages = file.size // PAGE_SIZE
-        self.core = FileCore.of(store, file, path, journal_dir)
+        # The journal dies with the region (a new agent removes what a dead one left):
+        # nothing reads it back after a crash, so its records need no checksum.
+        self.core = FileCore.of(store, file, path, journal_dir, recoverable=False)
         self.journal = self.core.journal
         self.locks: set[int] = set()  # tokens of the locks the region holds
         self.lock_lease_s = 10.0

@@ -145,10 +145,12 @@ class FileCore:
         hold: HoldBudget | None = None,
         cache: PageCache | None = None,
         timeout_s: float = math.inf,
+        recoverable: bool = True,
     ) -> FileCore:
         """The file st describes (as the server said it is now), with a new journal in
-        journal_dir (hold: memory for pages that directory cannot take)."""
-        journal = SegmentJournal(journal_dir, st.size, hold)
+        journal_dir (hold: memory for pages that directory cannot take; recoverable:
+        False if no recover() will read it, as SegmentJournal says)."""
+        journal = SegmentJournal(journal_dir, st.size, hold, recoverable=recoverable)
         return cls(
             store, st.ino, path, journal, version=st.version, cache=cache, timeout_s=timeout_s
         )

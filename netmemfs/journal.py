@@ -162,6 +162,7 @@ class _File:
     held_low: int | None = None  # smallest size set while holding, not yet written
     hold_cause: JournalError | None = None
     next_try: float = 0.0
+    checksum: bool = True  # False: never read back after a crash (encode_record)
 
     def holding(self) -> bool:
         return bool(self.held) or self.size_held
@@ -169,7 +170,7 @@ class _File:
     def append(self, payload: list[object]) -> int:
         """Append one record; return the offset where it ends (where page data, which
         comes last in its record, ends too). On failure the file is as it was."""
-        parts = encode_record(MAGIC, payload)
+        parts = encode_record(MAGIC, payload, checksum=self.checksum)
         try:
             if self.fd is None:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -198,8 +199,8 @@ class _File:
 
     def index(self, first: int, n: int, start: int) -> None:
         """Pages first..first+n-1 are in the file, one after the other from start."""
-        for i in range(n):
-            self.pages[first + i] = start + i * PAGE_SIZE
+        offsets = range(start, start + n * PAGE_SIZE, PAGE_SIZE)
+        self.pages.update(zip(range(first, first + n), offsets, strict=True))
 
     def contents(self) -> dict[int, bytes]:
         """Every page the file holds, in it or in memory, newest content."""
@@ -341,9 +342,17 @@ class SegmentJournal:
     a write fails at once)."""
 
     def __init__(
-        self, directory: Path, committed_size: int, budget: HoldBudget | None = None
+        self,
+        directory: Path,
+        committed_size: int,
+        budget: HoldBudget | None = None,
+        *,
+        recoverable: bool = True,
     ) -> None:
         self.directory = directory
+        # False: no recover() will read these files (a region's agent: its journal
+        # dies with it), so records carry no checksum.
+        self.recoverable = recoverable
         self.budget = budget or HoldBudget(0)
         self.id = uuid.uuid4().hex
         self.generation = 0
@@ -355,7 +364,8 @@ class SegmentJournal:
 
     def _new_active(self) -> _File:
         self.generation += 1
-        return _File(self.directory / f"{self.id}-{self.generation}.active", self.budget)
+        path = self.directory / f"{self.id}-{self.generation}.active"
+        return _File(path, self.budget, checksum=self.recoverable)
 
     # --- what a reader sees ------------------------------------------------------
 
@@ -594,7 +604,10 @@ def _runs(f: _File, name: str, npages: int | None) -> Iterator[PageRun]:
     if not f.pages:
         return
     assert f.fd is not None and not f.held, "flush_held() first"
-    view = memoryview(mmap.mmap(f.fd, f.end, prot=mmap.PROT_READ))
+    # MAP_POPULATE: the pages (just written, in the page cache) are mapped in one
+    # call, not faulted in one by one as the commit's sending reads them.
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    view = memoryview(mmap.mmap(f.fd, f.end, flags=flags, prot=mmap.PROT_READ))
     pages = sorted(p for p in f.pages if npages is None or p < npages)
     i = 0
     while i < len(pages):

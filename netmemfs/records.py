@@ -26,13 +26,17 @@ RECORD = struct.Struct(">4sII")
 MAX_RECORD_BYTES = 1 << 30
 
 
-def encode_record(magic: bytes, payload: object) -> list[Buffer]:
+def encode_record(magic: bytes, payload: object, *, checksum: bool = True) -> list[Buffer]:
+    """The record's bytes, as parts. checksum=False writes 0 for the CRC and spares
+    computing it: only for files nobody reads back with read_records (which would stop
+    at such a record as at a torn one)."""
     parts: list[Buffer] = []
     pack_parts(payload, parts)
     crc = 0
     length = 0
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        if checksum:
+            crc = zlib.crc32(part, crc)
         length += len(part)
     return [RECORD.pack(magic, length, crc), *parts]
 
