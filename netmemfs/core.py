@@ -157,6 +157,15 @@ class FileCore:
 
     async def read(self, first: int, count: int) -> list[Buffer | None]:
         """Pages first..first+count-1 as the file shows them; None for a hole."""
+        pages, fetch = self.local(first, count)
+        if fetch:
+            await self.fetch(pages, first, fetch)
+        return pages
+
+    def local(self, first: int, count: int) -> tuple[list[Buffer | None], list[int]]:
+        """Pages first..first+count-1 as far as this door knows them without the
+        server (None for a hole, and for the pages it does not know), and the numbers
+        of the pages only the server has: fetch() fills those in."""
         journal = self.journal
         pages: list[Buffer | None] = [journal.read_page(first + i) for i in range(count)]
         # Only pages the server has for this file can be asked for: past its size, or
@@ -172,6 +181,12 @@ class FileCore:
                 fetch.append(p)
             else:
                 pages[i] = cached
+        return pages, fetch
+
+    async def fetch(self, pages: list[Buffer | None], first: int, fetch: list[int]) -> None:
+        """Fill in pages (first..., as local() gave them) from the server's pages
+        `fetch`; a page written meanwhile is taken from the journal instead."""
+        journal = self.journal
         for p, n in consecutive(fetch):
             for q in range(p, p + n, MAX_MESSAGE_PAGES):
                 got = await self.store.read_inode(self.ino, q, min(MAX_MESSAGE_PAGES, p + n - q))
@@ -181,13 +196,11 @@ class FileCore:
                         pages[run.first - first + k] = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
                     if self.cache is not None and got.version == self.version:
                         self.cache.put(self.ino, run.first, run.data)  # else: it changed
-        if fetch:
-            # A page written while we waited for the server: the journal's is newer.
-            for p in fetch:
-                newer = journal.read_page(p)
-                if newer is not None:
-                    pages[p - first] = newer
-        return pages
+        # A page written while we waited for the server: the journal's is newer.
+        for p in fetch:
+            newer = journal.read_page(p)
+            if newer is not None:
+                pages[p - first] = newer
 
     def seal(self) -> None:
         """What the journal holds now is what the next commit() sends (later writes go
