@@ -77,7 +77,7 @@ def main() -> int:
         )
         ops: list[Op] = [Create("s", 0), Resize("s", 3 * 4096), Write(p.PageRun("s", 0, page * 2))]
         store.append(b"y" * 16, ops)
-        store.mem.apply(b"y" * 16, ops)
+        store.apply(b"y" * 16, ops)
         store.close()
         log_file = next((d / "data").glob("log.*"))
         (jour / "log").write_bytes(_as_input(0, log_file, server_log.LOG_MAGIC))

@@ -43,7 +43,7 @@ class Store:
     """A MemoryPageStore and the commits of one test, numbered."""
 
     def __init__(self, s: MemoryPageStore | None = None, log: LogPageStore | None = None):
-        self.s = log.mem if log else s or MemoryPageStore()
+        self.s = log if log else s or MemoryPageStore()
         self.log = log
         self.n = 0
 
@@ -278,16 +278,16 @@ def test_every_op_survives_the_log_and_a_checkpoint(tmp_path: Path) -> None:
     commit(SetAttr(f, mode=0o600, mtime_ns=5, time_ns=15), Move(d, "f", ROOT_INO, "f2"))
     commit(Create("seg", PAGE_SIZE, 16), MakeNode(d, "e", DIR), Rmdir(d, "e", 17))
     commit(Unlink(ROOT_INO, "hard", 18), Move(ROOT_INO, "l", d, "l", RENAME_NOREPLACE, 19))
-    want = dump(durable.mem)
+    want = dump(durable)
     durable.close()
     replayed = LogPageStore.open(data, capacity_bytes=None, checkpoint_bytes=1 << 40)
-    assert dump(replayed.mem) == want
+    assert dump(replayed) == want
     replayed.checkpoint()
     replayed.close()
     loaded = LogPageStore.open(data, capacity_bytes=None, checkpoint_bytes=1 << 40)
-    assert dump(loaded.mem) == want
+    assert dump(loaded) == want
     # Inode 6 was directory e, made and removed: its number is not handed out again.
-    (after,) = Store(loaded.mem).commit(MakeNode(ROOT_INO, "new", FILE))
+    (after,) = Store(loaded).commit(MakeNode(ROOT_INO, "new", FILE))
     assert after == 7
     loaded.close()
 
@@ -319,21 +319,21 @@ def test_a_held_file_outlives_its_last_name_until_reaped(tmp_path: Path) -> None
     st = Store(log=durable)
     (f,) = st.commit(MakeNode(ROOT_INO, "f", FILE))
     st.commit(Truncate(f, PAGE_SIZE), WritePages(f, 0, stamp_page("f", 0, 1)))
-    ops = durable.mem.settle([Unlink(ROOT_INO, "f")], held={f})
+    ops = durable.settle([Unlink(ROOT_INO, "f")], held={f})
     assert ops == [Unlink(ROOT_INO, "f")]  # no Reap: it is held
     durable.append(b"unlink", ops)
-    durable.mem.apply(b"unlink", ops)
-    assert durable.mem.orphans == {f} and durable.mem.inode(f).nlink == 0
+    durable.apply(b"unlink", ops)
+    assert durable.orphans == {f} and durable.inode(f).nlink == 0
     st.refuses(errno.ENOENT, Link(f, ROOT_INO, "back"))
     st.commit(Truncate(f, 2 * PAGE_SIZE), WritePages(f, 1, stamp_page("f", 1, 2)))
-    assert durable.mem.used_bytes == 2 * PAGE_SIZE
+    assert durable.used_bytes == 2 * PAGE_SIZE
     durable.checkpoint()
     durable.close()
     loaded = LogPageStore.open(data, capacity_bytes=None, checkpoint_bytes=1 << 40)
-    assert loaded.mem.orphans == {f}
-    assert loaded.mem.read_inode(f, 1, 1)[1][0].data == stamp_page("f", 1, 2)
+    assert loaded.orphans == {f}
+    assert loaded.read_inode(f, 1, 1)[1][0].data == stamp_page("f", 1, 2)
     with pytest.raises(NetmemError):
-        loaded.mem.lookup(ROOT_INO, "f")
-    Store(loaded.mem).commit(Reap(f))
-    assert f not in loaded.mem.inodes and not loaded.mem.orphans and loaded.mem.used_bytes == 0
+        loaded.lookup(ROOT_INO, "f")
+    Store(loaded).commit(Reap(f))
+    assert f not in loaded.inodes and not loaded.orphans and loaded.used_bytes == 0
     loaded.close()

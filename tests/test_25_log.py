@@ -20,9 +20,9 @@ def _open(d: Path, checkpoint_bytes: int = 1 << 30) -> LogPageStore:
 
 
 def _commit(store: LogPageStore, txn: bytes, ops: list[Op]) -> None:
-    ops = store.mem.settle(ops)
+    ops = store.settle(ops)
     store.append(txn, ops)
-    store.mem.apply(txn, ops)
+    store.apply(txn, ops)
 
 
 def _snapshot(mem: MemoryPageStore) -> dict[str, tuple[int, int, bytes]]:
@@ -44,10 +44,10 @@ def test_truncation_at_every_byte_of_the_last_record(tmp_path: Path) -> None:
     store = _open(d)
     _commit(store, b"t0", [Create("s", 8 * PAGE_SIZE)])
     _commit(store, b"t1", _gen_ops(1))
-    before = _snapshot(store.mem)
+    before = _snapshot(store)
     size_before = (d / f"log.{store.gen:016d}").stat().st_size
     _commit(store, b"t2", _gen_ops(2))
-    after = _snapshot(store.mem)
+    after = _snapshot(store)
     log_name = f"log.{store.gen:016d}"
     store.close()
     full = (d / log_name).read_bytes()
@@ -62,7 +62,7 @@ def test_truncation_at_every_byte_of_the_last_record(tmp_path: Path) -> None:
         shutil.copytree(d, copy)
         with open(copy / log_name, "r+b") as f:
             f.truncate(cut)
-        got = _snapshot(_open(copy).mem)
+        got = _snapshot(_open(copy))
         assert got == (after if cut == len(full) else before), f"cut at byte {cut}"
         shutil.rmtree(copy)
 
@@ -70,14 +70,14 @@ def test_truncation_at_every_byte_of_the_last_record(tmp_path: Path) -> None:
 def test_a_flipped_byte_in_the_tail_drops_only_that_commit(tmp_path: Path) -> None:
     store = _open(tmp_path)
     _commit(store, b"t0", [Create("s", 8 * PAGE_SIZE)])
-    before = _snapshot(store.mem)
+    before = _snapshot(store)
     _commit(store, b"t1", _gen_ops(1))
     path = tmp_path / f"log.{store.gen:016d}"
     store.close()
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(raw)
-    assert _snapshot(_open(tmp_path).mem) == before
+    assert _snapshot(_open(tmp_path)) == before
 
 
 def test_checkpoints_keep_state_and_exactly_once_table(tmp_path: Path) -> None:
@@ -88,11 +88,11 @@ def test_checkpoints_keep_state_and_exactly_once_table(tmp_path: Path) -> None:
         if store.wants_checkpoint():
             store.checkpoint()
     assert store.checkpoints >= 3
-    want = _snapshot(store.mem)
+    want = _snapshot(store)
     store.close()
     again = _open(tmp_path)
-    assert _snapshot(again.mem) == want
-    assert again.mem.lookup_txn(b"t5") == (("s", 6),)
+    assert _snapshot(again) == want
+    assert again.lookup_txn(b"t5") == (("s", 6),)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("log.")) == [
         f"log.{again.gen:016d}"
     ]

@@ -21,7 +21,7 @@ from netmemfs.errors import NetmemError
 from netmemfs.sizes import parse_host_port, parse_size
 from netmemfs_server.log import LogPageStore
 from netmemfs_server.serve import DEFAULT_PORT, Limits, PageServer
-from netmemfs_server.store import MemoryPageStore
+from netmemfs_server.store import MemoryPageStore, PageStore
 
 DESCRIPTION = """\
 Serve netmemfs pages over TCP. Clients (`netmemfs mount --server HOST`) read pages from
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    durable = None
+    store: PageStore
     try:
         if args.data_dir is not None:
             args.data_dir.mkdir(parents=True, exist_ok=True)
@@ -260,18 +260,17 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            durable = LogPageStore.open(
+            store = LogPageStore.open(
                 args.data_dir,
                 capacity_bytes=args.max_memory,
                 checkpoint_bytes=args.checkpoint_size,
             )
-            mem = durable.mem
         else:
-            mem = MemoryPageStore(args.max_memory)
+            store = MemoryPageStore(args.max_memory)
     except (NetmemError, OSError) as e:
         print(f"netmemfs-server: cannot open {args.data_dir}: {e}", file=sys.stderr)
         return 1
-    server = PageServer(mem, durable, token, limits=limits, tls=tls)
+    server = PageServer(store, token, limits=limits, tls=tls)
 
     async def run() -> None:
         async with open_quiet_nursery() as nursery:

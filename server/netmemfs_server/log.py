@@ -24,6 +24,8 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import trio
+
 from netmemfs.errors import NetmemError, ServerError
 from netmemfs.ops import Op, as_int, item_to_op, name_bytes, name_str, op_to_item
 from netmemfs.records import encode_record, pwrite_all, read_records
@@ -79,22 +81,32 @@ def payload_to_ops(obj: object) -> tuple[bytes, list[Op]]:
 # --- the store -------------------------------------------------------------------------
 
 
-class LogPageStore:
-    """Appends commits to the log and checkpoints the in-memory state it mirrors.
+class LogPageStore(MemoryPageStore):
+    """The memory store, whose every commit reaches a log on disk first; checkpoints
+    of the whole state keep the log short. Made by open(), which recovers it.
 
-    Not thread-safe: the server calls append() and checkpoint() one at a time (under its
-    commit lock), from worker threads; the event loop meanwhile only reads `mem`.
+    Not thread-safe: commit() and maintain() run append() and checkpoint() one at a time
+    (the server's commit lock), in worker threads; the event loop meanwhile only reads.
     """
 
-    def __init__(self, data_dir: Path, mem: MemoryPageStore, gen: int, checkpoint_bytes: int):
+    durable = True
+
+    def __init__(self, data_dir: Path, capacity_bytes: int | None, checkpoint_bytes: int):
+        """An empty store over data_dir's log (open() fills it, then _open_log)."""
+        super().__init__(capacity_bytes)
         self.data_dir = data_dir
-        self.mem = mem
-        self.gen = gen
+        self.gen = 0
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoints = 0
-        self._fd = os.open(_log_path(data_dir, gen), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._end = os.fstat(self._fd).st_size
+        self._fd = -1
+        self._end = 0
         self._broken: str | None = None
+
+    def _open_log(self, gen: int) -> None:
+        self.gen = gen
+        path = _log_path(self.data_dir, gen)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._end = os.fstat(self._fd).st_size
 
     @classmethod
     def open(
@@ -102,7 +114,8 @@ class LogPageStore:
     ) -> LogPageStore:
         """Recover the state in data_dir (creating it if need be) and open it for appends."""
         data_dir.mkdir(parents=True, exist_ok=True)
-        mem = MemoryPageStore(capacity_bytes)
+        store = cls(data_dir, capacity_bytes, checkpoint_bytes)
+        mem: MemoryPageStore = store  # what recovery fills in
         covered, fmt = 0, FORMAT_VERSION
         ckpt = data_dir / "checkpoint"
         if ckpt.exists():
@@ -115,8 +128,7 @@ class LogPageStore:
         live = [g for g in gens if g > covered]
         for i, gen in enumerate(live):
             _replay_log(_log_path(data_dir, gen), mem, last=i == len(live) - 1)
-        gen = live[-1] if live else covered + 1
-        store = cls(data_dir, mem, gen, checkpoint_bytes)
+        store._open_log(live[-1] if live else covered + 1)
         _fsync_dir(data_dir)
         log.info(
             "recovered %d inodes, %d pages from %s (checkpoint covers log %d, replayed %d logs)",
@@ -180,7 +192,7 @@ class LogPageStore:
         old_gen = self.gen
         tmp = self.data_dir / "checkpoint.tmp"
         with open(tmp, "wb") as f:
-            for record in _checkpoint_records(self.mem, old_gen):
+            for record in _checkpoint_records(self, old_gen):
                 f.writelines(encode_record(CKPT_MAGIC, record))
             f.flush()
             os.fsync(f.fileno())
@@ -193,6 +205,26 @@ class LogPageStore:
         self._fd, self.gen, self._end = new_fd, old_gen + 1, 0
         _log_path(self.data_dir, old_gen).unlink()
         self.checkpoints += 1
+
+    async def commit(self, txn: bytes, ops: Sequence[Op]) -> None:
+        # The log first (its fsync is the durability), then what reads see: a
+        # record appended but not applied would be applied twice after a retry,
+        # which the caller's shield rules out.
+        await trio.to_thread.run_sync(self.append, txn, ops)
+        self.apply(txn, ops)
+
+    async def maintain(self) -> None:
+        if not self.wants_checkpoint():
+            return
+        try:
+            await trio.to_thread.run_sync(self.checkpoint)
+        except OSError as e:
+            log.error(
+                "checkpoint of %s failed (%s); the log keeps growing until one succeeds: "
+                "free space there",
+                self.data_dir,
+                e,
+            )
 
     def close(self) -> None:
         os.close(self._fd)

@@ -127,8 +127,7 @@ from netmemfs.protocol import (
     Unlocked,
 )
 from netmemfs_server.locks import LockTable
-from netmemfs_server.log import LogPageStore
-from netmemfs_server.store import ATTR_FIELDS, Inode, MemoryPageStore, Outcome
+from netmemfs_server.store import ATTR_FIELDS, Inode, Outcome, PageStore
 
 log = logging.getLogger("netmemfs.server")
 
@@ -199,17 +198,15 @@ class _Close(Exception):
 class PageServer:
     def __init__(
         self,
-        mem: MemoryPageStore,
-        durable: LogPageStore | None = None,
+        store: PageStore,
         token: bytes | None = None,
         *,
         limits: Limits = Limits(),
         tls: ssl.SSLContext | None = None,
     ) -> None:
         limits.check()
-        self.mem = mem
+        self.store = store
         self.limits = limits
-        self.durable = durable
         self.token = token
         self.tls = tls
         self._commit_lock = trio.Lock()
@@ -231,7 +228,7 @@ class PageServer:
         self.locks = LockTable(limits.lock_lease_s)
         # Orphans found at start are not reaped for a lease: their holders may not
         # have renewed their holds with this server yet.
-        self._inherited = set(mem.orphans)
+        self._inherited = set(store.orphans)
 
     async def commit(
         self, txn: bytes, ops: Sequence[Op], session: _Session | None = None
@@ -248,7 +245,7 @@ class PageServer:
     async def _commit_locked(
         self, txn: bytes, ops: Sequence[Op], session: _Session | None
     ) -> tuple[Outcome, bool]:
-        prior = self.mem.outcome(txn)
+        prior = self.store.outcome(txn)
         if prior is not None:
             return prior, True
         if session is not None and session.fenced_by is not None:
@@ -263,33 +260,16 @@ class PageServer:
         now = time.time_ns()
         ops = [dataclasses.replace(op, time_ns=now) for op in ops]
         # With a Reap of each inode left with no name that no client holds open.
-        ops = self.mem.settle(ops, self.holders)
-        durable = self.durable
-        if durable is None:
-            self.mem.apply(txn, ops)
+        ops = self.store.settle(ops, self.holders)
+        # Shielded so that a durable store's log and what reads see never disagree
+        # (see PageStore.commit). We hold the commit lock and reads change nothing,
+        # so the check above still describes the state the commit meets.
+        with trio.CancelScope(shield=True):
+            await self.store.commit(txn, ops)
             outcome = self._outcome(txn)
             self._notify(ops, outcome, session)
-            return outcome, False
-        # Shielded so that the log and memory never disagree: a record appended but
-        # not applied (cancelled in between) would be applied twice after a client
-        # retry. Durability itself comes from the fsync inside append().
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(durable.append, txn, ops)
-            # We hold the commit lock and reads change nothing, so the check above
-            # still describes the state apply() sees.
-            self.mem.apply(txn, ops)
-            self._notify(ops, self._outcome(txn), session)
-            if durable.wants_checkpoint():
-                try:
-                    await trio.to_thread.run_sync(durable.checkpoint)
-                except OSError as e:
-                    log.error(
-                        "checkpoint of %s failed (%s); the log keeps growing until one "
-                        "succeeds: free space there",
-                        durable.data_dir,
-                        e,
-                    )
-        return self._outcome(txn), False
+            await self.store.maintain()
+        return outcome, False
 
     def _fenced(self, ops: Sequence[Op]) -> list[Op]:
         """ops without their checks: each Fence must name a lock that still lasts
@@ -298,7 +278,7 @@ class PageServer:
         out: list[Op] = []
         for op in ops:
             if isinstance(op, Expect):
-                current = self.mem.inode(op.ino).version
+                current = self.store.inode(op.ino).version
                 if current != op.version:
                     raise Conflict(
                         f"transaction refused: it was based on version {op.version} of "
@@ -397,7 +377,7 @@ class PageServer:
         """Free the orphans no client holds any more (one transaction)."""
         free = sorted(
             ino
-            for ino in self.mem.orphans
+            for ino in self.store.orphans
             if ino not in self.holders and ino not in self._inherited
         )
         if free:
@@ -422,7 +402,7 @@ class PageServer:
                 log.error("freeing inodes with no name and no holder failed: %s", e)
 
     def _outcome(self, txn: bytes) -> Outcome:
-        outcome = self.mem.outcome(txn)
+        outcome = self.store.outcome(txn)
         assert outcome is not None  # apply() just remembered it
         return outcome
 
@@ -515,7 +495,7 @@ class _Session:
     def __init__(self, server: PageServer, stream: trio.abc.Stream, peer: str) -> None:
         self.server = server
         self.limits = server.limits
-        self.mem = server.mem
+        self.store = server.store
         self.stream = stream
         self.peer = peer
         self.conn = Connection(Role.SERVER, max_frame_bytes=HANDSHAKE_FRAME_BYTES)
@@ -683,7 +663,7 @@ class _Session:
 
     async def on_read_pages(self, msg: ReadPages, nursery: trio.Nursery) -> None:
         check_name(msg.segment)
-        version, runs = self.mem.read(msg.segment, msg.first, msg.count)
+        version, runs = self.store.read(msg.segment, msg.first, msg.count)
         await self.send(Pages(msg.req_id, msg.segment, msg.first, msg.count, version, runs))
 
     async def on_stage_pages(self, msg: StagePages, nursery: trio.Nursery) -> None:
@@ -721,32 +701,32 @@ class _Session:
 
     async def on_stat(self, msg: StatSegment, nursery: trio.Nursery) -> None:
         check_name(msg.name)
-        seg = self.mem.segment(msg.name)
+        seg = self.store.segment(msg.name)
         await self.send(SegmentInfo(msg.req_id, msg.name, seg.size, seg.version, seg.stored_pages))
 
     async def on_list(self, msg: ListSegments, nursery: trio.Nursery) -> None:
-        await self.send(SegmentList(msg.req_id, tuple(sorted(self.mem.segments))))
+        await self.send(SegmentList(msg.req_id, tuple(sorted(self.store.segments))))
 
     async def on_stat_server(self, msg: StatServer, nursery: trio.Nursery) -> None:
-        cap = self.mem.capacity_bytes or 0
-        info = ServerInfo(msg.req_id, cap, self.mem.used_bytes, len(self.mem.segments))
+        cap = self.store.capacity_bytes or 0
+        info = ServerInfo(msg.req_id, cap, self.store.used_bytes, len(self.store.segments))
         await self.send(info)
 
     async def on_lookup(self, msg: Lookup, nursery: trio.Nursery) -> None:
-        node = self.mem.lookup(msg.parent, name_str(msg.name))
+        node = self.store.lookup(msg.parent, name_str(msg.name))
         await self.send(_attrs(msg.req_id, node))
 
     async def on_getattr(self, msg: GetAttr, nursery: trio.Nursery) -> None:
-        await self.send(_attrs(msg.req_id, self.mem.inode(msg.ino)))
+        await self.send(_attrs(msg.req_id, self.store.inode(msg.ino)))
 
     async def on_readdir(self, msg: ReadDir, nursery: trio.Nursery) -> None:
         limit = min(msg.limit, MAX_READDIR_ENTRIES)
-        entries, done = self.mem.list_directory(msg.ino, name_str(msg.after), limit)
+        entries, done = self.store.list_directory(msg.ino, name_str(msg.after), limit)
         out = tuple((name_bytes(name), ino, mode) for name, ino, mode in entries)
         await self.send(Entries(msg.req_id, out, done))
 
     async def on_read_inode(self, msg: ReadInode, nursery: trio.Nursery) -> None:
-        version, runs = self.mem.read_inode(msg.ino, msg.first, msg.count)
+        version, runs = self.store.read_inode(msg.ino, msg.first, msg.count)
         await self.send(Pages(msg.req_id, "", msg.first, msg.count, version, runs))
 
     async def on_change(self, msg: Change, nursery: trio.Nursery) -> None:
@@ -765,7 +745,7 @@ class _Session:
         await self.send(Subscribed(msg.req_id, len(self.subscribed)))
 
     async def on_lock(self, msg: Lock, nursery: trio.Nursery) -> None:
-        self.mem.inode(msg.ino)  # Stale if there is no such inode
+        self.store.inode(msg.ino)  # Stale if there is no such inode
         # Waits in a task of its own: this loop must go on reading (Unlock, Renew...).
         nursery.start_soon(self._lock, msg)
 
@@ -782,7 +762,7 @@ class _Session:
             if scope.cancel_called:
                 return  # the connection closed: release_all takes what was granted
             # The version after every commit made under the locks before this one.
-            version = self.mem.inode(msg.ino).version
+            version = self.store.inode(msg.ino).version
         except NetmemError as e:
             await self.send(Error(msg.req_id, e.code, str(e)))
             return
@@ -864,7 +844,7 @@ class _Session:
             await self.inflight_changed.wait()
         await acquire_soon(self.inflight)
         self.inflight_bytes += inline_bytes
-        if self.server.durable is None:
+        if not self.server.store.durable:
             # In memory a commit never waits but for the commit lock: run it here,
             # sparing a task per commit (this connection's next request waits for it,
             # as it would for its turn at the lock).

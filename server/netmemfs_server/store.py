@@ -27,6 +27,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from netmemfs.errors import (
     InvalidMove,
@@ -669,8 +670,45 @@ class _Run:
         self._touch(node, op.time_ns)
 
 
+class PageStore(Protocol):
+    """What the server (serve.py) asks of a page store, and all it asks: reads, the
+    checks a commit needs, and commit() itself. Two stores have it: MemoryPageStore
+    (memory mode) and log.LogPageStore (the same, plus a log on disk a commit reaches
+    first). A new store (compressed, remote, counted) is one new class."""
+
+    capacity_bytes: int | None
+    orphans: set[int]
+    # True: commit() waits for a disk (the server runs each in a task of its own).
+    durable: bool
+
+    @property
+    def segments(self) -> dict[str, Inode]: ...
+    @property
+    def used_bytes(self) -> int: ...
+    def segment(self, name: str) -> Inode: ...
+    def inode(self, ino: int) -> Inode: ...
+    def lookup(self, parent: int, name: str) -> Inode: ...
+    def list_directory(
+        self, ino: int, after: str, limit: int
+    ) -> tuple[list[tuple[str, int, int]], bool]: ...
+    def read(self, name: str, first: int, count: int) -> tuple[int, tuple[PageRun, ...]]: ...
+    def read_inode(self, ino: int, first: int, count: int) -> tuple[int, tuple[PageRun, ...]]: ...
+    def outcome(self, txn: bytes) -> Outcome | None: ...
+    def settle(self, ops: Sequence[Op], held: Container[int] = ()) -> list[Op]: ...
+
+    async def commit(self, txn: bytes, ops: Sequence[Op]) -> None:
+        """Make ops (settle()d, with nothing changed since) transaction txn: on disk
+        first if the store keeps one, then in what reads see. The caller holds the
+        server's commit lock and shields the call from cancellation."""
+
+    async def maintain(self) -> None:
+        """Work a commit leaves for later (a log's checkpoint), after its notices."""
+
+
 class MemoryPageStore:
     """Every inode in memory. capacity_bytes bounds stored page data (None: no bound)."""
+
+    durable = False
 
     def __init__(self, capacity_bytes: int | None = None) -> None:
         self.capacity_bytes = capacity_bytes
@@ -832,6 +870,12 @@ class MemoryPageStore:
         outcome = Outcome(tuple(versions), tuple(inodes), tuple(run.created))
         self.remember(txn, outcome)
         return outcome.versions
+
+    async def commit(self, txn: bytes, ops: Sequence[Op]) -> None:
+        self.apply(txn, ops)
+
+    async def maintain(self) -> None:
+        pass
 
     def remember(self, txn: bytes, outcome: Outcome) -> None:
         self.committed[txn] = outcome
