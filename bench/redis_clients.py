@@ -21,18 +21,16 @@ process and of redis-server (user + system, from /proc). The server is stopped b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import coredis
@@ -42,47 +40,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers import cpu_s
+from tests.redis_procs import RedisProc
 
 VALUE = 4096
 KEYS = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_server(tmp: Path) -> Iterator[tuple[int, int]]:
-    """A redis-server on a free loopback port for the block: (port, pid)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("no redis-server: run scripts/setup (it installs Debian's)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"redis-server on port {port} did not answer PING")
-            time.sleep(0.02)  # polling a condition with a deadline, not coordinating
-        yield port, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def command(*args: bytes) -> bytes:
@@ -184,6 +145,36 @@ async def coredis_pipelined(port: int, keys: list[int], depth: int) -> list[floa
     return lat
 
 
+def measure_all(
+    port: int, pid: int, keys: list[int], depth: int
+) -> list[tuple[str, float, float, float]]:
+    """(way, us per GET, this process's CPU us per GET, the server's) for each way;
+    redis-benchmark first."""
+    fill(port)
+    me = os.getpid()
+    c0 = cpu_s(pid)
+    ref = benchmark_reference(port, len(keys))
+    rows = [("redis-benchmark", ref, float("nan"), (cpu_s(pid) - c0) * 1e6 / len(keys))]
+
+    def measure(name: str, run: Callable[[], list[float]], mean: bool) -> None:
+        s0, m0 = cpu_s(pid), cpu_s(me)
+        lat = run()
+        per = sum(lat) / len(lat) if mean else sorted(lat)[len(lat) // 2]
+        cpu_me = (cpu_s(me) - m0) * 1e6 / len(keys)
+        rows.append((name, per, cpu_me, (cpu_s(pid) - s0) * 1e6 / len(keys)))
+
+    def under_trio(fn: Callable[[], Awaitable[list[float]]]) -> Callable[[], list[float]]:
+        return lambda: trio.run(fn)
+
+    d = depth
+    measure("blocking+hiredis", lambda: blocking_hiredis(port, keys), False)
+    measure("trio+hiredis", under_trio(lambda: trio_hiredis(port, keys, 1)), False)
+    measure(f"trio+hiredis x{d}", under_trio(lambda: trio_hiredis(port, keys, d)), True)
+    measure("coredis", under_trio(lambda: coredis_awaited(port, keys)), False)
+    measure(f"coredis pipe x{d}", under_trio(lambda: coredis_pipelined(port, keys, d)), True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,30 +184,13 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(1)
     keys = [rng.randrange(KEYS) for _ in range(args.gets)]
-    me = os.getpid()
-    rows: list[tuple[str, float, float, float]] = []
-    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as (port, pid):
-        fill(port)
-        c0 = cpu_s(pid)
-        ref = benchmark_reference(port, args.gets)
-        rows.append(("redis-benchmark", ref, float("nan"), (cpu_s(pid) - c0) * 1e6 / args.gets))
-
-        def measure(name: str, run: Callable[[], list[float]], mean: bool) -> None:
-            s0, m0 = cpu_s(pid), cpu_s(me)
-            lat = run()
-            per = sum(lat) / len(lat) if mean else sorted(lat)[len(lat) // 2]
-            cpu_me = (cpu_s(me) - m0) * 1e6 / len(keys)
-            rows.append((name, per, cpu_me, (cpu_s(pid) - s0) * 1e6 / len(keys)))
-
-        def under_trio(fn: Callable[[], Awaitable[list[float]]]) -> Callable[[], list[float]]:
-            return lambda: trio.run(fn)
-
-        d = args.depth
-        measure("blocking+hiredis", lambda: blocking_hiredis(port, keys), False)
-        measure("trio+hiredis", under_trio(lambda: trio_hiredis(port, keys, 1)), False)
-        measure(f"trio+hiredis x{d}", under_trio(lambda: trio_hiredis(port, keys, d)), True)
-        measure("coredis", under_trio(lambda: coredis_awaited(port, keys)), False)
-        measure(f"coredis pipe x{d}", under_trio(lambda: coredis_pipelined(port, keys, d)), True)
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisProc(Path(tmp))
+        try:
+            rows = measure_all(redis.port, redis.proc.pid, keys, args.depth)
+        finally:
+            redis.kill()
+    ref = rows[0][1]
     version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
     print(
         f"4 KiB GETs of {KEYS} keys at random, {args.gets} per way, redis-server "

@@ -1,0 +1,136 @@
+"""Real redis-server processes for tests (issue 16): a standalone one, and a cluster
+made with `redis-cli --cluster create`, on free loopback ports, stopped by PID.
+
+Debian's redis-server and redis-cli (scripts/setup installs them). Every server runs
+without persistence in a directory of its own under the test's tmp dir; its log is
+there too (redis.log), and a failure to start says where.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+START_TIMEOUT_S = 15.0
+CLUSTER_TIMEOUT_S = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_exe(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise AssertionError(f"no {name} on PATH: scripts/setup installs Debian's redis-server")
+    return exe
+
+
+def ask(port: int, *args: str, timeout_s: float = 2.0) -> str:
+    """One command to 127.0.0.1:port through redis-cli; its output, stripped."""
+    done = subprocess.run(
+        [redis_exe("redis-cli"), "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    return (done.stdout + done.stderr).strip()
+
+
+class RedisProc:
+    """A real redis-server on 127.0.0.1 and a free port; cluster=True: a cluster node
+    (cluster-enabled, its nodes.conf in its own directory)."""
+
+    def __init__(self, workdir: Path, *, cluster: bool = False) -> None:
+        self.port = _free_port()
+        self.dir = workdir / f"redis-{self.port}"
+        self.dir.mkdir(parents=True)
+        self.log_path = self.dir / "redis.log"
+        cmd = [redis_exe("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
+        cmd += ["--logfile", str(self.log_path), "--daemonize", "no"]
+        if cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            # Its bus port given, not port + 10000 (which may be taken, or past 65535).
+            self.bus_port = _free_port()
+            cmd += ["--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_port)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        delay = 0.005
+        while ask(self.port, "PING") != "PONG":
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(
+                    f"redis-server on port {self.port} did not answer PING within "
+                    f"{START_TIMEOUT_S} s; its log: {self.log_path}"
+                )
+            time.sleep(delay)  # polling the condition above, under its deadline
+            delay = min(delay * 2, 0.1)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+class RedisCluster:
+    """masters * (1 + replicas) cluster nodes, joined by `redis-cli --cluster create`;
+    ready when every node says cluster_state:ok with all 16384 slots assigned and
+    sees every replica as one."""
+
+    def __init__(self, workdir: Path, *, masters: int = 3, replicas: int = 1) -> None:
+        self.nodes: list[RedisProc] = []
+        try:
+            for _ in range(masters * (1 + replicas)):
+                self.nodes.append(RedisProc(workdir, cluster=True))
+            done = subprocess.run(
+                [redis_exe("redis-cli"), "--cluster", "create"]
+                + [n.address for n in self.nodes]
+                + ["--cluster-replicas", str(replicas), "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=CLUSTER_TIMEOUT_S,
+            )
+            if done.returncode != 0:
+                raise AssertionError(f"redis-cli --cluster create failed:\n{done.stdout}")
+            deadline = time.monotonic() + CLUSTER_TIMEOUT_S
+            delay = 0.01
+            while not all(self._ready(n, masters * replicas) for n in self.nodes):
+                if time.monotonic() > deadline:
+                    states = {n.port: ask(n.port, "CLUSTER", "INFO") for n in self.nodes}
+                    raise AssertionError(f"cluster not ready in {CLUSTER_TIMEOUT_S} s: {states}")
+                time.sleep(delay)  # polling the condition above, under its deadline
+                delay = min(delay * 2, 0.2)
+        except BaseException:
+            self.kill()
+            raise
+
+    @staticmethod
+    def _ready(node: RedisProc, replicas: int) -> bool:
+        """node sees all slots served and every replica as one (roles spread by gossip
+        after `create` returns)."""
+        info = ask(node.port, "CLUSTER", "INFO")
+        if "cluster_state:ok" not in info or "cluster_slots_assigned:16384" not in info:
+            return False
+        flags = [line.split()[2] for line in ask(node.port, "CLUSTER", "NODES").splitlines()]
+        return sum("slave" in f.split(",") for f in flags) == replicas
+
+    @property
+    def seeds(self) -> str:
+        """The nodes as a --server list would name them: HOST:PORT,HOST:PORT,..."""
+        return ",".join(n.address for n in self.nodes)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
