@@ -39,7 +39,8 @@ from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError, NotHeld
 from netmemfs.pages import PAGE_SIZE, Buffer
 from netmemfs.protocol import Notice
-from netmemfs.remote import InodeStat, RemoteStore
+from netmemfs.remote import RemoteStore
+from netmemfs.store import InodeStat, Store
 
 log = logging.getLogger("netmemfs.agent")
 
@@ -143,7 +144,7 @@ class Region:
     """One mapped region: its file (by inode number), its journal, its requests."""
 
     def __init__(
-        self, io: _Socket, store: RemoteStore, file: InodeStat, path: str, journal_dir: Path
+        self, io: _Socket, store: Store, file: InodeStat, path: str, journal_dir: Path
     ) -> None:
         self.io = io
         self.name = path
@@ -306,7 +307,7 @@ class Region:
         self.io.reply(OP_COMMIT, req_id, 0, 0, [])
 
 
-async def open_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> Region | None:
+async def open_region(io: _Socket, store: Store, journal_dir: Path) -> Region | None:
     """Answer the region's OPEN: find its file by path, or make it; the reply carries
     its inode number, by which the region reads and commits from now on."""
     msg = await io.receive()
@@ -356,7 +357,7 @@ async def _run_socket(
         shutil.rmtree(journal_dir, ignore_errors=True)
 
 
-async def _serve_region(io: _Socket, store: RemoteStore, journal_dir: Path) -> None:
+async def _serve_region(io: _Socket, store: Store, journal_dir: Path) -> None:
     region = await open_region(io, store, journal_dir)
     if region is not None:
         try:
@@ -481,7 +482,7 @@ class AttachPoint:
         )
         return False
 
-    async def serve(self, store: RemoteStore) -> None:
+    async def serve(self, store: Store) -> None:
         """Accept regions until cancelled; their connections end with it."""
         async with open_quiet_nursery() as nursery:
             while True:

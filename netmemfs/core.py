@@ -47,7 +47,7 @@ from netmemfs.journal import HoldBudget, SealedCommit, SegmentJournal
 from netmemfs.ops import Expect, Fence, InodeOp, MakeNode
 from netmemfs.pages import PAGE_SIZE, Buffer, consecutive, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
-from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
+from netmemfs.store import ChangeResult, InodeStat, Store
 
 log = logging.getLogger("netmemfs.core")
 
@@ -56,7 +56,7 @@ MAX_PATH_BYTES = 4095  # PATH_MAX less its NUL
 
 
 async def resolve(
-    store: RemoteStore,
+    store: Store,
     path: str,
     size: int,
     *,
@@ -107,7 +107,7 @@ class FileCore:
 
     def __init__(
         self,
-        store: RemoteStore,
+        store: Store,
         ino: int,
         path: str,
         journal: SegmentJournal,
@@ -137,7 +137,7 @@ class FileCore:
     @classmethod
     def of(
         cls,
-        store: RemoteStore,
+        store: Store,
         st: InodeStat,
         path: str,
         journal_dir: Path,
@@ -279,7 +279,7 @@ class FileCore:
 
 
 async def send(
-    store: RemoteStore,
+    store: Store,
     commit: SealedCommit,
     fences: Sequence[int] = (),
     expect: int | None = None,

@@ -59,7 +59,7 @@ from netmemfs.ops import (
 )
 from netmemfs.pages import MAX_NAME_BYTES, PAGE_SIZE, pages_for
 from netmemfs.protocol import MAX_TARGET_BYTES, Notice
-from netmemfs.remote import ChangeResult, InodeStat, RemoteStore
+from netmemfs.store import ChangeResult, InodeStat, Store
 
 log = logging.getLogger("netmemfs.fs")
 
@@ -173,7 +173,7 @@ def _text(name: bytes) -> str:
 class NetmemFS(pyfuse3.Operations):
     def __init__(
         self,
-        store: RemoteStore,
+        store: Store,
         cache_dir: Path,
         *,
         timeout_s: float,

@@ -58,6 +58,7 @@ from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE, consecutive
 from netmemfs.protocol import Notice
 from netmemfs.remote import RemoteStore
+from netmemfs.store import Store
 
 log = logging.getLogger("netmemfs.kdoor")
 
@@ -141,7 +142,7 @@ class DeviceProvider:
 
     def __init__(
         self,
-        store: RemoteStore,
+        store: Store,
         fd: int,
         journal_dir: Path,
         *,
@@ -161,7 +162,7 @@ class DeviceProvider:
         # (area, commit) -> the scope of a commit waiting for its turn, which an abort
         # cancels
         self.queued: dict[tuple[int, int], trio.CancelScope] = {}
-        # area -> its listener of other clients' commits (RemoteStore.listen)
+        # area -> its listener of other clients' commits (Store.listen)
         self.listening: dict[int, Callable[[Notice | None], None]] = {}
         self.nursery: trio.Nursery | None = None  # serve()'s
 

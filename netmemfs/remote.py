@@ -23,7 +23,6 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -103,9 +102,17 @@ from netmemfs.protocol import (
     Subscribed,
     Unlock,
     Unlocked,
-    holes_and_runs,
 )
 from netmemfs.sizes import parse_host_port
+from netmemfs.store import (
+    ChangeResult,
+    CommitResult,
+    InodeStat,
+    LockGrant,
+    PageRead,
+    SegmentStat,
+    ServerStat,
+)
 
 log = logging.getLogger("netmemfs.remote")
 
@@ -122,88 +129,6 @@ T = TypeVar("T")
 
 class _LinkLost(Exception):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentStat:
-    name: str
-    size: int
-    version: int
-    stored_pages: int
-
-
-@dataclass(frozen=True, slots=True)
-class ServerStat:
-    capacity_bytes: int  # 0: the server has no --max-memory
-    used_bytes: int
-    segments: int
-
-
-@dataclass(frozen=True, slots=True)
-class PageRead:
-    """Pages first..first+count-1 of a segment: runs of stored pages; the rest are holes."""
-
-    segment: str
-    first: int
-    count: int
-    version: int
-    runs: tuple[PageRun, ...]
-
-    def to_bytes(self) -> bytes:
-        return holes_and_runs(self.first, self.count, self.runs)
-
-    def stored(self) -> set[int]:
-        return {r.first + i for r in self.runs for i in range(r.count)}
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    txn: bytes
-    versions: dict[str, int]
-    replayed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class InodeStat:
-    """An inode as the server holds it (mode has its type; times in ns)."""
-
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    nlink: int
-    size: int
-    version: int
-    rdev: int
-    stored_pages: int
-    target: bytes
-
-    @classmethod
-    def of(cls, r: Attrs) -> InodeStat:
-        return cls(*(getattr(r, f) for f in cls.__slots__))
-
-
-@dataclass(frozen=True, slots=True)
-class LockGrant:
-    """A lock granted: its fencing token, its lease (renew within it), and the file's
-    version when it was granted (after every commit made under the locks before)."""
-
-    token: int
-    lease_s: float
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeResult:
-    """inodes: the version each touched inode has now; created: MakeNode's numbers."""
-
-    txn: bytes
-    inodes: dict[int, int]
-    created: tuple[int, ...]
-    replayed: bool
 
 
 class _Waiter:

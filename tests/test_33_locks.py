@@ -14,7 +14,8 @@ import trio.testing
 from netmemfs.errors import Fenced, NotHeld, Stale, TooLarge, WouldBlock
 from netmemfs.ops import Fence, MakeNode, WritePages
 from netmemfs.pages import PAGE_SIZE
-from netmemfs.remote import LockGrant, RemoteStore
+from netmemfs.remote import RemoteStore
+from netmemfs.store import LockGrant
 from netmemfs_server import locks
 from netmemfs_server.locks import LockTable
 from netmemfs_server.store import ROOT_INO

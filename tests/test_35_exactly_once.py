@@ -11,7 +11,8 @@ import trio
 from netmemfs.errors import Fenced
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
-from netmemfs.remote import CommitResult, RemoteStore
+from netmemfs.remote import RemoteStore
+from netmemfs.store import CommitResult
 from tests.faultproxy import COMMIT, FaultProxy
 from tests.helpers import ServerProc, run_trio, stamp_page, wait_for_async
 
