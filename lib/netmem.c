@@ -74,8 +74,8 @@ extern char **environ;
 
 #define PS 4096UL
 #define BATCH 64		/* pages per fetch or eviction */
-#define WINDOW (4 * BATCH)
-#define SLACK (BATCH / 2)	/* pages below the budget an eviction goes */	/* pages a sequential reader runs ahead */
+#define WINDOW (4 * BATCH)	/* pages a sequential reader runs ahead */
+#define SLACK (BATCH / 2)	/* pages below the budget an eviction goes */
 #define MAX_FETCHES 256		/* fetches in flight */
 #define MAX_HELD 16		/* readahead markers held back */
 /* A direct connection the server closed (its --idle-timeout, a restart) is
@@ -1200,10 +1200,9 @@ static void srv_ask(struct region *r, struct fetch *f)
 	size_t len = r->ino ?
 		nm_srv_read_inode(req, f->id, r->ino, f->first, f->count) :
 		nm_srv_read_pages(req, f->id, r->segment, f->first, f->count);
-
-	r->direct_fetches++;
 	ssize_t n = send(r->srv, req, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 
+	r->direct_fetches++;
 	/* A request is a few dozen bytes and at most MAX_FETCHES are in
 	 * flight, so a full socket buffer means the server stopped reading. */
 	if (n != (ssize_t)len)

@@ -73,6 +73,11 @@ READDIR_BATCH = 128  # directory entries whose attributes are fetched at once
 DEFAULT_LEASE_S = 20.0  # until the server names its own (netmemfs-server --hold-lease)
 
 
+# What fuse_errors() turns into an errno: a hot path may catch these itself and enter
+# fuse_errors() only when one is raised (entering it costs a few microseconds).
+FUSE_MAPPED = (NetmemError, trio.TooSlowError, OSError)
+
+
 @contextmanager
 def fuse_errors(what: str) -> Iterator[None]:
     """Turn NetmemErrors into the FUSEError pyfuse3 expects, with one log line that says
@@ -867,7 +872,7 @@ class NetmemFS(pyfuse3.Operations):
         count = pages_for(end) - first
         try:  # errors to errno by fuse_errors, entered only when one is raised
             data = await self._read_pages(node, first, count)
-        except (NetmemError, trio.TooSlowError, OSError):
+        except FUSE_MAPPED:
             with fuse_errors(f"read of {node.path!r} at {off}"):
                 raise
         start = off - first * PAGE_SIZE
@@ -913,7 +918,7 @@ class NetmemFS(pyfuse3.Operations):
             except JournalError:
                 self._forget_cached_pages(fh)
                 raise
-        except (NetmemError, trio.TooSlowError, OSError):
+        except FUSE_MAPPED:
             with fuse_errors(f"write to {node.path!r} at {off}"):
                 raise
         node.dirty_ns = time.time_ns()

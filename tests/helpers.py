@@ -14,7 +14,7 @@ import tarfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import pytest
 import trio
@@ -65,6 +65,25 @@ def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> No
         delay = min(delay * 2, 0.05)
 
 
+def read_line(stream: IO[bytes], timeout_s: float) -> bytes:
+    """The next line a child process writes to stream (a pipe), read a byte at a time
+    so that nothing after it is taken; short (no newline) if the child closed it or
+    none came within timeout_s."""
+    fd = stream.fileno()
+    out = b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while not out.endswith(b"\n"):
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                return out
+            chunk = os.read(fd, 1)
+            if not chunk:
+                return out
+            out += chunk
+    return out
+
+
 class LogChecked:
     """A process whose log (at log_path) may hold no warning a test did not declare."""
 
@@ -112,21 +131,15 @@ class ServerProc(LogChecked):
                 cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
             )
         assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        line = b""
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                self.kill()
-                raise AssertionError(f"server did not start within {START_TIMEOUT_S} s")
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                self.kill()
+        started = time.monotonic()
+        line = read_line(self.proc.stdout, START_TIMEOUT_S)
+        if not line.endswith(b"\n"):
+            # Short before the deadline: the server closed its output (it exited).
+            exited = time.monotonic() - started < START_TIMEOUT_S
+            self.kill()
+            if exited:
                 raise AssertionError(f"server exited at start:\n{self.log_text()}")
-            line += chunk
-        sel.close()
+            raise AssertionError(f"server did not start within {START_TIMEOUT_S} s")
         self.proc.stdout.close()  # the server prints nothing after this line
         m = _LISTENING.search(line)
         assert m, line

@@ -11,8 +11,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from tests.helpers import wait_for
 
 START_TIMEOUT_S = 15.0
 CLUSTER_TIMEOUT_S = 30.0
@@ -62,17 +63,18 @@ class RedisProc:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        delay = 0.005
-        while ask(self.port, "PING") != "PONG":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(
-                    f"redis-server on port {self.port} did not answer PING within "
-                    f"{START_TIMEOUT_S} s; its log: {self.log_path}"
-                )
-            time.sleep(delay)  # polling the condition above, under its deadline
-            delay = min(delay * 2, 0.1)
+        what = f"redis-server on port {self.port} to answer PING (its log: {self.log_path})"
+        try:
+            wait_for(
+                lambda: self.proc.poll() is not None or ask(self.port, "PING") == "PONG",
+                what,
+                START_TIMEOUT_S,
+            )
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{what}: it exited with {self.proc.returncode}")
+        except AssertionError:
+            self.kill()
+            raise
 
     @property
     def address(self) -> str:
@@ -104,14 +106,15 @@ class RedisCluster:
             )
             if done.returncode != 0:
                 raise AssertionError(f"redis-cli --cluster create failed:\n{done.stdout}")
-            deadline = time.monotonic() + CLUSTER_TIMEOUT_S
-            delay = 0.01
-            while not all(self._ready(n, masters * replicas) for n in self.nodes):
-                if time.monotonic() > deadline:
-                    states = {n.port: ask(n.port, "CLUSTER", "INFO") for n in self.nodes}
-                    raise AssertionError(f"cluster not ready in {CLUSTER_TIMEOUT_S} s: {states}")
-                time.sleep(delay)  # polling the condition above, under its deadline
-                delay = min(delay * 2, 0.2)
+            try:
+                wait_for(
+                    lambda: all(self._ready(n, masters * replicas) for n in self.nodes),
+                    f"the cluster of {self.seeds} to be ready",
+                    CLUSTER_TIMEOUT_S,
+                )
+            except AssertionError as e:
+                states = {n.port: ask(n.port, "CLUSTER", "INFO") for n in self.nodes}
+                raise AssertionError(f"{e}: {states}") from None
         except BaseException:
             self.kill()
             raise

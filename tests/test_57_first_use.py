@@ -281,7 +281,7 @@ def test_the_next_agent_removes_the_journal_dir_of_a_killed_one(
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     w = Worker(_python("touch", server, "k", MiB, 0, 0), stdin=True)
-    agent = _agent_pid(w)
+    agent = _agent_pid(w.proc.pid)
     assert len(list(tmp.glob("netmemfs-anon-*"))) == 1
     os.kill(agent, signal.SIGKILL)
     w.proc.kill()

@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -19,7 +18,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 from netmemfs import anon
 from netmemfs.errors import NetmemError, Stale
 from tests.anon_worker import stamp
-from tests.helpers import MountProc, ServerProc, build_c_test, wait_for
+from tests.helpers import MountProc, ServerProc, build_c_test, read_line, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -317,12 +315,13 @@ def test_unreachable_server_fails_the_map(tmp_path: Path) -> None:
         anon.map(MiB, segment="x", server="127.0.0.1:1", timeout=0.5)
 
 
-def _agent_pid(worker: Worker) -> int:
-    kids = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()
+def _agent_pid(pid: int) -> int:
+    """The agent process among pid's children."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     for kid in kids:
         if b"agent" in Path(f"/proc/{kid}/cmdline").read_bytes():
             return int(kid)
-    raise AssertionError(f"no agent among the worker's children {kids}")
+    raise AssertionError(f"no agent among the children of {pid}: {kids}")
 
 
 def _in_fault(pid: int) -> bool:
@@ -358,7 +357,7 @@ def _touch_while_server_frozen(server: ServerProc, via: MountProc | None = None)
 
 def test_agent_killed_mid_fault_gives_sigbus(stopped_server: ServerProc) -> None:
     w = _touch_while_server_frozen(stopped_server)
-    os.kill(_agent_pid(w), signal.SIGKILL)
+    os.kill(_agent_pid(w.proc.pid), signal.SIGKILL)
     code, out, err = w.run_sampling(timeout_s=30)
     assert code == -signal.SIGBUS, f"exited {code}: {out} {err}"
     assert "the agent went away" in err and "SIGBUS" in err, err
@@ -560,36 +559,17 @@ with anon.map(size, segment="spill", server=sys.argv[1], budget=512 * 1024, time
 """
 
 
-def _line(child: subprocess.Popen[bytes], timeout_s: float) -> bytes:
-    """The child's next line of output, b"" if it ends or none comes within timeout_s."""
-    assert child.stdout is not None
-    fd = child.stdout.fileno()
-    out = b""
-    deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while not out.endswith(b"\n"):
-            if not sel.select(max(0.0, deadline - time.monotonic())):
-                return out
-            chunk = os.read(fd, 1)
-            if not chunk:
-                return out
-            out += chunk
-    return out
-
-
 def _spill_child_steps(child: subprocess.Popen[bytes]) -> None:
     """Stop the child's agent once it wrote its region; it must read every page back."""
     assert child.stdin is not None and child.stdout is not None
     agent = 0
     try:
-        assert _line(child, 60) == b"written\n"
-        kids = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
-        agent = next(int(k) for k in kids if b"agent" in Path(f"/proc/{k}/cmdline").read_bytes())
+        assert read_line(child.stdout, 60) == b"written\n"
+        agent = _agent_pid(child.pid)
         os.kill(agent, signal.SIGSTOP)
         child.stdin.write(b"go\n")
         child.stdin.flush()
-        line = _line(child, 30)
+        line = read_line(child.stdout, 30)
         assert line == b"read\n", (
             f"the reads did not finish within 30 s with the agent stopped: {line!r}, "
             f"exit {child.poll()}"
@@ -597,7 +577,7 @@ def _spill_child_steps(child: subprocess.Popen[bytes]) -> None:
         os.kill(agent, signal.SIGCONT)
         child.stdin.write(b"go\n")
         child.stdin.flush()
-        assert _line(child, 60) == b"synced\n"
+        assert read_line(child.stdout, 60) == b"synced\n"
         assert child.wait(60) == 0
     finally:
         if agent:

@@ -68,7 +68,7 @@ def test_kill_owner_during_sync(server: ServerProc) -> None:
         w = Worker(_python("write", server, "crash", SIZE, BUDGET, gen))
         assert w.proc.stdout is not None
         assert w.proc.stdout.readline() == "syncing\n", f"round {gen}: the worker failed"
-        agent = _agent_pid(w)
+        agent = _agent_pid(w.proc.pid)
         time.sleep(rng.uniform(0, aim))  # where to inject the crash, not coordination
         w.proc.send_signal(signal.SIGKILL)
         out, _ = w.proc.communicate(timeout=30)

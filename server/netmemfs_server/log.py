@@ -115,11 +115,10 @@ class LogPageStore(MemoryPageStore):
         """Recover the state in data_dir (creating it if need be) and open it for appends."""
         data_dir.mkdir(parents=True, exist_ok=True)
         store = cls(data_dir, capacity_bytes, checkpoint_bytes)
-        mem: MemoryPageStore = store  # what recovery fills in
         covered, fmt = 0, FORMAT_VERSION
         ckpt = data_dir / "checkpoint"
         if ckpt.exists():
-            covered, fmt = _load_checkpoint(ckpt, mem)
+            covered, fmt = _load_checkpoint(ckpt, store)
         (data_dir / "checkpoint.tmp").unlink(missing_ok=True)
         gens = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _LOG_NAME.match(p.name)))
         for gen in gens:
@@ -127,13 +126,13 @@ class LogPageStore(MemoryPageStore):
                 _log_path(data_dir, gen).unlink()
         live = [g for g in gens if g > covered]
         for i, gen in enumerate(live):
-            _replay_log(_log_path(data_dir, gen), mem, last=i == len(live) - 1)
+            _replay_log(_log_path(data_dir, gen), store, last=i == len(live) - 1)
         store._open_log(live[-1] if live else covered + 1)
         _fsync_dir(data_dir)
         log.info(
             "recovered %d inodes, %d pages from %s (checkpoint covers log %d, replayed %d logs)",
-            len(mem.inodes),
-            mem.used_pages,
+            len(store.inodes),
+            store.used_pages,
             data_dir,
             covered,
             len(live),
