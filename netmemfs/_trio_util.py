@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
@@ -23,9 +23,17 @@ async def open_quiet_nursery() -> AsyncIterator[trio.Nursery]:
     of several is re-raised as it is, unless all are Cancelled-free NetmemErrors, where
     the first stands for them all.
     """
-    try:
+    with lone_errors():
         async with trio.open_nursery() as nursery:
             yield nursery
+
+
+@contextmanager
+def lone_errors() -> Iterator[None]:
+    """An ExceptionGroup raised inside comes out as its lone error (or its first, if
+    all are NetmemErrors), like open_quiet_nursery's; for libraries' task groups."""
+    try:
+        yield
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
         if len(leaves) == 1 or all(isinstance(e, NetmemError) for e in leaves):

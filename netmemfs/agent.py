@@ -35,11 +35,11 @@ from pathlib import Path
 import trio
 
 from netmemfs._trio_util import open_quiet_nursery, send_parts
+from netmemfs.connect import connect_store
 from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError, NotHeld
 from netmemfs.pages import PAGE_SIZE, Buffer
 from netmemfs.protocol import Notice
-from netmemfs.remote import RemoteStore
 from netmemfs.store import InodeStat, Store
 
 log = logging.getLogger("netmemfs.agent")
@@ -378,7 +378,7 @@ async def run_private(
         async with AsyncExitStack() as stack:
             try:
                 store = await stack.enter_async_context(
-                    RemoteStore.connect(server, token=token, tls=tls, retry_for_s=timeout_s)
+                    connect_store(server, token=token, tls=tls, retry_for_s=timeout_s)
                 )
             except NetmemError as e:
                 msg = await io.receive()

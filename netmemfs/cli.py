@@ -20,6 +20,7 @@ from netmemfs import __version__, kdoor
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import run_private
 from netmemfs.auth import read_token_file
+from netmemfs.connect import check_address
 from netmemfs.daemon import MountOptions, default_cache_dir, lock_cache_dir
 from netmemfs.daemon import run as daemon_run
 from netmemfs.errors import NetmemError
@@ -27,8 +28,8 @@ from netmemfs.fs import ATTR_TIMEOUT_S, DEFAULT_CACHE_BYTES, DEFAULT_UNJOURNALED
 from netmemfs.locking import lock
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
-from netmemfs.remote import DEFAULT_PORT, RemoteStore, tls_client_context
-from netmemfs.sizes import format_size, parse_host_port, parse_size
+from netmemfs.remote import RemoteStore, tls_client_context
+from netmemfs.sizes import format_size, parse_size
 
 DESCRIPTION = """\
 netmemfs: memory that a process maps, whose pages live on a netmemfs-server.
@@ -43,6 +44,8 @@ commands:
 examples:
   netmemfs mount /mnt/nm                         # a private server on this machine
   netmemfs mount /mnt/nm --server memhost:7733   # pages live on memhost
+  netmemfs mount /mnt/nm --server redis://10.0.0.5:6379,10.0.0.6:6379
+                                                 # pages live in a Redis Cluster
   python3 -c 'import mmap,os; fd=os.open("/mnt/nm/seg0",os.O_RDWR|os.O_CREAT); ...'
   netmemfs umount /mnt/nm
 
@@ -56,6 +59,13 @@ through a mapping) are kept in a journal under --cache-dir until fsync (or msync
 then fsync), which commits all of that file's changes to the server as one transaction,
 all or nothing. A process opening the file later, on any mount of the same server, sees
 what was committed.
+
+--server names a netmemfs-server (HOST[:PORT]) or a Redis: redis://HOST:PORT for a
+standalone Redis, redis://HOST:PORT,HOST:PORT... for a Redis Cluster's seed nodes,
+rediss:// for TLS; --token-file then holds its password (PASSWORD, or USER PASSWORD for
+a Redis ACL user). Redis must not evict keys (maxmemory-policy noeviction). On Redis,
+locks and the kernel module's door are not available yet (docs/semantics.md, "The
+Redis store").
 
 Without --server a private page server is started on 127.0.0.1 for this mount; it
 keeps what was committed in the cache dir (<cache-dir>/server), so the files are there
@@ -101,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
     m.add_argument(
         "--server",
-        metavar="HOST[:PORT]",
-        help="the netmemfs-server (port 7733 by default); default: a private in-memory one",
+        metavar="ADDRESS",
+        help="HOST[:PORT] of a netmemfs-server (port 7733 by default), or redis://HOST:PORT"
+        "[,HOST:PORT...] (a Redis or a Redis Cluster's seeds); default: a private one",
     )
     m.add_argument(
         "--cache-dir",
@@ -245,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the Unix socket FD until it closes. The library starts it; see docs/anon.md.",
     )
     a.add_argument("--fd", type=int, required=True, help="the region's socket")
-    a.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the netmemfs-server")
+    a.add_argument(
+        "--server",
+        required=True,
+        metavar="ADDRESS",
+        help="the netmemfs-server (HOST[:PORT]) or Redis (redis://HOST:PORT[,...])",
+    )
     a.add_argument(
         "--timeout-ms", type=int, default=30000, metavar="MS", help="server retry period"
     )
@@ -532,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="netmemfs: %(levelname)s %(message)s")
     if getattr(args, "server", None):
         try:
-            parse_host_port(args.server, DEFAULT_PORT)
+            check_address(args.server)
         except ValueError as e:
             print(f"netmemfs: --server {e}", file=sys.stderr)
             return 2

@@ -27,8 +27,9 @@ import trio
 from netmemfs import fs, journal, kdoor
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import AttachPoint
+from netmemfs.connect import connect_store
 from netmemfs.errors import NetmemError
-from netmemfs.remote import RemoteStore
+from netmemfs.store import Store
 
 log = logging.getLogger("netmemfs.daemon")
 
@@ -194,7 +195,7 @@ async def _serve_mount(
     async with open_quiet_nursery() as outer:
         notice = trio.CancelScope()
         outer.start_soon(_say_waiting, notice, address, opts.timeout_s, ready_fd)
-        async with RemoteStore.connect(
+        async with connect_store(
             address,
             token=opts.token,
             tls=opts.tls,
@@ -223,7 +224,7 @@ async def _say_waiting(
 
 async def _serve_connected(
     opts: MountOptions,
-    store: RemoteStore,
+    store: Store,
     address: str,
     device: int | None,
     ready_fd: int | None,

@@ -143,6 +143,14 @@ class NotHeld(NetmemError):
     code = "not_held"
 
 
+class Unsupported(NetmemError):
+    """The store the client uses cannot do this (yet): a Redis store and locks, say.
+    The message names the store and what to use instead."""
+
+    errno = _errno.EOPNOTSUPP
+    code = "unsupported"
+
+
 class NotADirectory(NetmemError):
     errno = _errno.ENOTDIR
     code = "not_dir"
@@ -208,6 +216,7 @@ _BY_CODE: dict[str, type[NetmemError]] = {
         Conflict,
         WouldBlock,
         NotHeld,
+        Unsupported,
         NotADirectory,
         IsADirectory,
         NotEmpty,

@@ -44,6 +44,7 @@ from netmemfs.errors import (
     SegmentNotFound,
     ServerUnreachable,
     Stale,
+    Unsupported,
 )
 from netmemfs.journal import HoldBudget, JournalError, SealedCommit, SegmentJournal
 from netmemfs.ops import (
@@ -87,6 +88,8 @@ def fuse_errors(what: str) -> Iterator[None]:
     except NetmemError as e:
         if isinstance(e, ServerUnreachable | NoSpace | JournalError):
             log.error("%s: %s", what, e)
+        elif isinstance(e, Unsupported):
+            log.warning("%s: %s", what, e)
         raise pyfuse3.FUSEError(e.errno) from e
     except trio.TooSlowError as e:
         log.error(

@@ -53,11 +53,11 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.connect import connect_store
 from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE, consecutive
 from netmemfs.protocol import Notice
-from netmemfs.remote import RemoteStore
 from netmemfs.store import Store
 
 log = logging.getLogger("netmemfs.kdoor")
@@ -427,7 +427,7 @@ async def run(
         open_device(device, server) as fd,
         tempfile.TemporaryDirectory(prefix="netmemfs-device-") as journal_dir,
     ):
-        connect = RemoteStore.connect(
+        connect = connect_store(
             server, token=token, tls=tls, retry_for_s=timeout_s, claim=device_claim()
         )
         async with connect as store:

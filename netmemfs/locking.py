@@ -155,5 +155,8 @@ def _error(e: OSError, path: str | os.PathLike[str], what: str) -> NetmemError:
             "be another client's now; the changes made under it are dropped"
         )
     if e.errno in (errno.ENOTSUP, errno.ENODATA):
-        return NetmemError(f"{where} is not a file of a netmemfs mount: it cannot be locked")
+        return NetmemError(
+            f"{where} cannot be locked: it is not a file of a netmemfs mount, or its "
+            "mount's store does not support locks (a Redis store: the mount's log says so)"
+        )
     return NetmemError(f"{what} on {where} failed: {e.strerror}")

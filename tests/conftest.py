@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LogChecked, MountProc, ServerProc
+from tests.redis_procs import RedisCluster, RedisProc
 
 # C programs linked with libnetmem find their agent as `netmemfs` on PATH, as a user's
 # with the venv activated would: the venv of this interpreter.
@@ -41,6 +42,33 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
 @pytest.fixture
 def server(server_factory: Callable[..., ServerProc]) -> ServerProc:
     return server_factory()
+
+
+STORES = ("netmemfs-server", "redis", "redis-cluster")
+
+
+@pytest.fixture(params=STORES)
+def any_store(
+    request: pytest.FixtureRequest, tmp_path: Path, server_factory: Callable[..., ServerProc]
+) -> Iterator[str]:
+    """The address of a real store of each kind in turn, for --server and the APIs: a
+    netmemfs-server, a standalone Redis, a Redis Cluster of 3 masters with a replica
+    each (all started here, stopped by PID afterwards)."""
+    if request.param == "netmemfs-server":
+        yield server_factory().address
+        return
+    if request.param == "redis":
+        redis = RedisProc(tmp_path)
+        try:
+            yield redis.url
+        finally:
+            redis.kill()
+        return
+    cluster = RedisCluster(tmp_path)
+    try:
+        yield cluster.url
+    finally:
+        cluster.kill()
 
 
 @pytest.fixture

@@ -45,16 +45,17 @@ def ask(port: int, *args: str, timeout_s: float = 2.0) -> str:
 
 class RedisProc:
     """A real redis-server on 127.0.0.1 and a free port; cluster=True: a cluster node
-    (cluster-enabled, its nodes.conf in its own directory)."""
+    (cluster-enabled, its nodes.conf in its own directory). args: more of redis-server's
+    options, like ("--requirepass", "secret")."""
 
-    def __init__(self, workdir: Path, *, cluster: bool = False) -> None:
+    def __init__(self, workdir: Path, *args: str, cluster: bool = False) -> None:
         self.port = _free_port()
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True)
         self.log_path = self.dir / "redis.log"
         cmd = [redis_exe("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1"]
         cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
-        cmd += ["--logfile", str(self.log_path), "--daemonize", "no"]
+        cmd += ["--logfile", str(self.log_path), "--daemonize", "no", *args]
         if cluster:
             cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             # Its bus port given, not port + 10000 (which may be taken, or past 65535).
@@ -66,7 +67,10 @@ class RedisProc:
         what = f"redis-server on port {self.port} to answer PING (its log: {self.log_path})"
         try:
             wait_for(
-                lambda: self.proc.poll() is not None or ask(self.port, "PING") == "PONG",
+                lambda: (
+                    self.proc.poll() is not None
+                    or ask(self.port, "PING") in ("PONG", "NOAUTH Authentication required.")
+                ),
                 what,
                 START_TIMEOUT_S,
             )
@@ -79,6 +83,11 @@ class RedisProc:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """It as --server names a Redis."""
+        return f"redis://{self.address}"
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -133,6 +142,11 @@ class RedisCluster:
     def seeds(self) -> str:
         """The nodes as a --server list would name them: HOST:PORT,HOST:PORT,..."""
         return ",".join(n.address for n in self.nodes)
+
+    @property
+    def url(self) -> str:
+        """It as --server names a Redis Cluster: two seeds (the client finds the rest)."""
+        return "redis://" + ",".join(n.address for n in self.nodes[:2])
 
     def kill(self) -> None:
         for node in self.nodes:

@@ -2,7 +2,8 @@
 clients' commits to the files it has open, and the mount drops what changed from its
 cache and the kernel's, so a mapping that stays mapped in B sees A's commits without
 reopening. Without the notices B's mapping shows the old pages for ever: a mapped read
-never asks the daemon anything."""
+never asks the daemon anything. Each test runs on each store (a netmemfs-server, a
+Redis, a Redis Cluster: their notices travel as sharded pub/sub)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from netmemfs.connect import connect_store
 from netmemfs.pages import PAGE_SIZE
-from netmemfs.remote import RemoteStore
-from tests.helpers import MountProc, ServerProc, describe_page, run_trio, stamp_page, wait_for
+from netmemfs_server.store import ROOT_INO
+from tests.helpers import MountProc, describe_page, run_trio, stamp_page, wait_for
 
 MountFactory = Callable[..., MountProc]
 PAGES = 8
@@ -61,22 +63,23 @@ def _wait_shows(m: mmap.mmap, n: int, want: bytes, what: str) -> None:
         raise AssertionError(f"{what}: page {n} shows {describe_page(_page(m, n))}") from None
 
 
-async def _server_bytes(server: ServerProc, name: str, pages: int) -> bytes:
-    async with RemoteStore.connect(server.address) as store:
-        return await store.read_bytes(name, 0, pages)
+async def _server_bytes(address: str, name: str, pages: int) -> bytes:
+    async with connect_store(address) as store:
+        ino = (await store.lookup(ROOT_INO, name)).ino
+        return (await store.read_inode(ino, 0, pages)).to_bytes()
 
 
-def _two(server: ServerProc, mount_factory: MountFactory) -> tuple[MountProc, MountProc]:
-    a = mount_factory(server.address, name="a")
-    b = mount_factory(server.address, name="b")
+def _two(address: str, mount_factory: MountFactory) -> tuple[MountProc, MountProc]:
+    a = mount_factory(address, name="a")
+    b = mount_factory(address, name="b")
     _write_pages(a.path("f"), 0, b"".join(stamp_page("f", p, 0) for p in range(PAGES)))
     return a, b
 
 
 def test_a_mapping_sees_another_mount_s_commits_without_reopening(
-    server: ServerProc, mount_factory: MountFactory
+    any_store: str, mount_factory: MountFactory
 ) -> None:
-    a, b = _two(server, mount_factory)
+    a, b = _two(any_store, mount_factory)
     with _mapped(b.path("f")) as m:
         assert _page(m, 3) == stamp_page("f", 3, 0)
         for gen in range(1, 11):
@@ -86,27 +89,25 @@ def test_a_mapping_sees_another_mount_s_commits_without_reopening(
 
 
 def test_a_local_write_wins_until_its_own_commit(
-    server: ServerProc, mount_factory: MountFactory
+    any_store: str, mount_factory: MountFactory
 ) -> None:
     """B writes page 1 through its mapping and does not sync; A commits pages 0 and 1.
     B sees A's page 0 and still its own page 1; once B syncs, the server holds A's page 0
     and B's page 1 (commits apply in order, B's last)."""
-    a, b = _two(server, mount_factory)
+    a, b = _two(any_store, mount_factory)
     with _mapped(b.path("f"), writable=True) as m:
         m[PAGE_SIZE : 2 * PAGE_SIZE] = stamp_page("f", 1, 20)
         _write_pages(a.path("f"), 0, stamp_page("f", 0, 10) + stamp_page("f", 1, 10))
         _wait_shows(m, 0, stamp_page("f", 0, 10), "B's mapping to show A's page 0")
         assert _page(m, 1) == stamp_page("f", 1, 20), describe_page(_page(m, 1))
         m.flush()
-    got = run_trio(lambda: _server_bytes(server, "f", 2))
+    got = run_trio(lambda: _server_bytes(any_store, "f", 2))
     assert got == stamp_page("f", 0, 10) + stamp_page("f", 1, 20)
 
 
-def test_a_mapping_sees_a_shrink_and_a_growth(
-    server: ServerProc, mount_factory: MountFactory
-) -> None:
+def test_a_mapping_sees_a_shrink_and_a_growth(any_store: str, mount_factory: MountFactory) -> None:
     """A cuts f to one page and grows it back: B's mapping shows zeros past page 0."""
-    a, b = _two(server, mount_factory)
+    a, b = _two(any_store, mount_factory)
     with _mapped(b.path("f")) as m:
         assert _page(m, 5) == stamp_page("f", 5, 0)
         fd = os.open(a.path("f"), os.O_RDWR)
@@ -121,13 +122,11 @@ def test_a_mapping_sees_a_shrink_and_a_growth(
         assert os.stat(b.path("f")).st_size == PAGES * PAGE_SIZE
 
 
-def test_a_flood_of_commits_ends_with_the_last(
-    server: ServerProc, mount_factory: MountFactory
-) -> None:
+def test_a_flood_of_commits_ends_with_the_last(any_store: str, mount_factory: MountFactory) -> None:
     """A commits page 2 300 times as fast as it can; B's mapping ends showing the last
     one (B's daemon may merge notices, never lose the last), and B's other pages and
     its daemon are as they were."""
-    a, b = _two(server, mount_factory)
+    a, b = _two(any_store, mount_factory)
     with _mapped(b.path("f")) as m:
         fd = os.open(a.path("f"), os.O_RDWR)
         try:

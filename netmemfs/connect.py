@@ -1,0 +1,62 @@
+"""Which store a --server names, connected: a netmemfs-server or a Redis.
+
+Where it sits: above remote.py and redis_store.py, below the doors' entry points (the
+mount daemon, a region's agent, the device provider, the cli). The same address works
+on every command and API:
+
+    HOST[:PORT]                          a netmemfs-server (port 7733 by default)
+    redis://HOST:PORT[,HOST:PORT...]     a standalone Redis, or a Redis Cluster's seeds
+    rediss://...                         the same over TLS
+
+With a Redis, `token` (the --token-file's contents) is its password: one line,
+PASSWORD or USER PASSWORD (a Redis ACL user).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from netmemfs.errors import Unsupported
+from netmemfs.redis_store import RedisAddress, RedisStore, is_redis_url
+from netmemfs.remote import DEFAULT_PORT, RemoteStore
+from netmemfs.sizes import parse_host_port
+from netmemfs.store import Store
+
+__all__ = ["check_address", "connect_store", "is_redis_url"]
+
+
+def check_address(text: str) -> None:
+    """Raise ValueError, saying what is wrong, unless text names a store."""
+    if is_redis_url(text):
+        RedisAddress.parse(text)
+    else:
+        parse_host_port(text, DEFAULT_PORT)
+
+
+@asynccontextmanager
+async def connect_store(
+    address: str,
+    *,
+    token: bytes | None = None,
+    tls: ssl.SSLContext | None = None,
+    retry_for_s: float = 30.0,
+    claim: bytes | None = None,
+) -> AsyncIterator[Store]:
+    """The store address names, connected (retrying for up to retry_for_s)."""
+    if not is_redis_url(address):
+        async with RemoteStore.connect(
+            address, token=token, tls=tls, retry_for_s=retry_for_s, claim=claim
+        ) as remote:
+            yield remote
+        return
+    if claim is not None:
+        raise Unsupported(
+            f"the kernel module's door needs a netmemfs-server, not {address}: its "
+            "commits rely on the server fencing a replaced daemon's connection"
+        )
+    async with RedisStore.connect(
+        address, retry_for_s=retry_for_s, credentials=token, tls=tls
+    ) as redis:
+        yield redis

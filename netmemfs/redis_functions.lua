@@ -1,0 +1,269 @@
+#!lua name=netmemfs
+
+-- The netmemfs Redis store's functions (docs/protocol.md, "Redis store", has the key
+-- layout). Every function touches the keys of one hash slot only: an inode's data keys
+-- ({P:ino}...) or the namespace keys ({P}...), all given in KEYS, so each call is atomic
+-- on one node, Redis Cluster or not. Errors are replies "NM<code> <message>", code being
+-- a netmemfs error code (netmemfs/errors.py), so the client raises the matching class.
+
+local PAGE = 4096
+local CHUNK_PAGES = 64
+local CHUNK = PAGE * CHUNK_PAGES
+
+local function fail(code, msg)
+    return redis.error_reply('NM' .. code .. ' ' .. msg)
+end
+
+-- The time in ns, as a string (a Lua number, a double, holds it only to ~256 ns).
+local function now_ns()
+    local t = redis.call('TIME')
+    return t[1] .. string.format('%06d', tonumber(t[2])) .. '000'
+end
+
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function pages_for(size)
+    return math.floor((size + PAGE - 1) / PAGE)
+end
+
+-- Remember txn -> value in hash tkey, the oldest forgotten past keep (list qkey).
+local function remember(tkey, qkey, txn, value, keep)
+    redis.call('HSET', tkey, txn, value)
+    if redis.call('RPUSH', qkey, txn) > keep then
+        redis.call('HDEL', tkey, redis.call('LPOP', qkey))
+    end
+end
+
+-- nm_commit: one atomic, exactly-once commit of one regular file's pages and size.
+-- KEYS: 1 meta hash, 2 txn hash, 3 txn list, 4.. chunk keys (ops name them by index).
+-- ARGV: 1 txn, 2 init size ('' if the caller does not know it), 3 expected version
+-- ('' none), 4 txns to remember, 5 the size the caller declared chunk keys up to,
+-- 6 notice channel, then ops, each 'T' size first_key_index | 'W' key_index page data.
+-- A 'T' that shrinks names the chunk keys from the one holding the new last page
+-- through the one holding the declared size's last page.
+-- Reply: {version, size, replayed 0/1}.
+local function nm_commit(keys, args)
+    local meta, tkey, qkey = keys[1], keys[2], keys[3]
+    local txn = args[1]
+    local done = redis.call('HGET', tkey, txn)
+    if done then
+        local v, s = string.match(done, '(%d+) (%d+)')
+        return {tonumber(v), tonumber(s), 1}
+    end
+    local m = redis.call('HMGET', meta, 'size', 'version', 'stored', 'gone')
+    if m[4] then
+        return fail('stale', 'the file no longer exists (removed and let go by every client)')
+    end
+    local size, version, stored
+    if m[1] then
+        size, version, stored = tonumber(m[1]), tonumber(m[2]), tonumber(m[3])
+    elseif args[2] ~= '' then
+        size, version, stored = tonumber(args[2]), 0, 0
+    else
+        return fail('init', 'the file has no data record yet; send its size')
+    end
+    if args[3] ~= '' and tonumber(args[3]) ~= version then
+        return fail('conflict', 'the file is at version ' .. version .. ', not ' .. args[3])
+    end
+    if size > tonumber(args[5]) then
+        return fail('resize', tostring(size))
+    end
+    local runs = {}
+    local i = 7
+    while i <= #args do
+        local op = args[i]
+        if op == 'T' then
+            local new = tonumber(args[i + 1])
+            local k = tonumber(args[i + 2])
+            if new < size then
+                -- The chunk keys from the one holding the new last page (partial or
+                -- whole) through the old size's last chunk, in order from keys[k].
+                local keep = pages_for(new)
+                local c = math.floor(math.max(keep - 1, 0) / CHUNK_PAGES)
+                local last = math.floor((pages_for(size) - 1) / CHUNK_PAGES)
+                local first_key = keys[k]
+                while c <= last do
+                    local key = keys[k]
+                    local have = redis.call('STRLEN', key)
+                    local lo = (keep - c * CHUNK_PAGES) * PAGE
+                    if lo <= 0 then
+                        redis.call('UNLINK', key)
+                        stored = stored - have / PAGE
+                    elseif have > lo then
+                        redis.call('SET', key, redis.call('GETRANGE', key, 0, lo - 1))
+                        stored = stored - (have - lo) / PAGE
+                    end
+                    c = c + 1
+                    k = k + 1
+                end
+                local tail = new % PAGE
+                if tail > 0 then
+                    -- Bytes past the end of a partial last page read as zeros if it grows.
+                    local off = ((keep - 1) % CHUNK_PAGES) * PAGE + tail
+                    local have = redis.call('STRLEN', first_key)
+                    if have > off then
+                        redis.call('SETRANGE', first_key, off, string.rep('\0', have - off))
+                    end
+                end
+            end
+            size = new
+            runs = nil
+            i = i + 3
+        elseif op == 'W' then
+            local key, first, data = keys[tonumber(args[i + 1])], tonumber(args[i + 2]), args[i + 3]
+            local count = #data / PAGE
+            if first + count > pages_for(size) then
+                return fail('out_of_range', 'write to pages ' .. first .. '..' .. (first + count - 1)
+                    .. ' goes past the end of the file (' .. size .. ' bytes); resize it first')
+            end
+            local have = redis.call('STRLEN', key)
+            local off = (first % CHUNK_PAGES) * PAGE
+            redis.call('SETRANGE', key, off, data)
+            if off + #data > have then
+                stored = stored + (off + #data - have) / PAGE
+            end
+            if runs then
+                runs[#runs + 1] = {first, count}
+            end
+            i = i + 4
+        else
+            return fail('protocol', 'unknown op ' .. tostring(op))
+        end
+    end
+    version = version + 1
+    local t = now_ns()
+    redis.call('HSET', meta, 'size', size, 'version', version, 'stored', stored, 'mtime', t)
+    remember(tkey, qkey, txn, version .. ' ' .. size, tonumber(args[4]))
+    -- The committing client's id (the txn's first 8 bytes): it does not hear its own.
+    local notice = {version, runs or {}, runs == nil, string.sub(txn, 1, 8)}
+    redis.call('SPUBLISH', args[6], cmsgpack.pack(notice))
+    return {version, size, 0}
+end
+
+-- nm_read: pages of one file. KEYS: 1 meta, 2.. chunk keys. ARGV: (first byte, last
+-- byte) per chunk key. Reply: {size or -1 (no data record), version, gone, bytes...};
+-- bytes shorter than asked for end in holes.
+local function nm_read(keys, args)
+    local m = redis.call('HMGET', keys[1], 'size', 'version', 'gone')
+    local out = {tonumber(m[1] or '-1'), tonumber(m[2] or '0'), m[3] and 1 or 0}
+    for k = 2, #keys do
+        out[#out + 1] = redis.call('GETRANGE', keys[k], args[2 * k - 3], args[2 * k - 2])
+    end
+    return out
+end
+
+-- nm_drop: free a reaped file's pages. KEYS: 1 meta, 2.. its chunk keys.
+local function nm_drop(keys, args)
+    for k = 2, #keys do
+        redis.call('UNLINK', keys[k])
+    end
+    redis.call('DEL', keys[1])
+    redis.call('HSET', keys[1], 'gone', 1)
+    return 1
+end
+
+-- nm_ns: apply one namespace transaction, computed by the client from the records it
+-- read, if nothing changed since (the namespace's sequence number) and it is new.
+-- KEYS: 1 seq, 2 inodes, 3 txns, 4 txn list, 5 next ino, 6 orphans, 7 reaping, 8..
+-- directories. ARGV: 1 expected seq, 2 txn, 3 packed result, 4 next ino, 5 txns to
+-- remember, then sections, each a count and its items: records set (ino, record),
+-- records deleted (ino), orphans added, orphans removed, reaping added, and then per
+-- directory key (KEYS[8..]): 'D' (delete it) or a count of (name, ino or '') pairs.
+-- Reply: {'ok'} | {'retry'} | {'replayed', result}.
+local function nm_ns(keys, args)
+    local done = redis.call('HGET', keys[3], args[2])
+    if done then
+        return {'replayed', done}
+    end
+    if (redis.call('GET', keys[1]) or '0') ~= args[1] then
+        return {'retry'}
+    end
+    local i = 6
+    local n = tonumber(args[i])
+    for j = 1, n do
+        redis.call('HSET', keys[2], args[i + 2 * j - 1], args[i + 2 * j])
+    end
+    i = i + 2 * n + 1
+    for _, cmd in ipairs({{'HDEL', 2}, {'SADD', 6}, {'SREM', 6}, {'SADD', 7}}) do
+        n = tonumber(args[i])
+        for j = 1, n do
+            redis.call(cmd[1], keys[cmd[2]], args[i + j])
+        end
+        i = i + n + 1
+    end
+    for k = 8, #keys do
+        if args[i] == 'D' then
+            redis.call('DEL', keys[k])
+            i = i + 1
+        else
+            n = tonumber(args[i])
+            for j = 1, n do
+                local name, ino = args[i + 2 * j - 1], args[i + 2 * j]
+                if ino == '' then
+                    redis.call('HDEL', keys[k], name)
+                else
+                    redis.call('HSET', keys[k], name, ino)
+                end
+            end
+            i = i + 2 * n + 1
+        end
+    end
+    redis.call('SET', keys[5], args[4])
+    redis.call('INCR', keys[1])
+    remember(keys[3], keys[4], args[2], args[3], tonumber(args[5]))
+    return {'ok'}
+end
+
+-- nm_format: make the namespace if there is none. KEYS: 1 format, 2 inodes, 3 next,
+-- 4 root's directory. ARGV: 1 format string, 2 root's record. Reply: the format found.
+local function nm_format(keys, args)
+    local have = redis.call('GET', keys[1])
+    if have then
+        return have
+    end
+    if redis.call('EXISTS', keys[2], keys[3], keys[4]) > 0 then
+        return fail('protocol', 'netmemfs keys without a format key: not ours, or damaged')
+    end
+    redis.call('SET', keys[1], args[1])
+    redis.call('HSET', keys[2], '1', args[2])
+    redis.call('SET', keys[3], '2')
+    return args[1]
+end
+
+-- nm_hold: client holds exactly the inodes of ARGV[3] (space-separated) for ARGV[2] ms.
+-- KEYS: 1 holds hash (client -> 'expiry_ms ino ino ...'). ARGV: 1 client ('': only
+-- ask).
+-- Reply: every inode some client holds now.
+local function nm_hold(keys, args)
+    local t = now_ms()
+    local held = {}
+    if args[1] == '' then
+        -- only asking
+    elseif args[3] == '' then
+        redis.call('HDEL', keys[1], args[1])
+    else
+        redis.call('HSET', keys[1], args[1], (t + tonumber(args[2])) .. ' ' .. args[3])
+    end
+    local all = redis.call('HGETALL', keys[1])
+    for j = 1, #all, 2 do
+        local expiry, inos = string.match(all[j + 1], '(%d+) ?(.*)')
+        if tonumber(expiry) < t then
+            redis.call('HDEL', keys[1], all[j])
+        else
+            for ino in string.gmatch(inos, '%d+') do
+                held[#held + 1] = ino
+            end
+        end
+    end
+    return held
+end
+
+redis.register_function('nm_commit', nm_commit)
+redis.register_function{function_name = 'nm_read', callback = nm_read, flags = {'no-writes'}}
+redis.register_function('nm_drop', nm_drop)
+redis.register_function('nm_ns', nm_ns)
+redis.register_function('nm_format', nm_format)
+redis.register_function('nm_hold', nm_hold)

@@ -1,0 +1,1131 @@
+"""The Redis store: files, pages and commits kept in Redis (standalone, or a Redis Cluster).
+
+Where it sits: beside remote.py, below the doors, which use it through store.Store.
+Selected by a URL: `--server redis://HOST:PORT[,HOST:PORT...]` (a cluster's seed nodes,
+or one standalone Redis); `rediss://` for TLS.
+
+    async with RedisStore.connect("redis://127.0.0.1:6379") as store:
+        st = await store.lookup(1, "seg0")
+        got = await store.read_inode(st.ino, 0, 16)
+
+The key layout is in docs/protocol.md ("Redis store"). In short: each regular file's
+pages, size, version and committed-transaction table share one hash slot (the hash tag
+`{P:ino}`), so a commit of a file is one call of the `nm_commit` function: it checks the
+transaction id (exactly once), applies everything or nothing, and publishes a notice on
+the file's shard channel. The namespace (directories, inode attributes, holds, orphans)
+is in one slot of its own (`{P}`); a namespace transaction is computed here, by the
+server's own rules (netmemfs_server.store) run over the records it touches, and applied
+by `nm_ns` only if the namespace did not change meanwhile (else computed again).
+
+Client: coredis (cluster topology, functions, retries). Every call here is one function
+call or one pipeline, never a command per page; docs/protocol.md has the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import itertools
+import logging
+import os
+import ssl
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn, Union, cast
+
+import coredis
+import coredis.exceptions
+import hiredis
+import msgpack
+import trio
+from coredis._utils import hash_slot
+
+from netmemfs._trio_util import lone_errors, open_quiet_nursery
+from netmemfs.errors import (
+    NetmemError,
+    NotPermitted,
+    OutOfRange,
+    ServerUnreachable,
+    Stale,
+    TooLarge,
+    Unsupported,
+    error_for_code,
+)
+from netmemfs.ops import Expect, Fence, InodeOp, Reap, Truncate, WritePages
+from netmemfs.pages import PAGE_SIZE, PageRun, check_entry_name, pages_for
+from netmemfs.protocol import MAX_MESSAGE_PAGES, Notice
+from netmemfs.sizes import parse_host_port
+from netmemfs.store import (
+    ChangeResult,
+    CommitResult,
+    InodeStat,
+    LockGrant,
+    PageRead,
+    ServerStat,
+)
+from netmemfs_server.store import ROOT_INO, FileData, Inode, MemoryPageStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_PORT = 6379
+FORMAT = b"netmemfs-redis 1"
+CHUNK_PAGES = 64  # pages per chunk key (256 KiB)
+CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
+REMEMBER_TXNS = 1000  # per file, and for the namespace: a client retries only its last
+NS_TRIES = 100  # namespace transactions computed again after a concurrent change
+HOLD_LEASE_S = 30.0
+# Evicting policies that may drop a page that was committed: refused at connect.
+_EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+
+RedisClient = Union["coredis.Redis[bytes]", "coredis.RedisCluster[bytes]"]
+
+
+def is_redis_url(text: str) -> bool:
+    return text.startswith(("redis://", "rediss://"))
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    seeds: tuple[tuple[str, int], ...]
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> RedisAddress:
+        """redis://HOST:PORT[,HOST:PORT...] or rediss://... (TLS)."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("redis", "rediss"):
+            raise ValueError(f"{url!r}: a Redis URL starts with redis:// or rediss://")
+        rest = rest.rstrip("/")
+        if "@" in rest or "/" in rest or "?" in rest:
+            raise ValueError(
+                f"{url!r}: give only redis://HOST:PORT[,HOST:PORT...] (no user, password, "
+                "database or options in the URL)"
+            )
+        seeds = tuple(parse_host_port(part, DEFAULT_REDIS_PORT) for part in rest.split(","))
+        return cls(seeds, scheme == "rediss")
+
+    def __str__(self) -> str:
+        hosts = ",".join(f"{h}:{p}" for h, p in self.seeds)
+        return f"{'rediss' if self.tls else 'redis'}://{hosts}"
+
+
+class Keys:
+    """The key names (docs/protocol.md, "Redis store"). P: the prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        ns = f"{{{prefix}}}:"
+        self.format = (ns + "fmt").encode()
+        self.seq = (ns + "seq").encode()
+        self.inodes = (ns + "i").encode()
+        self.txns = (ns + "t").encode()
+        self.txn_list = (ns + "tq").encode()
+        self.next_ino = (ns + "next").encode()
+        self.orphans = (ns + "o").encode()
+        self.reaping = (ns + "r").encode()
+        self.holds = (ns + "h").encode()
+
+    def directory(self, ino: int) -> bytes:
+        return f"{{{self.prefix}}}:d:{ino}".encode()
+
+    def file(self, ino: int, what: str) -> bytes:
+        return f"{{{self.prefix}:{ino}}}:{what}".encode()
+
+    def chunk(self, ino: int, c: int) -> bytes:
+        return self.file(ino, f"c:{c}")
+
+
+# --- inode records: the namespace's part of an inode -------------------------------------
+
+
+def _pack(node: Inode) -> bytes:
+    size0 = node.data.size if node.data is not None else 0
+    return cast(
+        bytes,
+        msgpack.packb(
+            [
+                node.mode,
+                node.uid,
+                node.gid,
+                node.atime_ns,
+                node.mtime_ns,
+                node.ctime_ns,
+                node.nlink,
+                node.parent,
+                node.rdev,
+                node.target,
+                node.version,
+                size0,
+            ]
+        ),
+    )
+
+
+def _unpack(ino: int, raw: bytes, entries: dict[str, int] | None) -> Inode:
+    mode, uid, gid, atime, mtime, ctime, nlink, parent, rdev, target, version, size0 = (
+        msgpack.unpackb(raw)
+    )
+    node = Inode(ino, mode, uid, gid)
+    node.atime_ns, node.mtime_ns, node.ctime_ns = atime, mtime, ctime
+    node.nlink, node.parent, node.rdev, node.target, node.version = (
+        nlink,
+        parent,
+        rdev,
+        target,
+        version,
+    )
+    if node.data is not None:
+        node.data = FileData(size0)
+    if node.entries is not None:
+        node.entries = dict(entries or {})
+    return node
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class _Need(Exception):
+    """A rule asked for an inode the view has not read yet."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+
+
+class _Inodes(dict[int, Inode]):
+    """The inodes a view has read; asking for another raises _Need (the view reads it
+    and runs the rules again). absent: numbers read and found to be no inode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.absent: set[int] = set()
+
+    def __missing__(self, ino: int) -> Inode:
+        raise _Need(ino)
+
+    def get(self, ino: int, default: Any = None) -> Any:
+        if ino in self:
+            return self[ino]
+        if ino in self.absent:
+            return default
+        raise _Need(ino)
+
+
+class _View(MemoryPageStore):
+    """The part of the namespace one transaction touches, read from Redis on demand,
+    run by the server's own rules (MemoryPageStore's)."""
+
+    def __init__(self, seq: bytes, next_ino: int) -> None:
+        super().__init__()
+        self.inodes = _Inodes()
+        self.seq = seq
+        self.next_ino = next_ino
+
+    def load(self, ino: int, raw: bytes | None, entries: dict[bytes, bytes]) -> None:
+        if raw is None:
+            cast(_Inodes, self.inodes).absent.add(ino)
+            return
+        names = {_name(k): int(v) for k, v in entries.items()}
+        node = _unpack(ino, raw, names)
+        self.inodes[ino] = node
+        if ino == ROOT_INO:
+            self.root = node
+
+
+def _run_view(view: _View, fn: Callable[[], object]) -> tuple[object, int | None]:
+    """fn() over view, or the inode it still needs."""
+    try:
+        return fn(), None
+    except _Need as need:
+        return None, need.ino
+
+
+def _error(e: coredis.exceptions.ResponseError, where: str) -> NetmemError:
+    text = str(e)
+    if text.startswith("NM"):
+        code, _, msg = text[2:].partition(" ")
+        return error_for_code(code)(f"{where}: {msg}")
+    return NetmemError(f"{where}: Redis refused it: {text}")
+
+
+class RedisStore:
+    """A page store in Redis (store.Store)."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        address: RedisAddress,
+        keys: Keys,
+        *,
+        cluster: bool,
+        username: str | None = None,
+        password: str | None = None,
+        retry_for_s: float = 30.0,
+    ) -> None:
+        self.client = client
+        self._username = username
+        self._password = password
+        self.address = address
+        self.keys = keys
+        self.cluster = cluster
+        self.on_notice: Callable[[Notice | None], None] | None = None
+        self.wanted: frozenset[int] = frozenset()
+        self.listeners: dict[int, list[Callable[[Notice | None], None]]] = {}
+        self._client_id = os.urandom(8)
+        self._txn_seq = itertools.count(1)
+        self._sizes: dict[int, int] = {}  # a file's size as last seen (its chunk keys)
+        self.retry_for_s = retry_for_s
+        self._ears = _Ears(self)
+
+    # --- connecting ------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        retry_for_s: float = 30.0,
+        prefix: str = "nm",
+        credentials: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> AsyncIterator[RedisStore]:
+        """Connect to the Redis (or Redis Cluster) at url, check that it may hold
+        netmemfs pages, and load the store's functions. credentials: a password file's
+        contents, PASSWORD or USER PASSWORD (a Redis ACL user)."""
+        address = RedisAddress.parse(url)
+        username = password = None
+        if credentials is not None:
+            username, password = _parse_credentials(credentials)
+        cluster = await _is_cluster(address, username, password, retry_for_s)
+        client: RedisClient
+        common: dict[str, Any] = {
+            "decode_responses": False,
+            "username": username,
+            "password": password,
+            "ssl": address.tls or tls is not None,
+            "ssl_context": tls,
+            "connect_timeout": retry_for_s,
+        }
+        if cluster:
+            seeds = [coredis.connection.TCPLocation(h, p) for h, p in address.seeds]
+            client = coredis.RedisCluster(startup_nodes=seeds, **common)
+        else:
+            host, port = address.seeds[0]
+            client = coredis.Redis(host=host, port=port, **common)
+        # coredis runs its connections in a task group: its errors, and the caller's
+        # from the body, come out of it grouped; lone_errors takes them out again.
+        with lone_errors():
+            async with client:
+                store = cls(
+                    client,
+                    address,
+                    Keys(prefix),
+                    cluster=cluster,
+                    username=username,
+                    password=password,
+                    retry_for_s=retry_for_s,
+                )
+                await store._prepare()
+                async with open_quiet_nursery() as nursery:
+                    await nursery.start(store._ears.run)
+                    yield store
+                    nursery.cancel_scope.cancel()
+
+    async def _prepare(self) -> None:
+        code = importlib.resources.files("netmemfs").joinpath("redis_functions.lua").read_text()
+        where = f"preparing the Redis store at {self.address}"
+        try:
+            for node, policy in (await self._config("maxmemory-policy")).items():
+                if policy in _EVICTING:
+                    raise NotPermitted(
+                        f"Redis node {node} has maxmemory-policy {policy}: it may evict "
+                        "committed pages. Set `maxmemory-policy noeviction` on every node "
+                        "(CONFIG SET maxmemory-policy noeviction, and in redis.conf)"
+                    )
+            await self.client.function_load(code, replace=True)
+            k = self.keys
+            root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, time_ns=time.time_ns())
+            root.parent = ROOT_INO
+            found = await self.client.fcall(
+                "nm_format",
+                [k.format, k.inodes, k.next_ino, k.directory(ROOT_INO)],
+                [FORMAT, _pack(root)],
+            )
+        except coredis.exceptions.ResponseError as e:
+            raise _error(e, where) from None
+        except (coredis.exceptions.ConnectionError, OSError) as e:
+            raise self._unreachable(where, e) from None
+        if found != FORMAT:
+            raise NotPermitted(
+                f"{where}: its key {k.format.decode()} holds {found!r}, not {FORMAT.decode()!r}: "
+                "another program's keys or a newer netmemfs; use another database or prefix"
+            )
+        await self._sweep_reaping()
+
+    async def _config(self, name: str) -> dict[str, str]:
+        """CONFIG GET name of each node (a cluster's masters), by address."""
+        out = {}
+        for host, port in await self._primaries():
+            async with self._direct(host, port) as direct:
+                got = await direct.config_get([name])
+            out[f"{host}:{port}"] = _text(got.get(name.encode(), b""))
+        return out
+
+    async def _primaries(self) -> list[tuple[str, int]]:
+        """The nodes that hold keys: a cluster's masters, or the one Redis."""
+        if not self.cluster:
+            return [self.address.seeds[0]]
+        cluster = cast("coredis.RedisCluster[bytes]", self.client)
+        slots = await cluster.cluster_slots()
+        return sorted({(n[0]["host"], int(n[0]["port"])) for n in slots.values()})
+
+    @asynccontextmanager
+    async def _direct(self, host: str, port: int) -> AsyncIterator[coredis.Redis[bytes]]:
+        """A connection to one node (for what a cluster client does not route)."""
+        client: coredis.Redis[bytes] = coredis.Redis(
+            host=host,
+            port=port,
+            decode_responses=False,
+            username=self._username,
+            password=self._password,
+            ssl=self.address.tls,
+        )
+        with lone_errors():
+            async with client:
+                yield client
+
+    def _unreachable(self, where: str, e: BaseException) -> ServerUnreachable:
+        return ServerUnreachable(
+            f"{where}: Redis at {self.address} is unreachable ({e}); check that it runs "
+            "and that --server names it"
+        )
+
+    async def _call(
+        self, where: str, fn: str, keys: Sequence[bytes], args: Sequence[object]
+    ) -> Any:
+        try:
+            return await self.client.fcall(fn, list(keys), cast(Any, list(args)))
+        except coredis.exceptions.ResponseError as e:
+            raise _error(e, where) from None
+        except (coredis.exceptions.ConnectionError, OSError) as e:
+            raise self._unreachable(where, e) from None
+
+    async def _do(self, where: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except coredis.exceptions.ResponseError as e:
+            raise _error(e, where) from None
+        except (coredis.exceptions.ConnectionError, OSError) as e:
+            raise self._unreachable(where, e) from None
+
+    def new_txn(self) -> bytes:
+        return self._client_id + next(self._txn_seq).to_bytes(8, "big")
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def _meta(self, ino: int) -> tuple[bytes | None, dict[bytes, bytes]]:
+        k = self.keys
+        async with self.client.pipeline(transaction=False) as pipe:
+            rec = pipe.hget(k.inodes, str(ino).encode())
+            entries = pipe.hgetall(k.directory(ino))
+        return await rec, dict(await entries)
+
+    async def _data(self, ino: int) -> list[bytes | None]:
+        """size, version, stored, mtime, gone of file ino's data record."""
+        fields = [b"size", b"version", b"stored", b"mtime", b"gone"]
+        got = await self._do(
+            f"stat of inode {ino}", self.client.hmget(self.keys.file(ino, "m"), fields)
+        )
+        return list(got)
+
+    async def getattr(self, ino: int) -> InodeStat:
+        where = f"stat of inode {ino}"
+        raw, _ = await self._do(where, self._meta(ino))
+        if raw is None:
+            raise Stale(f"{where}: inode {ino} no longer exists; open the file again by its name")
+        node = _unpack(ino, raw, None)
+        size, version, stored, mtime_ns = node.size, node.version, 0, node.mtime_ns
+        ctime_ns = node.ctime_ns
+        if node.data is not None:
+            d_size, d_version, d_stored, d_mtime, _ = await self._data(ino)
+            version = int(d_version or 0)
+            if d_size is not None:
+                size, stored = int(d_size), int(d_stored or 0)
+                self._sizes[ino] = size
+                dm = int(d_mtime or 0)
+                if dm > node.ctime_ns:  # a commit after the last change of attributes
+                    mtime_ns = ctime_ns = dm
+        return InodeStat(
+            ino,
+            node.mode,
+            node.uid,
+            node.gid,
+            node.atime_ns,
+            mtime_ns,
+            ctime_ns,
+            node.nlink,
+            size,
+            version,
+            node.rdev,
+            stored,
+            node.target,
+        )
+
+    async def lookup(self, parent: int, name: str) -> InodeStat:
+        where = f"lookup of {name!r} in directory {parent}"
+        if name in (".", ".."):
+            if name == ".":
+                return await self.getattr(parent)
+            raw, _ = await self._do(where, self._meta(parent))
+            if raw is None:
+                raise Stale(f"{where}: directory {parent} no longer exists")
+            return await self.getattr(_unpack(parent, raw, None).parent)
+        check_entry_name(name)
+        raw, entries = await self._do(where, self._meta(parent))
+        if raw is None:
+            raise Stale(f"{where}: directory {parent} no longer exists")
+        if not stat.S_ISDIR(msgpack.unpackb(raw)[0]):
+            raise error_for_code("not_dir")(f"{where}: inode {parent} is not a directory")
+        ino = entries.get(name.encode("utf-8", "surrogateescape"))
+        if ino is None:
+            raise error_for_code("not_found")(f"{name!r} does not exist in directory {parent}")
+        return await self.getattr(int(ino))
+
+    async def readdir(self, ino: int) -> list[tuple[str, int, int]]:
+        where = f"listing directory {ino}"
+        raw, entries = await self._do(where, self._meta(ino))
+        if raw is None:
+            raise Stale(f"{where}: directory {ino} no longer exists")
+        names = sorted(entries.items())
+        async with self.client.pipeline(transaction=False) as pipe:
+            recs = [pipe.hget(self.keys.inodes, child) for _, child in names]
+        out = []
+        for (name, child), rec in zip(names, recs, strict=True):
+            got = await rec
+            if got is not None:
+                out.append((_name(name), int(child), int(msgpack.unpackb(got)[0])))
+        return out
+
+    async def read_inode(self, ino: int, first: int, count: int) -> PageRead:
+        where = f"read of pages {first}..{first + count - 1} of inode {ino}"
+        if count > MAX_MESSAGE_PAGES:
+            raise TooLarge(f"{where}: at most {MAX_MESSAGE_PAGES} per request")
+        keys, args = [self.keys.file(ino, "m")], []
+        for c, lo, hi in _chunk_spans(first, count):
+            keys.append(self.keys.chunk(ino, c))
+            args += [lo * PAGE_SIZE, hi * PAGE_SIZE - 1]
+        got = await self._call(where, "nm_read", keys, args)
+        size, version, gone = int(got[0]), int(got[1]), int(got[2])
+        if gone:
+            raise Stale(f"{where}: the file was removed; open it again by its name")
+        if size < 0:  # no data record: a file made with a size and never written
+            st = await self.getattr(ino)
+            size = st.size
+        if first + count > pages_for(size):
+            raise OutOfRange(
+                f"{where} goes past its end ({pages_for(size)} pages, {size} bytes); read less"
+            )
+        self._sizes[ino] = size
+        runs = []
+        for (c, lo, _), data in zip(_chunk_spans(first, count), got[3:], strict=True):
+            if data:
+                runs.append(PageRun("", c * CHUNK_PAGES + lo, data))
+        return PageRead("", first, count, version, tuple(_merge(runs)))
+
+    async def server_stat(self) -> ServerStat:
+        where = "stat of the Redis store"
+        used = cap = 0
+        for host, port in await self._do(where, self._primaries()):
+            async with self._direct(host, port) as direct:
+                info = await self._do(where, direct.info("memory"))
+            used += int(info.get("used_memory", 0))
+            cap += int(info.get("maxmemory", 0))
+        files = await self._do(where, self.client.hlen(self.keys.inodes))
+        return ServerStat(cap, used, int(files))
+
+    # --- commits -----------------------------------------------------------------------
+
+    async def commit(
+        self,
+        writes: Sequence[PageRun],
+        *,
+        resizes: Sequence[tuple[str, int]] = (),
+        txn: bytes | None = None,
+    ) -> CommitResult:
+        raise Unsupported(
+            "a commit to a segment by name (a journal from before inodes) cannot go to a "
+            "Redis store; commit it to the netmemfs-server it was made for first"
+        )
+
+    async def change(self, ops: Sequence[InodeOp], *, txn: bytes | None = None) -> ChangeResult:
+        txn = txn or self.new_txn()
+        data = (WritePages, Truncate, Expect, Fence)
+        if ops and all(isinstance(op, data) for op in ops):
+            inos = {op.ino for op in ops if isinstance(op, data)}
+            if len(inos) == 1:
+                return await self._commit_file(inos.pop(), ops, txn)
+        if any(isinstance(op, data) for op in ops):
+            raise Unsupported(
+                "a Redis store commits one file's pages, or names, per transaction, not "
+                f"both or several files at once ({len(ops)} ops)"
+            )
+        return await self._change_names(ops, txn)
+
+    async def _commit_file(self, ino: int, ops: Sequence[InodeOp], txn: bytes) -> ChangeResult:
+        where = f"commit to inode {ino}"
+        if any(isinstance(op, Fence) for op in ops):
+            self._no_locks()
+        expect = [op.version for op in ops if isinstance(op, Expect)]
+        init = ""
+        # The size up to which a shrink must name chunk keys; with no shrink, any.
+        shrinks = any(isinstance(op, Truncate) for op in ops)
+        declared = self._sizes.get(ino, 0) if shrinks else 1 << 53
+        for _ in range(8):
+            keys, args = self._commit_call(ino, ops, declared)
+            head = [txn, init, str(expect[-1]) if expect else "", REMEMBER_TXNS, declared]
+            head.append(self.keys.file(ino, "n"))
+            try:
+                got = await self.client.fcall("nm_commit", keys, cast(Any, [*head, *args]))
+            except coredis.exceptions.ResponseError as e:
+                text = str(e)
+                if text.startswith("NMresize "):
+                    declared = int(text.split()[1])  # it grew meanwhile: name more chunks
+                    continue
+                if text.startswith("NMinit "):
+                    st = await self.getattr(ino)  # never written: its size is in its record
+                    init = str(st.size)
+                    declared = max(declared, st.size)
+                    continue
+                raise _error(e, where) from None
+            except (coredis.exceptions.ConnectionError, OSError) as e:
+                raise self._unreachable(where, e) from None
+            version, size, replayed = (int(x) for x in got)
+            self._sizes[ino] = size
+            return ChangeResult(txn, {ino: version}, (), bool(replayed))
+        raise NetmemError(f"{where}: the file kept changing size; try again")
+
+    def _commit_call(
+        self, ino: int, ops: Sequence[InodeOp], declared: int
+    ) -> tuple[list[bytes], list[object]]:
+        k = self.keys
+        keys = [k.file(ino, "m"), k.file(ino, "t"), k.file(ino, "tq")]
+        index: dict[int, int] = {}
+
+        def key(c: int) -> int:
+            if c not in index:
+                keys.append(k.chunk(ino, c))
+                index[c] = len(keys)  # Lua counts from 1
+            return index[c]
+
+        args: list[object] = []
+        size = declared
+        for op in ops:
+            if isinstance(op, Truncate):
+                first_key = 0
+                if op.size < size:
+                    keep = pages_for(op.size)
+                    c0 = max(keep - 1, 0) // CHUNK_PAGES
+                    last = (pages_for(size) - 1) // CHUNK_PAGES
+                    # The Lua side walks these in order from the first: they must be
+                    # consecutive KEYS, so fresh entries (not the index of earlier ones).
+                    first_key = len(keys) + 1
+                    keys.extend(k.chunk(ino, c) for c in range(c0, last + 1))
+                size = op.size
+                args += [b"T", op.size, first_key]
+            elif isinstance(op, WritePages):
+                view = memoryview(op.data)
+                for c, lo, hi in _chunk_spans(op.first, len(view) // PAGE_SIZE):
+                    p = c * CHUNK_PAGES + lo
+                    part = view[(p - op.first) * PAGE_SIZE : (p - op.first + hi - lo) * PAGE_SIZE]
+                    args += [b"W", key(c), p, bytes(part)]
+        return keys, args
+
+    async def hold(self, client: bytes, inos: Collection[int]) -> float:
+        lease_ms = int(HOLD_LEASE_S * 1000)
+        listed = " ".join(str(i) for i in sorted(inos))
+        where = f"hold of {len(inos)} open files"
+        await self._call(where, "nm_hold", [self.keys.holds], [client.hex(), lease_ms, listed])
+        await self._reap_orphans()
+        return HOLD_LEASE_S
+
+    async def _held(self) -> set[int]:
+        got = await self._call("reading holds", "nm_hold", [self.keys.holds], ["", 0, ""])
+        return {int(x) for x in got}
+
+    async def _reap_orphans(self) -> None:
+        """Free the orphans no client holds any more."""
+        orphans = await self._do("reading orphans", self.client.smembers(self.keys.orphans))
+        if not orphans:
+            return
+        free = {int(x) for x in orphans} - await self._held()
+        if free:
+            await self._change_names([Reap(ino) for ino in sorted(free)], self.new_txn())
+
+    # --- the namespace -------------------------------------------------------------------
+
+    async def _change_names(self, ops: Sequence[Any], txn: bytes) -> ChangeResult:
+        where = f"change of {len(ops)} ops ({', '.join(type(op).__name__ for op in ops[:4])})"
+        k = self.keys
+        t = time.time_ns()
+        ops = [dataclasses.replace(op, time_ns=t) for op in ops]
+        for _ in range(NS_TRIES):
+            async with self.client.pipeline(transaction=False) as pipe:
+                seq_r = pipe.get(k.seq)
+                prior_r = pipe.hget(k.txns, txn)
+                next_r = pipe.get(k.next_ino)
+            seq, prior, nxt = await self._do(where, _gather3(seq_r, prior_r, next_r))
+            if prior is not None:
+                return _result(txn, prior, replayed=True)
+            view = _View(seq or b"0", int(nxt or 2))
+            orphaned = await self._until_loaded(view, functools.partial(view.check, ops))
+            held = await self._held() if orphaned else set()
+            final = cast(
+                list[Any],
+                await self._until_loaded(view, functools.partial(view.settle, ops, held)),
+            )
+            before = {ino: _pack(node) for ino, node in view.inodes.items()}
+            entries_before = {
+                ino: dict(node.entries)
+                for ino, node in view.inodes.items()
+                if node.entries is not None
+            }
+            view.apply(txn, final)
+            outcome = view.outcome(txn)
+            assert outcome is not None
+            result = msgpack.packb([list(map(list, outcome.inodes)), list(outcome.created)])
+            reaped = [op.ino for op in final if isinstance(op, Reap)]
+            keys, args = self._ns_call(view, before, entries_before, reaped)
+            head = [view.seq, txn, result, view.next_ino, REMEMBER_TXNS]
+            got = await self._call(where, "nm_ns", keys, [*head, *args])
+            if got[0] == b"retry":
+                continue
+            if got[0] == b"replayed":
+                return _result(txn, got[1], replayed=True)
+            reaped_files = [ino for ino in reaped if stat.S_ISREG(msgpack.unpackb(before[ino])[0])]
+            for ino in reaped_files:
+                await self._drop(ino, msgpack.unpackb(before[ino])[11])
+            if reaped:
+                await self._do(where, self.client.srem(k.reaping, [str(i) for i in reaped]))
+            return _result(txn, result, replayed=False)
+        raise error_for_code("busy")(
+            f"{where}: the namespace changed under it {NS_TRIES} times; try again"
+        )
+
+    async def _until_loaded(self, view: _View, fn: Callable[[], object]) -> Any:
+        """fn() over view, reading each inode it asks for that view has not read."""
+        while True:
+            got, need = _run_view(view, fn)
+            if need is None:
+                return got
+            raw, entries = await self._do(f"reading inode {need}", self._meta(need))
+            view.load(need, raw, entries)
+
+    def _ns_call(
+        self,
+        view: _View,
+        before: dict[int, bytes],
+        entries_before: dict[int, dict[str, int]],
+        reaped: list[int],
+    ) -> tuple[list[bytes], list[object]]:
+        k = self.keys
+        keys = [k.seq, k.inodes, k.txns, k.txn_list, k.next_ino, k.orphans, k.reaping]
+        after = {ino: _pack(node) for ino, node in view.inodes.items()}
+        sets = [(ino, rec) for ino, rec in after.items() if before.get(ino) != rec]
+        dels = [ino for ino in before if ino not in after]
+        args: list[object] = [len(sets)]
+        for ino, rec in sets:
+            args += [ino, rec]
+        args += [len(dels), *dels]
+        orphans = sorted(view.orphans)
+        args += [len(orphans), *orphans, len(reaped), *reaped, len(reaped), *reaped]
+        for ino, node in view.inodes.items():
+            if node.entries is None:
+                continue
+            old = entries_before.get(ino, {})
+            changes: list[object] = []
+            for name, child in node.entries.items():
+                if old.get(name) != child:
+                    changes += [name.encode("utf-8", "surrogateescape"), child]
+            for name in old:
+                if name not in node.entries:
+                    changes += [name.encode("utf-8", "surrogateescape"), b""]
+            if changes:
+                keys.append(k.directory(ino))
+                args += [len(changes) // 2, *changes]
+        for ino in dels:
+            if ino in entries_before:
+                keys.append(k.directory(ino))
+                args.append(b"D")
+        return keys, args
+
+    async def _drop(self, ino: int, size0: int) -> None:
+        """Free the pages of file ino (reaped: no name, nobody holds it)."""
+        d = await self._data(ino)
+        size = max(size0, int(d[0] or 0), self._sizes.pop(ino, 0))
+        keys = [self.keys.file(ino, "m")]
+        keys += [self.keys.chunk(ino, c) for c in range(pages_for(size) // CHUNK_PAGES + 1)]
+        await self._call(f"freeing inode {ino}", "nm_drop", keys, [])
+
+    async def _sweep_reaping(self) -> None:
+        """Files a client reaped and died before freeing their pages: free them."""
+        left = await self._do("reading reaped files", self.client.smembers(self.keys.reaping))
+        for raw in left:
+            await self._drop(int(raw), 0)
+            await self._do("reading reaped files", self.client.srem(self.keys.reaping, [raw]))
+
+    # --- notices and locks ---------------------------------------------------------------
+
+    async def subscribe(self, inos: Collection[int]) -> None:
+        """Hear of other clients' commits to exactly inos from now on (on_notice);
+        returns once Redis has confirmed each file's subscription."""
+        self.wanted = frozenset(inos)
+        await self._ears.settle(self._want())
+
+    def listen(self, ino: int, fn: Callable[[Notice | None], None]) -> None:
+        """Call fn with each notice of another client's commit to ino (None when some
+        may have been missed), until unlisten; subscribes in the background."""
+        self.listeners.setdefault(ino, []).append(fn)
+        self._ears.poke()
+
+    def unlisten(self, ino: int, fn: Callable[[Notice | None], None]) -> None:
+        fns = self.listeners.get(ino, [])
+        if fn in fns:
+            fns.remove(fn)
+        if not fns:
+            self.listeners.pop(ino, None)
+        self._ears.poke()
+
+    def _want(self) -> frozenset[int]:
+        return self.wanted | frozenset(self.listeners)
+
+    def _notice(self, notice: Notice) -> None:
+        if self.on_notice is not None and notice.ino in self.wanted:
+            self.on_notice(notice)
+        for fn in list(self.listeners.get(notice.ino, [])):
+            fn(notice)
+
+    def _missed(self, inos: Collection[int]) -> None:
+        """Commits to inos may have gone unheard (a connection broke, a slot moved)."""
+        if self.on_notice is not None and not self.wanted.isdisjoint(inos):
+            self.on_notice(None)
+        for ino in inos:
+            for fn in list(self.listeners.get(ino, [])):
+                fn(None)
+
+    def _no_locks(self) -> NoReturn:
+        raise Unsupported(
+            "locks are not yet supported on a Redis store; use a netmemfs-server "
+            "(--server HOST:PORT) for files that take locks"
+        )
+
+    async def lock(
+        self, ino: int, start: int, length: int, *, exclusive: bool, wait_s: float
+    ) -> LockGrant:
+        self._no_locks()
+
+    async def unlock(self, token: int) -> None:
+        self._no_locks()
+
+    async def renew(self) -> float:
+        return HOLD_LEASE_S
+
+    async def open_handover(self) -> int:
+        raise Unsupported(
+            "direct reads from Redis are not built yet: a region's pages come through its agent"
+        )
+
+
+class _Ear:
+    """One connection to one Redis node, subscribed (SSUBSCRIBE) to the notice channels
+    of the files whose slots that node serves. RESP read with hiredis's Reader."""
+
+    def __init__(self, node: tuple[str, int], stream: trio.abc.Stream) -> None:
+        self.node = node
+        self.stream = stream
+        self.reader = hiredis.Reader()
+        self.asked: set[int] = set()  # inodes subscribed to (sent)
+        self.confirmed: set[int] = set()  # of those, confirmed by the node
+        self.leaving: set[int] = set()  # unsubscribed by us, not yet confirmed
+
+    async def send(self, *commands: tuple[bytes, ...]) -> None:
+        out = bytearray()
+        for cmd in commands:
+            out += b"*%d\r\n" % len(cmd)
+            for arg in cmd:
+                out += b"$%d\r\n%s\r\n" % (len(arg), arg)
+        await self.stream.send_all(bytes(out))
+
+    async def receive(self) -> Any:
+        while (reply := self.reader.gets()) is False:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise trio.BrokenResourceError(f"Redis {self.node} closed the connection")
+            self.reader.feed(bytes(data))
+        return reply
+
+
+class _Ears:
+    """The connections that hear notices, kept matching the files wanted: opened per
+    node as needed, resubscribed after a break (and the files' listeners told None once
+    the new subscription is confirmed, as commits may have gone unheard)."""
+
+    RETRY_S = 0.2
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.ears: dict[tuple[str, int], _Ear] = {}
+        self.unsure: set[int] = set()  # to be told None once subscribed again
+        self.slots: list[tuple[int, int, tuple[str, int]]] | None = None
+        self.changed = trio.Event()  # poked: the wanted set or the ears changed
+        self.progress = trio.Event()  # a subscription was confirmed or failed
+        self.nursery: trio.Nursery | None = None
+
+    def poke(self) -> None:
+        self.changed.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            while True:
+                self.changed = trio.Event()
+                try:
+                    await self._match(self.store._want())
+                except (NetmemError, OSError, trio.BrokenResourceError) as e:
+                    log.info("notices: %s; trying again", e)
+                    self._wake()
+                    await trio.sleep(self.RETRY_S)
+                    continue
+                await self.changed.wait()
+
+    def _wake(self) -> None:
+        self.progress.set()
+        self.progress = trio.Event()
+
+    async def settle(self, want: frozenset[int]) -> None:
+        """Wait until every file of want is heard (or raise after retry_for_s)."""
+        self.poke()
+        with trio.move_on_after(self.store.retry_for_s):
+            while not want <= self._confirmed():
+                await self.progress.wait()
+            return
+        raise ServerUnreachable(
+            f"subscription to notices of {len(want)} files at Redis {self.store.address} "
+            f"not confirmed within {self.store.retry_for_s:g} s"
+        )
+
+    def _confirmed(self) -> set[int]:
+        return set().union(*(ear.confirmed for ear in self.ears.values()))
+
+    async def _node_of(self, ino: int) -> tuple[str, int]:
+        store = self.store
+        if not store.cluster:
+            return store.address.seeds[0]
+        if self.slots is None:
+            cluster = cast("coredis.RedisCluster[bytes]", store.client)
+            got = await store._do("reading the cluster's slots", cluster.cluster_slots())
+            self.slots = [
+                (lo, hi, (nodes[0]["host"], int(nodes[0]["port"])))
+                for (lo, hi), nodes in got.items()
+            ]
+        slot = hash_slot(store.keys.file(ino, "n"))
+        for lo, hi, node in self.slots:
+            if lo <= slot <= hi:
+                return node
+        raise ServerUnreachable(f"no node of {store.address} serves slot {slot}")
+
+    async def _match(self, want: frozenset[int]) -> None:
+        by_node: dict[tuple[str, int], set[int]] = {}
+        for ino in want:
+            by_node.setdefault(await self._node_of(ino), set()).add(ino)
+        for node, ear in list(self.ears.items()):
+            drop = ear.asked - by_node.get(node, set())
+            if drop:
+                ear.asked -= drop
+                ear.confirmed -= drop
+                ear.leaving |= drop
+                await ear.send(*((b"SUNSUBSCRIBE", self._chan(i)) for i in drop))
+        for node, inos in by_node.items():
+            ear = self.ears.get(node) or await self._open(node)
+            add = inos - ear.asked
+            if add:
+                ear.asked |= add
+                ear.leaving -= add
+                await ear.send(*((b"SSUBSCRIBE", self._chan(i)) for i in add))
+
+    def _chan(self, ino: int) -> bytes:
+        return self.store.keys.file(ino, "n")
+
+    async def _open(self, node: tuple[str, int]) -> _Ear:
+        store = self.store
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(*node)
+        except OSError as e:
+            raise ServerUnreachable(f"notices: Redis {node[0]}:{node[1]}: {e}") from None
+        ear = _Ear(node, stream)
+        if store._password is not None:
+            auth = [b"AUTH", store._password.encode()]
+            if store._username is not None:
+                auth.insert(1, store._username.encode())
+            await ear.send(tuple(auth))
+            reply = await ear.receive()
+            if isinstance(reply, hiredis.ReplyError):
+                await stream.aclose()
+                raise error_for_code("auth")(f"notices: Redis {node[0]}:{node[1]}: {reply}")
+        self.ears[node] = ear
+        assert self.nursery is not None
+        self.nursery.start_soon(self._hear, ear)
+        return ear
+
+    async def _hear(self, ear: _Ear) -> None:
+        try:
+            while True:
+                msg = await ear.receive()
+                if not isinstance(msg, list) or len(msg) < 3:
+                    continue
+                kind, chan = msg[0], msg[1]
+                ino = self._ino_of(chan)
+                if ino is None:
+                    continue
+                if kind == b"smessage":
+                    notice = _decode_notice(ino, msg[2], self.store._client_id)
+                    if notice is not None:
+                        self.store._notice(notice)
+                elif kind == b"ssubscribe":
+                    if ino in ear.asked:
+                        ear.confirmed.add(ino)
+                        if ino in self.unsure:
+                            self.unsure.discard(ino)
+                            self.store._missed([ino])
+                    self._wake()
+                elif kind == b"sunsubscribe":
+                    if ino in ear.leaving:
+                        ear.leaving.discard(ino)
+                    elif ino in ear.asked:
+                        # Not asked for: the slot moved to another node. Subscribe there.
+                        ear.asked.discard(ino)
+                        ear.confirmed.discard(ino)
+                        self.unsure.add(ino)
+                        self.slots = None
+                        self.poke()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("notices from Redis %s:%d stopped (%s); subscribing again", *ear.node, e)
+        finally:
+            if self.ears.get(ear.node) is ear:
+                del self.ears[ear.node]
+            self.unsure |= ear.asked
+            self.slots = None
+            with trio.CancelScope(shield=True):
+                await ear.stream.aclose()
+            self._wake()
+            self.poke()
+
+    def _ino_of(self, chan: bytes) -> int | None:
+        prefix = f"{{{self.store.keys.prefix}:".encode()
+        if not chan.startswith(prefix) or not chan.endswith(b"}:n"):
+            return None
+        digits = chan[len(prefix) : -3]
+        return int(digits) if digits.isdigit() else None
+
+
+def _decode_notice(ino: int, raw: bytes, own: bytes) -> Notice | None:
+    """A commit's notice (None: the client's own commit, or not a notice)."""
+    try:
+        version, runs, whole, origin = msgpack.unpackb(raw, raw=True)
+        if origin == own:
+            return None
+        pages = tuple((int(first), int(count)) for first, count in runs)
+        return Notice(0, int(ino), int(version), pages, bool(whole))
+    except (ValueError, TypeError, msgpack.UnpackException):
+        log.warning("notices: a message on the channel of inode %d is not a notice", ino)
+        return None
+
+
+async def _gather3(a: Any, b: Any, c: Any) -> tuple[Any, Any, Any]:
+    return await a, await b, await c
+
+
+def _result(txn: bytes, raw: bytes, *, replayed: bool) -> ChangeResult:
+    inodes, created = msgpack.unpackb(raw)
+    return ChangeResult(txn, {i: v for i, v in inodes}, tuple(created), replayed)
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _chunk_spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
+    """(chunk, first page in it, end page in it) covering pages first..first+count-1."""
+    p, end = first, first + count
+    while p < end:
+        c = p // CHUNK_PAGES
+        hi = min(end, (c + 1) * CHUNK_PAGES)
+        yield c, p - c * CHUNK_PAGES, hi - c * CHUNK_PAGES
+        p = hi
+
+
+def _merge(runs: list[PageRun]) -> Iterator[PageRun]:
+    """Runs that touch, as one (a read across chunks comes back one per chunk)."""
+    start: PageRun | None = None
+    parts: list[bytes] = []
+    for run in runs:
+        if start is not None and start.first + sum(map(len, parts)) // PAGE_SIZE == run.first:
+            parts.append(bytes(run.data))
+            continue
+        if start is not None:
+            yield PageRun("", start.first, b"".join(parts))
+        start, parts = run, [bytes(run.data)]
+    if start is not None:
+        yield PageRun("", start.first, parts[0] if len(parts) == 1 else b"".join(parts))
+
+
+async def _is_cluster(
+    address: RedisAddress, username: str | None, password: str | None, retry_for_s: float
+) -> bool:
+    """Whether the first seed that answers is a Redis Cluster node."""
+    deadline = trio.current_time() + retry_for_s
+    last: BaseException | None = None
+    while True:
+        for host, port in address.seeds:
+            probe: coredis.Redis[bytes] = coredis.Redis(
+                host=host,
+                port=port,
+                username=username,
+                password=password,
+                ssl=address.tls,
+                connect_timeout=max(0.1, deadline - trio.current_time()),
+            )
+            try:
+                with lone_errors():
+                    async with probe:
+                        info = await probe.info("cluster")
+                return str(info.get("cluster_enabled", 0)) == "1"
+            except coredis.exceptions.AuthenticationError as e:
+                raise error_for_code("auth")(
+                    f"Redis at {host}:{port} refused our credentials ({e}); check the password file"
+                ) from None
+            except (coredis.exceptions.ConnectionError, OSError) as e:
+                last = e
+        if trio.current_time() >= deadline:
+            raise ServerUnreachable(
+                f"no Redis answers at {address} ({last}); check that it runs and that "
+                "--server names it"
+            )
+        await trio.sleep(0.1)
+
+
+def _parse_credentials(raw: bytes) -> tuple[str | None, str]:
+    """A password file's contents: one line, PASSWORD or USER PASSWORD."""
+    words = raw.decode("utf-8", "replace").split()
+    if len(words) == 1:
+        return None, words[0]
+    if len(words) == 2:
+        return words[0], words[1]
+    raise error_for_code("auth")(
+        "a Redis password file holds one line: PASSWORD, or USER PASSWORD (a Redis ACL user)"
+    )

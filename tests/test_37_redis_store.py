@@ -1,0 +1,234 @@
+"""Layer 3g: the doors on each store (issue 16): a netmemfs-server, a standalone Redis and
+a Redis Cluster (3 masters, a replica each), all real processes. The mount crash test
+(test_55) runs on each store too; the Redis store's refusals are here."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from netmemfs import anon
+from netmemfs.connect import connect_store
+from netmemfs.errors import AuthFailed, NetmemError, NotPermitted, Unsupported
+from netmemfs.ops import MakeNode, WritePages
+from netmemfs.pages import PAGE_SIZE
+from netmemfs.redis_store import RedisStore
+from netmemfs.remote import RemoteStore
+from netmemfs_server.store import ROOT_INO
+from tests.helpers import MountProc, run_trio, stamp_page, wait_for
+from tests.redis_procs import RedisProc, ask
+
+MiB = 1 << 20
+MountFactory = Callable[..., MountProc]
+
+
+def _pattern(name: str, pages: int, gen: int) -> bytes:
+    return b"".join(stamp_page(name, p, gen) for p in range(pages))
+
+
+def test_a_mount_round_trip(any_store: str, mount_factory: MountFactory) -> None:
+    """Files written through a mapping and fsynced on one mount are what another mount
+    reads; names change atomically; a shrink and a growth read zeros; a file opened
+    again after another mount's commit shows that commit (close-to-open)."""
+    a = mount_factory(any_store, name="a")
+    b = mount_factory(any_store, name="b")
+    pages = 300  # several 64-page chunks
+    fd = os.open(a.path("seg0"), os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, pages * PAGE_SIZE)
+    with mmap.mmap(fd, pages * PAGE_SIZE) as m:
+        m[:] = _pattern("seg0", pages, 1)
+        m.flush()
+    os.fsync(fd)
+    os.close(fd)
+    assert b.path("seg0").read_bytes() == _pattern("seg0", pages, 1)
+    # Another commit on a; b opens the file again and sees it.
+    with open(a.path("seg0"), "r+b") as f:
+        f.seek(70 * PAGE_SIZE)
+        f.write(stamp_page("seg0", 70, 2))
+        f.truncate(100 * PAGE_SIZE + 10)
+        f.flush()
+        os.fsync(f.fileno())
+    want = bytearray(_pattern("seg0", 100, 1) + stamp_page("seg0", 100, 1)[:10])
+    want[70 * PAGE_SIZE : 71 * PAGE_SIZE] = stamp_page("seg0", 70, 2)
+    assert b.path("seg0").read_bytes() == want
+    with open(a.path("seg0"), "r+b") as f:
+        f.truncate(101 * PAGE_SIZE)  # grows again: past the old end, zeros
+        os.fsync(f.fileno())
+    assert b.path("seg0").read_bytes() == want + bytes(PAGE_SIZE - 10)
+    assert os.stat(b.path("seg0")).st_size == 101 * PAGE_SIZE
+    # Names: a directory, a rename into it, a hard link, a symlink, then all removed.
+    os.mkdir(a.path("d"))
+    os.rename(a.path("seg0"), a.path("d/x"))
+    os.link(a.path("d/x"), a.path("hard"))
+    os.symlink("d/x", a.path("soft"))
+    assert sorted(os.listdir(b.mountpoint)) == ["d", "hard", "soft"]
+    assert os.readlink(b.path("soft")) == "d/x"
+    assert os.stat(b.path("d/x")).st_nlink == 2
+    assert b.path("hard").read_bytes() == want + bytes(PAGE_SIZE - 10)
+    with pytest.raises(OSError) as e:
+        os.rmdir(a.path("d"))
+    assert e.value.errno == 39  # ENOTEMPTY: the rule is the server's, on every store
+    for name in ("d/x", "hard", "soft"):
+        os.unlink(a.path(name))
+    os.rmdir(a.path("d"))
+    assert os.listdir(b.mountpoint) == []
+
+
+def test_a_region_round_trip(any_store: str) -> None:
+    """A region larger than its budget: written, synced, mapped again and read back
+    (evicted pages come back; holes read as zeros); a larger map of it is refused."""
+    size, budget = 4 * MiB, 1 * MiB
+    with anon.map(size, segment="region", server=any_store, budget=budget) as region:
+        for p in range(0, size // PAGE_SIZE, 3):
+            region[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] = stamp_page("region", p, 1)
+        region.sync()
+        region[0:5] = b"HELLO"  # after the sync: dropped by close
+    with anon.map(size, segment="region", server=any_store, budget=budget) as region:
+        for p in range(size // PAGE_SIZE):
+            want = stamp_page("region", p, 1) if p % 3 == 0 else bytes(PAGE_SIZE)
+            assert region[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] == want, f"page {p}"
+    with pytest.raises(NetmemError, match="has 4194304 bytes on the server"):
+        anon.map(8 * MiB, segment="region", server=any_store)
+
+
+def _force_reconnect(store: object, address: str) -> None:
+    """Break every client connection of the store (the server's own reconnect, or
+    Redis's CLIENT KILL on every node)."""
+    if isinstance(store, RedisStore):
+        hosts = address.removeprefix("redis://").split(",")
+        ports = {int(h.rsplit(":", 1)[1]) for h in hosts}
+        for port in list(ports):
+            for line in ask(port, "CLUSTER", "NODES").splitlines():
+                if "127.0.0.1:" in line:  # a cluster: every node, masters and replicas
+                    ports.add(int(line.split()[1].split("@")[0].rsplit(":", 1)[1]))
+        for port in ports:
+            assert ask(port, "CLIENT", "KILL", "TYPE", "normal").isdigit()
+
+
+def test_exactly_once_after_a_forced_reconnect(any_store: str) -> None:
+    """The same transaction sent again after its connection was broken applies nothing
+    and answers with the first result: a file's commit and a namespace change."""
+
+    async def main() -> None:
+        async with connect_store(any_store) as store:
+            if isinstance(store, RemoteStore):
+                await store.force_reconnect()
+            made = await store.change([MakeNode(ROOT_INO, "once", stat.S_IFREG | 0o644, size=MiB)])
+            ino = made.created[0]
+            first = await store.change([WritePages(ino, 5, stamp_page("once", 5, 1))])
+            _force_reconnect(store, any_store)
+            if isinstance(store, RemoteStore):
+                await store.force_reconnect()
+            again = await store.change(
+                [WritePages(ino, 5, stamp_page("once", 5, 2))], txn=first.txn
+            )
+            assert again.replayed and again.inodes == first.inodes
+            got = await store.read_inode(ino, 5, 1)
+            assert got.to_bytes() == stamp_page("once", 5, 1)
+            assert got.version == first.inodes[ino]
+            remade = await store.change(
+                [MakeNode(ROOT_INO, "once", stat.S_IFREG | 0o644, size=MiB)], txn=made.txn
+            )
+            assert remade.replayed and remade.created == made.created
+            assert [n for n, _, _ in await store.readdir(ROOT_INO)] == ["once"]
+
+    run_trio(main, 60)
+
+
+# --- the Redis store's refusals --------------------------------------------------------
+
+
+def test_an_evicting_redis_is_refused_naming_the_node(tmp_path: Path) -> None:
+    redis = RedisProc(tmp_path, "--maxmemory-policy", "allkeys-lru")
+    try:
+
+        async def main() -> None:
+            async with connect_store(redis.url, retry_for_s=5):
+                pass
+
+        with pytest.raises(NotPermitted) as e:
+            run_trio(main, 30)
+        msg = str(e.value)
+        assert redis.address in msg and "allkeys-lru" in msg and "noeviction" in msg
+    finally:
+        redis.kill()
+
+
+def test_a_wrong_password_is_refused(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """A password file (--token-file) with the right password mounts; a wrong one, or
+    none, fails the mount with a line that names the Redis and the file."""
+    secret = "correct-horse-battery-staple"
+    redis = RedisProc(tmp_path, "--requirepass", secret)
+    try:
+        good, bad = tmp_path / "good.pw", tmp_path / "bad.pw"
+        good.write_text(secret + "\n")
+        bad.write_text("wrong-password-of-16+\n")
+        for f in (good, bad):
+            f.chmod(0o600)
+        m = mount_factory(redis.url, "--token-file", str(good), name="good")
+        m.path("f").write_bytes(b"x" * 10)
+        assert m.path("f").read_bytes() == b"x" * 10
+
+        async def main() -> None:
+            async with connect_store(redis.url, token=bad.read_bytes(), retry_for_s=5):
+                pass
+
+        with pytest.raises(AuthFailed, match=f"127.0.0.1:{redis.port}"):
+            run_trio(main, 30)
+    finally:
+        redis.kill()
+
+
+def test_keys_of_another_program_are_refused(tmp_path: Path) -> None:
+    redis = RedisProc(tmp_path)
+    try:
+        ask(redis.port, "SET", "{nm}:fmt", "someone else's")
+
+        async def main() -> None:
+            async with connect_store(redis.url, retry_for_s=5):
+                pass
+
+        with pytest.raises(NotPermitted, match="another program's keys"):
+            run_trio(main, 30)
+    finally:
+        redis.kill()
+
+
+def test_what_redis_does_not_do_yet_says_so(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """Locks and the kernel module's door are refused on Redis with a message, and a
+    `netmemfs lock` on a Redis mount fails saying why."""
+    redis = RedisProc(tmp_path)
+    try:
+
+        async def main() -> None:
+            async with connect_store(redis.url) as store:
+                with pytest.raises(Unsupported, match="locks are not yet supported"):
+                    await store.lock(1, 0, 0, exclusive=True, wait_s=0)
+            with pytest.raises(Unsupported, match="kernel module's door"):
+                async with connect_store(redis.url, claim=b"device"):
+                    pass
+
+        run_trio(main, 30)
+        m = mount_factory(redis.url, name="locks")
+        m.expect_log("locks are not yet supported on a Redis store")
+        m.path("f").write_bytes(b"")
+        done = subprocess.run(
+            ["netmemfs", "lock", str(m.path("f")), "true"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode != 0
+        assert "store does not support locks" in done.stderr, done.stderr
+        wait_for(
+            lambda: "locks are not yet supported on a Redis store" in m.log_text(),
+            "the mount's log to say why the lock was refused",
+        )
+    finally:
+        redis.kill()
