@@ -38,10 +38,11 @@ local function remember(tkey, qkey, txn, value, keep)
 end
 
 -- nm_commit: one atomic, exactly-once commit of one regular file's pages and size.
--- KEYS: 1 meta hash, 2 txn hash, 3 txn list, 4.. chunk keys (ops name them by index).
+-- KEYS: 1 meta hash, 2 txn hash, 3 txn list, 4 locks, 5.. chunk keys (ops name them
+-- by index).
 -- ARGV: 1 txn, 2 init size ('' if the caller does not know it), 3 expected version
 -- ('' none), 4 txns to remember, 5 the size the caller declared chunk keys up to,
--- 6 notice channel, then ops, each 'T' size first_key_index | 'W' key_index page data.
+-- 6 notice channel, 7 lock tokens it is fenced by (space-separated, '' none), then ops, each 'T' size first_key_index | 'W' key_index page data.
 -- A 'T' that shrinks names the chunk keys from the one holding the new last page
 -- through the one holding the declared size's last page.
 -- Reply: {version, size, replayed 0/1}.
@@ -65,6 +66,16 @@ local function nm_commit(keys, args)
     else
         return fail('init', 'the file has no data record yet; send its size')
     end
+    if args[7] ~= '' then
+        local t = now_ms()
+        for token in string.gmatch(args[7], '%d+') do
+            local held = redis.call('HGET', keys[4], token)
+            if not held or tonumber(string.match(held, '^%S+ (%d+)')) < t then
+                return fail('fenced', 'lock ' .. token .. ' is no longer held (released, or '
+                    .. 'its lease ran out): the changes made under it are refused')
+            end
+        end
+    end
     if args[3] ~= '' and tonumber(args[3]) ~= version then
         return fail('conflict', 'the file is at version ' .. version .. ', not ' .. args[3])
     end
@@ -72,7 +83,7 @@ local function nm_commit(keys, args)
         return fail('resize', tostring(size))
     end
     local runs = {}
-    local i = 7
+    local i = 8
     while i <= #args do
         local op = args[i]
         if op == 'T' then
@@ -261,9 +272,77 @@ local function nm_hold(keys, args)
     return held
 end
 
+-- Locks on byte ranges of one file, in its slot. KEYS[1] the locks hash {P:ino}:l:
+-- token -> 'owner expiry_ms start end kind' (end -1: past any end; kind x or s).
+local function lock_entry(raw)
+    local owner, expiry, range = string.match(raw, '^(%S+) (%d+) (.*)$')
+    local lo, hi, kind = string.match(range, '^(%d+) (%-?%d+) (%a)$')
+    return owner, tonumber(expiry), tonumber(lo), tonumber(hi), kind, range
+end
+
+local function overlaps(lo1, hi1, lo2, hi2)
+    return (hi2 < 0 or lo1 < hi2) and (hi1 < 0 or lo2 < hi1)
+end
+
+-- nm_lock: grant a lock unless a lock in force conflicts. KEYS: 1 locks, 2 token counter,
+-- 3 the file's data record. ARGV: 1 owner, 2 lease ms, 3 start, 4 end (-1: any end),
+-- 5 'x' or 's'. Reply: {token (0: not granted), the file's version}.
+local function nm_lock(keys, args)
+    local t = now_ms()
+    local lo, hi, kind = tonumber(args[3]), tonumber(args[4]), args[5]
+    local all = redis.call('HGETALL', keys[1])
+    local version = tonumber(redis.call('HGET', keys[3], 'version') or '0')
+    for j = 1, #all, 2 do
+        local _, expiry, lo2, hi2, kind2 = lock_entry(all[j + 1])
+        if expiry < t then
+            redis.call('HDEL', keys[1], all[j])
+        elseif (kind == 'x' or kind2 == 'x') and overlaps(lo, hi, lo2, hi2) then
+            return {0, version}
+        end
+    end
+    local token = redis.call('INCR', keys[2])
+    redis.call('HSET', keys[1], token, table.concat({args[1], t + tonumber(args[2]),
+        args[3], args[4], kind}, ' '))
+    return {token, version}
+end
+
+-- nm_unlock: KEYS: 1 locks. ARGV: 1 owner, 2 token. Reply: 1, or 0 if not held.
+local function nm_unlock(keys, args)
+    local held = redis.call('HGET', keys[1], args[2])
+    if not held or lock_entry(held) ~= args[1] then
+        return 0
+    end
+    redis.call('HDEL', keys[1], args[2])
+    return 1
+end
+
+-- nm_renew: KEYS: 1 locks. ARGV: 1 owner, 2 lease ms, then tokens. Each of owner's
+-- locks in force lasts a lease from now. Reply: the tokens no longer held.
+local function nm_renew(keys, args)
+    local t = now_ms()
+    local lost = {}
+    for j = 3, #args do
+        local held = redis.call('HGET', keys[1], args[j])
+        local owner, expiry, range
+        if held then
+            local entry = {lock_entry(held)}
+            owner, expiry, range = entry[1], entry[2], entry[6]
+        end
+        if not held or owner ~= args[1] or expiry < t then
+            lost[#lost + 1] = args[j]
+        else
+            redis.call('HSET', keys[1], args[j], owner .. ' ' .. (t + tonumber(args[2])) .. ' ' .. range)
+        end
+    end
+    return lost
+end
+
 redis.register_function('nm_commit', nm_commit)
 redis.register_function{function_name = 'nm_read', callback = nm_read, flags = {'no-writes'}}
 redis.register_function('nm_drop', nm_drop)
 redis.register_function('nm_ns', nm_ns)
 redis.register_function('nm_format', nm_format)
 redis.register_function('nm_hold', nm_hold)
+redis.register_function('nm_lock', nm_lock)
+redis.register_function('nm_unlock', nm_unlock)
+redis.register_function('nm_renew', nm_renew)

@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, Union, cast
+from typing import Any, Union, cast
 
 import coredis
 import coredis.exceptions
@@ -47,12 +47,14 @@ from coredis._utils import hash_slot
 from netmemfs._trio_util import lone_errors, open_quiet_nursery
 from netmemfs.errors import (
     NetmemError,
+    NotHeld,
     NotPermitted,
     OutOfRange,
     ServerUnreachable,
     Stale,
     TooLarge,
     Unsupported,
+    WouldBlock,
     error_for_code,
 )
 from netmemfs.ops import Expect, Fence, InodeOp, Reap, Truncate, WritePages
@@ -78,6 +80,9 @@ CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
 REMEMBER_TXNS = 1000  # per file, and for the namespace: a client retries only its last
 NS_TRIES = 100  # namespace transactions computed again after a concurrent change
 HOLD_LEASE_S = 30.0
+LOCK_LEASE_S = 10.0  # as netmemfs-server's default --lock-lease
+LOCK_POLL_MIN_S = 0.002  # a lock not granted is asked for again after this, doubling
+LOCK_POLL_MAX_S = 0.05
 # Evicting policies that may drop a page that was committed: refused at connect.
 _EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 
@@ -280,6 +285,9 @@ class RedisStore:
         self._sizes: dict[int, int] = {}  # a file's size as last seen (its chunk keys)
         self.retry_for_s = retry_for_s
         self._ears = _Ears(self)
+        self._owner = self._client_id.hex()  # who holds this client's locks
+        self._lock_ids = itertools.count(1)
+        self._locks: dict[int, tuple[int, int]] = {}  # our token -> (ino, Redis's token)
 
     # --- connecting ------------------------------------------------------------------
 
@@ -578,8 +586,10 @@ class RedisStore:
 
     async def _commit_file(self, ino: int, ops: Sequence[InodeOp], txn: bytes) -> ChangeResult:
         where = f"commit to inode {ino}"
-        if any(isinstance(op, Fence) for op in ops):
-            self._no_locks()
+        # A fence names our lock (LockGrant.token); Redis knows it by its own token.
+        fences = " ".join(
+            str(self._locks.get(op.token, (ino, 0))[1]) for op in ops if isinstance(op, Fence)
+        )
         expect = [op.version for op in ops if isinstance(op, Expect)]
         init = ""
         # The size up to which a shrink must name chunk keys; with no shrink, any.
@@ -588,7 +598,7 @@ class RedisStore:
         for _ in range(8):
             keys, args = self._commit_call(ino, ops, declared)
             head = [txn, init, str(expect[-1]) if expect else "", REMEMBER_TXNS, declared]
-            head.append(self.keys.file(ino, "n"))
+            head += [self.keys.file(ino, "n"), fences]
             try:
                 got = await self.client.fcall("nm_commit", keys, cast(Any, [*head, *args]))
             except coredis.exceptions.ResponseError as e:
@@ -613,7 +623,7 @@ class RedisStore:
         self, ino: int, ops: Sequence[InodeOp], declared: int
     ) -> tuple[list[bytes], list[object]]:
         k = self.keys
-        keys = [k.file(ino, "m"), k.file(ino, "t"), k.file(ino, "tq")]
+        keys = [k.file(ino, "m"), k.file(ino, "t"), k.file(ino, "tq"), k.file(ino, "l")]
         index: dict[int, int] = {}
 
         def key(c: int) -> int:
@@ -817,22 +827,75 @@ class RedisStore:
             for fn in list(self.listeners.get(ino, [])):
                 fn(None)
 
-    def _no_locks(self) -> NoReturn:
-        raise Unsupported(
-            "locks are not yet supported on a Redis store; use a netmemfs-server "
-            "(--server HOST:PORT) for files that take locks"
-        )
-
     async def lock(
         self, ino: int, start: int, length: int, *, exclusive: bool, wait_s: float
     ) -> LockGrant:
-        self._no_locks()
+        """A lock on bytes start..start+length-1 of ino (length 0: to any end), kept in
+        the file's slot for LOCK_LEASE_S unless renew() is called in time; asked again
+        (every few ms) until wait_s has passed, then WouldBlock. Unlike the server's,
+        requests are not queued: a waiting writer may be passed by later readers."""
+        kind = "an exclusive" if exclusive else "a shared"
+        last = start + length - 1 if length else "end"
+        what = f"{kind} lock on bytes {start}..{last} of inode {ino}"
+        k = self.keys
+        keys = [k.file(ino, "l"), k.file(ino, "lt"), k.file(ino, "m")]
+        args = [self._owner, int(LOCK_LEASE_S * 1000), start, start + length if length else -1]
+        args.append("x" if exclusive else "s")
+        deadline = trio.current_time() + max(wait_s, 0.0)
+        delay = LOCK_POLL_MIN_S
+        while True:
+            token, version = (int(x) for x in await self._call(what, "nm_lock", keys, args))
+            if token:
+                break
+            left = deadline - trio.current_time()
+            if left <= 0:
+                raise WouldBlock(
+                    f"{what} was not granted within {wait_s:g} s: another client holds a "
+                    "conflicting lock; wait longer or try again"
+                )
+            await trio.sleep(min(delay, left))
+            delay = min(delay * 2, LOCK_POLL_MAX_S)
+        local = next(self._lock_ids)
+        self._locks[local] = (ino, token)
+        return LockGrant(local, LOCK_LEASE_S, version)
 
     async def unlock(self, token: int) -> None:
-        self._no_locks()
+        held = self._locks.pop(token, None)
+        what = f"unlock of lock {token}"
+        if held is None:
+            raise NotHeld(f"{what}: not held by this client (released already, or never granted)")
+        ino, redis_token = held
+        got = await self._call(
+            what, "nm_unlock", [self.keys.file(ino, "l")], [self._owner, redis_token]
+        )
+        if not int(got):
+            raise NotHeld(
+                f"{what}: its lease ran out before it was released, and another client may "
+                "have held it since"
+            )
 
     async def renew(self) -> float:
-        return HOLD_LEASE_S
+        """Every lock this client holds lasts a lease from now; the lease in seconds."""
+        by_ino: dict[int, list[int]] = {}
+        for ino, redis_token in self._locks.values():
+            by_ino.setdefault(ino, []).append(redis_token)
+        lease_ms = int(LOCK_LEASE_S * 1000)
+        for ino, tokens in by_ino.items():
+            lost = await self._call(
+                f"renewal of locks on inode {ino}",
+                "nm_renew",
+                [self.keys.file(ino, "l")],
+                [self._owner, lease_ms, *tokens],
+            )
+            if lost:
+                # Kept in _locks: a commit fenced by one is refused (fenced) by Redis.
+                log.warning(
+                    "locks %s on inode %d ran out before they were renewed: commits made "
+                    "under them will be refused",
+                    [int(t) for t in lost],
+                    ino,
+                )
+        return LOCK_LEASE_S
 
     async def open_handover(self) -> int:
         raise Unsupported(

@@ -1,0 +1,207 @@
+"""The two stores side by side (issue 16): a netmemfs-server and Redis, in one run.
+
+    .venv/bin/python bench/stores.py [--mib 64] [--budget-mib 16] [--ops 5000] [--cluster]
+
+Starts a netmemfs-server (memory mode) and a redis-server (and, with --cluster, a Redis
+Cluster of 3 masters with a replica each) on free loopback ports, stopped by PID at the
+end. For each store:
+
+    region     an anonymous region of --mib MiB (budget --budget-mib MiB) written whole
+               and synced, then mapped again: a sequential read (MB/s), then --ops 4 KiB
+               loads at uniformly random pages, each a fault served by the store once
+               the budget is full (p50/p99 us, from Python: about 1 us is the interpreter)
+    mount      a file of --mib MiB on a mount with its page cache off (--cache-size 0),
+               written and fsynced; the kernel's caches dropped, a sequential read; the
+               caches dropped again, --ops 4 KiB loads through a mapping at random pages
+
+and the C floor: `redis-benchmark -t get -d 4096 -c 1` against the same redis-server
+(its p50). Printed: each figure, the ratio of a region's random fault p50 to the
+redis-benchmark p50 (issue 16's target: at most 2x through Redis), and Redis against
+netmemfs-server (target: at most a third of netmemfs-server's p50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from netmemfs import anon
+from tests.helpers import MountProc, ServerProc
+from tests.redis_procs import RedisCluster, RedisProc, redis_exe
+
+PAGE = 4096
+CHUNK = 1 << 20
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def drop_caches() -> None:
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def pattern(p: int) -> bytes:
+    return (b"%08d|" % p) * (PAGE // 9) + b"." * (PAGE % 9)
+
+
+def random_loads(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float]:
+    """p50 and p99 in us of ops 1-byte loads at random pages (checked)."""
+    rng = random.Random(seed)
+    pages = len(mem) // PAGE
+    lat = []
+    clock = time.perf_counter_ns
+    for _ in range(ops):
+        p = rng.randrange(pages)
+        t = clock()
+        got = mem[p * PAGE : p * PAGE + 9]
+        lat.append((clock() - t) / 1000)
+        if got != pattern(p)[:9]:
+            raise SystemExit(f"page {p} reads {got!r}, not what was written")
+    return pct(lat, 0.5), pct(lat, 0.99)
+
+
+def seq_read(mem: mmap.mmap) -> float:
+    t0 = time.perf_counter()
+    for off in range(0, len(mem), CHUNK):
+        mem[off : off + CHUNK]
+    return len(mem) / (time.perf_counter() - t0) / 1e6
+
+
+def region_phases(address: str, size: int, budget: int, ops: int) -> dict[str, float]:
+    name = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+    content = b"".join(pattern(p) for p in range(size // PAGE))
+    with anon.map(size, segment=name, server=address, budget=budget) as region:
+        for off in range(0, size, CHUNK):
+            region[off : off + CHUNK] = content[off : off + CHUNK]
+        region.sync()
+    out = {}
+    with anon.map(size, segment=name, server=address, budget=budget) as region:
+        out["region seq read MB/s"] = seq_read(region)
+    with anon.map(size, segment=name, server=address, budget=budget) as region:
+        p50, p99 = random_loads(region, ops, 1)
+    out["region rand p50 us"], out["region rand p99 us"] = p50, p99
+    return out
+
+
+def mount_phases(mnt: MountProc, size: int, ops: int) -> dict[str, float]:
+    path = mnt.path("bench")
+    content = b"".join(pattern(p) for p in range(size // PAGE))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for off in range(0, size, CHUNK):
+            os.pwrite(fd, content[off : off + CHUNK], off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    out = {}
+    for phase in ("seq", "rand"):
+        drop_caches()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+                if phase == "seq":
+                    m.madvise(mmap.MADV_SEQUENTIAL)
+                    out["mount seq read MB/s"] = seq_read(m)
+                else:
+                    m.madvise(mmap.MADV_RANDOM)
+                    p50, p99 = random_loads(m, ops, 2)
+                    out["mount rand p50 us"], out["mount rand p99 us"] = p50, p99
+        finally:
+            os.close(fd)
+    return out
+
+
+def redis_benchmark_p50(port: int, requests: int) -> float:
+    """redis-benchmark's p50 in us for 4 KiB GETs, one client."""
+    done = subprocess.run(
+        [
+            *(redis_exe("redis-benchmark"), "-p", str(port), "-t", "get", "-d", "4096"),
+            *("-c", "1", "-n", str(requests), "--csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    for line in done.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells[0] == "GET":
+            return float(cells[3]) * 1000  # p50_latency_ms
+    raise SystemExit(f"no GET line in redis-benchmark's output:\n{done.stdout}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--mib", type=int, default=64, help="region and file size (default 64)")
+    ap.add_argument("--budget-mib", type=int, default=16, help="region budget (default 16)")
+    ap.add_argument("--ops", type=int, default=5000, help="random loads (default 5000)")
+    ap.add_argument("--cluster", action="store_true", help="also a 3-master Redis Cluster")
+    args = ap.parse_args()
+    size, budget = args.mib << 20, args.budget_mib << 20
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="netmemfs-bench-") as tmp:
+        work = Path(tmp)
+        server = ServerProc(work)
+        redis = RedisProc(work)
+        cluster = RedisCluster(work / "cluster") if args.cluster else None
+        stores: list[tuple[str, str]] = [("netmemfs-server", server.address)]
+        stores.append(("redis", redis.url))
+        if cluster is not None:
+            stores.append(("redis-cluster", cluster.url))
+        mounts: list[MountProc] = []
+        try:
+            floor = redis_benchmark_p50(redis.port, 20000)
+            for label, address in stores:
+                row = region_phases(address, size, budget, args.ops)
+                mnt = MountProc(work, address, "--cache-size", "0", name=f"mnt-{label}")
+                mounts.append(mnt)
+                row.update(mount_phases(mnt, size, args.ops))
+                results[label] = row
+                print(f"{label}: {row}", flush=True)
+        finally:
+            for m in mounts:
+                m.cleanup()
+            server.kill()
+            redis.kill()
+            if cluster is not None:
+                cluster.kill()
+    keys = list(next(iter(results.values())))
+    print()
+    print(f"{'':24}" + "".join(f"{label:>18}" for label in results))
+    for k in keys:
+        print(f"{k:24}" + "".join(f"{results[label][k]:18.1f}" for label in results))
+    print(f"\nredis-benchmark -t get -d 4096 -c 1: p50 {floor:.1f} us")
+    fmt: Callable[[float], str] = lambda x: f"{x:.2f}x"  # noqa: E731
+    server_p50 = results["netmemfs-server"]["region rand p50 us"]
+    for label in results:
+        p50 = results[label]["region rand p50 us"]
+        print(
+            f"{label}: region random fault p50 = {fmt(p50 / floor)} redis-benchmark's p50, "
+            f"{fmt(p50 / server_p50)} netmemfs-server's"
+        )
+    print(
+        "targets (issue 16): through Redis at most 2.00x redis-benchmark's p50, and at most "
+        "0.33x netmemfs-server's"
+    )
+
+
+if __name__ == "__main__":
+    main()
