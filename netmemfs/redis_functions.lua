@@ -37,6 +37,32 @@ local function remember(tkey, qkey, txn, value, keep)
     end
 end
 
+-- Cut chunk c (key) to what a file of `size` bytes keeps of it, the bytes past the end
+-- of a partial last page zeroed (they read as zeros if the file grows). Returns the
+-- pages it no longer stores. Keeps the key's TTL (a staged copy's).
+local function cut_chunk(key, c, size)
+    local keep = pages_for(size)
+    local have = redis.call('STRLEN', key)
+    local lo = (keep - c * CHUNK_PAGES) * PAGE
+    local freed = 0
+    if lo <= 0 then
+        redis.call('UNLINK', key)
+        return have / PAGE
+    elseif have > lo then
+        redis.call('SET', key, redis.call('GETRANGE', key, 0, lo - 1), 'KEEPTTL')
+        freed = (have - lo) / PAGE
+        have = lo
+    end
+    local tail = size % PAGE
+    if tail > 0 and math.floor((keep - 1) / CHUNK_PAGES) == c then
+        local off = ((keep - 1) % CHUNK_PAGES) * PAGE + tail
+        if have > off then
+            redis.call('SETRANGE', key, off, string.rep('\0', have - off))
+        end
+    end
+    return freed
+end
+
 -- nm_commit: one atomic, exactly-once commit of one regular file's pages and size.
 -- KEYS: 1 meta hash, 2 txn hash, 3 txn list, 4 locks, 5.. chunk keys (ops name them
 -- by index).
@@ -82,8 +108,39 @@ local function nm_commit(keys, args)
     if size > tonumber(args[5]) then
         return fail('resize', tostring(size))
     end
-    local runs = {}
+    -- First every check, against the size the ops before it leave; then the changes. A
+    -- function's writes stand even if it fails later: no check may come after one.
+    local sz = size
     local i = 8
+    while i <= #args do
+        local op = args[i]
+        if op == 'T' then
+            sz = tonumber(args[i + 1])
+            i = i + 3
+        elseif op == 'W' then
+            local first, n = tonumber(args[i + 2]), #args[i + 3]
+            if n == 0 or n % PAGE ~= 0 or first % CHUNK_PAGES + n / PAGE > CHUNK_PAGES then
+                return fail('protocol', 'a write is not of whole pages within one chunk')
+            end
+            if first + n / PAGE > pages_for(sz) then
+                return fail('out_of_range', 'write to pages ' .. first .. '..' .. (first + n / PAGE - 1)
+                    .. ' goes past the end of the file (' .. sz .. ' bytes); resize it first')
+            end
+            i = i + 4
+        elseif op == 'S' then
+            if tonumber(args[i + 4]) ~= version then
+                return fail('restage', 'the file changed since its pages were staged')
+            end
+            if redis.call('STRLEN', keys[tonumber(args[i + 2])]) == 0 then
+                return fail('restage', 'staged pages expired before the commit')
+            end
+            i = i + 6
+        else
+            return fail('protocol', 'unknown op ' .. tostring(op))
+        end
+    end
+    local runs = {}
+    i = 8
     while i <= #args do
         local op = args[i]
         if op == 'T' then
@@ -92,32 +149,12 @@ local function nm_commit(keys, args)
             if new < size then
                 -- The chunk keys from the one holding the new last page (partial or
                 -- whole) through the old size's last chunk, in order from keys[k].
-                local keep = pages_for(new)
-                local c = math.floor(math.max(keep - 1, 0) / CHUNK_PAGES)
+                local c = math.floor(math.max(pages_for(new) - 1, 0) / CHUNK_PAGES)
                 local last = math.floor((pages_for(size) - 1) / CHUNK_PAGES)
-                local first_key = keys[k]
                 while c <= last do
-                    local key = keys[k]
-                    local have = redis.call('STRLEN', key)
-                    local lo = (keep - c * CHUNK_PAGES) * PAGE
-                    if lo <= 0 then
-                        redis.call('UNLINK', key)
-                        stored = stored - have / PAGE
-                    elseif have > lo then
-                        redis.call('SET', key, redis.call('GETRANGE', key, 0, lo - 1))
-                        stored = stored - (have - lo) / PAGE
-                    end
+                    stored = stored - cut_chunk(keys[k], c, new)
                     c = c + 1
                     k = k + 1
-                end
-                local tail = new % PAGE
-                if tail > 0 then
-                    -- Bytes past the end of a partial last page read as zeros if it grows.
-                    local off = ((keep - 1) % CHUNK_PAGES) * PAGE + tail
-                    local have = redis.call('STRLEN', first_key)
-                    if have > off then
-                        redis.call('SETRANGE', first_key, off, string.rep('\0', have - off))
-                    end
                 end
             end
             size = new
@@ -126,10 +163,6 @@ local function nm_commit(keys, args)
         elseif op == 'W' then
             local key, first, data = keys[tonumber(args[i + 1])], tonumber(args[i + 2]), args[i + 3]
             local count = #data / PAGE
-            if first + count > pages_for(size) then
-                return fail('out_of_range', 'write to pages ' .. first .. '..' .. (first + count - 1)
-                    .. ' goes past the end of the file (' .. size .. ' bytes); resize it first')
-            end
             local have = redis.call('STRLEN', key)
             local off = (first % CHUNK_PAGES) * PAGE
             redis.call('SETRANGE', key, off, data)
@@ -140,8 +173,29 @@ local function nm_commit(keys, args)
                 runs[#runs + 1] = {first, count}
             end
             i = i + 4
-        else
-            return fail('protocol', 'unknown op ' .. tostring(op))
+        elseif op == 'S' then
+            -- Chunk c's staged copy (nm_stage) replaces it: a rename, no copy.
+            local key, staged = keys[tonumber(args[i + 1])], keys[tonumber(args[i + 2])]
+            local c = tonumber(args[i + 3])
+            local have = redis.call('STRLEN', key)
+            if have > 0 then
+                -- The old chunk is set aside, not freed here: freeing a GiB of them
+                -- would hold the node for a long time. The client deletes them after
+                -- (nm_commit's reply), and they expire if it cannot.
+                local old = keys[tonumber(args[i + 5])]
+                redis.call('RENAME', key, old)
+                redis.call('PEXPIRE', old, 60000)
+            end
+            local len = redis.call('STRLEN', staged)
+            redis.call('RENAME', staged, key)
+            redis.call('PERSIST', key)
+            stored = stored + (len - have) / PAGE
+            if (c + 1) * CHUNK > size then
+                -- Pages staged past the end (a shrink since): cut like a truncate's.
+                stored = stored - cut_chunk(key, c, size)
+            end
+            runs = nil
+            i = i + 6
         end
     end
     version = version + 1
@@ -152,6 +206,33 @@ local function nm_commit(keys, args)
     local notice = {version, runs or {}, runs == nil, string.sub(txn, 1, 8)}
     redis.call('SPUBLISH', args[6], cmsgpack.pack(notice))
     return {version, size, 0}
+end
+
+-- nm_stage: pages of a large commit, staged into a copy of their chunk that expires by
+-- itself (a dead client's staging goes away). KEYS: 1 data record, 2 live chunk, 3 staged
+-- copy. ARGV: 1 ttl ms, 2 the version the commit is based on, 3 chunk number, 4 the
+-- smallest size the commit truncates to (-1: none), then (first page in the chunk,
+-- data) pairs. Reply: 1; or `restage` if the file is at another version.
+local function nm_stage(keys, args)
+    local version = tonumber(redis.call('HGET', keys[1], 'version') or '0')
+    if version ~= tonumber(args[2]) then
+        return fail('restage', 'the file changed since the commit began')
+    end
+    if redis.call('EXISTS', keys[3]) == 0 then
+        if redis.call('EXISTS', keys[2]) == 1 then
+            redis.call('COPY', keys[2], keys[3])
+        else
+            redis.call('SET', keys[3], '')
+        end
+        if tonumber(args[4]) >= 0 then
+            cut_chunk(keys[3], tonumber(args[3]), tonumber(args[4]))
+        end
+    end
+    for j = 5, #args, 2 do
+        redis.call('SETRANGE', keys[3], tonumber(args[j]) * PAGE, args[j + 1])
+    end
+    redis.call('PEXPIRE', keys[3], tonumber(args[1]))
+    return 1
 end
 
 -- nm_read: pages of one file. KEYS: 1 meta, 2.. chunk keys. ARGV: (first byte, last
@@ -338,6 +419,7 @@ local function nm_renew(keys, args)
 end
 
 redis.register_function('nm_commit', nm_commit)
+redis.register_function('nm_stage', nm_stage)
 redis.register_function{function_name = 'nm_read', callback = nm_read, flags = {'no-writes'}}
 redis.register_function('nm_drop', nm_drop)
 redis.register_function('nm_ns', nm_ns)

@@ -17,12 +17,17 @@ is in one slot of its own (`{P}`); a namespace transaction is computed here, by 
 server's own rules (netmemfs_server.store) run over the records it touches, and applied
 by `nm_ns` only if the namespace did not change meanwhile (else computed again).
 
-Client: coredis (cluster topology, functions, retries). Every call here is one function
-call or one pipeline, never a command per page; docs/protocol.md has the figures.
+Clients: the functions are called over lean connections of our own, one per node (raw
+RESP, hiredis's Reader, requests pipelined: _Lanes), and notices heard the same way
+(_Ears); coredis reads the cluster's shards, the namespace's records (pipelines), and
+loads the functions. bench/redis_clients.py has what each way costs per call here. A
+commit larger than INLINE_PAGES is staged chunk by chunk and applied by renames.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
@@ -44,7 +49,7 @@ import msgpack
 import trio
 from coredis._utils import hash_slot
 
-from netmemfs._trio_util import lone_errors, open_quiet_nursery
+from netmemfs._trio_util import lone_errors, open_quiet_nursery, tune_socket
 from netmemfs.errors import (
     NetmemError,
     NotHeld,
@@ -83,6 +88,12 @@ HOLD_LEASE_S = 30.0
 LOCK_LEASE_S = 10.0  # as netmemfs-server's default --lock-lease
 LOCK_POLL_MIN_S = 0.002  # a lock not granted is asked for again after this, doubling
 LOCK_POLL_MAX_S = 0.05
+RECONNECT_S = 0.05  # a broken connection is opened again after this
+# A commit of more pages than this is staged chunk by chunk (nm_stage) and applied by
+# renames, so that no call blocks a Redis node long (docs/protocol.md).
+INLINE_PAGES = 1024
+STAGE_CALLS = 16  # staging calls in flight
+STAGE_TTL_MS = 600_000  # a staged copy left by a dead client expires after this
 # Evicting policies that may drop a page that was committed: refused at connect.
 _EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 
@@ -250,7 +261,23 @@ def _run_view(view: _View, fn: Callable[[], object]) -> tuple[object, int | None
 
 
 def _error(e: coredis.exceptions.ResponseError, where: str) -> NetmemError:
-    text = str(e)
+    return _reply_error(str(e), where)
+
+
+class _Retry(NetmemError):
+    """nm_commit asks to be called again: with the file's size (NMinit), with chunk
+    keys up to a larger size (NMresize), or with its pages staged again (NMrestage)."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"{what} {detail}")
+        self.what = what
+        self.detail = detail
+
+
+def _reply_error(text: str, where: str) -> NetmemError:
+    if text.startswith(("NMinit ", "NMresize ", "NMrestage ")):
+        code, _, detail = text[2:].partition(" ")
+        return _Retry(code, detail)
     if text.startswith("NM"):
         code, _, msg = text[2:].partition(" ")
         return error_for_code(code)(f"{where}: {msg}")
@@ -285,6 +312,8 @@ class RedisStore:
         self._sizes: dict[int, int] = {}  # a file's size as last seen (its chunk keys)
         self.retry_for_s = retry_for_s
         self._ears = _Ears(self)
+        self._slots = _Slots(self)
+        self._lanes = _Lanes(self)
         self._owner = self._client_id.hex()  # who holds this client's locks
         self._lock_ids = itertools.count(1)
         self._locks: dict[int, tuple[int, int]] = {}  # our token -> (ino, Redis's token)
@@ -338,8 +367,9 @@ class RedisStore:
                     password=password,
                     retry_for_s=retry_for_s,
                 )
-                await store._prepare()
                 async with open_quiet_nursery() as nursery:
+                    store._lanes.nursery = nursery
+                    await store._prepare()
                     await nursery.start(store._ears.run)
                     yield store
                     nursery.cancel_scope.cancel()
@@ -388,9 +418,19 @@ class RedisStore:
         """The nodes that hold keys: a cluster's masters, or the one Redis."""
         if not self.cluster:
             return [self.address.seeds[0]]
+        return sorted({master for _, master in await self._shards()})
+
+    async def _shards(self) -> list[tuple[list[int], tuple[str, int]]]:
+        """A cluster's shards: their slot ranges (lo, hi, lo, hi...) and master."""
         cluster = cast("coredis.RedisCluster[bytes]", self.client)
-        slots = await cluster.cluster_slots()
-        return sorted({(n[0]["host"], int(n[0]["port"])) for n in slots.values()})
+        shards = await self._do("reading the cluster's shards", cluster.cluster_shards())
+        out = []
+        for shard in shards:
+            for node in shard[b"nodes"]:
+                if node[b"role"] == b"master":
+                    master = (_text(node[b"ip"]), int(node[b"port"]))
+                    out.append(([int(x) for x in shard[b"slots"]], master))
+        return out
 
     @asynccontextmanager
     async def _direct(self, host: str, port: int) -> AsyncIterator[coredis.Redis[bytes]]:
@@ -416,12 +456,38 @@ class RedisStore:
     async def _call(
         self, where: str, fn: str, keys: Sequence[bytes], args: Sequence[object]
     ) -> Any:
-        try:
-            return await self.client.fcall(fn, list(keys), cast(Any, list(args)))
-        except coredis.exceptions.ResponseError as e:
-            raise _error(e, where) from None
-        except (coredis.exceptions.ConnectionError, OSError) as e:
-            raise self._unreachable(where, e) from None
+        """FCALL fn on the node that serves keys (all in one slot), over a lean
+        connection (raw RESP, pipelined), again after a break or a moved slot until
+        retry_for_s has passed. Every function is safe to call twice: each checks its
+        transaction id, or changes nothing, or (nm_lock) grants a lock that lapses."""
+        command = [b"FCALL", fn.encode(), b"%d" % len(keys), *keys, *map(_arg, args)]
+        deadline = trio.current_time() + self.retry_for_s
+        asking: tuple[str, int] | None = None
+        while True:
+            try:
+                if asking is not None:
+                    node, asking = asking, None
+                    reply = await self._lanes.call(node, command, asking=True)
+                else:
+                    node = await self._slots.node_of(keys[0])
+                    reply = await self._lanes.call(node, command)
+            except (OSError, trio.BrokenResourceError, _LaneLost) as e:
+                if trio.current_time() >= deadline:
+                    raise self._unreachable(where, e) from None
+                self._slots.forget()
+                await trio.sleep(RECONNECT_S)
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                text = str(reply)
+                if text.startswith(("MOVED ", "ASK ")) and trio.current_time() < deadline:
+                    host, _, port = text.split()[2].rpartition(":")
+                    if text.startswith("MOVED "):
+                        self._slots.forget()
+                    else:
+                        asking = (host, int(port))
+                    continue
+                raise _reply_error(text, where)
+            return reply
 
     async def _do(self, where: str, coro: Any) -> Any:
         try:
@@ -595,42 +661,104 @@ class RedisStore:
         # The size up to which a shrink must name chunk keys; with no shrink, any.
         shrinks = any(isinstance(op, Truncate) for op in ops)
         declared = self._sizes.get(ino, 0) if shrinks else 1 << 53
+        pages = sum(len(op.data) for op in ops if isinstance(op, WritePages)) // PAGE_SIZE
+        staged: dict[int, bytes] | None = None  # chunk -> its staged copy's key
+        base = 0  # the version the copies were staged at
         for _ in range(8):
-            keys, args = self._commit_call(ino, ops, declared)
+            if pages > INLINE_PAGES and staged is None:
+                base = int((await self._data(ino))[1] or 0)
+                staged = await self._stage(ino, ops, txn, base, where)
+            keys, args = self._commit_call(ino, ops, declared, staged, base)
             head = [txn, init, str(expect[-1]) if expect else "", REMEMBER_TXNS, declared]
             head += [self.keys.file(ino, "n"), fences]
             try:
-                got = await self.client.fcall("nm_commit", keys, cast(Any, [*head, *args]))
-            except coredis.exceptions.ResponseError as e:
-                text = str(e)
-                if text.startswith("NMresize "):
-                    declared = int(text.split()[1])  # it grew meanwhile: name more chunks
-                    continue
-                if text.startswith("NMinit "):
+                got = await self._call(where, "nm_commit", keys, [*head, *args])
+            except _Retry as e:
+                if e.what == "resize":
+                    declared = int(e.detail)  # it grew meanwhile: name more chunks
+                elif e.what == "restage":
+                    staged = None  # another commit came in between, or a copy expired
+                else:
                     st = await self.getattr(ino)  # never written: its size is in its record
                     init = str(st.size)
                     declared = max(declared, st.size)
-                    continue
-                raise _error(e, where) from None
-            except (coredis.exceptions.ConnectionError, OSError) as e:
-                raise self._unreachable(where, e) from None
+                continue
             version, size, replayed = (int(x) for x in got)
             self._sizes[ino] = size
+            if staged:
+                await self._free_set_aside(ino, staged, where)
             return ChangeResult(txn, {ino: version}, (), bool(replayed))
-        raise NetmemError(f"{where}: the file kept changing size; try again")
+        raise error_for_code("busy")(
+            f"{where}: the file kept changing while the commit was staged; try again"
+        )
+
+    async def _free_set_aside(self, ino: int, staged: dict[int, bytes], where: str) -> None:
+        """Delete the chunks a staged commit replaced (nm_commit set them aside), a
+        pipeline of UNLINKs: each frees one chunk, so no call holds the node long."""
+        node = await self._slots.node_of(self.keys.file(ino, "m"))
+        limit = trio.Semaphore(STAGE_CALLS)
+
+        async def one(copy: bytes) -> None:
+            async with limit:
+                old = copy.replace(b"}:s:", b"}:g:", 1)
+                try:
+                    await self._lanes.call(node, [b"UNLINK", old])
+                except (OSError, trio.BrokenResourceError, _LaneLost) as e:
+                    log.info("%s: an old chunk was not deleted (%s); it expires in 60 s", where, e)
+
+        async with open_quiet_nursery() as nursery:
+            for copy in staged.values():
+                nursery.start_soon(one, copy)
+
+    async def _stage(
+        self, ino: int, ops: Sequence[InodeOp], txn: bytes, base: int, where: str
+    ) -> dict[int, bytes]:
+        """Stage the writes of ops into copies of their chunks (nm_stage), STAGE_CALLS
+        calls in flight; the keys of the copies, by chunk."""
+        parts: dict[int, list[object]] = {}
+        for op in ops:
+            if isinstance(op, WritePages):
+                view = memoryview(op.data)
+                for c, lo, hi in _chunk_spans(op.first, len(view) // PAGE_SIZE):
+                    at = (c * CHUNK_PAGES + lo - op.first) * PAGE_SIZE
+                    parts.setdefault(c, []).extend(
+                        [lo, bytes(view[at : at + (hi - lo) * PAGE_SIZE])]
+                    )
+        cuts = [op.size for op in ops if isinstance(op, Truncate)]
+        cut = min(cuts) if cuts else -1
+        tag = txn.hex()
+        staged = {c: self.keys.file(ino, f"s:{tag}:{c}") for c in parts}
+        limit = trio.Semaphore(STAGE_CALLS)
+
+        async def one(c: int) -> None:
+            async with limit:
+                keys = [self.keys.file(ino, "m"), self.keys.chunk(ino, c), staged[c]]
+                await self._call(where, "nm_stage", keys, [STAGE_TTL_MS, base, c, cut, *parts[c]])
+
+        async with open_quiet_nursery() as nursery:
+            for c in parts:
+                nursery.start_soon(one, c)
+        return staged
 
     def _commit_call(
-        self, ino: int, ops: Sequence[InodeOp], declared: int
+        self,
+        ino: int,
+        ops: Sequence[InodeOp],
+        declared: int,
+        staged: dict[int, bytes] | None = None,
+        base: int = 0,
     ) -> tuple[list[bytes], list[object]]:
+        """nm_commit's keys and ops: truncates, then the writes (inline), or, for a
+        commit staged, each staged chunk's rename."""
         k = self.keys
         keys = [k.file(ino, "m"), k.file(ino, "t"), k.file(ino, "tq"), k.file(ino, "l")]
-        index: dict[int, int] = {}
+        index: dict[bytes, int] = {}
 
-        def key(c: int) -> int:
-            if c not in index:
-                keys.append(k.chunk(ino, c))
-                index[c] = len(keys)  # Lua counts from 1
-            return index[c]
+        def key(name: bytes) -> int:
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)  # Lua counts from 1
+            return index[name]
 
         args: list[object] = []
         size = declared
@@ -647,12 +775,15 @@ class RedisStore:
                     keys.extend(k.chunk(ino, c) for c in range(c0, last + 1))
                 size = op.size
                 args += [b"T", op.size, first_key]
-            elif isinstance(op, WritePages):
+            elif isinstance(op, WritePages) and staged is None:
                 view = memoryview(op.data)
                 for c, lo, hi in _chunk_spans(op.first, len(view) // PAGE_SIZE):
                     p = c * CHUNK_PAGES + lo
                     part = view[(p - op.first) * PAGE_SIZE : (p - op.first + hi - lo) * PAGE_SIZE]
-                    args += [b"W", key(c), p, bytes(part)]
+                    args += [b"W", key(k.chunk(ino, c)), p, bytes(part)]
+        for c, copy in (staged or {}).items():
+            old = copy.replace(b"}:s:", b"}:g:", 1)
+            args += [b"S", key(k.chunk(ino, c)), key(copy), c, base, key(old)]
         return keys, args
 
     async def hold(self, client: bytes, inos: Collection[int]) -> float:
@@ -903,25 +1034,216 @@ class RedisStore:
         )
 
 
+class _Slots:
+    """Which node serves a key: a cluster's slot map (CLUSTER SLOTS, read again after
+    forget(): a break, MOVED), or the one Redis."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.map: list[tuple[int, int, tuple[str, int]]] | None = None
+
+    def forget(self) -> None:
+        self.map = None
+
+    async def node_of(self, key: bytes) -> tuple[str, int]:
+        store = self.store
+        if not store.cluster:
+            return store.address.seeds[0]
+        if self.map is None:
+            self.map = [
+                (lo, hi, master)
+                for ranges, master in await store._shards()
+                for lo, hi in zip(ranges[::2], ranges[1::2], strict=True)
+            ]
+        slot = hash_slot(key)
+        for lo, hi, node in self.map:
+            if lo <= slot <= hi:
+                return node
+        raise ServerUnreachable(f"no node of {store.address} serves slot {slot}; is it whole?")
+
+
+class _LaneLost(Exception):
+    """A lane broke before its reply came."""
+
+
+class _Waiter:
+    __slots__ = ("done", "lost", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: Any = None
+        self.lost: str | None = None
+
+
+class _Lane:
+    """One raw connection to one node for the store's function calls: requests
+    pipelined, replies matched in the order asked (as RESP answers them)."""
+
+    def __init__(
+        self, node: tuple[str, int], stream: trio.SocketStream, reader: hiredis.Reader
+    ) -> None:
+        self.node = node
+        self.stream = stream
+        self.reader = reader
+        self.waiting: collections.deque[_Waiter] = collections.deque()
+        self.send_lock = trio.Lock()
+        self.lost: str | None = None
+
+    def fail(self, why: str) -> None:
+        self.lost = why
+        while self.waiting:
+            w = self.waiting.popleft()
+            w.lost = why
+            w.done.set()
+
+
+class _Lanes:
+    """The lean connections, one per node, opened when first needed (issue 16: the
+    page path pays no client library per command; bench/redis_clients.py)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.lanes: dict[tuple[str, int], _Lane] = {}
+        self.open_lock = trio.Lock()
+        self.nursery: trio.Nursery | None = None
+
+    async def call(
+        self, node: tuple[str, int], command: list[bytes], *, asking: bool = False
+    ) -> Any:
+        lane = await self._lane(node)
+        w = _Waiter()
+        data = _resp(command)
+        async with lane.send_lock:
+            if lane.lost is not None:
+                raise _LaneLost(lane.lost)
+            if asking:
+                skip = _Waiter()  # ASKING's +OK
+                lane.waiting.append(skip)
+                data = _resp([b"ASKING"]) + data
+            lane.waiting.append(w)
+            try:
+                await lane.stream.send_all(data)
+            except BaseException as e:
+                # Part of a request may be out: nothing after it can be trusted.
+                self._drop(lane, f"sending failed ({e!r})")
+                raise
+        await w.done.wait()
+        if w.lost is not None:
+            raise _LaneLost(w.lost)
+        return w.reply
+
+    async def _lane(self, node: tuple[str, int]) -> _Lane:
+        lane = self.lanes.get(node)
+        if lane is not None and lane.lost is None:
+            return lane
+        async with self.open_lock:
+            lane = self.lanes.get(node)
+            if lane is not None and lane.lost is None:
+                return lane
+            stream, reader = await _dial(self.store, node)
+            lane = _Lane(node, stream, reader)
+            self.lanes[node] = lane
+            assert self.nursery is not None
+            self.nursery.start_soon(self._read, lane)
+            return lane
+
+    def _drop(self, lane: _Lane, why: str) -> None:
+        if self.lanes.get(lane.node) is lane:
+            del self.lanes[lane.node]
+        lane.fail(why)
+        if self.nursery is not None:
+            self.nursery.start_soon(_close_quietly, lane.stream)
+
+    async def _read(self, lane: _Lane) -> None:
+        why = "closed by Redis"
+        try:
+            while lane.lost is None:
+                data = await lane.stream.receive_some(1 << 20)
+                if not data:
+                    break
+                lane.reader.feed(bytes(data))
+                while (reply := lane.reader.gets()) is not False:
+                    if not lane.waiting:
+                        why = "Redis sent a reply nobody asked for"
+                        return
+                    w = lane.waiting.popleft()
+                    w.reply = reply
+                    w.done.set()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            why = str(e) or type(e).__name__
+        except hiredis.ProtocolError as e:
+            why = f"Redis sent what is not RESP ({e})"
+        finally:
+            self._drop(lane, why)
+
+
+async def _dial(
+    store: RedisStore, node: tuple[str, int]
+) -> tuple[trio.SocketStream, hiredis.Reader]:
+    """A raw connection to node, authenticated as the store is, and its RESP reader."""
+    where = f"Redis {node[0]}:{node[1]}"
+    try:
+        stream = await trio.open_tcp_stream(*node)
+    except OSError as e:
+        raise ServerUnreachable(f"{where}: {e}; check that it runs") from None
+    tune_socket(stream.socket)
+    reader = hiredis.Reader()
+    if store._password is not None:
+        auth = [b"AUTH", store._password.encode()]
+        if store._username is not None:
+            auth.insert(1, store._username.encode())
+        await stream.send_all(_resp(auth))
+        while (reply := reader.gets()) is False:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ServerUnreachable(f"{where} closed the connection")
+            reader.feed(bytes(data))
+        if isinstance(reply, hiredis.ReplyError):
+            await stream.aclose()
+            raise error_for_code("auth")(f"{where} refused our password: {reply}")
+    return stream, reader
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.aclose()
+
+
+def _resp(command: Sequence[bytes]) -> bytes:
+    out = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        out.append(b"$%d\r\n" % len(arg))
+        out.append(arg)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _arg(v: object) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, bytearray | memoryview):
+        return bytes(v)
+    if isinstance(v, int | str):
+        return str(v).encode()
+    raise TypeError(f"{v!r} is not a Redis argument")
+
+
 class _Ear:
     """One connection to one Redis node, subscribed (SSUBSCRIBE) to the notice channels
     of the files whose slots that node serves. RESP read with hiredis's Reader."""
 
-    def __init__(self, node: tuple[str, int], stream: trio.abc.Stream) -> None:
+    def __init__(
+        self, node: tuple[str, int], stream: trio.abc.Stream, reader: hiredis.Reader
+    ) -> None:
         self.node = node
         self.stream = stream
-        self.reader = hiredis.Reader()
+        self.reader = reader
         self.asked: set[int] = set()  # inodes subscribed to (sent)
         self.confirmed: set[int] = set()  # of those, confirmed by the node
         self.leaving: set[int] = set()  # unsubscribed by us, not yet confirmed
 
     async def send(self, *commands: tuple[bytes, ...]) -> None:
-        out = bytearray()
-        for cmd in commands:
-            out += b"*%d\r\n" % len(cmd)
-            for arg in cmd:
-                out += b"$%d\r\n%s\r\n" % (len(arg), arg)
-        await self.stream.send_all(bytes(out))
+        await self.stream.send_all(b"".join(_resp(cmd) for cmd in commands))
 
     async def receive(self) -> Any:
         while (reply := self.reader.gets()) is False:
@@ -943,7 +1265,6 @@ class _Ears:
         self.store = store
         self.ears: dict[tuple[str, int], _Ear] = {}
         self.unsure: set[int] = set()  # to be told None once subscribed again
-        self.slots: list[tuple[int, int, tuple[str, int]]] | None = None
         self.changed = trio.Event()  # poked: the wanted set or the ears changed
         self.progress = trio.Event()  # a subscription was confirmed or failed
         self.nursery: trio.Nursery | None = None
@@ -986,21 +1307,7 @@ class _Ears:
         return set().union(*(ear.confirmed for ear in self.ears.values()))
 
     async def _node_of(self, ino: int) -> tuple[str, int]:
-        store = self.store
-        if not store.cluster:
-            return store.address.seeds[0]
-        if self.slots is None:
-            cluster = cast("coredis.RedisCluster[bytes]", store.client)
-            got = await store._do("reading the cluster's slots", cluster.cluster_slots())
-            self.slots = [
-                (lo, hi, (nodes[0]["host"], int(nodes[0]["port"])))
-                for (lo, hi), nodes in got.items()
-            ]
-        slot = hash_slot(store.keys.file(ino, "n"))
-        for lo, hi, node in self.slots:
-            if lo <= slot <= hi:
-                return node
-        raise ServerUnreachable(f"no node of {store.address} serves slot {slot}")
+        return await self.store._slots.node_of(self.store.keys.file(ino, "n"))
 
     async def _match(self, want: frozenset[int]) -> None:
         by_node: dict[tuple[str, int], set[int]] = {}
@@ -1025,21 +1332,8 @@ class _Ears:
         return self.store.keys.file(ino, "n")
 
     async def _open(self, node: tuple[str, int]) -> _Ear:
-        store = self.store
-        try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(*node)
-        except OSError as e:
-            raise ServerUnreachable(f"notices: Redis {node[0]}:{node[1]}: {e}") from None
-        ear = _Ear(node, stream)
-        if store._password is not None:
-            auth = [b"AUTH", store._password.encode()]
-            if store._username is not None:
-                auth.insert(1, store._username.encode())
-            await ear.send(tuple(auth))
-            reply = await ear.receive()
-            if isinstance(reply, hiredis.ReplyError):
-                await stream.aclose()
-                raise error_for_code("auth")(f"notices: Redis {node[0]}:{node[1]}: {reply}")
+        stream, reader = await _dial(self.store, node)
+        ear = _Ear(node, stream, reader)
         self.ears[node] = ear
         assert self.nursery is not None
         self.nursery.start_soon(self._hear, ear)
@@ -1074,7 +1368,7 @@ class _Ears:
                         ear.asked.discard(ino)
                         ear.confirmed.discard(ino)
                         self.unsure.add(ino)
-                        self.slots = None
+                        self.store._slots.forget()
                         self.poke()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.info("notices from Redis %s:%d stopped (%s); subscribing again", *ear.node, e)
@@ -1082,7 +1376,7 @@ class _Ears:
             if self.ears.get(ear.node) is ear:
                 del self.ears[ear.node]
             self.unsure |= ear.asked
-            self.slots = None
+            self.store._slots.forget()
             with trio.CancelScope(shield=True):
                 await ear.stream.aclose()
             self._wake()

@@ -14,13 +14,13 @@ import pytest
 
 from netmemfs import anon
 from netmemfs.connect import connect_store
-from netmemfs.errors import AuthFailed, NetmemError, NotPermitted, Unsupported
-from netmemfs.ops import MakeNode, WritePages
+from netmemfs.errors import AuthFailed, NetmemError, NotPermitted, OutOfRange, Unsupported
+from netmemfs.ops import MakeNode, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.redis_store import RedisStore
 from netmemfs.remote import RemoteStore
 from netmemfs_server.store import ROOT_INO
-from tests.helpers import MountProc, run_trio, stamp_page
+from tests.helpers import MountProc, describe_page, run_trio, stamp_page
 from tests.redis_procs import RedisProc, ask
 
 MiB = 1 << 20
@@ -138,6 +138,84 @@ def test_exactly_once_after_a_forced_reconnect(any_store: str) -> None:
             assert [n for n, _, _ in await store.readdir(ROOT_INO)] == ["once"]
 
     run_trio(main, 60)
+
+
+def test_a_commit_refused_by_its_last_op_changes_nothing(any_store: str) -> None:
+    """A commit whose last op is refused (a write past the end a truncate before it
+    set) is refused whole: its earlier write and truncate are not applied either."""
+
+    async def main() -> None:
+        async with connect_store(any_store) as store:
+            made = await store.change(
+                [MakeNode(ROOT_INO, "whole", stat.S_IFREG | 0o644, size=8 * PAGE_SIZE)]
+            )
+            ino = made.created[0]
+            first = await store.change([WritePages(ino, 0, stamp_page("whole", 0, 1))])
+            with pytest.raises(OutOfRange):
+                await store.change(
+                    [
+                        WritePages(ino, 0, stamp_page("whole", 0, 2)),
+                        Truncate(ino, PAGE_SIZE),
+                        WritePages(ino, 5, stamp_page("whole", 5, 2)),
+                    ]
+                )
+            st = await store.getattr(ino)
+            assert (st.size, st.version) == (8 * PAGE_SIZE, first.inodes[ino])
+            got = await store.read_inode(ino, 0, 1)
+            assert got.to_bytes() == stamp_page("whole", 0, 1)
+
+    run_trio(main, 60)
+
+
+def _staged_keys(address: str) -> list[str]:
+    """Keys of staged copies left on any node of the Redis at address."""
+    ports = {int(h.rsplit(":", 1)[1]) for h in address.removeprefix("redis://").split(",")}
+    for port in list(ports):
+        for line in ask(port, "CLUSTER", "NODES").splitlines():
+            if "127.0.0.1:" in line:
+                ports.add(int(line.split()[1].split("@")[0].rsplit(":", 1)[1]))
+    found = []
+    for port in ports:
+        found += ask(port, "--scan", "--pattern", "*:s:*").split()
+    return found
+
+
+def test_a_large_commit_lands_whole(any_store: str) -> None:
+    """A commit of more pages than go in one call (on Redis: staged chunk by chunk, then
+    applied by renames) lands whole, with a shrink and a growth in the same commit; on
+    Redis no staged copy is left behind."""
+    pages = 3000
+
+    async def main() -> None:
+        async with connect_store(any_store) as store:
+            size = 4 * pages * PAGE_SIZE
+            made = await store.change([MakeNode(ROOT_INO, "big", stat.S_IFREG | 0o644, size=size)])
+            ino = made.created[0]
+            first = b"".join(stamp_page("big", p, 1) for p in range(pages))
+            await store.change([WritePages(ino, 0, first)])
+            second = b"".join(stamp_page("big", p, 2) for p in range(1500, 1500 + 1100))
+            cut = 1000 * PAGE_SIZE + 10
+            await store.change(
+                [Truncate(ino, cut), Truncate(ino, size), WritePages(ino, 1500, second)]
+            )
+            want = bytearray(size)
+            want[:cut] = first[:cut]
+            want[1500 * PAGE_SIZE : 2600 * PAGE_SIZE] = second
+            got = bytearray()
+            for p in range(0, size // PAGE_SIZE, 4096):
+                got += (await store.read_inode(ino, p, min(4096, size // PAGE_SIZE - p))).to_bytes()
+            for p in range(size // PAGE_SIZE):
+                a, b = (
+                    got[p * PAGE_SIZE : (p + 1) * PAGE_SIZE],
+                    want[p * PAGE_SIZE : (p + 1) * PAGE_SIZE],
+                )
+                assert a == b, (
+                    f"page {p}: {describe_page(bytes(a))}, want {describe_page(bytes(b))}"
+                )
+
+    run_trio(main, 120)
+    if any_store.startswith("redis://"):
+        assert _staged_keys(any_store) == []
 
 
 # --- the Redis store's refusals --------------------------------------------------------
