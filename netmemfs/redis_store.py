@@ -37,7 +37,7 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Union, cast
@@ -52,6 +52,7 @@ from coredis._utils import hash_slot
 from netmemfs._trio_util import lone_errors, open_quiet_nursery, tune_socket
 from netmemfs.errors import (
     NetmemError,
+    NoSpace,
     NotHeld,
     NotPermitted,
     OutOfRange,
@@ -85,6 +86,9 @@ CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
 REMEMBER_TXNS = 1000  # per file, and for the namespace: a client retries only its last
 NS_TRIES = 100  # namespace transactions computed again after a concurrent change
 HOLD_LEASE_S = 30.0
+# How long a commit waits for its replicas (WAIT) before it is reported as not known to
+# have landed (and sent again, which Redis applies at most once).
+DEFAULT_WAIT_MS = 2000
 LOCK_LEASE_S = 10.0  # as netmemfs-server's default --lock-lease
 LOCK_POLL_MIN_S = 0.002  # a lock not granted is asked for again after this, doubling
 LOCK_POLL_MAX_S = 0.05
@@ -96,6 +100,10 @@ STAGE_CALLS = 16  # staging calls in flight
 STAGE_TTL_MS = 600_000  # a staged copy left by a dead client expires after this
 # Evicting policies that may drop a page that was committed: refused at connect.
 _EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+# Errors a node gives while the cluster heals: the call is made again (until --timeout).
+_TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY")
+# The functions whose changes a commit's acknowledgement waits to see replicated.
+_REPLICATED = frozenset(("nm_commit", "nm_ns", "nm_drop"))
 
 RedisClient = Union["coredis.Redis[bytes]", "coredis.RedisCluster[bytes]"]
 
@@ -106,23 +114,45 @@ def is_redis_url(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
+    """A Redis store's address: its seeds, TLS, and how many replicas must have a
+    commit before it is acknowledged (None: 1 if every master has one, else 0)."""
+
     seeds: tuple[tuple[str, int], ...]
     tls: bool
+    replicas: int | None = None
+    wait_ms: int = DEFAULT_WAIT_MS
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
-        """redis://HOST:PORT[,HOST:PORT...] or rediss://... (TLS)."""
+        """redis://HOST:PORT[,HOST:PORT...][?replicas=N&wait_ms=MS], or rediss://."""
         scheme, sep, rest = url.partition("://")
         if not sep or scheme not in ("redis", "rediss"):
             raise ValueError(f"{url!r}: a Redis URL starts with redis:// or rediss://")
+        rest, _, query = rest.partition("?")
         rest = rest.rstrip("/")
-        if "@" in rest or "/" in rest or "?" in rest:
+        if "@" in rest or "/" in rest:
             raise ValueError(
-                f"{url!r}: give only redis://HOST:PORT[,HOST:PORT...] (no user, password, "
-                "database or options in the URL)"
+                f"{url!r}: give redis://HOST:PORT[,HOST:PORT...][?replicas=N&wait_ms=MS] "
+                "(no user, password or database in the URL: the password goes in "
+                "--token-file)"
             )
+        options: dict[str, int] = {}
+        for item in filter(None, query.split("&")):
+            name, _, value = item.partition("=")
+            if name not in ("replicas", "wait_ms") or not value.isdigit():
+                raise ValueError(
+                    f"{url!r}: {item!r} is not an option; the options are replicas=N (how "
+                    "many replicas must have a commit before it is acknowledged) and "
+                    "wait_ms=MS (how long to wait for them)"
+                )
+            options[name] = int(value)
         seeds = tuple(parse_host_port(part, DEFAULT_REDIS_PORT) for part in rest.split(","))
-        return cls(seeds, scheme == "rediss")
+        return cls(
+            seeds,
+            scheme == "rediss",
+            options.get("replicas"),
+            options.get("wait_ms", DEFAULT_WAIT_MS),
+        )
 
     def __str__(self) -> str:
         hosts = ",".join(f"{h}:{p}" for h, p in self.seeds)
@@ -275,6 +305,11 @@ class _Retry(NetmemError):
 
 
 def _reply_error(text: str, where: str) -> NetmemError:
+    if text.startswith("OOM"):
+        return NoSpace(
+            f"{where}: Redis is out of memory ({text}); raise its maxmemory, add a master "
+            "(redis-cli --cluster add-node, then rebalance), or delete files"
+        )
     if text.startswith(("NMinit ", "NMresize ", "NMrestage ")):
         code, _, detail = text[2:].partition(" ")
         return _Retry(code, detail)
@@ -310,6 +345,8 @@ class RedisStore:
         self._client_id = os.urandom(8)
         self._txn_seq = itertools.count(1)
         self._sizes: dict[int, int] = {}  # a file's size as last seen (its chunk keys)
+        self.replicas = 0  # each commit waits until this many replicas have it
+        self._nodes_seen: dict[tuple[str, int], None] = {}  # a cluster's, in order seen
         self.retry_for_s = retry_for_s
         self._ears = _Ears(self)
         self._slots = _Slots(self)
@@ -339,6 +376,11 @@ class RedisStore:
         if credentials is not None:
             username, password = _parse_credentials(credentials)
         cluster = await _is_cluster(address, username, password, retry_for_s)
+        if not cluster and len(address.seeds) > 1:
+            raise NotPermitted(
+                f"{url} names {len(address.seeds)} nodes, but they are not a Redis Cluster "
+                "(cluster_enabled is 0): name a standalone Redis by one address"
+            )
         client: RedisClient
         common: dict[str, Any] = {
             "decode_responses": False,
@@ -403,7 +445,40 @@ class RedisStore:
                 f"{where}: its key {k.format.decode()} holds {found!r}, not {FORMAT.decode()!r}: "
                 "another program's keys or a newer netmemfs; use another database or prefix"
             )
+        await self._check_durability()
         await self._sweep_reaping()
+
+    async def _check_durability(self) -> None:
+        """Warn of settings under which an acknowledged commit can be lost, and decide
+        how many replicas each commit waits for (the URL's replicas=, or 1 if every
+        master has a replica)."""
+        aof = await self._config("appendonly")
+        fsync = await self._config("appendfsync")
+        for node in aof:
+            if aof[node] != "yes" or fsync.get(node) != "always":
+                log.warning(
+                    "Redis node %s has appendonly %s, appendfsync %s: a commit it "
+                    "acknowledged is lost if it loses power. For commits that survive, set "
+                    "`appendonly yes` and `appendfsync always` on every node",
+                    node,
+                    aof[node],
+                    fsync.get(node),
+                )
+        if self.address.replicas is not None:
+            self.replicas = self.address.replicas
+            return
+        replicas = []
+        for host, port in await self._primaries():
+            async with self._direct(host, port) as direct:
+                info = await direct.info("replication")
+            replicas.append(int(str(info.get("connected_slaves", 0))))
+        self.replicas = 1 if replicas and min(replicas) > 0 else 0
+        if self.replicas == 0 and self.cluster:
+            log.warning(
+                "a master of the Redis Cluster %s has no replica: its files are lost if "
+                "it dies (add one with redis-cli --cluster add-node --cluster-slave)",
+                self.address,
+            )
 
     async def _config(self, name: str) -> dict[str, str]:
         """CONFIG GET name of each node (a cluster's masters), by address."""
@@ -421,16 +496,37 @@ class RedisStore:
         return sorted({master for _, master in await self._shards()})
 
     async def _shards(self) -> list[tuple[list[int], tuple[str, int]]]:
-        """A cluster's shards: their slot ranges (lo, hi, lo, hi...) and master."""
-        cluster = cast("coredis.RedisCluster[bytes]", self.client)
-        shards = await self._do("reading the cluster's shards", cluster.cluster_shards())
-        out = []
-        for shard in shards:
-            for node in shard[b"nodes"]:
-                if node[b"role"] == b"master":
-                    master = (_text(node[b"ip"]), int(node[b"port"]))
-                    out.append(([int(x) for x in shard[b"slots"]], master))
-        return out
+        """A cluster's shards: their slot ranges (lo, hi, lo, hi...) and master, as
+        the first node that answers CLUSTER SHARDS says (nodes seen before first, then
+        the seeds), asked again until retry_for_s has passed."""
+        deadline = trio.current_time() + self.retry_for_s
+        last: object = None
+        while True:
+            for node in [*self._nodes_seen, *self.address.seeds]:
+                try:
+                    reply, _ = await self._lanes.call(node, [b"CLUSTER", b"SHARDS"])
+                except (OSError, trio.BrokenResourceError, _LaneLost, ServerUnreachable) as e:
+                    last = e
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    last = reply
+                    continue
+                out = []
+                for shard in map(_pairs, reply):
+                    nodes = [_pairs(n) for n in shard[b"nodes"]]
+                    for n in nodes:
+                        self._nodes_seen[(_text(n[b"ip"]), int(n[b"port"]))] = None
+                    for n in nodes:
+                        if n[b"role"] == b"master":
+                            master = (_text(n[b"ip"]), int(n[b"port"]))
+                            out.append(([int(x) for x in shard[b"slots"]], master))
+                return out
+            if trio.current_time() >= deadline:
+                raise ServerUnreachable(
+                    f"no node of the Redis Cluster {self.address} says which node serves "
+                    f"which slots ({last}); check that its nodes run"
+                )
+            await trio.sleep(RECONNECT_S)
 
     @asynccontextmanager
     async def _direct(self, host: str, port: int) -> AsyncIterator[coredis.Redis[bytes]]:
@@ -461,17 +557,25 @@ class RedisStore:
         retry_for_s has passed. Every function is safe to call twice: each checks its
         transaction id, or changes nothing, or (nm_lock) grants a lock that lapses."""
         command = [b"FCALL", fn.encode(), b"%d" % len(keys), *keys, *map(_arg, args)]
+        # A change acknowledged only once enough replicas have it (WAIT, on the same
+        # connection: it waits for the writes sent on it before).
+        wait = (
+            [b"WAIT", b"%d" % self.replicas, b"%d" % self.address.wait_ms]
+            if self.replicas and fn in _REPLICATED
+            else None
+        )
         deadline = trio.current_time() + self.retry_for_s
         asking: tuple[str, int] | None = None
         while True:
             try:
                 if asking is not None:
                     node, asking = asking, None
-                    reply = await self._lanes.call(node, command, asking=True)
+                    reply, acked = await self._lanes.call(node, command, asking=True, wait=wait)
                 else:
                     node = await self._slots.node_of(keys[0])
-                    reply = await self._lanes.call(node, command)
-            except (OSError, trio.BrokenResourceError, _LaneLost) as e:
+                    reply, acked = await self._lanes.call(node, command, wait=wait)
+            except (OSError, trio.BrokenResourceError, _LaneLost, ServerUnreachable) as e:
+                # A node down (a failover under way?): ask for the shards again, retry.
                 if trio.current_time() >= deadline:
                     raise self._unreachable(where, e) from None
                 self._slots.forget()
@@ -479,6 +583,12 @@ class RedisStore:
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
+                if text.startswith(_TRANSIENT) and trio.current_time() < deadline:
+                    # A failover under way (CLUSTERDOWN until a replica is promoted), a
+                    # node loading or resyncing: the same call again, a little later.
+                    self._slots.forget()
+                    await trio.sleep(RECONNECT_S)
+                    continue
                 if text.startswith(("MOVED ", "ASK ")) and trio.current_time() < deadline:
                     host, _, port = text.split()[2].rpartition(":")
                     if text.startswith("MOVED "):
@@ -486,16 +596,35 @@ class RedisStore:
                     else:
                         asking = (host, int(port))
                     continue
-                raise _reply_error(text, where)
+                raise _reply_error(text, f"{where} (Redis {node[0]}:{node[1]})")
+            if wait is not None and not (isinstance(acked, int) and acked >= self.replicas):
+                if trio.current_time() < deadline:
+                    continue  # sent again: a replica catching up, or a failover under way
+                raise ServerUnreachable(
+                    f"{where}: Redis {node[0]}:{node[1]} applied it, but only {acked} of "
+                    f"the {self.replicas} replicas it must reach had it within "
+                    f"{self.address.wait_ms} ms, asked until --timeout; its outcome is "
+                    "unknown, and a commit is sent again later (Redis applies it once). Check "
+                    "the replicas, or lower replicas= in the --server URL"
+                )
             return reply
 
-    async def _do(self, where: str, coro: Any) -> Any:
-        try:
-            return await coro
-        except coredis.exceptions.ResponseError as e:
-            raise _error(e, where) from None
-        except (coredis.exceptions.ConnectionError, OSError) as e:
-            raise self._unreachable(where, e) from None
+    async def _do(self, where: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """call() through coredis (reads, and changes that may be made twice), again
+        after a broken connection (a failover, say) until retry_for_s has passed."""
+        deadline = trio.current_time() + self.retry_for_s
+        while True:
+            try:
+                return await call()
+            except coredis.exceptions.ResponseError as e:
+                if str(e).startswith(_TRANSIENT) and trio.current_time() < deadline:
+                    await trio.sleep(RECONNECT_S)  # the cluster heals: as in _call
+                    continue
+                raise _error(e, where) from None
+            except (coredis.exceptions.ConnectionError, OSError) as e:
+                if trio.current_time() >= deadline:
+                    raise self._unreachable(where, e) from None
+                await trio.sleep(RECONNECT_S)
 
     def new_txn(self) -> bytes:
         return self._client_id + next(self._txn_seq).to_bytes(8, "big")
@@ -512,14 +641,13 @@ class RedisStore:
     async def _data(self, ino: int) -> list[bytes | None]:
         """size, version, stored, mtime, gone of file ino's data record."""
         fields = [b"size", b"version", b"stored", b"mtime", b"gone"]
-        got = await self._do(
-            f"stat of inode {ino}", self.client.hmget(self.keys.file(ino, "m"), fields)
-        )
+        key = self.keys.file(ino, "m")
+        got = await self._do(f"stat of inode {ino}", lambda: self.client.hmget(key, fields))
         return list(got)
 
     async def getattr(self, ino: int) -> InodeStat:
         where = f"stat of inode {ino}"
-        raw, _ = await self._do(where, self._meta(ino))
+        raw, _ = await self._do(where, lambda: self._meta(ino))
         if raw is None:
             raise Stale(f"{where}: inode {ino} no longer exists; open the file again by its name")
         node = _unpack(ino, raw, None)
@@ -555,12 +683,12 @@ class RedisStore:
         if name in (".", ".."):
             if name == ".":
                 return await self.getattr(parent)
-            raw, _ = await self._do(where, self._meta(parent))
+            raw, _ = await self._do(where, lambda: self._meta(parent))
             if raw is None:
                 raise Stale(f"{where}: directory {parent} no longer exists")
             return await self.getattr(_unpack(parent, raw, None).parent)
         check_entry_name(name)
-        raw, entries = await self._do(where, self._meta(parent))
+        raw, entries = await self._do(where, lambda: self._meta(parent))
         if raw is None:
             raise Stale(f"{where}: directory {parent} no longer exists")
         if not stat.S_ISDIR(msgpack.unpackb(raw)[0]):
@@ -572,7 +700,7 @@ class RedisStore:
 
     async def readdir(self, ino: int) -> list[tuple[str, int, int]]:
         where = f"listing directory {ino}"
-        raw, entries = await self._do(where, self._meta(ino))
+        raw, entries = await self._do(where, lambda: self._meta(ino))
         if raw is None:
             raise Stale(f"{where}: directory {ino} no longer exists")
         names = sorted(entries.items())
@@ -614,12 +742,12 @@ class RedisStore:
     async def server_stat(self) -> ServerStat:
         where = "stat of the Redis store"
         used = cap = 0
-        for host, port in await self._do(where, self._primaries()):
+        for host, port in await self._primaries():
             async with self._direct(host, port) as direct:
-                info = await self._do(where, direct.info("memory"))
+                info = await self._do(where, lambda: direct.info("memory"))
             used += int(info.get("used_memory", 0))
             cap += int(info.get("maxmemory", 0))
-        files = await self._do(where, self.client.hlen(self.keys.inodes))
+        files = await self._do(where, lambda: self.client.hlen(self.keys.inodes))
         return ServerStat(cap, used, int(files))
 
     # --- commits -----------------------------------------------------------------------
@@ -800,7 +928,8 @@ class RedisStore:
 
     async def _reap_orphans(self) -> None:
         """Free the orphans no client holds any more."""
-        orphans = await self._do("reading orphans", self.client.smembers(self.keys.orphans))
+        key = self.keys.orphans
+        orphans = await self._do("reading orphans", lambda: self.client.smembers(key))
         if not orphans:
             return
         free = {int(x) for x in orphans} - await self._held()
@@ -815,11 +944,7 @@ class RedisStore:
         t = time.time_ns()
         ops = [dataclasses.replace(op, time_ns=t) for op in ops]
         for _ in range(NS_TRIES):
-            async with self.client.pipeline(transaction=False) as pipe:
-                seq_r = pipe.get(k.seq)
-                prior_r = pipe.hget(k.txns, txn)
-                next_r = pipe.get(k.next_ino)
-            seq, prior, nxt = await self._do(where, _gather3(seq_r, prior_r, next_r))
+            seq, prior, nxt = await self._do(where, lambda: self._ns_head(txn))
             if prior is not None:
                 return _result(txn, prior, replayed=True)
             view = _View(seq or b"0", int(nxt or 2))
@@ -851,11 +976,21 @@ class RedisStore:
             for ino in reaped_files:
                 await self._drop(ino, msgpack.unpackb(before[ino])[11])
             if reaped:
-                await self._do(where, self.client.srem(k.reaping, [str(i) for i in reaped]))
+                gone = [str(i) for i in reaped]
+                await self._do(where, functools.partial(self.client.srem, k.reaping, gone))
             return _result(txn, result, replayed=False)
         raise error_for_code("busy")(
             f"{where}: the namespace changed under it {NS_TRIES} times; try again"
         )
+
+    async def _ns_head(self, txn: bytes) -> tuple[Any, Any, Any]:
+        """The namespace's sequence number, txn's result if it was applied, next ino."""
+        k = self.keys
+        async with self.client.pipeline(transaction=False) as pipe:
+            seq = pipe.get(k.seq)
+            prior = pipe.hget(k.txns, txn)
+            nxt = pipe.get(k.next_ino)
+        return await seq, await prior, await nxt
 
     async def _until_loaded(self, view: _View, fn: Callable[[], object]) -> Any:
         """fn() over view, reading each inode it asks for that view has not read."""
@@ -863,7 +998,8 @@ class RedisStore:
             got, need = _run_view(view, fn)
             if need is None:
                 return got
-            raw, entries = await self._do(f"reading inode {need}", self._meta(need))
+            where = f"reading inode {need}"
+            raw, entries = await self._do(where, functools.partial(self._meta, need))
             view.load(need, raw, entries)
 
     def _ns_call(
@@ -914,10 +1050,12 @@ class RedisStore:
 
     async def _sweep_reaping(self) -> None:
         """Files a client reaped and died before freeing their pages: free them."""
-        left = await self._do("reading reaped files", self.client.smembers(self.keys.reaping))
+        where = "freeing reaped files"
+        key = self.keys.reaping
+        left = await self._do(where, lambda: self.client.smembers(key))
         for raw in left:
             await self._drop(int(raw), 0)
-            await self._do("reading reaped files", self.client.srem(self.keys.reaping, [raw]))
+            await self._do(where, functools.partial(self.client.srem, key, [raw]))
 
     # --- notices and locks ---------------------------------------------------------------
 
@@ -1108,29 +1246,41 @@ class _Lanes:
         self.nursery: trio.Nursery | None = None
 
     async def call(
-        self, node: tuple[str, int], command: list[bytes], *, asking: bool = False
-    ) -> Any:
+        self,
+        node: tuple[str, int],
+        command: list[bytes],
+        *,
+        asking: bool = False,
+        wait: list[bytes] | None = None,
+    ) -> tuple[Any, Any]:
+        """command's reply on node's lane; with wait, the WAIT sent right after it
+        on the same connection, and its reply (else None)."""
         lane = await self._lane(node)
         w = _Waiter()
+        w_wait = _Waiter() if wait is not None else None
         data = _resp(command)
         async with lane.send_lock:
             if lane.lost is not None:
                 raise _LaneLost(lane.lost)
             if asking:
-                skip = _Waiter()  # ASKING's +OK
-                lane.waiting.append(skip)
+                lane.waiting.append(_Waiter())  # ASKING's +OK
                 data = _resp([b"ASKING"]) + data
             lane.waiting.append(w)
+            if w_wait is not None and wait is not None:
+                lane.waiting.append(w_wait)
+                data += _resp(wait)
             try:
                 await lane.stream.send_all(data)
             except BaseException as e:
                 # Part of a request may be out: nothing after it can be trusted.
                 self._drop(lane, f"sending failed ({e!r})")
                 raise
-        await w.done.wait()
-        if w.lost is not None:
-            raise _LaneLost(w.lost)
-        return w.reply
+        for waiter in (w, w_wait):
+            if waiter is not None:
+                await waiter.done.wait()
+                if waiter.lost is not None:
+                    raise _LaneLost(waiter.lost)
+        return w.reply, None if w_wait is None else w_wait.reply
 
     async def _lane(self, node: tuple[str, int]) -> _Lane:
         lane = self.lanes.get(node)
@@ -1403,13 +1553,14 @@ def _decode_notice(ino: int, raw: bytes, own: bytes) -> Notice | None:
         return None
 
 
-async def _gather3(a: Any, b: Any, c: Any) -> tuple[Any, Any, Any]:
-    return await a, await b, await c
-
-
 def _result(txn: bytes, raw: bytes, *, replayed: bool) -> ChangeResult:
     inodes, created = msgpack.unpackb(raw)
     return ChangeResult(txn, {i: v for i, v in inodes}, tuple(created), replayed)
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, Any]:
+    """A RESP2 map (a flat list: key, value, key, value...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(v: bytes | str) -> str:

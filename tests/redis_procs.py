@@ -55,14 +55,23 @@ class RedisProc:
         self.log_path = self.dir / "redis.log"
         cmd = [redis_exe("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1"]
         cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
-        cmd += ["--logfile", str(self.log_path), "--daemonize", "no", *args]
+        cmd += ["--logfile", str(self.log_path), "--daemonize", "no"]
+        cmd += ["--repl-diskless-sync-delay", "0", *args]
         if cluster:
             cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             # Its bus port given, not port + 10000 (which may be taken, or past 65535).
             self.bus_port = _free_port()
             cmd += ["--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_port)]
+        self.cmd = cmd
+        self.start()
+
+    def start(self) -> None:
+        """Start it (again, after kill(): a cluster node rejoins from its nodes.conf)."""
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         what = f"redis-server on port {self.port} to answer PING (its log: {self.log_path})"
         try:
@@ -97,8 +106,8 @@ class RedisProc:
 
 class RedisCluster:
     """masters * (1 + replicas) cluster nodes, joined by `redis-cli --cluster create`;
-    ready when every node says cluster_state:ok with all 16384 slots assigned and
-    sees every replica as one."""
+    ready when every node says cluster_state:ok with all 16384 slots assigned, sees
+    every replica as one, and every replica has finished its first sync."""
 
     def __init__(self, workdir: Path, *, masters: int = 3, replicas: int = 1) -> None:
         self.nodes: list[RedisProc] = []
@@ -136,7 +145,11 @@ class RedisCluster:
         if "cluster_state:ok" not in info or "cluster_slots_assigned:16384" not in info:
             return False
         flags = [line.split()[2] for line in ask(node.port, "CLUSTER", "NODES").splitlines()]
-        return sum("slave" in f.split(",") for f in flags) == replicas
+        if sum("slave" in f.split(",") for f in flags) != replicas:
+            return False
+        # A replica serves once its first sync is done (a master's WAIT counts it then).
+        role = ask(node.port, "INFO", "REPLICATION")
+        return "role:master" in role or "master_link_status:up" in role
 
     @property
     def seeds(self) -> str:

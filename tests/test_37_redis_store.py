@@ -4,6 +4,7 @@ a Redis Cluster (3 masters, a replica each), all real processes. The mount crash
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
@@ -14,7 +15,14 @@ import pytest
 
 from netmemfs import anon
 from netmemfs.connect import connect_store
-from netmemfs.errors import AuthFailed, NetmemError, NotPermitted, OutOfRange, Unsupported
+from netmemfs.errors import (
+    AuthFailed,
+    NetmemError,
+    NoSpace,
+    NotPermitted,
+    OutOfRange,
+    Unsupported,
+)
 from netmemfs.ops import MakeNode, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.redis_store import RedisStore
@@ -275,6 +283,47 @@ def test_keys_of_another_program_are_refused(tmp_path: Path) -> None:
             run_trio(main, 30)
     finally:
         redis.kill()
+
+
+def test_a_full_redis_fails_the_commit_with_no_space(tmp_path: Path) -> None:
+    """A commit that Redis refuses for want of memory (maxmemory, noeviction) fails with
+    ENOSPC, naming the node and what to do; the file keeps its last commit."""
+    redis = RedisProc(tmp_path, "--maxmemory", "4mb")
+    try:
+
+        async def main() -> None:
+            async with connect_store(redis.url) as store:
+                made = await store.change(
+                    [MakeNode(ROOT_INO, "full", stat.S_IFREG | 0o644, size=64 * MiB)]
+                )
+                ino = made.created[0]
+                await store.change([WritePages(ino, 0, stamp_page("full", 0, 1))])
+                big = b"".join(stamp_page("full", p, 2) for p in range(1000))
+                with pytest.raises(NoSpace, match=f"{redis.address}.*out of memory") as e:
+                    for first in range(0, 16000, 1000):
+                        await store.change([WritePages(ino, first, big)])
+                assert e.value.errno == errno.ENOSPC
+                got = await store.read_inode(ino, 16000 - 1, 1)
+                assert got.to_bytes() == bytes(PAGE_SIZE)
+
+        run_trio(main, 60)
+    finally:
+        redis.kill()
+
+
+def test_several_standalone_redis_are_not_a_cluster(tmp_path: Path) -> None:
+    one, two = RedisProc(tmp_path), RedisProc(tmp_path)
+    try:
+
+        async def main() -> None:
+            async with connect_store(f"redis://{one.address},{two.address}", retry_for_s=5):
+                pass
+
+        with pytest.raises(NotPermitted, match="not a Redis Cluster"):
+            run_trio(main, 30)
+    finally:
+        one.kill()
+        two.kill()
 
 
 def test_the_kernel_module_s_door_needs_a_netmemfs_server(tmp_path: Path) -> None:
