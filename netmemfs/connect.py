@@ -19,17 +19,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from netmemfs.errors import Unsupported
-from netmemfs.redis_store import RedisAddress, RedisStore, is_redis_url
 from netmemfs.remote import DEFAULT_PORT, RemoteStore
 from netmemfs.sizes import parse_host_port
 from netmemfs.store import Store
 
 __all__ = ["check_address", "connect_store", "is_redis_url"]
 
+# redis_store (and coredis with it: about 0.8 s of imports here, far more in a slow
+# guest) is imported only when an address names a Redis: every command, and every
+# region's agent, starts without it otherwise.
+
+
+def is_redis_url(text: str) -> bool:
+    return text.startswith(("redis://", "rediss://"))
+
 
 def check_address(text: str) -> None:
     """Raise ValueError, saying what is wrong, unless text names a store."""
     if is_redis_url(text):
+        from netmemfs.redis_store import RedisAddress
+
         RedisAddress.parse(text)
     else:
         parse_host_port(text, DEFAULT_PORT)
@@ -56,6 +65,8 @@ async def connect_store(
             f"the kernel module's door needs a netmemfs-server, not {address}: its "
             "commits rely on the server fencing a replaced daemon's connection"
         )
+    from netmemfs.redis_store import RedisStore
+
     async with RedisStore.connect(
         address, retry_for_s=retry_for_s, credentials=token, tls=tls
     ) as redis:

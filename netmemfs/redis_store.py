@@ -108,10 +108,6 @@ _REPLICATED = frozenset(("nm_commit", "nm_ns", "nm_drop"))
 RedisClient = Union["coredis.Redis[bytes]", "coredis.RedisCluster[bytes]"]
 
 
-def is_redis_url(text: str) -> bool:
-    return text.startswith(("redis://", "rediss://"))
-
-
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
     """A Redis store's address: its seeds, TLS, and how many replicas must have a
