@@ -86,6 +86,10 @@ extern char **environ;
 #define DEFAULT_TIMEOUT_MS 30000
 #define DEFAULT_SPIN_US 50
 #define DEFAULT_SERVER "127.0.0.1:7733"
+/* The Redis store's pages per chunk key (its key layout `netmemfs-redis 2`,
+ * docs/protocol.md) and the longest hash tag of a file's keys we accept. */
+#define REDIS_CHUNK_PAGES 63
+#define REDIS_TAG_MAX 96
 
 /* Where the library is installed: an agent installed with it is in
  * NETMEM_PREFIX/bin. */
@@ -152,6 +156,16 @@ struct region {
 	unsigned char *srv_buf;
 	size_t srv_fill, srv_cap;
 	unsigned int redials;	/* REDIALs since the last direct reply */
+	/* The direct connection goes to the Redis node serving the file's
+	 * hash slot (the agent's OPEN or REDIAL said "resp:<tag>"), not to a
+	 * netmemfs-server: a fetch is one FCALL nm_read on the keys
+	 * "<tag>:m" and "<tag>:c:<chunk>", and the replies come back in the
+	 * order asked, so the ring resp_ids holds the fetches' ids in that
+	 * order (resp_count of them from resp_head). */
+	bool resp;
+	char resp_tag[REDIS_TAG_MAX + 1];
+	uint64_t resp_ids[MAX_FETCHES];
+	size_t resp_head, resp_count;
 	bool redial_wanted;	/* ask for a new one at the next fetch */
 	bool redial_asked;	/* a REDIAL awaits its reply */
 	unsigned char *journaled;
@@ -386,18 +400,25 @@ static int send_all(int fd, struct iovec *iov, int n)
 	return 0;
 }
 
-static int send_msg(int fd, uint32_t op, uint64_t id, uint64_t first,
-		    uint32_t count, const void *data, size_t len)
+static int send_msg_status(int fd, uint32_t op, uint32_t status, uint64_t id,
+			   uint64_t first, uint32_t count, const void *data,
+			   size_t len)
 {
 	struct nm_wire_header h = {
-		.op = op, .id = id, .first = first, .count = count,
-		.len = (uint32_t)len,
+		.op = op, .status = status, .id = id, .first = first,
+		.count = count, .len = (uint32_t)len,
 	};
 	struct iovec iov[2] = {
 		{ &h, sizeof(h) }, { (void *)data, len },
 	};
 
 	return send_all(fd, iov, len ? 2 : 1);
+}
+
+static int send_msg(int fd, uint32_t op, uint64_t id, uint64_t first,
+		    uint32_t count, const void *data, size_t len)
+{
+	return send_msg_status(fd, op, 0, id, first, count, data, len);
 }
 
 static int recv_all(int fd, void *p, size_t len)
@@ -1159,6 +1180,7 @@ static void drop_direct(struct region *r, const char *why, bool redial)
 	close(r->srv);
 	r->srv = -1;
 	r->srv_fill = 0;
+	r->resp_head = r->resp_count = 0;
 	if (redial && r->redials < MAX_REDIALS)
 		r->redial_wanted = true;
 	else
@@ -1169,6 +1191,25 @@ static void drop_direct(struct region *r, const char *why, bool redial)
 			reroute(r, &r->fetches[i]);
 }
 
+/* What a direct connection from the agent speaks, from the payload that
+ * came with it: empty, the netmemfs protocol; "resp:<tag>", RESP to the Redis
+ * node serving the file's keys, which all begin with <tag>. False if the
+ * payload is neither (an agent of another release): no direct reads then. */
+static bool set_speaks(struct region *r, const char *payload, size_t len)
+{
+	if (len == 0) {
+		r->resp = false;
+		return true;
+	}
+	if (len <= 5 || len - 5 > REDIS_TAG_MAX || memcmp(payload, "resp:", 5) ||
+	    memchr(payload + 5, 0, len - 5))
+		return false;
+	r->resp = true;
+	memcpy(r->resp_tag, payload + 5, len - 5);
+	r->resp_tag[len - 5] = 0;
+	return true;
+}
+
 /* The agent's answer to a REDIAL: the new direct connection (passed, which
  * this takes over), or why there is none (then a later fetch asks again,
  * up to MAX_REDIALS in a row). */
@@ -1177,6 +1218,7 @@ static void on_redial(struct region *r, const struct nm_wire_header *h,
 {
 	r->redial_asked = false;
 	if (!h->status && passed >= 0 && r->srv < 0 && !r->failed &&
+	    set_speaks(r, (const char *)r->buf, h->len) &&
 	    fcntl(passed, F_SETFL, O_NONBLOCK) == 0) {
 		r->srv = passed;	/* srv_fill is 0 since drop_direct() */
 		return;
@@ -1192,16 +1234,93 @@ static void on_redial(struct region *r, const struct nm_wire_header *h,
 		       h->status ? (int)h->len : 0, r->buf);
 }
 
+/* Append RESP's bulk string for len bytes at arg to out (cap bytes, *at
+ * used); false if it does not fit. */
+static bool resp_arg(char *out, size_t cap, size_t *at, const char *arg,
+		     size_t len)
+{
+	int n = snprintf(out + *at, cap - *at, "$%zu\r\n", len);
+
+	if (n < 0 || (size_t)n + len + 2 > cap - *at)
+		return false;
+	*at += (size_t)n;
+	memcpy(out + *at, arg, len);
+	memcpy(out + *at + len, "\r\n", 2);
+	*at += len + 2;
+	return true;
+}
+
+static bool resp_num(char *out, size_t cap, size_t *at, unsigned long long v)
+{
+	char num[24];
+	int n = snprintf(num, sizeof(num), "%llu", v);
+
+	return resp_arg(out, cap, at, num, (size_t)n);
+}
+
+/* f's pages asked of Redis: FCALL nm_read 1+k <tag>:m <tag>:c:<c0> ...
+ * then each chunk's first and last byte wanted (netmemfs/redis_functions.lua). */
+static void resp_ask(struct region *r, struct fetch *f)
+{
+	char req[2048], key[REDIS_TAG_MAX + 32];
+	size_t c0 = f->first / REDIS_CHUNK_PAGES;
+	size_t c1 = (f->first + f->count - 1) / REDIS_CHUNK_PAGES;
+	size_t chunks = c1 - c0 + 1, at = 0, c;
+	bool ok;
+	ssize_t n;
+	int k;
+
+	/* count <= BATCH < 2 * REDIS_CHUNK_PAGES: two chunks at most, so the
+	 * request fits req whatever the tag (REDIS_TAG_MAX). */
+	k = snprintf(req, sizeof(req), "*%zu\r\n", 3 + 3 * chunks + 1);
+	at = (size_t)k;
+	ok = resp_arg(req, sizeof(req), &at, "FCALL", 5) &&
+	     resp_arg(req, sizeof(req), &at, "nm_read", 7) &&
+	     resp_num(req, sizeof(req), &at, 1 + chunks);
+	k = snprintf(key, sizeof(key), "%s:m", r->resp_tag);
+	ok = ok && resp_arg(req, sizeof(req), &at, key, (size_t)k);
+	for (c = c0; c <= c1; c++) {
+		k = snprintf(key, sizeof(key), "%s:c:%zu", r->resp_tag, c);
+		ok = ok && resp_arg(req, sizeof(req), &at, key, (size_t)k);
+	}
+	for (c = c0; c <= c1; c++) {
+		size_t lo = f->first > c * REDIS_CHUNK_PAGES ?
+			    f->first - c * REDIS_CHUNK_PAGES : 0;
+		size_t hi = f->first + f->count < (c + 1) * REDIS_CHUNK_PAGES ?
+			    f->first + f->count - c * REDIS_CHUNK_PAGES :
+			    REDIS_CHUNK_PAGES;
+
+		ok = ok && resp_num(req, sizeof(req), &at, lo * PS) &&
+		     resp_num(req, sizeof(req), &at, hi * PS - 1);
+	}
+	if (!ok || r->resp_count == MAX_FETCHES) {
+		reroute(r, f);
+		return;
+	}
+	r->resp_ids[(r->resp_head + r->resp_count++) % MAX_FETCHES] = f->id;
+	n = send(r->srv, req, at, MSG_NOSIGNAL | MSG_DONTWAIT);
+	r->direct_fetches++;
+	if (n != (ssize_t)at)
+		drop_direct(r, n < 0 ? strerror(errno) : "a short send",
+			    n < 0 && (errno == EPIPE || errno == ECONNRESET));
+}
+
 static void srv_ask(struct region *r, struct fetch *f)
 {
 	unsigned char req[NM_SRV_REQUEST_MAX];
 	/* By inode number: the file the agent resolved at OPEN, whatever its
 	 * name is now. An agent of before inodes gives 0: then by name. */
-	size_t len = r->ino ?
+	size_t len;
+	ssize_t n;
+
+	if (r->resp) {
+		resp_ask(r, f);
+		return;
+	}
+	len = r->ino ?
 		nm_srv_read_inode(req, f->id, r->ino, f->first, f->count) :
 		nm_srv_read_pages(req, f->id, r->segment, f->first, f->count);
-	ssize_t n = send(r->srv, req, len, MSG_NOSIGNAL | MSG_DONTWAIT);
-
+	n = send(r->srv, req, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 	r->direct_fetches++;
 	/* A request is a few dozen bytes and at most MAX_FETCHES are in
 	 * flight, so a full socket buffer means the server stopped reading. */
@@ -1256,19 +1375,203 @@ bad:
 	return -1;
 }
 
+/* One RESP line at *p (before end): its type byte and the signed decimal
+ * after it, *p moved past its CRLF. 1: done; 0: not all here yet; -1: not
+ * such a line. */
+static int resp_line(const unsigned char **p, const unsigned char *end,
+		     unsigned char *type, long long *v)
+{
+	const unsigned char *q = *p, *nl, *d;
+	bool neg;
+
+	if (q >= end)
+		return 0;
+	nl = memchr(q, '\n', (size_t)(end - q));
+	if (!nl)
+		return end - q > 32 ? -1 : 0;
+	if (nl - q < 3 || nl[-1] != '\r' || nl - q > 22)
+		return -1;
+	*type = q[0];
+	d = q + 1;
+	neg = *d == '-';
+	d += neg;
+	if (d == nl - 1)
+		return -1;
+	for (*v = 0; d < nl - 1; d++) {
+		if (*d < '0' || *d > '9')
+			return -1;
+		*v = *v * 10 + (*d - '0');
+	}
+	if (neg)
+		*v = -*v;
+	*p = nl + 1;
+	return 1;
+}
+
+/* One whole reply from Redis at buf (len bytes), to the oldest fetch asked
+ * (resp_ids); *used is its size. 1: acted on; 0: not all here yet; -1: the
+ * connection is not usable any more (dropped here after a MOVED, or a reply
+ * this library cannot read: the caller drops it). */
+static int resp_reply(struct region *r, const unsigned char *buf, size_t len,
+		      size_t *used)
+{
+	const unsigned char *srcs[NM_WIRE_MAX_PAGES] = { NULL };
+	const unsigned char *p = buf, *end = buf + len, *nl;
+	const unsigned char *data[4];
+	long long n, head[3], blen[4];
+	unsigned char t;
+	struct fetch *f;
+	size_t c0, k, i;
+	uint64_t id;
+	int rc;
+
+	if (!len)
+		return 0;
+	if (!r->resp_count)
+		return -1;	/* a reply to nothing asked */
+	id = r->resp_ids[r->resp_head];
+	f = find_fetch(r, id);
+	if (f && !f->direct)
+		f = NULL;	/* rerouted since: not ours to install */
+	if (buf[0] == '-') {
+		/* An error: MOVED (the slot has another node now), ASK or
+		 * TRYAGAIN (it is moving), LOADING, a refused script... The
+		 * agent's connections follow every one of them. */
+		nl = memchr(buf, '\n', len);
+		if (!nl)
+			return len > 1024 ? -1 : 0;
+		*used = (size_t)(nl + 1 - buf);
+		r->resp_head = (r->resp_head + 1) % MAX_FETCHES;
+		r->resp_count--;
+		if (f)
+			reroute(r, f);
+		if (len > 7 && !memcmp(buf, "-MOVED ", 7)) {
+			drop_direct(r, "the file's hash slot moved to another "
+				    "Redis node", true);
+			return -1;
+		}
+		return 1;
+	}
+	/* {size or -1, version, gone, bytes of each chunk asked}. */
+	rc = resp_line(&p, end, &t, &n);
+	if (rc <= 0)
+		return rc;
+	if (t != '*' || n < 4 || n > 3 + 4)
+		return -1;
+	for (k = 0; k < 3; k++) {
+		rc = resp_line(&p, end, &t, &head[k]);
+		if (rc <= 0)
+			return rc;
+		if (t != ':')
+			return -1;
+	}
+	for (k = 0; k < (size_t)n - 3; k++) {
+		rc = resp_line(&p, end, &t, &blen[k]);
+		if (rc <= 0)
+			return rc;
+		if (t != '$' || blen[k] < 0 ||
+		    blen[k] > REDIS_CHUNK_PAGES * (long long)PS)
+			return -1;
+		if (end - p < blen[k] + 2)
+			return 0;
+		if (p[blen[k]] != '\r' || p[blen[k] + 1] != '\n')
+			return -1;
+		data[k] = p;
+		p += blen[k] + 2;
+	}
+	*used = (size_t)(p - buf);
+	r->resp_head = (r->resp_head + 1) % MAX_FETCHES;
+	r->resp_count--;
+	if (!f)
+		return 1;
+	c0 = f->first / REDIS_CHUNK_PAGES;
+	if ((size_t)n - 3 != (f->first + f->count - 1) / REDIS_CHUNK_PAGES -
+	    c0 + 1)
+		return -1;	/* not the reply to what was asked */
+	if (head[0] < 0 || head[2]) {
+		reroute(r, f);	/* no such file any more: the agent says so */
+		return 1;
+	}
+	/* Each chunk's bytes start at the first page asked of it; shorter
+	 * than asked, the rest are holes. */
+	for (k = 0, i = 0; k < (size_t)n - 3; k++) {
+		size_t c = c0 + k, lo = f->first > c * REDIS_CHUNK_PAGES ?
+			   f->first - c * REDIS_CHUNK_PAGES : 0;
+		size_t want = (f->first + f->count <
+			       (c + 1) * REDIS_CHUNK_PAGES ?
+			       f->first + f->count - c * REDIS_CHUNK_PAGES :
+			       REDIS_CHUNK_PAGES) - lo, j;
+
+		if ((size_t)blen[k] % PS || (size_t)blen[k] / PS > want)
+			return -1;
+		for (j = 0; j < (size_t)blen[k] / PS; j++)
+			srcs[i + j] = data[k] + j * PS;
+		i += want;
+	}
+	r->redials = 0;
+	install_fetched(r, f, srcs);
+	return 1;
+}
+
+/* Act on every whole reply from Redis in srv_buf: the bytes used, or -1 if
+ * the connection was dropped. */
+static ssize_t resp_consume(struct region *r)
+{
+	size_t used = 0, k;
+	int rc = 1;
+
+	while (used < r->srv_fill) {
+		k = 0;
+		rc = resp_reply(r, r->srv_buf + used, r->srv_fill - used, &k);
+		if (rc <= 0)
+			break;
+		used += k;
+	}
+	if (rc < 0 || (!used && r->srv_fill == r->srv_cap)) {
+		/* After a MOVED the connection is gone already. */
+		drop_direct(r, "Redis sent a reply this library cannot read",
+			    false);
+		return -1;
+	}
+	return (ssize_t)used;
+}
+
 static uint32_t be32(const unsigned char *p)
 {
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
 	       (uint32_t)p[2] << 8 | p[3];
 }
 
-/* Read what the server sent and act on every whole frame. */
+/* Act on every whole frame from the server in srv_buf: the bytes used, or
+ * -1 if the connection was dropped. */
+static ssize_t frames_consume(struct region *r)
+{
+	size_t used = 0;
+
+	while (r->srv_fill - used >= 4) {
+		uint32_t len = be32(r->srv_buf + used);
+
+		if (len > r->srv_cap - 4) {
+			drop_direct(r, "the server sent a frame larger than any "
+				    "reply to a fetch", false);
+			return -1;
+		}
+		if (r->srv_fill - used < 4 + (size_t)len)
+			break;
+		if (srv_frame(r, r->srv_buf + used + 4, len) < 0)
+			return -1;
+		used += 4 + (size_t)len;
+	}
+	return (ssize_t)used;
+}
+
+/* Read what the server (or Redis) sent and act on every whole reply. */
 static void srv_readable(struct region *r)
 {
 	while (r->srv >= 0) {
 		ssize_t n = read(r->srv, r->srv_buf + r->srv_fill,
 				 r->srv_cap - r->srv_fill);
-		size_t used = 0;
+		ssize_t used;
 
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -1277,27 +1580,18 @@ static void srv_readable(struct region *r)
 		if (n <= 0) {
 			/* Closed or reset: the server went away or ended an idle
 			 * connection, so a new one may well work. */
-			drop_direct(r, n ? strerror(errno) :
+			drop_direct(r, n ? strerror(errno) : r->resp ?
+				    "Redis closed the connection" :
 				    "the server closed the connection", true);
 			return;
 		}
 		r->srv_fill += (size_t)n;
-		while (r->srv_fill - used >= 4) {
-			uint32_t len = be32(r->srv_buf + used);
-
-			if (len > r->srv_cap - 4) {
-				drop_direct(r, "the server sent a frame larger "
-					    "than any reply to a fetch", false);
-				return;
-			}
-			if (r->srv_fill - used < 4 + (size_t)len)
-				break;
-			if (srv_frame(r, r->srv_buf + used + 4, len) < 0)
-				return;
-			used += 4 + (size_t)len;
-		}
-		memmove(r->srv_buf, r->srv_buf + used, r->srv_fill - used);
-		r->srv_fill -= used;
+		used = r->resp ? resp_consume(r) : frames_consume(r);
+		if (used < 0)
+			return;
+		memmove(r->srv_buf, r->srv_buf + used,
+			r->srv_fill - (size_t)used);
+		r->srv_fill -= (size_t)used;
 	}
 }
 
@@ -1817,8 +2111,9 @@ static int open_segment(struct region *r)
 	const char *direct = getenv("NETMEM_DIRECT");
 	int ret, srv = -1;
 
-	ret = send_msg(r->sock, NM_OP_OPEN, ++r->next_id, r->size,
-		       r->timeout_ms, r->segment, strlen(r->segment));
+	ret = send_msg_status(r->sock, NM_OP_OPEN, NM_OPEN_READS_RESP,
+			      ++r->next_id, r->size, r->timeout_ms,
+			      r->segment, strlen(r->segment));
 	if (ret == 0) {
 		ret = poll(&pfd, 1, (int)r->timeout_ms + 10000);
 		if (ret == 0)
@@ -1845,6 +2140,13 @@ static int open_segment(struct region *r)
 	/* Invariant: srv is a connected, handshaken socket to the server that
 	 * only this handler uses from now on. */
 	if (srv >= 0 && fcntl(srv, F_SETFL, O_NONBLOCK) < 0) {
+		close(srv);
+		srv = -1;
+	}
+	if (srv >= 0 && !set_speaks(r, msg, h.len)) {
+		logmsg(r, "the agent's connection for direct reads speaks "
+		       "\"%.40s\", which this library does not: pages come "
+		       "through the agent", msg);
 		close(srv);
 		srv = -1;
 	}

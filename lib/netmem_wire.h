@@ -23,16 +23,24 @@ struct nm_wire_header {
 	uint32_t len;		/* payload bytes */
 } __attribute__((packed));
 
+/* An OPEN's status (a request's is otherwise 0): what the library can read
+ * pages from itself. A library without NM_OPEN_READS_RESP is given no
+ * connection to Redis (it would speak the server's protocol to it). */
+#define NM_OPEN_READS_RESP 1u
+
 enum nm_wire_op {
-	NM_OP_OPEN = 1,		/* payload: the file's path; reply: empty,
-				 * `first` its inode number, and maybe
-				 * (SCM_RIGHTS) a connection to the server
-				 * for direct reads */
+	NM_OP_OPEN = 1,		/* payload: the file's path; reply: `first`
+				 * its inode number, and maybe (SCM_RIGHTS) a
+				 * connection for direct reads, its payload
+				 * saying what it speaks: empty, the server's
+				 * protocol; "resp:<key tag>", RESP to the
+				 * Redis node serving the file */
 	NM_OP_FETCH = 2,	/* reply: bitmap, then data of set pages */
 	NM_OP_STAGE = 3,	/* payload: count pages; replied to only on failure */
 	NM_OP_COMMIT = 4,	/* commit all staged pages as one transaction */
-	NM_OP_REDIAL = 5,	/* reply: empty and (SCM_RIGHTS) a new connection
-				 * for direct reads, or an error message */
+	NM_OP_REDIAL = 5,	/* reply: (SCM_RIGHTS) a new connection for
+				 * direct reads, its payload as OPEN's; or an
+				 * error message */
 	NM_OP_INVALIDATE = 6,	/* from the agent, unasked: another client
 				 * committed pages first..first+count-1 of
 				 * the file; drop them (they fault in again),

@@ -40,13 +40,15 @@ from netmemfs.core import FileCore, resolve
 from netmemfs.errors import NetmemError, NotHeld
 from netmemfs.pages import PAGE_SIZE, Buffer
 from netmemfs.protocol import Notice
-from netmemfs.store import InodeStat, Store
+from netmemfs.store import Handover, InodeStat, Store
 
 log = logging.getLogger("netmemfs.agent")
 
 HEADER = struct.Struct("<IIQQII")  # op, status, id, first, count, len: netmem_wire.h
 assert HEADER.size == 32
 OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT, OP_REDIAL, OP_INVALIDATE = 1, 2, 3, 4, 5, 6
+# An OPEN's status bit: the library reads pages from Redis itself (lib/netmem_wire.h).
+OPEN_READS_RESP = 1
 OP_LOCK, OP_UNLOCK = 7, 8
 LOCK_ARGS = struct.Struct("<QII")  # struct nm_wire_lock: length, exclusive, wait_ms
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
@@ -291,11 +293,11 @@ class Region:
         """A new connection for the region's direct reads: the server closed the last
         one (its --idle-timeout, or a restart)."""
         try:
-            fd = await self.core.store.open_handover()
+            handover = await self.core.store.open_handover(self.core.ino, again=True)
         except NetmemError as e:
             self.io.error(OP_REDIAL, req_id, e, "a new connection to the server")
             return
-        self.io.reply(OP_REDIAL, req_id, 0, 0, [], fd=fd)
+        self.io.reply(OP_REDIAL, req_id, 0, 0, [handover.speaks], fd=handover.fd)
 
     async def commit(self, req_id: int) -> None:
         try:
@@ -313,7 +315,7 @@ async def open_region(io: _Socket, store: Store, journal_dir: Path) -> Region | 
     msg = await io.receive()
     if msg is None:
         return None
-    (op, _, req_id, size, _, _), payload = msg
+    (op, can_read, req_id, size, _, _), payload = msg
     if op != OP_OPEN:
         raise WireError(f"expected OPEN, got request {op}")
     try:
@@ -324,12 +326,26 @@ async def open_region(io: _Socket, store: Store, journal_dir: Path) -> Region | 
         return None
     # A connection of the region's own, for reading pages without this process in
     # the way; without one, every read comes through here (slower, still right).
-    handover: int | None = None
+    handover: Handover | None = None
     try:
-        handover = await store.open_handover()
+        handover = await store.open_handover(file.ino)
+        if handover.speaks and not can_read & OPEN_READS_RESP:
+            os.close(handover.fd)
+            handover = None
+            log.info(
+                "no direct connection for the region: its libnetmem reads from a "
+                "netmemfs-server only (an older release); reads go through the agent"
+            )
     except NetmemError as e:
         log.info("no direct connection for the region (%s); reads go through the agent", e)
-    io.reply(OP_OPEN, req_id, file.ino, 0, [], fd=handover)
+    io.reply(
+        OP_OPEN,
+        req_id,
+        file.ino,
+        0,
+        [handover.speaks] if handover else [],
+        fd=handover.fd if handover else None,
+    )
     return Region(io, store, file, path, journal_dir)
 
 

@@ -1,13 +1,18 @@
-#!lua name=netmemfs
+#!lua name=netmemfs_2
 
--- The netmemfs Redis store's functions (docs/protocol.md, "Redis store", has the key
--- layout). Every function touches the keys of one hash slot only: an inode's data keys
--- ({P:ino}...) or the namespace keys ({P}...), all given in KEYS, so each call is atomic
--- on one node, Redis Cluster or not. Errors are replies "NM<code> <message>", code being
--- a netmemfs error code (netmemfs/errors.py), so the client raises the matching class.
+-- The netmemfs Redis store's functions for the key layout `netmemfs-redis 2`
+-- (docs/protocol.md, "Redis store"). The library's name carries the layout's number:
+-- Redis refuses to load another release's library beside it, as both register the
+-- same function names. Every function touches the keys of one hash slot only: an
+-- inode's data keys ({P:ino}...) or the namespace keys ({P}...), all given in KEYS, so
+-- each call is atomic on one node, Redis Cluster or not. Errors are replies
+-- "NM<code> <message>", code being a netmemfs error code (netmemfs/errors.py), so the
+-- client raises the matching class.
 
 local PAGE = 4096
-local CHUNK_PAGES = 64
+-- 63 pages, not 64: a string of 63 pages and its header fit jemalloc's 256 KiB size
+-- class, where 64 pages would take the 320 KiB one (25% of every chunk lost).
+local CHUNK_PAGES = 63
 local CHUNK = PAGE * CHUNK_PAGES
 
 local function fail(code, msg)
@@ -35,6 +40,25 @@ local function remember(tkey, qkey, txn, value, keep)
     if redis.call('RPUSH', qkey, txn) > keep then
         redis.call('HDEL', tkey, redis.call('LPOP', qkey))
     end
+end
+
+-- Write data at byte off of the string at key, now `have` bytes long. SETRANGE within
+-- the string; past its end, the string is made anew at its exact length, because
+-- SETRANGE grows a string to twice what it needs (up to 2.5x the data for a chunk
+-- written page by page), and that slack would stay for the chunk's life.
+local function put(key, off, data, have)
+    if off + #data <= have then
+        redis.call('SETRANGE', key, off, data)
+        return
+    end
+    local head = ''
+    if have > 0 and off > 0 then
+        head = redis.call('GETRANGE', key, 0, math.min(have, off) - 1)
+    end
+    if off > have then
+        head = head .. string.rep('\0', off - have)
+    end
+    redis.call('SET', key, head .. data, 'KEEPTTL')
 end
 
 -- Cut chunk c (key) to what a file of `size` bytes keeps of it, the bytes past the end
@@ -165,7 +189,7 @@ local function nm_commit(keys, args)
             local count = #data / PAGE
             local have = redis.call('STRLEN', key)
             local off = (first % CHUNK_PAGES) * PAGE
-            redis.call('SETRANGE', key, off, data)
+            put(key, off, data, have)
             if off + #data > have then
                 stored = stored + (off + #data - have) / PAGE
             end
@@ -228,8 +252,11 @@ local function nm_stage(keys, args)
             cut_chunk(keys[3], tonumber(args[3]), tonumber(args[4]))
         end
     end
+    local have = redis.call('STRLEN', keys[3])
     for j = 5, #args, 2 do
-        redis.call('SETRANGE', keys[3], tonumber(args[j]) * PAGE, args[j + 1])
+        local off = tonumber(args[j]) * PAGE
+        put(keys[3], off, args[j + 1], have)
+        have = math.max(have, off + #args[j + 1])
     end
     redis.call('PEXPIRE', keys[3], tonumber(args[1]))
     return 1

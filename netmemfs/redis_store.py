@@ -49,7 +49,7 @@ import msgpack
 import trio
 from coredis._utils import hash_slot
 
-from netmemfs._trio_util import lone_errors, open_quiet_nursery, tune_socket
+from netmemfs._trio_util import lone_errors, open_quiet_nursery, socket_of, tune_socket
 from netmemfs.errors import (
     NetmemError,
     NoSpace,
@@ -70,6 +70,7 @@ from netmemfs.sizes import parse_host_port
 from netmemfs.store import (
     ChangeResult,
     CommitResult,
+    Handover,
     InodeStat,
     LockGrant,
     PageRead,
@@ -80,8 +81,8 @@ from netmemfs_server.store import ROOT_INO, FileData, Inode, MemoryPageStore
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_PORT = 6379
-FORMAT = b"netmemfs-redis 1"
-CHUNK_PAGES = 64  # pages per chunk key (256 KiB)
+FORMAT = b"netmemfs-redis 2"
+CHUNK_PAGES = 63  # pages per chunk key: 252 KiB, in jemalloc's 256 KiB class
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
 REMEMBER_TXNS = 1000  # per file, and for the namespace: a client retries only its last
 NS_TRIES = 100  # namespace transactions computed again after a concurrent change
@@ -423,7 +424,16 @@ class RedisStore:
                         "committed pages. Set `maxmemory-policy noeviction` on every node "
                         "(CONFIG SET maxmemory-policy noeviction, and in redis.conf)"
                     )
-            await self.client.function_load(code, replace=True)
+            try:
+                await self.client.function_load(code, replace=True)
+            except coredis.exceptions.ResponseError as e:
+                if "already exists" not in str(e):
+                    raise
+                raise NotPermitted(
+                    f"{where}: another netmemfs's functions are loaded there ({e}), for "
+                    f"a key layout other than {FORMAT.decode()!r}; every client of one "
+                    "store must run the same netmemfs release, or use another database"
+                ) from None
             k = self.keys
             root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, time_ns=time.time_ns())
             root.parent = ROOT_INO
@@ -1162,10 +1172,22 @@ class RedisStore:
                 )
         return LOCK_LEASE_S
 
-    async def open_handover(self) -> int:
-        raise Unsupported(
-            "direct reads from Redis are not built yet: a region's pages come through its agent"
-        )
+    async def open_handover(self, ino: int, *, again: bool = False) -> Handover:
+        """A raw connection to the node serving ino's hash slot, authenticated, for a
+        peer that calls nm_read itself (libnetmem's direct reads). again: the slot map
+        is read anew first (the peer was told MOVED)."""
+        if self.address.tls:
+            raise Unsupported(
+                f"no connection to hand over: {self.address} is reached over TLS, which "
+                "only this process speaks"
+            )
+        meta = self.keys.file(ino, "m")
+        if again:
+            self._slots.forget()
+        node = await self._slots.node_of(meta)
+        stream, _ = await _dial(self, node)
+        tag = meta[: meta.index(b"}") + 1]
+        return Handover(socket_of(stream).detach(), b"resp:" + tag)
 
 
 class _Slots:

@@ -107,6 +107,7 @@ from netmemfs.sizes import parse_host_port
 from netmemfs.store import (
     ChangeResult,
     CommitResult,
+    Handover,
     InodeStat,
     LockGrant,
     PageRead,
@@ -359,10 +360,10 @@ class RemoteStore:
                 self._notice(None)  # commits made while no connection was ours went unheard
             return link
 
-    async def open_handover(self) -> int:
-        """A second connection, handshake done, detached from this store: its file
-        descriptor, for a peer that speaks the protocol itself (libnetmem's direct
-        reads). The caller owns (and must close) the descriptor."""
+    async def open_handover(self, ino: int, *, again: bool = False) -> Handover:
+        """A second connection, handshake done, detached from this store, for a peer
+        that speaks the protocol itself (libnetmem's direct reads). The caller owns (and
+        must close) the descriptor. Any of the server's files is read over it."""
         if self.tls is not None:
             raise ServerUnreachable(
                 f"no plain connection to hand over: {self.address} is reached over TLS, "
@@ -373,7 +374,7 @@ class RemoteStore:
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, _LinkLost) as e:
             why = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
-        return socket_of(link.stream).detach()
+        return Handover(socket_of(link.stream).detach(), b"")
 
     async def _open_link(self, *, main: bool = False) -> _Link:
         """A new connection, handshake done. The main one (not a handover) claims the

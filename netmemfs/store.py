@@ -99,6 +99,17 @@ class ChangeResult:
     replayed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """A connection for a peer that reads a file's pages itself (libnetmem's direct
+    reads): fd, which the peer owns from then on, and what it speaks there: b"" for
+    the netmemfs protocol to a netmemfs-server, b"resp:" + the file's key tag for
+    RESP to the Redis node serving the file (docs/protocol.md, "Redis store")."""
+
+    fd: int
+    speaks: bytes
+
+
 class Store(Protocol):
     """A page store as the doors use it: files by inode number, their pages, atomic
     exactly-once commits, notices of other clients' commits, and locks."""
@@ -147,7 +158,8 @@ class Store(Protocol):
 
     async def server_stat(self) -> ServerStat: ...
 
-    async def open_handover(self) -> int:
-        """A connection of its own for a peer that reads pages itself (libnetmem's
-        direct reads): its file descriptor, which the caller closes."""
+    async def open_handover(self, ino: int, *, again: bool = False) -> Handover:
+        """A connection of its own for a peer that reads inode ino's pages itself
+        (libnetmem's direct reads). again: the last one was closed or sent elsewhere
+        (a Redis slot that moved): find where the file is served now."""
         ...

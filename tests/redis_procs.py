@@ -107,13 +107,24 @@ class RedisProc:
 class RedisCluster:
     """masters * (1 + replicas) cluster nodes, joined by `redis-cli --cluster create`;
     ready when every node says cluster_state:ok with all 16384 slots assigned, sees
-    every replica as one, and every replica has finished its first sync."""
+    every replica as one, and every replica has finished its first sync. node_args:
+    more redis-server options for every node, like ("--maxmemory", "256mb")."""
 
-    def __init__(self, workdir: Path, *, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        masters: int = 3,
+        replicas: int = 1,
+        node_args: tuple[str, ...] = (),
+    ) -> None:
+        self.workdir = workdir
+        self.node_args = node_args
+        self.replicas = masters * replicas
         self.nodes: list[RedisProc] = []
         try:
             for _ in range(masters * (1 + replicas)):
-                self.nodes.append(RedisProc(workdir, cluster=True))
+                self.nodes.append(RedisProc(workdir, *node_args, cluster=True))
             done = subprocess.run(
                 [redis_exe("redis-cli"), "--cluster", "create"]
                 + [n.address for n in self.nodes]
@@ -136,6 +147,74 @@ class RedisCluster:
         except BaseException:
             self.kill()
             raise
+
+    def add_master(self) -> RedisProc:
+        """A new, empty master joined with `redis-cli --cluster add-node`; returns once
+        every node lists it as a master. It serves no slot until a rebalance."""
+        node = RedisProc(self.workdir, *self.node_args, cluster=True)
+        self.nodes.append(node)
+        done = subprocess.run(
+            [redis_exe("redis-cli"), "--cluster", "add-node", node.address, self.nodes[0].address],
+            capture_output=True,
+            text=True,
+            timeout=CLUSTER_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"redis-cli --cluster add-node failed:\n{done.stdout}")
+        wait_for(
+            lambda: all(
+                f"{node.address}@" in ask(n.port, "CLUSTER", "NODES")
+                and "cluster_state:ok" in ask(n.port, "CLUSTER", "INFO")
+                for n in self.nodes
+            ),
+            f"every node of the cluster to know the new master {node.address}",
+            CLUSTER_TIMEOUT_S,
+        )
+        return node
+
+    def master_of(self, slot: int, seen_by: RedisProc | None = None) -> RedisProc:
+        """The master serving slot, as seen_by's (else the first node's) CLUSTER NODES
+        says."""
+        for line in ask((seen_by or self.nodes[0]).port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2].split(","):
+                continue
+            for part in fields[8:]:
+                lo, _, hi = part.partition("-")
+                if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def move_slot(self, slot: int, to: RedisProc) -> None:
+        """Move one hash slot and its keys to the master `to`, the steps redis-cli's
+        reshard takes (IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE); returns once every
+        node says `to` serves it."""
+        src = self.master_of(slot)
+        src_id, to_id = ask(src.port, "CLUSTER", "MYID"), ask(to.port, "CLUSTER", "MYID")
+        for node, how, other in ((to, "IMPORTING", src_id), (src, "MIGRATING", to_id)):
+            out = ask(node.port, "CLUSTER", "SETSLOT", str(slot), how, other)
+            assert out == "OK", f"CLUSTER SETSLOT {slot} {how} on {node.address}: {out}"
+        while keys := ask(src.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split():
+            out = ask(
+                src.port,
+                "MIGRATE",
+                "127.0.0.1",
+                str(to.port),
+                "",
+                "0",
+                "5000",
+                "KEYS",
+                *keys,
+            )
+            assert out == "OK", f"MIGRATE of slot {slot} from {src.address}: {out}"
+        for node in self.nodes:
+            ask(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", to_id)
+        wait_for(
+            lambda: all(self.master_of(slot, n) is to for n in self.nodes),
+            f"every node to see slot {slot} on {to.address}",
+            CLUSTER_TIMEOUT_S,
+        )
 
     @staticmethod
     def _ready(node: RedisProc, replicas: int) -> bool:
