@@ -94,6 +94,7 @@ LOCK_LEASE_S = 10.0  # as netmemfs-server's default --lock-lease
 LOCK_POLL_MIN_S = 0.002  # a lock not granted is asked for again after this, doubling
 LOCK_POLL_MAX_S = 0.05
 RECONNECT_S = 0.05  # a broken connection is opened again after this
+DIAL_TIMEOUT_S = 10.0  # connect, TLS handshake and AUTH of one raw connection
 # A commit of more pages than this is staged chunk by chunk (nm_stage) and applied by
 # renames, so that no call blocks a Redis node long (docs/protocol.md).
 INLINE_PAGES = 1024
@@ -307,6 +308,12 @@ def _reply_error(text: str, where: str) -> NetmemError:
             f"{where}: Redis is out of memory ({text}); raise its maxmemory, add a master "
             "(redis-cli --cluster add-node, then rebalance), or delete files"
         )
+    if text.startswith("NOPERM") or "no permissions to" in text:
+        return NotPermitted(
+            f"{where}: Redis's ACL refused it ({text}); netmemfs needs every command it "
+            "uses on its keys and channels: ACL SETUSER <user> on ~{nm* &{nm* +@all "
+            "(nm being the key prefix)"
+        )
     if text.startswith(("NMinit ", "NMresize ", "NMrestage ")):
         code, _, detail = text[2:].partition(" ")
         return _Retry(code, detail)
@@ -329,8 +336,10 @@ class RedisStore:
         username: str | None = None,
         password: str | None = None,
         retry_for_s: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
+        self._tls = tls  # every connection's, when TLS: ours (_dial) and coredis's
         self._username = username
         self._password = password
         self.address = address
@@ -367,12 +376,16 @@ class RedisStore:
     ) -> AsyncIterator[RedisStore]:
         """Connect to the Redis (or Redis Cluster) at url, check that it may hold
         netmemfs pages, and load the store's functions. credentials: a password file's
-        contents, PASSWORD or USER PASSWORD (a Redis ACL user)."""
+        contents, PASSWORD or USER PASSWORD (a Redis ACL user). tls: how to check the
+        nodes' certificates (--tls-ca); rediss:// without it checks them against the
+        system's CAs."""
         address = RedisAddress.parse(url)
         username = password = None
         if credentials is not None:
             username, password = _parse_credentials(credentials)
-        cluster = await _is_cluster(address, username, password, retry_for_s)
+        if tls is None and address.tls:
+            tls = ssl.create_default_context()
+        cluster = await _is_cluster(address, username, password, retry_for_s, tls)
         if not cluster and len(address.seeds) > 1:
             raise NotPermitted(
                 f"{url} names {len(address.seeds)} nodes, but they are not a Redis Cluster "
@@ -383,7 +396,7 @@ class RedisStore:
             "decode_responses": False,
             "username": username,
             "password": password,
-            "ssl": address.tls or tls is not None,
+            "ssl": tls is not None,
             "ssl_context": tls,
             "connect_timeout": retry_for_s,
         }
@@ -405,6 +418,7 @@ class RedisStore:
                     username=username,
                     password=password,
                     retry_for_s=retry_for_s,
+                    tls=tls,
                 )
                 async with open_quiet_nursery() as nursery:
                     store._lanes.nursery = nursery
@@ -521,10 +535,10 @@ class RedisStore:
                 for shard in map(_pairs, reply):
                     nodes = [_pairs(n) for n in shard[b"nodes"]]
                     for n in nodes:
-                        self._nodes_seen[(_text(n[b"ip"]), int(n[b"port"]))] = None
+                        self._nodes_seen[self._node_address(n)] = None
                     for n in nodes:
                         if n[b"role"] == b"master":
-                            master = (_text(n[b"ip"]), int(n[b"port"]))
+                            master = self._node_address(n)
                             out.append(([int(x) for x in shard[b"slots"]], master))
                 return out
             if trio.current_time() >= deadline:
@@ -533,6 +547,12 @@ class RedisStore:
                     f"which slots ({last}); check that its nodes run"
                 )
             await trio.sleep(RECONNECT_S)
+
+    def _node_address(self, node: dict[bytes, Any]) -> tuple[str, int]:
+        """A CLUSTER SHARDS node's address: its TLS port when we speak TLS (a node
+        serving TLS only has no `port`)."""
+        port = node.get(b"tls-port") if self._tls is not None else None
+        return _text(node[b"ip"]), int(port if port is not None else node[b"port"])
 
     @asynccontextmanager
     async def _direct(self, host: str, port: int) -> AsyncIterator[coredis.Redis[bytes]]:
@@ -543,7 +563,8 @@ class RedisStore:
             decode_responses=False,
             username=self._username,
             password=self._password,
-            ssl=self.address.tls,
+            ssl=self._tls is not None,
+            ssl_context=self._tls,
         )
         with lone_errors():
             async with client:
@@ -1176,7 +1197,7 @@ class RedisStore:
         """A raw connection to the node serving ino's hash slot, authenticated, for a
         peer that calls nm_read itself (libnetmem's direct reads). again: the slot map
         is read anew first (the peer was told MOVED)."""
-        if self.address.tls:
+        if self._tls is not None:
             raise Unsupported(
                 f"no connection to hand over: {self.address} is reached over TLS, which "
                 "only this process speaks"
@@ -1236,7 +1257,7 @@ class _Lane:
     pipelined, replies matched in the order asked (as RESP answers them)."""
 
     def __init__(
-        self, node: tuple[str, int], stream: trio.SocketStream, reader: hiredis.Reader
+        self, node: tuple[str, int], stream: trio.abc.Stream, reader: hiredis.Reader
     ) -> None:
         self.node = node
         self.stream = stream
@@ -1345,30 +1366,54 @@ class _Lanes:
             self._drop(lane, why)
 
 
-async def _dial(
-    store: RedisStore, node: tuple[str, int]
-) -> tuple[trio.SocketStream, hiredis.Reader]:
-    """A raw connection to node, authenticated as the store is, and its RESP reader."""
+async def _dial(store: RedisStore, node: tuple[str, int]) -> tuple[trio.abc.Stream, hiredis.Reader]:
+    """A raw connection to node (TLS if the store's are), authenticated as the store
+    is, and its RESP reader."""
     where = f"Redis {node[0]}:{node[1]}"
+    with trio.move_on_after(DIAL_TIMEOUT_S):
+        try:
+            return await _dial_now(store, node, where)
+        except OSError as e:
+            raise ServerUnreachable(f"{where}: {e}; check that it runs") from None
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            cause = e.__cause__ if isinstance(e, trio.BrokenResourceError) else e
+            raise ServerUnreachable(
+                f"{where}: the TLS handshake failed ({cause or e}); check that it serves "
+                "TLS (tls-port) and that --tls-ca holds the CA that signed its certificate"
+            ) from None
+    raise ServerUnreachable(
+        f"{where} accepted the connection but did not finish its handshake within "
+        f"{DIAL_TIMEOUT_S:.0f} s; check that it is a Redis, and TLS or not as the URL says"
+    )
+
+
+async def _dial_now(
+    store: RedisStore, node: tuple[str, int], where: str
+) -> tuple[trio.abc.Stream, hiredis.Reader]:
+    sock_stream = await trio.open_tcp_stream(*node)
     try:
-        stream = await trio.open_tcp_stream(*node)
-    except OSError as e:
-        raise ServerUnreachable(f"{where}: {e}; check that it runs") from None
-    tune_socket(stream.socket)
-    reader = hiredis.Reader()
-    if store._password is not None:
-        auth = [b"AUTH", store._password.encode()]
-        if store._username is not None:
-            auth.insert(1, store._username.encode())
-        await stream.send_all(_resp(auth))
-        while (reply := reader.gets()) is False:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise ServerUnreachable(f"{where} closed the connection")
-            reader.feed(bytes(data))
-        if isinstance(reply, hiredis.ReplyError):
-            await stream.aclose()
-            raise error_for_code("auth")(f"{where} refused our password: {reply}")
+        tune_socket(sock_stream.socket)
+        stream: trio.abc.Stream = sock_stream
+        if store._tls is not None:
+            stream = trio.SSLStream(sock_stream, store._tls, server_hostname=node[0])
+            await stream.do_handshake()
+        reader = hiredis.Reader()
+        if store._password is not None:
+            auth = [b"AUTH", store._password.encode()]
+            if store._username is not None:
+                auth.insert(1, store._username.encode())
+            await stream.send_all(_resp(auth))
+            while (reply := reader.gets()) is False:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise ServerUnreachable(f"{where} closed the connection")
+                reader.feed(bytes(data))
+            if isinstance(reply, hiredis.ReplyError):
+                raise error_for_code("auth")(f"{where} refused our password: {reply}")
+    except BaseException:
+        # Closed below the TLS layer: a broken handshake cannot close TLS in order.
+        await _close_quietly(sock_stream)
+        raise
     return stream, reader
 
 
@@ -1611,7 +1656,11 @@ def _merge(runs: list[PageRun]) -> Iterator[PageRun]:
 
 
 async def _is_cluster(
-    address: RedisAddress, username: str | None, password: str | None, retry_for_s: float
+    address: RedisAddress,
+    username: str | None,
+    password: str | None,
+    retry_for_s: float,
+    tls: ssl.SSLContext | None,
 ) -> bool:
     """Whether the first seed that answers is a Redis Cluster node."""
     deadline = trio.current_time() + retry_for_s
@@ -1623,7 +1672,8 @@ async def _is_cluster(
                 port=port,
                 username=username,
                 password=password,
-                ssl=address.tls,
+                ssl=tls is not None,
+                ssl_context=tls,
                 connect_timeout=max(0.1, deadline - trio.current_time()),
             )
             try:
@@ -1638,11 +1688,46 @@ async def _is_cluster(
             except (coredis.exceptions.ConnectionError, OSError) as e:
                 last = e
         if trio.current_time() >= deadline:
-            raise ServerUnreachable(
-                f"no Redis answers at {address} ({last}); check that it runs and that "
-                "--server names it"
-            )
+            host, port = address.seeds[0]
+            why = await _diagnose(host, port, tls) or last
+            if isinstance(why, ssl.SSLCertVerificationError):
+                hint = "check that --tls-ca holds the CA that signed its certificate"
+            elif tls is None:
+                hint = (
+                    "check that it runs and that --server names it (a Redis that "
+                    "serves TLS only needs rediss://)"
+                )
+            else:
+                hint = "check that it runs, serves TLS (tls-port), and that --server names it"
+            raise ServerUnreachable(f"no Redis answers at {address} ({why}); {hint}")
         await trio.sleep(0.1)
+
+
+async def _diagnose(host: str, port: int, tls: ssl.SSLContext | None) -> BaseException | None:
+    """Why a connection to host:port fails, found by making one (and its TLS handshake)
+    ourselves: coredis says only that it could not connect. None: it works."""
+    try:
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            sock_stream = await trio.open_tcp_stream(host, port)
+            try:
+                if tls is not None:
+                    await trio.SSLStream(sock_stream, tls, server_hostname=host).do_handshake()
+            finally:
+                await _close_quietly(sock_stream)
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
+        return _root_cause(e)
+    return None
+
+
+def _root_cause(e: BaseException | None) -> BaseException | None:
+    """The first error in e's chain (its causes and contexts) that says more than a
+    client library's "unable to connect": a TLS or socket error, else e."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or (isinstance(seen, OSError) and seen.errno):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return e
 
 
 def _parse_credentials(raw: bytes) -> tuple[str | None, str]:

@@ -8,6 +8,7 @@ import re
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -18,10 +19,11 @@ from typing import IO, TypeVar
 
 import pytest
 import trio
+import trustme
 
 from netmemfs import protocol
 from netmemfs.pages import PAGE_SIZE
-from netmemfs.remote import RemoteStore
+from netmemfs.remote import RemoteStore, tls_client_context
 
 T = TypeVar("T")
 
@@ -198,7 +200,7 @@ class MountProc(LogChecked):
         self.server = server
         self.args = list(args)
         self.expected_log: list[re.Pattern[str]] = []
-        if server is not None and server.startswith("redis://"):
+        if server is not None and server.startswith(("redis://", "rediss://")):
             # The tests' redis-servers keep nothing on disk (tests/redis_procs.py): the
             # mount says at each start that a power loss would lose commits.
             self.expect_log("appendonly no, appendfsync .*: a commit it acknowledged is lost")
@@ -377,3 +379,28 @@ def build_c_test(name: str, out_dir: Path) -> Path:
     gcc = ["gcc", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source), "-lnetmem"]
     subprocess.run(gcc, check=True)
     return out
+
+
+class Tls:
+    """A CA of the test's own (trustme) and a server certificate for 127.0.0.1 it signed,
+    as files in tmp_path."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.ca = trustme.CA()
+        cert = self.ca.issue_cert("127.0.0.1")
+        self.cert = tmp_path / "server.pem"
+        self.key = tmp_path / "server.key"
+        self.ca_file = tmp_path / "ca.pem"
+        cert.cert_chain_pems[0].write_to_path(str(self.cert))
+        for extra in cert.cert_chain_pems[1:]:
+            with open(self.cert, "ab") as f:
+                f.write(extra.bytes())
+        cert.private_key_pem.write_to_path(str(self.key))
+        self.key.chmod(0o600)
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def server_args(self) -> tuple[str, ...]:
+        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
+
+    def context(self) -> ssl.SSLContext:
+        return tls_client_context(self.ca_file)

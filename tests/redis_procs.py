@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.helpers import wait_for
@@ -32,10 +33,11 @@ def redis_exe(name: str) -> str:
     return exe
 
 
-def ask(port: int, *args: str, timeout_s: float = 2.0) -> str:
-    """One command to 127.0.0.1:port through redis-cli; its output, stripped."""
+def ask(port: int, *args: str, timeout_s: float = 2.0, cli: Sequence[str] = ()) -> str:
+    """One command to 127.0.0.1:port through redis-cli (cli: more of its options, like
+    --tls); its output, stripped."""
     done = subprocess.run(
-        [redis_exe("redis-cli"), "-p", str(port), *args],
+        [redis_exe("redis-cli"), "-p", str(port), *cli, *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -46,14 +48,29 @@ def ask(port: int, *args: str, timeout_s: float = 2.0) -> str:
 class RedisProc:
     """A real redis-server on 127.0.0.1 and a free port; cluster=True: a cluster node
     (cluster-enabled, its nodes.conf in its own directory). args: more of redis-server's
-    options, like ("--requirepass", "secret")."""
+    options, like ("--requirepass", "secret"). tls: (certificate, key, CA) files: it
+    listens with TLS only."""
 
-    def __init__(self, workdir: Path, *args: str, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        cluster: bool = False,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.port = _free_port()
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True)
         self.log_path = self.dir / "redis.log"
-        cmd = [redis_exe("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd = [redis_exe("redis-server"), "--bind", "127.0.0.1"]
+        self.cli: list[str] = []
+        if tls is None:
+            cmd += ["--port", str(self.port)]
+        else:
+            cert, key, ca = (str(f) for f in tls)
+            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            cmd += ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", ca]
+            self.cli = ["--tls", "--cacert", ca]
         cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
         cmd += ["--logfile", str(self.log_path), "--daemonize", "no"]
         cmd += ["--repl-diskless-sync-delay", "0", *args]
@@ -62,6 +79,8 @@ class RedisProc:
             # Its bus port given, not port + 10000 (which may be taken, or past 65535).
             self.bus_port = _free_port()
             cmd += ["--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_port)]
+            if tls is not None:
+                cmd += ["--tls-cluster", "yes", "--tls-replication", "yes"]
         self.cmd = cmd
         self.start()
 
@@ -78,7 +97,7 @@ class RedisProc:
             wait_for(
                 lambda: (
                     self.proc.poll() is not None
-                    or ask(self.port, "PING") in ("PONG", "NOAUTH Authentication required.")
+                    or self.ask("PING") in ("PONG", "NOAUTH Authentication required.")
                 ),
                 what,
                 START_TIMEOUT_S,
@@ -88,6 +107,10 @@ class RedisProc:
         except AssertionError:
             self.kill()
             raise
+
+    def ask(self, *args: str, timeout_s: float = 2.0) -> str:
+        """One command to it through redis-cli; its output, stripped."""
+        return ask(self.port, *args, timeout_s=timeout_s, cli=self.cli)
 
     @property
     def address(self) -> str:
@@ -117,16 +140,18 @@ class RedisCluster:
         masters: int = 3,
         replicas: int = 1,
         node_args: tuple[str, ...] = (),
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.workdir = workdir
         self.node_args = node_args
+        self.tls = tls
         self.replicas = masters * replicas
         self.nodes: list[RedisProc] = []
         try:
             for _ in range(masters * (1 + replicas)):
-                self.nodes.append(RedisProc(workdir, *node_args, cluster=True))
+                self.nodes.append(RedisProc(workdir, *node_args, cluster=True, tls=tls))
             done = subprocess.run(
-                [redis_exe("redis-cli"), "--cluster", "create"]
+                [redis_exe("redis-cli"), *self.nodes[0].cli, "--cluster", "create"]
                 + [n.address for n in self.nodes]
                 + ["--cluster-replicas", str(replicas), "--cluster-yes"],
                 capture_output=True,
@@ -142,7 +167,7 @@ class RedisCluster:
                     CLUSTER_TIMEOUT_S,
                 )
             except AssertionError as e:
-                states = {n.port: ask(n.port, "CLUSTER", "INFO") for n in self.nodes}
+                states = {n.port: n.ask("CLUSTER", "INFO") for n in self.nodes}
                 raise AssertionError(f"{e}: {states}") from None
         except BaseException:
             self.kill()
@@ -151,10 +176,13 @@ class RedisCluster:
     def add_master(self) -> RedisProc:
         """A new, empty master joined with `redis-cli --cluster add-node`; returns once
         every node lists it as a master. It serves no slot until a rebalance."""
-        node = RedisProc(self.workdir, *self.node_args, cluster=True)
+        node = RedisProc(self.workdir, *self.node_args, cluster=True, tls=self.tls)
         self.nodes.append(node)
         done = subprocess.run(
-            [redis_exe("redis-cli"), "--cluster", "add-node", node.address, self.nodes[0].address],
+            [
+                *(redis_exe("redis-cli"), *node.cli, "--cluster", "add-node"),
+                *(node.address, self.nodes[0].address),
+            ],
             capture_output=True,
             text=True,
             timeout=CLUSTER_TIMEOUT_S,
@@ -163,8 +191,8 @@ class RedisCluster:
             raise AssertionError(f"redis-cli --cluster add-node failed:\n{done.stdout}")
         wait_for(
             lambda: all(
-                f"{node.address}@" in ask(n.port, "CLUSTER", "NODES")
-                and "cluster_state:ok" in ask(n.port, "CLUSTER", "INFO")
+                f"{node.address}@" in n.ask("CLUSTER", "NODES")
+                and "cluster_state:ok" in n.ask("CLUSTER", "INFO")
                 for n in self.nodes
             ),
             f"every node of the cluster to know the new master {node.address}",
@@ -175,7 +203,7 @@ class RedisCluster:
     def master_of(self, slot: int, seen_by: RedisProc | None = None) -> RedisProc:
         """The master serving slot, as seen_by's (else the first node's) CLUSTER NODES
         says."""
-        for line in ask((seen_by or self.nodes[0]).port, "CLUSTER", "NODES").splitlines():
+        for line in (seen_by or self.nodes[0]).ask("CLUSTER", "NODES").splitlines():
             fields = line.split()
             if "master" not in fields[2].split(","):
                 continue
@@ -191,13 +219,12 @@ class RedisCluster:
         reshard takes (IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE); returns once every
         node says `to` serves it."""
         src = self.master_of(slot)
-        src_id, to_id = ask(src.port, "CLUSTER", "MYID"), ask(to.port, "CLUSTER", "MYID")
+        src_id, to_id = src.ask("CLUSTER", "MYID"), to.ask("CLUSTER", "MYID")
         for node, how, other in ((to, "IMPORTING", src_id), (src, "MIGRATING", to_id)):
-            out = ask(node.port, "CLUSTER", "SETSLOT", str(slot), how, other)
+            out = node.ask("CLUSTER", "SETSLOT", str(slot), how, other)
             assert out == "OK", f"CLUSTER SETSLOT {slot} {how} on {node.address}: {out}"
-        while keys := ask(src.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split():
-            out = ask(
-                src.port,
+        while keys := src.ask("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split():
+            out = src.ask(
                 "MIGRATE",
                 "127.0.0.1",
                 str(to.port),
@@ -209,7 +236,7 @@ class RedisCluster:
             )
             assert out == "OK", f"MIGRATE of slot {slot} from {src.address}: {out}"
         for node in self.nodes:
-            ask(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", to_id)
+            node.ask("CLUSTER", "SETSLOT", str(slot), "NODE", to_id)
         wait_for(
             lambda: all(self.master_of(slot, n) is to for n in self.nodes),
             f"every node to see slot {slot} on {to.address}",
@@ -220,14 +247,14 @@ class RedisCluster:
     def _ready(node: RedisProc, replicas: int) -> bool:
         """node sees all slots served and every replica as one (roles spread by gossip
         after `create` returns)."""
-        info = ask(node.port, "CLUSTER", "INFO")
+        info = node.ask("CLUSTER", "INFO")
         if "cluster_state:ok" not in info or "cluster_slots_assigned:16384" not in info:
             return False
-        flags = [line.split()[2] for line in ask(node.port, "CLUSTER", "NODES").splitlines()]
+        flags = [line.split()[2] for line in node.ask("CLUSTER", "NODES").splitlines()]
         if sum("slave" in f.split(",") for f in flags) != replicas:
             return False
         # A replica serves once its first sync is done (a master's WAIT counts it then).
-        role = ask(node.port, "INFO", "REPLICATION")
+        role = node.ask("INFO", "REPLICATION")
         return "role:master" in role or "master_link_status:up" in role
 
     @property
@@ -238,7 +265,8 @@ class RedisCluster:
     @property
     def url(self) -> str:
         """It as --server names a Redis Cluster: two seeds (the client finds the rest)."""
-        return "redis://" + ",".join(n.address for n in self.nodes[:2])
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://" + ",".join(n.address for n in self.nodes[:2])
 
     def kill(self) -> None:
         for node in self.nodes:

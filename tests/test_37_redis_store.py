@@ -26,10 +26,10 @@ from netmemfs.errors import (
 from netmemfs.ops import MakeNode, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.redis_store import RedisStore
-from netmemfs.remote import RemoteStore
+from netmemfs.remote import RemoteStore, tls_client_context
 from netmemfs_server.store import ROOT_INO
-from tests.helpers import MountProc, describe_page, run_trio, stamp_page
-from tests.redis_procs import RedisProc, ask
+from tests.helpers import MountProc, Tls, describe_page, run_trio, stamp_page
+from tests.redis_procs import RedisCluster, RedisProc, ask
 
 MiB = 1 << 20
 MountFactory = Callable[..., MountProc]
@@ -314,6 +314,75 @@ def test_a_wrong_password_is_refused(tmp_path: Path, mount_factory: MountFactory
             run_trio(main, 30)
     finally:
         redis.kill()
+
+
+def test_tls_and_an_acl_user(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """rediss:// with --tls-ca and an ACL user from the password file (USER PASSWORD),
+    the default user switched off: a mount writes and reads over TLS. A redis:// URL
+    for the TLS port, a CA that did not sign the certificate, and a user who may not
+    load functions each fail at connect with a line saying what to check."""
+    tls = Tls(tmp_path)
+    redis = RedisProc(tmp_path, tls=(tls.cert, tls.key, tls.ca_file))
+    secret = "an-acl-password-of-some-length"
+    try:
+        for acl in (
+            ["nmuser", "on", f">{secret}", "~*", "&*", "+@all"],
+            ["reader", "on", f">{secret}", "~*", "&*", "+@read", "+@connection", "+info"],
+            ["default", "off"],
+        ):
+            assert ask(redis.port, "ACL", "SETUSER", *acl, cli=redis.cli) == "OK"
+        creds = tmp_path / "redis.pw"
+        creds.write_text(f"nmuser {secret}\n")
+        creds.chmod(0o600)
+        url = f"rediss://{redis.address}"
+        m = mount_factory(url, "--token-file", str(creds), "--tls-ca", str(tls.ca_file))
+        m.path("f").write_bytes(_pattern("f", 40, 1))
+        assert m.path("f").read_bytes() == _pattern("f", 40, 1)
+
+        def refusal(address: str, ca: Path | None, user: str) -> str:
+            async def main() -> None:
+                async with connect_store(
+                    address,
+                    token=f"{user} {secret}".encode(),
+                    tls=tls_client_context(ca) if ca else None,
+                    retry_for_s=2,
+                ):
+                    pass
+
+            with pytest.raises(NetmemError) as e:
+                run_trio(main, 30)
+            return str(e.value)
+
+        (tmp_path / "other").mkdir()
+        other = Tls(tmp_path / "other")
+        assert "certificate verify failed" in refusal(url, other.ca_file, "nmuser")
+        noperm = refusal(url, tls.ca_file, "reader")
+        assert "no permissions" in noperm and "ACL SETUSER <user> on" in noperm, noperm
+        plain = refusal(f"redis://{redis.address}", None, "nmuser")
+        assert redis.address in plain and "rediss://" in plain, plain
+    finally:
+        redis.kill()
+
+
+def test_a_tls_redis_cluster(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """A Redis Cluster serving TLS only (tls-port, tls-cluster, tls-replication): the
+    client finds the other nodes by their TLS ports and a mount writes files that land
+    on several masters and reads them back."""
+    tls = Tls(tmp_path)
+    cluster = RedisCluster(tmp_path, masters=3, replicas=1, tls=(tls.cert, tls.key, tls.ca_file))
+    try:
+        m = mount_factory(cluster.url, "--tls-ca", str(tls.ca_file))
+        for i in range(12):
+            with open(m.path(f"f{i}"), "wb") as f:
+                f.write(_pattern(f"f{i}", 20, 1))
+                f.flush()
+                os.fsync(f.fileno())
+        for i in range(12):
+            assert m.path(f"f{i}").read_bytes() == _pattern(f"f{i}", 20, 1)
+        masters = [n for n in cluster.nodes if "role:master" in n.ask("INFO", "REPLICATION")]
+        assert sum(int(n.ask("DBSIZE")) > 0 for n in masters) >= 2
+    finally:
+        cluster.kill()
 
 
 def test_keys_of_another_program_are_refused(tmp_path: Path) -> None:

@@ -19,19 +19,19 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 from netmemfs import auth
 from netmemfs import protocol as p
 from netmemfs.errors import AuthFailed, InvalidName, ServerUnreachable
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
-from netmemfs.remote import RemoteStore, tls_client_context
+from netmemfs.remote import RemoteStore
 from netmemfs_server.serve import AUTH_FAILURE_DELAY_S
 from tests.helpers import (
     MountProc,
     RawClient,
     ServerProc,
+    Tls,
     run_trio,
     stamp_page,
     wait_for,
@@ -73,28 +73,6 @@ def _error_then_close(raw: RawClient) -> p.Error:
 
 
 # --- TLS ---------------------------------------------------------------------------
-
-
-class Tls:
-    def __init__(self, tmp_path: Path) -> None:
-        self.ca = trustme.CA()
-        cert = self.ca.issue_cert("127.0.0.1")
-        self.cert = tmp_path / "server.pem"
-        self.key = tmp_path / "server.key"
-        self.ca_file = tmp_path / "ca.pem"
-        cert.cert_chain_pems[0].write_to_path(str(self.cert))
-        for extra in cert.cert_chain_pems[1:]:
-            with open(self.cert, "ab") as f:
-                f.write(extra.bytes())
-        cert.private_key_pem.write_to_path(str(self.key))
-        self.key.chmod(0o600)
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-
-    def server_args(self) -> tuple[str, ...]:
-        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
-
-    def context(self) -> ssl.SSLContext:
-        return tls_client_context(self.ca_file)
 
 
 @pytest.fixture
