@@ -7,13 +7,17 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from netmemfs import anon
+from netmemfs.agent import HEADER, OP_OPEN, OPEN_READS_RESP
 from netmemfs.connect import connect_store
 from netmemfs.errors import (
     AuthFailed,
@@ -105,6 +109,44 @@ def test_a_region_round_trip(any_store: str) -> None:
         assert st.fetches > size // budget and st.direct_fetches == st.fetches, st
     with pytest.raises(NetmemError, match="has 4194304 bytes on the server"):
         anon.map(8 * MiB, segment="region", server=any_store)
+
+
+def test_an_older_libnetmem_gets_no_connection_to_redis(tmp_path: Path) -> None:
+    """The agent hands a region's library a connection to Redis only when its OPEN says
+    it reads RESP (NM_OPEN_READS_RESP): a library of before would speak the server's
+    protocol to Redis and stall. Spoken here as the library speaks to the agent."""
+    redis = RedisProc(tmp_path)
+    try:
+        for status, direct in ((0, False), (OPEN_READS_RESP, True)):
+            ours, theirs = socket.socketpair()
+            agent = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "netmemfs", "agent", "--server", redis.url),
+                    *("--fd", str(theirs.fileno())),
+                ],
+                pass_fds=[theirs.fileno()],
+                stderr=subprocess.DEVNULL,
+            )
+            theirs.close()
+            try:
+                path = f"old-{status}".encode()
+                ours.sendall(HEADER.pack(OP_OPEN, status, 1, MiB, 30000, len(path)) + path)
+                ours.settimeout(30)
+                data, fds, _, _ = socket.recv_fds(ours, HEADER.size + 256, 1)
+                op, err, _, ino, _, length = HEADER.unpack(data[: HEADER.size])
+                payload = data[HEADER.size : HEADER.size + length]
+                for fd in fds:
+                    os.close(fd)
+                assert (op, err) == (OP_OPEN, 0), data
+                if direct:
+                    assert len(fds) == 1 and payload == f"resp:{{nm:{ino}}}".encode()
+                else:
+                    assert fds == [] and payload == b"", (fds, payload)
+            finally:
+                ours.close()
+                agent.wait(timeout=30)
+    finally:
+        redis.kill()
 
 
 def _force_reconnect(store: object, address: str) -> None:
