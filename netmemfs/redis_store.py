@@ -636,6 +636,32 @@ class RedisStore:
                 )
             return reply
 
+    async def _read_now(self, keys: Sequence[bytes], args: Sequence[int]) -> list[Any] | None:
+        """nm_read's answer, read without Lua: MULTI, HMGET of the data record, GETRANGE
+        of each chunk, EXEC: as atomic as the function call, without copying the pages
+        through Lua (redis-benchmark here: a 252 KiB chunk costs 0.08 ms this way, 0.47
+        ms through nm_read). None if it did not work out at once (a moved slot, a break,
+        a node loading): the caller then calls nm_read, which follows each of those."""
+        commands = [[b"MULTI"], [b"HMGET", keys[0], b"size", b"version", b"gone"]]
+        for k, key in enumerate(keys[1:]):
+            commands.append([b"GETRANGE", key, b"%d" % args[2 * k], b"%d" % args[2 * k + 1]])
+        commands.append([b"EXEC"])
+        try:
+            node = await self._slots.node_of(keys[0])
+            replies = await self._lanes.call_many(node, commands)
+        except (OSError, trio.BrokenResourceError, _LaneLost, ServerUnreachable):
+            return None
+        done = replies[-1]
+        if any(isinstance(r, hiredis.ReplyError) for r in replies) or not isinstance(done, list):
+            return None
+        size, version, gone = done[0]
+        return [
+            -1 if size is None else int(size),
+            int(version or 0),
+            0 if gone is None else 1,
+            *done[1:],
+        ]
+
     async def _do(self, where: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """call() through coredis (reads, and changes that may be made twice), again
         after a broken connection (a failover, say) until retry_for_s has passed."""
@@ -748,7 +774,9 @@ class RedisStore:
         for c, lo, hi in _chunk_spans(first, count):
             keys.append(self.keys.chunk(ino, c))
             args += [lo * PAGE_SIZE, hi * PAGE_SIZE - 1]
-        got = await self._call(where, "nm_read", keys, args)
+        got = await self._read_now(keys, args)
+        if got is None:
+            got = await self._call(where, "nm_read", keys, args)
         size, version, gone = int(got[0]), int(got[1]), int(got[2])
         if gone:
             raise Stale(f"{where}: the file was removed; open it again by its name")
@@ -1294,32 +1322,33 @@ class _Lanes:
     ) -> tuple[Any, Any]:
         """command's reply on node's lane; with wait, the WAIT sent right after it
         on the same connection, and its reply (else None)."""
+        commands = [[b"ASKING"]] if asking else []
+        commands.append(command)
+        if wait is not None:
+            commands.append(wait)
+        replies = await self.call_many(node, commands)
+        return replies[int(asking)], replies[-1] if wait is not None else None
+
+    async def call_many(self, node: tuple[str, int], commands: list[list[bytes]]) -> list[Any]:
+        """The replies to commands, sent together on node's lane, one after another."""
         lane = await self._lane(node)
-        w = _Waiter()
-        w_wait = _Waiter() if wait is not None else None
-        data = _resp(command)
+        waiters = [_Waiter() for _ in commands]
+        data = b"".join(_resp(c) for c in commands)
         async with lane.send_lock:
             if lane.lost is not None:
                 raise _LaneLost(lane.lost)
-            if asking:
-                lane.waiting.append(_Waiter())  # ASKING's +OK
-                data = _resp([b"ASKING"]) + data
-            lane.waiting.append(w)
-            if w_wait is not None and wait is not None:
-                lane.waiting.append(w_wait)
-                data += _resp(wait)
+            lane.waiting.extend(waiters)
             try:
                 await lane.stream.send_all(data)
             except BaseException as e:
                 # Part of a request may be out: nothing after it can be trusted.
                 self._drop(lane, f"sending failed ({e!r})")
                 raise
-        for waiter in (w, w_wait):
-            if waiter is not None:
-                await waiter.done.wait()
-                if waiter.lost is not None:
-                    raise _LaneLost(waiter.lost)
-        return w.reply, None if w_wait is None else w_wait.reply
+        for waiter in waiters:
+            await waiter.done.wait()
+            if waiter.lost is not None:
+                raise _LaneLost(waiter.lost)
+        return [w.reply for w in waiters]
 
     async def _lane(self, node: tuple[str, int]) -> _Lane:
         lane = self.lanes.get(node)
