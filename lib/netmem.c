@@ -1342,8 +1342,6 @@ static void resp_ask(struct region *r, struct fetch *f)
 static void srv_ask(struct region *r, struct fetch *f)
 {
 	unsigned char req[NM_SRV_REQUEST_MAX];
-	/* By inode number: the file the agent resolved at OPEN, whatever its
-	 * name is now. An agent of before inodes gives 0: then by name. */
 	size_t len;
 	ssize_t n;
 
@@ -1351,6 +1349,8 @@ static void srv_ask(struct region *r, struct fetch *f)
 		resp_ask(r, f);
 		return;
 	}
+	/* By inode number: the file the agent resolved at OPEN, whatever its
+	 * name is now. An agent of before inodes gives 0: then by name. */
 	len = r->ino ?
 		nm_srv_read_inode(req, f->id, r->ino, f->first, f->count) :
 		nm_srv_read_pages(req, f->id, r->segment, f->first, f->count);

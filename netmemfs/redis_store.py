@@ -1223,8 +1223,9 @@ class RedisStore:
 
     async def open_handover(self, ino: int, *, again: bool = False) -> Handover:
         """A raw connection to the node serving ino's hash slot, authenticated, for a
-        peer that calls nm_read itself (libnetmem's direct reads). again: the slot map
-        is read anew first (the peer was told MOVED)."""
+        peer that reads the file's keys itself (libnetmem's direct reads, as
+        _read_now does). again: the slot map is read anew first (the peer was told
+        MOVED)."""
         if self._tls is not None:
             raise Unsupported(
                 f"no connection to hand over: {self.address} is reached over TLS, which "
@@ -1416,16 +1417,30 @@ async def _dial(store: RedisStore, node: tuple[str, int]) -> tuple[trio.abc.Stre
     )
 
 
-async def _dial_now(
-    store: RedisStore, node: tuple[str, int], where: str
-) -> tuple[trio.abc.Stream, hiredis.Reader]:
+async def _connect(
+    node: tuple[str, int], tls: ssl.SSLContext | None
+) -> tuple[trio.SocketStream, trio.abc.Stream]:
+    """A TCP connection to node and the stream to speak on: the same, or with tls its
+    TLS stream, handshake done. On any failure the socket is closed."""
     sock_stream = await trio.open_tcp_stream(*node)
     try:
         tune_socket(sock_stream.socket)
-        stream: trio.abc.Stream = sock_stream
-        if store._tls is not None:
-            stream = trio.SSLStream(sock_stream, store._tls, server_hostname=node[0])
-            await stream.do_handshake()
+        if tls is None:
+            return sock_stream, sock_stream
+        stream = trio.SSLStream(sock_stream, tls, server_hostname=node[0])
+        await stream.do_handshake()
+        return sock_stream, stream
+    except BaseException:
+        # Closed below the TLS layer: a broken handshake cannot close TLS in order.
+        await _close_quietly(sock_stream)
+        raise
+
+
+async def _dial_now(
+    store: RedisStore, node: tuple[str, int], where: str
+) -> tuple[trio.abc.Stream, hiredis.Reader]:
+    sock_stream, stream = await _connect(node, store._tls)
+    try:
         reader = hiredis.Reader()
         if store._password is not None:
             auth = [b"AUTH", store._password.encode()]
@@ -1440,7 +1455,6 @@ async def _dial_now(
             if isinstance(reply, hiredis.ReplyError):
                 raise error_for_code("auth")(f"{where} refused our password: {reply}")
     except BaseException:
-        # Closed below the TLS layer: a broken handshake cannot close TLS in order.
         await _close_quietly(sock_stream)
         raise
     return stream, reader
@@ -1737,12 +1751,8 @@ async def _diagnose(host: str, port: int, tls: ssl.SSLContext | None) -> BaseExc
     ourselves: coredis says only that it could not connect. None: it works."""
     try:
         with trio.fail_after(DIAL_TIMEOUT_S):
-            sock_stream = await trio.open_tcp_stream(host, port)
-            try:
-                if tls is not None:
-                    await trio.SSLStream(sock_stream, tls, server_hostname=host).do_handshake()
-            finally:
-                await _close_quietly(sock_stream)
+            sock_stream, _ = await _connect((host, port), tls)
+            await _close_quietly(sock_stream)
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
         return _root_cause(e)
     return None

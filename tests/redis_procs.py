@@ -145,7 +145,6 @@ class RedisCluster:
         self.workdir = workdir
         self.node_args = node_args
         self.tls = tls
-        self.replicas = masters * replicas
         self.nodes: list[RedisProc] = []
         try:
             for _ in range(masters * (1 + replicas)):

@@ -372,7 +372,7 @@ def test_tls_and_an_acl_user(tmp_path: Path, mount_factory: MountFactory) -> Non
             ["reader", "on", f">{secret}", "~*", "&*", "+@read", "+@connection", "+info"],
             ["default", "off"],
         ):
-            assert ask(redis.port, "ACL", "SETUSER", *acl, cli=redis.cli) == "OK"
+            assert redis.ask("ACL", "SETUSER", *acl) == "OK"
         creds = tmp_path / "redis.pw"
         creds.write_text(f"nmuser {secret}\n")
         creds.chmod(0o600)
