@@ -49,6 +49,10 @@ enum nm_wire_op {
 				 * nm_wire_lock; reply: `first` the token,
 				 * after any INVALIDATE it brings */
 	NM_OP_UNLOCK = 8,	/* first: the token */
+	NM_OP_STATUS = 9,	/* a mount daemon's socket only, as the first
+				 * message: reply: the daemon's status as
+				 * JSON (`netmemfs status --json`); then the
+				 * connection ends */
 };
 
 /* NM_OP_LOCK's payload. */

@@ -50,6 +50,9 @@ OP_OPEN, OP_FETCH, OP_STAGE, OP_COMMIT, OP_REDIAL, OP_INVALIDATE = 1, 2, 3, 4, 5
 # An OPEN's status bit: the library reads pages from Redis itself (lib/netmem_wire.h).
 OPEN_READS_RESP = 1
 OP_LOCK, OP_UNLOCK = 7, 8
+# A mount daemon's socket only, as a connection's first message: the reply's payload is
+# the daemon's status (`netmemfs status --json`), then the connection ends.
+OP_STATUS = 9
 LOCK_ARGS = struct.Struct("<QII")  # struct nm_wire_lock: length, exclusive, wait_ms
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
 
@@ -309,13 +312,19 @@ class Region:
         self.io.reply(OP_COMMIT, req_id, 0, 0, [])
 
 
-async def open_region(io: _Socket, store: Store, journal_dir: Path) -> Region | None:
+async def open_region(
+    io: _Socket, store: Store, journal_dir: Path, status: Callable[[], bytes] | None = None
+) -> Region | None:
     """Answer the region's OPEN: find its file by path, or make it; the reply carries
-    its inode number, by which the region reads and commits from now on."""
+    its inode number, by which the region reads and commits from now on. status: what
+    answers a STATUS instead (a mount daemon's), if anything."""
     msg = await io.receive()
     if msg is None:
         return None
     (op, can_read, req_id, size, _, _), payload = msg
+    if op == OP_STATUS and status is not None:
+        io.reply(OP_STATUS, req_id, 0, 0, [status()])
+        return None
     if op != OP_OPEN:
         raise WireError(f"expected OPEN, got request {op}")
     try:
@@ -373,13 +382,25 @@ async def _run_socket(
         shutil.rmtree(journal_dir, ignore_errors=True)
 
 
-async def _serve_region(io: _Socket, store: Store, journal_dir: Path) -> None:
-    region = await open_region(io, store, journal_dir)
+async def _serve_region(
+    io: _Socket,
+    store: Store,
+    journal_dir: Path,
+    status: Callable[[], bytes] | None = None,
+    regions: set[Region] | None = None,
+) -> None:
+    """Serve one region (or answer a STATUS: a mount daemon's); regions: where the
+    live ones are listed."""
+    region = await open_region(io, store, journal_dir, status)
     if region is not None:
+        if regions is not None:
+            regions.add(region)
         try:
             await region.serve()
         finally:
             region.journal.discard()
+            if regions is not None:
+                regions.discard(region)
 
 
 async def run_private(
@@ -465,11 +486,19 @@ class AttachPoint:
 
     XATTR = b"user.netmemfs.agent"  # NETMEM_AGENT_XATTR in lib/netmem_wire.h
 
-    def __init__(self, journal_base: Path, *, allow_other: bool) -> None:
+    def __init__(
+        self,
+        journal_base: Path,
+        *,
+        allow_other: bool,
+        status: Callable[[], bytes] | None = None,
+    ) -> None:
         self.name = f"netmemfs-{os.getpid()}-{os.urandom(8).hex()}"
         self.journal_base = journal_base
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.allow_other = allow_other
+        self.status = status  # the daemon's status, for a connection that asks for it
+        self.regions: set[Region] = set()  # served now
 
     @property
     def address(self) -> bytes:
@@ -509,7 +538,7 @@ class AttachPoint:
                 journal_dir = Path(tempfile.mkdtemp(prefix="region-", dir=self.journal_base))
 
                 async def body(io: _Socket, journal_dir: Path = journal_dir) -> None:
-                    await _serve_region(io, store, journal_dir)
+                    await _serve_region(io, store, journal_dir, self.status, self.regions)
 
                 nursery.start_soon(_run_socket, conn, journal_dir, body)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import ssl
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from netmemfs import __version__, kdoor
+from netmemfs import __version__, kdoor, status
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import run_private
 from netmemfs.auth import read_token_file
@@ -170,10 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
         "/dev/netmem; root only; docs/kmod.md)",
     )
     m.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (pages read from the "
+        "journal, cache and store, fetch and commit latency, dirty pages, reconnects; "
+        "docs/operations.md lists them). Anyone who can reach the port can read them: "
+        "keep it on loopback or a monitoring network",
+    )
+    m.add_argument(
         "-f", "--foreground", action="store_true", help="serve in this process, log to stderr"
     )
     m.add_argument("-v", "--verbose", action="store_true", help="log more")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    st = sub.add_parser(
+        "status",
+        help="what a mount's daemon is doing: dirty pages, commits, latencies, regions",
+        description="Ask the daemon serving MOUNTPOINT (over its own socket, never from "
+        "files left behind) for its state: its store, per file the pages written and not "
+        "yet committed and the journal bytes holding them, the last commit and how long it "
+        "took, the cache hit rate, fetch and commit latency p50/p99 over the last minute, "
+        "the anonymous regions it serves. Exits 1 with a line saying what to do if there "
+        "is no running daemon there.",
+    )
+    st.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
     u = sub.add_parser(
         "umount",
         help="unmount",
@@ -352,6 +373,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         unjournaled_bytes=args.max_unjournaled,
         negative_timeout_s=args.negative_timeout,
         serve_device=args.serve_device.absolute() if args.serve_device else None,
+        metrics=args.metrics,
     )
 
 
@@ -468,6 +490,8 @@ def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
         out.append("--allow-other")
     if opts.serve_device:
         out += ["--serve-device", str(opts.serve_device)]
+    if opts.metrics:
+        out += ["--metrics", opts.metrics]
     if args.verbose:
         out.append("--verbose")
     return out
@@ -556,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args)
         if args.command == "umount":
             return _umount(args)
+        if args.command == "status":
+            got = status.query(args.mountpoint.absolute())
+            print(
+                json.dumps(got, indent=2) if args.json else status.render(got),
+                end="\n" if args.json else "",
+            )
+            return 0
         if args.command == "lock":
             return _lock(args)
         if args.command == "agent":

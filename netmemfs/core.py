@@ -20,6 +20,7 @@ dropped and Stale names the path (docs/semantics.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import stat
@@ -44,6 +45,7 @@ from netmemfs.errors import (
     Stale,
 )
 from netmemfs.journal import HoldBudget, SealedCommit, SegmentJournal
+from netmemfs.metrics import Latency
 from netmemfs.ops import Expect, Fence, InodeOp, MakeNode
 from netmemfs.pages import PAGE_SIZE, Buffer, consecutive, pages_for
 from netmemfs.protocol import MAX_MESSAGE_PAGES
@@ -98,6 +100,41 @@ async def resolve(
     return st
 
 
+class DoorCounters:
+    """What a door's files have done since start (one object, shared by all the
+    door's FileCores): pages read by where they came from, fetches from the store and
+    commits with their times. Plain counts, kept on the door's trio thread."""
+
+    def __init__(self) -> None:
+        self.journal_pages = 0  # read from this door's own uncommitted changes
+        self.cache_pages = 0  # from its cache of pages read before
+        self.store_pages = 0  # from the store
+        self.fetch_latency = Latency()  # per read that needed the store
+        self.commits = 0
+        self.committed_pages = 0
+        self.commit_failures = 0  # not applied: sent again later, or refused for good
+        self.commit_latency = Latency()  # sealing and sending, per transaction
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStatus:
+    """One file as a door sees it now (`netmemfs status`)."""
+
+    path: str
+    ino: int
+    opens: int  # handles open on it through the door (0 where the door has none)
+    dirty_pages: int  # written, not yet committed (journal.dirty())
+    journal_bytes: int
+    last_commit_at: float | None  # time.time() of the last commit applied
+    last_commit_s: float | None  # how long it took
+
+    @classmethod
+    def of(cls, core: FileCore, opens: int = 0) -> FileStatus:
+        pages, nbytes = core.journal.dirty()
+        at, took = core.last_commit if core.last_commit is not None else (None, None)
+        return cls(core.path, core.ino, opens, pages, nbytes, at, took)
+
+
 class FileCore:
     """A regular file's pages and commits, by inode number. version: the server's, as
     the door last saw it (pages cached under an older one are not used); cache: pages
@@ -115,8 +152,13 @@ class FileCore:
         version: int = 0,
         cache: PageCache | None = None,
         timeout_s: float = math.inf,
+        counters: DoorCounters | None = None,
     ) -> None:
         self.store = store
+        self.counters = counters or DoorCounters()
+        # The last commit that was applied: when it was (time.time()) and how long it
+        # took, in seconds.
+        self.last_commit: tuple[float, float] | None = None
         self.ino = ino
         self.path = path
         self.journal = journal
@@ -146,13 +188,21 @@ class FileCore:
         cache: PageCache | None = None,
         timeout_s: float = math.inf,
         recoverable: bool = True,
+        counters: DoorCounters | None = None,
     ) -> FileCore:
         """The file st describes (as the server said it is now), with a new journal in
         journal_dir (hold: memory for pages that directory cannot take; recoverable:
         False if no recover() will read it, as SegmentJournal says)."""
         journal = SegmentJournal(journal_dir, st.size, hold, recoverable=recoverable)
         return cls(
-            store, st.ino, path, journal, version=st.version, cache=cache, timeout_s=timeout_s
+            store,
+            st.ino,
+            path,
+            journal,
+            version=st.version,
+            cache=cache,
+            timeout_s=timeout_s,
+            counters=counters,
         )
 
     async def read(self, first: int, count: int) -> list[Buffer | None]:
@@ -172,21 +222,31 @@ class FileCore:
         # past a shrink not committed yet, they are holes.
         server_pages = pages_for(journal.low_water())
         fetch = []
+        mine = cached_n = 0
         for i, page in enumerate(pages):
+            if page is not None:
+                mine += 1
+                continue
             p = first + i
-            if page is not None or p >= server_pages:
+            if p >= server_pages:
                 continue
             cached = self.cache.get(self.ino, p) if self.cache is not None else None
             if cached is None:
                 fetch.append(p)
             else:
                 pages[i] = cached
+                cached_n += 1
+        counters = self.counters
+        counters.journal_pages += mine
+        counters.cache_pages += cached_n
+        counters.store_pages += len(fetch)
         return pages, fetch
 
     async def fetch(self, pages: list[Buffer | None], first: int, fetch: list[int]) -> None:
         """Fill in pages (first..., as local() gave them) from the server's pages
         `fetch`; a page written meanwhile is taken from the journal instead."""
         journal = self.journal
+        started = time.perf_counter()
         for p, n in consecutive(fetch):
             for q in range(p, p + n, MAX_MESSAGE_PAGES):
                 got = await self.store.read_inode(self.ino, q, min(MAX_MESSAGE_PAGES, p + n - q))
@@ -196,6 +256,7 @@ class FileCore:
                         pages[run.first - first + k] = view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
                     if self.cache is not None and got.version == self.version:
                         self.cache.put(self.ino, run.first, run.data)  # else: it changed
+        self.counters.fetch_latency.observe(time.perf_counter() - started)
         # A page written while we waited for the server: the journal's is newer.
         for p in fetch:
             newer = journal.read_page(p)
@@ -233,14 +294,17 @@ class FileCore:
             with trio.fail_after(self.timeout_s):
                 result = await journal.send_sealed(self.send)
         except (ServerUnreachable, ProtocolError, trio.TooSlowError):
+            self.counters.commit_failures += 1
             raise  # its outcome unknown: sent again as it was (expectation and all)
         except Stale:
+            self.counters.commit_failures += 1
             self.gone = True
             self.expect = None
             journal.discard()
             log.error("%s", self._stale())
             raise self._stale() from None
         except (Fenced, Conflict) as e:
+            self.counters.commit_failures += 1
             # Made under a lock that another client may hold now, or an optimistic
             # commit that lost its race: its pages are dropped (send_sealed did), not
             # sent again, and cached pages may be old.
@@ -253,8 +317,15 @@ class FileCore:
                 log.info("optimistic commit to %r refused: %s", self.path, e)
             raise
         except NetmemError:
+            self.counters.commit_failures += 1
             self.expect = None
             raise
+        took = time.perf_counter() - t0
+        counters = self.counters
+        counters.commits += 1
+        counters.committed_pages += sum(r.count for r in commit.runs)
+        counters.commit_latency.observe(took)
+        self.last_commit = (time.time(), took)
         self.expect = None
         self.version = result.inodes.get(self.ino, self.version)
         if self.cache is not None:

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import trio
 
-from netmemfs import fs, journal, kdoor
+from netmemfs import fs, journal, kdoor, status
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import AttachPoint
 from netmemfs.connect import connect_store
 from netmemfs.errors import NetmemError
+from netmemfs.metrics import MetricsError, serve_metrics
 from netmemfs.store import Store
 
 log = logging.getLogger("netmemfs.daemon")
@@ -49,6 +50,7 @@ class MountOptions:
     unjournaled_bytes: int = fs.DEFAULT_UNJOURNALED_BYTES
     serve_device: Path | None = None  # also the provider of kmod/'s device
     negative_timeout_s: float = fs.ATTR_TIMEOUT_S  # how long a missing name stays known
+    metrics: str | None = None  # HOST:PORT where Prometheus metrics are served
 
 
 class MountError(NetmemError):
@@ -246,13 +248,37 @@ async def _serve_connected(
     if recovered:
         await ops.resend_recovered(recovered)
     await ops.adopt_root()
+    started_at = time.time()
+
+    def statistics() -> status.MountStatistics:
+        return status.mount_statistics(
+            mountpoint=opts.mountpoint,
+            server=address,
+            started_at=started_at,
+            reconnects=store.reconnects,
+            counters=ops.counters,
+            cache=ops.cache,
+            files=ops.files(),
+            regions=attach.regions,
+        )
+
+    attach = AttachPoint(
+        opts.cache_dir / "regions",
+        allow_other=opts.allow_other,
+        status=lambda: status.as_json(statistics()),
+    )
+    endpoint = None
+    if opts.metrics is not None:
+        try:
+            endpoint = serve_metrics(opts.metrics, lambda: status.mount_families(statistics()))
+        except MetricsError as e:
+            raise MountError(str(e)) from None
     clear_stale_mount(opts.mountpoint)
     fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
     # True once the kernel has ended the session (fusermount3 -u, umount): then
     # there is nothing left to unmount.
     unmounted = False
     terminated = False
-    attach = AttachPoint(opts.cache_dir / "regions", allow_other=opts.allow_other)
     try:
         await attach.bind()
         ops.attach_path = attach.address
@@ -296,6 +322,8 @@ async def _serve_connected(
             unmounted = not terminated
             nursery.cancel_scope.cancel()
     finally:
+        if endpoint is not None:
+            endpoint.close()
         attach.close()
         fs.close(unmount=not unmounted)
         # Writes never fsynced die with the mount; sealed commits that failed

@@ -36,7 +36,7 @@ import trio
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.agent import AttachPoint
 from netmemfs.cache import PageCache
-from netmemfs.core import FileCore, send
+from netmemfs.core import DoorCounters, FileCore, FileStatus, send
 from netmemfs.errors import (
     NetmemError,
     NoSpace,
@@ -198,6 +198,7 @@ class NetmemFS(pyfuse3.Operations):
         self.background: trio.Nursery | None = None
         self.cache = PageCache(cache_bytes)
         self.store = store
+        self.counters = DoorCounters()  # of every file's FileCore
         self.cache_dir = cache_dir
         self.timeout_s = timeout_s
         # Inode numbers are the server's: never reused, the same in every mount.
@@ -227,6 +228,19 @@ class NetmemFS(pyfuse3.Operations):
         self.heard_everything = False  # a reconnect: notices may have been missed
         self._heard_event = trio.Event()
         store.on_notice = self._hear
+
+    def files(self) -> list[FileStatus]:
+        """The regular files this mount knows that are open, or have changes not yet
+        committed, or were committed to through it."""
+        out = []
+        for node in self.inodes.values():
+            core = node.core
+            if core is None:
+                continue
+            pages, nbytes = core.journal.dirty()
+            if node.opens or pages or nbytes or core.last_commit is not None:
+                out.append(FileStatus.of(core, node.opens))
+        return out
 
     def _open_inodes(self) -> frozenset[int]:
         return frozenset(ino for ino, node in self.inodes.items() if node.opens > 0)
@@ -364,6 +378,7 @@ class NetmemFS(pyfuse3.Operations):
                     hold=self.hold,
                     cache=self.cache,
                     timeout_s=self.timeout_s,
+                    counters=self.counters,
                 )
             node = self.inodes[st.ino] = _Inode(st.ino, st, path, core)
             return node

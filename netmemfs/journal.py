@@ -401,6 +401,19 @@ class SegmentJournal:
         """Nothing to commit: no change since the last commit, and none sealed."""
         return not self.has_changes() and self.sealed is None
 
+    def dirty(self) -> tuple[int, int]:
+        """(pages written and not yet committed, bytes of journal files holding
+        changes): what a commit in progress sends and what was written since. A page
+        written again after its commit began counts twice; no more work than a count."""
+        pages = nbytes = 0
+        if self.discarded:
+            return 0, 0
+        for f in (self.active, self.sealed):
+            if f is not None:
+                pages += len(f.pages) + len(f.held)
+                nbytes += f.end
+        return pages, nbytes
+
     # --- changes -----------------------------------------------------------------
 
     def write_page(self, page: int, data: bytes) -> None:

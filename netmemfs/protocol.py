@@ -977,6 +977,7 @@ class Connection:
         self._frame: bytearray | None = None  # a large frame being received in place
         self._fill = 0
         self._eof = False
+        self.bytes_received = 0  # from the peer, framing included
         self._send_kind: type[Message] = Request if role is Role.CLIENT else Reply
         self._receive_table = REPLIES if role is Role.CLIENT else REQUESTS
 
@@ -995,6 +996,7 @@ class Connection:
         if not data:
             self._eof = True
             return
+        self.bytes_received += len(data)
         frame = self._frame
         if frame is not None:
             take = min(len(data), len(frame) - self._fill)
@@ -1026,6 +1028,7 @@ class Connection:
         else:
             assert self._frame is not None and self._fill + nbytes <= len(self._frame)
             self._fill += nbytes
+            self.bytes_received += nbytes
 
     def mid_frame(self) -> bool:
         """Whether part of a frame has arrived and the rest has not."""

@@ -349,6 +349,7 @@ class RedisStore:
         self.wanted: frozenset[int] = frozenset()
         self.listeners: dict[int, list[Callable[[Notice | None], None]]] = {}
         self._client_id = os.urandom(8)
+        self.reconnects = 0  # calls sent again after a connection broke (a failover?)
         self._txn_seq = itertools.count(1)
         self._sizes: dict[int, int] = {}  # a file's size as last seen (its chunk keys)
         self.replicas = 0  # each commit waits until this many replicas have it
@@ -605,6 +606,7 @@ class RedisStore:
                 # A node down (a failover under way?): ask for the shards again, retry.
                 if trio.current_time() >= deadline:
                     raise self._unreachable(where, e) from None
+                self.reconnects += 1
                 self._slots.forget()
                 await trio.sleep(RECONNECT_S)
                 continue
@@ -677,6 +679,7 @@ class RedisStore:
             except (coredis.exceptions.ConnectionError, OSError) as e:
                 if trio.current_time() >= deadline:
                     raise self._unreachable(where, e) from None
+                self.reconnects += 1
                 await trio.sleep(RECONNECT_S)
 
     def new_txn(self) -> bytes:

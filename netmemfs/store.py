@@ -118,6 +118,7 @@ class Store(Protocol):
     # when some may have been missed: after a reconnect).
     on_notice: Callable[[Notice | None], None] | None
     wanted: frozenset[int]  # what subscribe() asked for last
+    reconnects: int  # connections to the store lost and made again, since start
 
     def new_txn(self) -> bytes:
         """A transaction id no other client or call of ours uses."""

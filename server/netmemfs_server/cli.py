@@ -18,9 +18,10 @@ from netmemfs import __version__
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs.auth import read_token_file
 from netmemfs.errors import NetmemError
+from netmemfs.metrics import MetricsError, serve_metrics
 from netmemfs.sizes import parse_host_port, parse_size
 from netmemfs_server.log import LogPageStore
-from netmemfs_server.serve import DEFAULT_PORT, Limits, PageServer
+from netmemfs_server.serve import DEFAULT_PORT, Limits, PageServer, server_families
 from netmemfs_server.store import MemoryPageStore, PageStore
 
 DESCRIPTION = """\
@@ -41,6 +42,7 @@ examples:
   netmemfs-server --data-dir /var/lib/netmemfs --max-memory 8G
   netmemfs-server --listen 0.0.0.0:7733 --token-file /etc/netmemfs/token
   netmemfs-server --listen 0.0.0.0:7733 --token-file T --tls-cert cert.pem --tls-key key.pem
+  netmemfs-server --data-dir /var/lib/netmemfs --metrics 127.0.0.1:9733   # Prometheus
 """
 
 
@@ -201,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listening on a non-loopback address without --token-file",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (connections, requests "
+        "and bytes by type, commits and their latency, refusals by limit, log size, "
+        "checkpoint age; docs/operations.md lists them). Anyone who can reach the port "
+        "can read them: keep it on loopback or a monitoring network. Port 0: any free "
+        "port, logged at start",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     return p
 
@@ -273,12 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     server = PageServer(store, token, limits=limits, tls=tls)
 
     async def run() -> None:
-        async with open_quiet_nursery() as nursery:
-            bound = await nursery.start(server.serve, host, port)
-            print(f"netmemfs-server listening on {host}:{bound}", flush=True)
+        endpoint = None
+        if args.metrics is not None:
+            endpoint = serve_metrics(args.metrics, lambda: server_families(server.statistics()))
+        try:
+            async with open_quiet_nursery() as nursery:
+                bound = await nursery.start(server.serve, host, port)
+                print(f"netmemfs-server listening on {host}:{bound}", flush=True)
+        finally:
+            if endpoint is not None:
+                endpoint.close()
 
     try:
         trio.run(run)
+    except MetricsError as e:
+        print(f"netmemfs-server: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"netmemfs-server: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         return 1

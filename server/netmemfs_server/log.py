@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -97,16 +98,15 @@ class LogPageStore(MemoryPageStore):
         self.data_dir = data_dir
         self.gen = 0
         self.checkpoint_bytes = checkpoint_bytes
-        self.checkpoints = 0
         self._fd = -1
-        self._end = 0
+        self.log_bytes = 0
         self._broken: str | None = None
 
     def _open_log(self, gen: int) -> None:
         self.gen = gen
         path = _log_path(self.data_dir, gen)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._end = os.fstat(self._fd).st_size
+        self.log_bytes = os.fstat(self._fd).st_size
 
     @classmethod
     def open(
@@ -119,6 +119,7 @@ class LogPageStore(MemoryPageStore):
         ckpt = data_dir / "checkpoint"
         if ckpt.exists():
             covered, fmt = _load_checkpoint(ckpt, store)
+            store.checkpointed_at = ckpt.stat().st_mtime
         (data_dir / "checkpoint.tmp").unlink(missing_ok=True)
         gens = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _LOG_NAME.match(p.name)))
         for gen in gens:
@@ -160,7 +161,7 @@ class LogPageStore(MemoryPageStore):
         self._check_usable()
         parts = encode_record(LOG_MAGIC, ops_to_payload(txn, ops))
         try:
-            n = pwrite_all(self._fd, parts, self._end)  # the file ends at _end
+            n = pwrite_all(self._fd, parts, self.log_bytes)  # the file ends at log_bytes
             os.fsync(self._fd)
         except OSError as e:
             self._cut_back(e)
@@ -168,19 +169,19 @@ class LogPageStore(MemoryPageStore):
                 f"could not append to the log in {self.data_dir}: {e.strerror}; "
                 "free space there and retry the commit"
             ) from e
-        self._end += n
+        self.log_bytes += n
 
     def _cut_back(self, err: OSError) -> None:
         """Remove a partial record after a failed write, or stop taking commits."""
         try:
-            os.ftruncate(self._fd, self._end)
+            os.ftruncate(self._fd, self.log_bytes)
             os.fsync(self._fd)
         except OSError as e2:
             self._broken = f"{err.strerror}, then {e2.strerror} while undoing it"
             log.error("log %d is unusable: %s", self.gen, self._broken)
 
     def wants_checkpoint(self) -> bool:
-        return self._end >= self.checkpoint_bytes
+        return self.log_bytes >= self.checkpoint_bytes
 
     def checkpoint(self) -> None:
         """Write the whole state, then start a new log. Blocking: call from a thread.
@@ -201,9 +202,10 @@ class LogPageStore(MemoryPageStore):
         os.replace(tmp, self.data_dir / "checkpoint")
         _fsync_dir(self.data_dir)
         os.close(self._fd)
-        self._fd, self.gen, self._end = new_fd, old_gen + 1, 0
+        self._fd, self.gen, self.log_bytes = new_fd, old_gen + 1, 0
         _log_path(self.data_dir, old_gen).unlink()
         self.checkpoints += 1
+        self.checkpointed_at = time.time()
 
     async def commit(self, txn: bytes, ops: Sequence[Op]) -> None:
         # The log first (its fsync is the durability), then what reads see: a

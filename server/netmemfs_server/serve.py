@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from prometheus_client.core import Metric
 
-from netmemfs import auth
+from netmemfs import auth, metrics
 from netmemfs._trio_util import (
     acquire_soon,
     open_quiet_nursery,
@@ -54,6 +55,7 @@ from netmemfs.errors import (
     TooLarge,
     VersionMismatch,
 )
+from netmemfs.metrics import Latency, LatencyStatistics
 from netmemfs.ops import (
     Create,
     Delete,
@@ -191,6 +193,88 @@ class Limits:
             raise ValueError("--lock-lease must be positive")
 
 
+@dataclass(frozen=True)
+class ServerStatistics:
+    """PageServer.statistics(): counts since start, then the state now."""
+
+    uptime_s: float
+    connections: int  # open now
+    connections_total: int  # accepted since start
+    refused_connections: int  # past --max-connections
+    requests: dict[str, int]  # by message type
+    errors: dict[str, int]  # error replies by code (refusals by limit among them)
+    bytes_received: int
+    bytes_sent: int
+    commits: int  # applied
+    replayed_commits: int  # answered from the transaction table (sent again)
+    commit_latency: LatencyStatistics  # a commit's own time, lock wait included
+    staged_bytes: int  # staged pages of open transactions
+    inodes: int
+    used_bytes: int  # page data stored
+    capacity_bytes: int | None  # --max-memory
+    locks: int  # held or waited for
+    subscriptions: int
+    durable: bool
+    log_bytes: int  # since the last checkpoint
+    checkpoints: int  # since start
+    checkpoint_age_s: float | None
+
+
+SERVER_METRICS: tuple[metrics.Spec, ...] = (
+    ("uptime_seconds", "gauge", "uptime_s", "Seconds since the server started."),
+    ("connections", "gauge", "connections", "Client connections open now."),
+    ("connections", "counter", "connections_total", "Client connections accepted."),
+    (
+        "refused_connections",
+        "counter",
+        "refused_connections",
+        "Connections refused past --max-connections.",
+    ),
+    ("requests", "counter", "requests", "Requests received, by message type.", "type"),
+    (
+        "errors",
+        "counter",
+        "errors",
+        "Error replies sent, by error code (refusals by a limit among them).",
+        "code",
+    ),
+    ("received_bytes", "counter", "bytes_received", "Bytes received from clients."),
+    ("sent_bytes", "counter", "bytes_sent", "Bytes sent to clients."),
+    ("commits", "counter", "commits", "Transactions applied."),
+    (
+        "replayed_commits",
+        "counter",
+        "replayed_commits",
+        "Transactions sent again and answered from the transaction table.",
+    ),
+    (
+        "commit_duration_seconds",
+        "histogram",
+        "commit_latency",
+        "Time to apply a transaction (log write and fsync included).",
+    ),
+    ("staged_bytes", "gauge", "staged_bytes", "Pages staged by open transactions."),
+    ("inodes", "gauge", "inodes", "Inodes stored."),
+    ("used_bytes", "gauge", "used_bytes", "Page data stored."),
+    ("capacity_bytes", "gauge", "capacity_bytes", "--max-memory."),
+    ("locks", "gauge", "locks", "Byte-range locks held or waited for."),
+    ("subscriptions", "gauge", "subscriptions", "Inodes subscribed to, all connections."),
+    ("log_bytes", "gauge", "log_bytes", "Bytes of log since the last checkpoint."),
+    ("checkpoints", "counter", "checkpoints", "Checkpoints written since start."),
+    (
+        "checkpoint_age_seconds",
+        "gauge",
+        "checkpoint_age_s",
+        "Seconds since the last checkpoint.",
+    ),
+)
+
+
+def server_families(st: ServerStatistics) -> list[Metric]:
+    """st as Prometheus metric families (netmemfs_server_*)."""
+    return metrics.families("netmemfs_server_", SERVER_METRICS, st)
+
+
 class _Close(Exception):
     """End this connection after the reply already sent."""
 
@@ -212,6 +296,17 @@ class PageServer:
         self._commit_lock = trio.Lock()
         self.connections = 0
         self.refused_busy = 0
+        # What statistics() reports: counted where it happens, a few increments each.
+        self.started_at = time.time()
+        self.connections_total = 0
+        self.requests: collections.Counter[type[Message]] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()  # by wire code
+        self.bytes_received = 0  # of connections that closed; open ones add theirs
+        self.bytes_sent = 0
+        self.commits = 0
+        self.replayed = 0
+        self.commit_latency = Latency()
+        self.sessions: set[_Session] = set()
         self.staged_bytes = 0  # all connections' staged pages
         # What each client holds open (Hold), and until when (trio time), by client id;
         # and how many clients hold each inode (what every commit asks: kept, not built
@@ -229,6 +324,34 @@ class PageServer:
         # Orphans found at start are not reaped for a lease: their holders may not
         # have renewed their holds with this server yet.
         self._inherited = set(store.orphans)
+
+    def statistics(self) -> ServerStatistics:
+        """What the server has done since start, and holds now."""
+        store = self.store
+        now = time.time()
+        return ServerStatistics(
+            uptime_s=now - self.started_at,
+            connections=self.connections,
+            connections_total=self.connections_total,
+            refused_connections=self.refused_busy,
+            requests={t.__name__: n for t, n in self.requests.items()},
+            errors=dict(self.errors),
+            bytes_received=self.bytes_received + sum(s.conn.bytes_received for s in self.sessions),
+            bytes_sent=self.bytes_sent,
+            commits=self.commits,
+            replayed_commits=self.replayed,
+            commit_latency=self.commit_latency.statistics(),
+            staged_bytes=self.staged_bytes,
+            inodes=len(store.inodes),
+            used_bytes=store.used_bytes,
+            capacity_bytes=store.capacity_bytes,
+            locks=self.locks.total,
+            subscriptions=self.subscribed_total,
+            durable=store.durable,
+            log_bytes=store.log_bytes,
+            checkpoints=store.checkpoints,
+            checkpoint_age_s=None if store.checkpointed_at is None else now - store.checkpointed_at,
+        )
 
     async def commit(
         self, txn: bytes, ops: Sequence[Op], session: _Session | None = None
@@ -435,8 +558,10 @@ class PageServer:
             await self._refuse_busy(stream, peer)
             return
         self.connections += 1
+        self.connections_total += 1
         tune_socket(sock)
         session = _Session(self, stream, peer)
+        self.sessions.add(session)
         try:
             await session.run()
         except trio.BrokenResourceError as e:
@@ -460,6 +585,8 @@ class PageServer:
             log.exception("internal error serving %s; closing that connection only", peer)
         finally:
             self.connections -= 1
+            self.sessions.discard(session)
+            self.bytes_received += session.conn.bytes_received
             session.unstage(session.staged_bytes)  # open transactions die with it
             if session.claim is not None and self.claims.get(session.claim) is session:
                 del self.claims[session.claim]
@@ -528,6 +655,7 @@ class _Session:
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
+        self.server.bytes_sent += sum(len(p) for p in parts)
         self._sending_since = trio.current_time()
         try:
             await send_parts_locked(self.send_lock, self.stream, parts)
@@ -651,11 +779,13 @@ class _Session:
             await self.handshake(msg)
             return
         handler = _HANDLERS.get(type(msg))
+        self.server.requests[type(msg)] += 1
         try:
             if handler is None:
                 raise ProtocolError(f"{type(msg).__name__} is only valid during the handshake")
             await handler(self, msg, nursery)
         except NetmemError as e:
+            self.server.errors[e.code] += 1
             await self.send(Error(msg.req_id, e.code, str(e)))
 
     # One handler per request (_HANDLERS); each answers, or raises a NetmemError that
@@ -861,13 +991,20 @@ class _Session:
     ) -> None:
         req_id, txn = msg.req_id, msg.txn
         try:
+            started = time.perf_counter()
             outcome, replayed = await self.server.commit(txn, ops, self)
+            self.server.commit_latency.observe(time.perf_counter() - started)
+            if replayed:
+                self.server.replayed += 1
+            else:
+                self.server.commits += 1
             reply: Reply = (
                 Changed(req_id, txn, outcome.inodes, outcome.created, replayed)
                 if isinstance(msg, Change)
                 else Committed(req_id, txn, outcome.versions, replayed)
             )
         except NetmemError as e:
+            self.server.errors[e.code] += 1
             reply = Error(req_id, e.code, str(e))
         finally:
             self.inflight.release()

@@ -680,6 +680,13 @@ class PageStore(Protocol):
     orphans: set[int]
     # True: commit() waits for a disk (the server runs each in a task of its own).
     durable: bool
+    inodes: dict[int, Inode]
+    # A durable store's log: its bytes since the last checkpoint, how many checkpoints
+    # it wrote since start, and when the last one was written (time.time(); None: no
+    # checkpoint, or no disk).
+    log_bytes: int
+    checkpoints: int
+    checkpointed_at: float | None
 
     @property
     def segments(self) -> dict[str, Inode]: ...
@@ -722,6 +729,9 @@ class MemoryPageStore:
         self.next_ino = ROOT_INO + 1  # never handed out before; only grows
         self.used_pages = 0
         self.committed: OrderedDict[bytes, Outcome] = OrderedDict()
+        self.log_bytes = 0  # no log: see LogPageStore
+        self.checkpoints = 0
+        self.checkpointed_at: float | None = None
 
     # --- reads ---------------------------------------------------------------------
 

@@ -1,0 +1,316 @@
+"""A mount daemon's numbers: its statistics(), their Prometheus families, and
+`netmemfs status`, which asks a running daemon for them over its own socket.
+
+The daemon answers a STATUS request on the socket where it serves anonymous regions
+(agent.AttachPoint; the mount root's user.netmemfs.agent attribute names it), so a
+status query reaches exactly the daemon serving the mount, is admitted as a region is
+(its user, or root), and is never a guess from files left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from netmemfs.core import DoorCounters, FileStatus
+from netmemfs.errors import NetmemError
+from netmemfs.metrics import LatencyStatistics, Spec, families
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+    from netmemfs.agent import Region
+    from netmemfs.cache import PageCache
+
+STATUS_TIMEOUT_S = 10.0  # a daemon that does not answer within this is reported as stuck
+
+
+class StatusError(NetmemError):
+    """No status could be had from the mount; the message says why and what to do."""
+
+    code = "status"
+
+
+@dataclasses.dataclass(frozen=True)
+class DoorStatistics:
+    """What one door's files did since start: DoorCounters, snapshotted."""
+
+    journal_pages: int
+    cache_pages: int
+    store_pages: int
+    fetch_latency: LatencyStatistics
+    commits: int
+    committed_pages: int
+    commit_failures: int
+    commit_latency: LatencyStatistics
+
+    @classmethod
+    def of(cls, c: DoorCounters) -> DoorStatistics:
+        return cls(
+            c.journal_pages,
+            c.cache_pages,
+            c.store_pages,
+            c.fetch_latency.statistics(),
+            c.commits,
+            c.committed_pages,
+            c.commit_failures,
+            c.commit_latency.statistics(),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionStatus:
+    """An anonymous region served by the daemon, as its agent side sees it (its
+    resident pages and budget are the mapping process's: Region.statistics())."""
+
+    file: FileStatus
+    fetched_pages: int  # pages the region asked the daemon for (not read directly)
+    commits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MountStatistics:
+    """A mount daemon's statistics(): counts since start, then the state now."""
+
+    mountpoint: str
+    server: str
+    pid: int
+    uptime_s: float
+    store_reconnects: int
+    files: DoorStatistics  # the file door's
+    cache_hits: int
+    cache_misses: int
+    cache_pages: int
+    cache_budget_pages: int
+    dirty_pages: int  # all files: written, not yet committed
+    journal_bytes: int
+    open_files: tuple[FileStatus, ...]  # open, changed or committed to here
+    regions: tuple[RegionStatus, ...]
+
+    @property
+    def region_count(self) -> int:
+        return len(self.regions)
+
+
+def mount_statistics(
+    *,
+    mountpoint: Path,
+    server: str,
+    started_at: float,
+    reconnects: int,
+    counters: DoorCounters,
+    cache: PageCache,
+    files: list[FileStatus],
+    regions: set[Region],
+) -> MountStatistics:
+    return MountStatistics(
+        mountpoint=str(mountpoint),
+        server=server,
+        pid=os.getpid(),
+        uptime_s=time.time() - started_at,
+        store_reconnects=reconnects,
+        files=DoorStatistics.of(counters),
+        cache_hits=cache.hits,
+        cache_misses=cache.misses,
+        cache_pages=cache.pages,
+        cache_budget_pages=cache.budget_pages,
+        dirty_pages=sum(f.dirty_pages for f in files),
+        journal_bytes=sum(f.journal_bytes for f in files),
+        open_files=tuple(sorted(files, key=lambda f: f.path)),
+        regions=tuple(
+            RegionStatus(
+                FileStatus.of(r.core), r.core.counters.store_pages, r.core.counters.commits
+            )
+            for r in sorted(regions, key=lambda r: r.name)
+        ),
+    )
+
+
+MOUNT_METRICS: tuple[Spec, ...] = (
+    ("uptime_seconds", "gauge", "uptime_s", "Seconds since the mount daemon started."),
+    (
+        "store_reconnects",
+        "counter",
+        "store_reconnects",
+        "Connections to the store lost and made again.",
+    ),
+    (
+        "journal_read_pages",
+        "counter",
+        "files.journal_pages",
+        "Pages read from this mount's own uncommitted changes.",
+    ),
+    ("cache_read_pages", "counter", "files.cache_pages", "Pages read from the page cache."),
+    ("store_read_pages", "counter", "files.store_pages", "Pages read from the store."),
+    (
+        "fetch_duration_seconds",
+        "histogram",
+        "files.fetch_latency",
+        "Time of a read that needed the store, from asking to having the pages.",
+    ),
+    ("commits", "counter", "files.commits", "Transactions committed (fsync, msync)."),
+    ("committed_pages", "counter", "files.committed_pages", "Pages committed."),
+    (
+        "commit_failures",
+        "counter",
+        "files.commit_failures",
+        "Commits not applied (sent again later, or refused for good).",
+    ),
+    (
+        "commit_duration_seconds",
+        "histogram",
+        "files.commit_latency",
+        "Time of a commit, from sealing the journal to the store's answer.",
+    ),
+    ("cache_hits", "counter", "cache_hits", "Page cache lookups that found the page."),
+    ("cache_misses", "counter", "cache_misses", "Page cache lookups that did not."),
+    ("cache_pages", "gauge", "cache_pages", "Pages held by the page cache."),
+    ("dirty_pages", "gauge", "dirty_pages", "Pages written and not yet committed."),
+    ("journal_bytes", "gauge", "journal_bytes", "Bytes of journal holding uncommitted changes."),
+    ("regions", "gauge", "region_count", "Anonymous regions served by this daemon."),
+)
+
+
+def mount_families(st: MountStatistics) -> list[Metric]:
+    """st as Prometheus metric families (netmemfs_mount_*): totals only, no label per
+    file (a file per series would grow without bound)."""
+    return families("netmemfs_mount_", MOUNT_METRICS, st)
+
+
+def as_json(st: MountStatistics) -> bytes:
+    return json.dumps(dataclasses.asdict(st)).encode()
+
+
+# --- the client: `netmemfs status` ---------------------------------------------------
+
+
+def query(mountpoint: Path) -> dict[str, Any]:
+    """The status of the daemon serving mountpoint, as its JSON; StatusError saying
+    what is wrong (not a netmemfs mount, a dead daemon, ...) and what to do."""
+    from netmemfs.agent import HEADER, OP_STATUS, AttachPoint
+
+    where = str(mountpoint)
+    try:
+        name = os.getxattr(mountpoint, AttachPoint.XATTR.decode())
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise StatusError(
+                f"{where}: the mount's daemon is gone (the mount answers 'transport "
+                f"endpoint is not connected'); unmount it (netmemfs umount {where}) and "
+                "mount again; sealed commits are sent again by the next mount with the "
+                "same --cache-dir"
+            ) from None
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise StatusError(
+                f"{where} is not a netmemfs mount (it has no {AttachPoint.XATTR.decode()} "
+                "attribute); give the mount point of a running `netmemfs mount`"
+            ) from None
+        if e.errno == errno.ENOENT:
+            raise StatusError(f"{where} does not exist; give the mount point of a mount") from None
+        raise StatusError(f"{where}: {e.strerror}") from None
+    if not name.startswith(b"@"):
+        raise StatusError(f"{where}: its daemon names no socket of its own ({name!r})")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(STATUS_TIMEOUT_S)
+    try:
+        try:
+            sock.connect(b"\0" + name[1:])
+            sock.sendall(HEADER.pack(OP_STATUS, 0, 1, 0, 0, 0))
+            head = _receive(sock, HEADER.size)
+            op, status, _, _, _, length = HEADER.unpack(head)
+            body = _receive(sock, length)
+        except TimeoutError:
+            raise StatusError(
+                f"{where}: its daemon did not answer within {STATUS_TIMEOUT_S:g} s; it may "
+                "be stuck (its log is daemon.log in its --cache-dir)"
+            ) from None
+        except OSError as e:
+            raise StatusError(
+                f"{where}: cannot reach its daemon ({e.strerror or e}); is it still running? "
+                "(its log is daemon.log in its --cache-dir)"
+            ) from None
+    finally:
+        sock.close()
+    if op != OP_STATUS or status != 0:
+        raise StatusError(f"{where}: its daemon refused the status request: {body[:200]!r}")
+    out: dict[str, Any] = json.loads(body)
+    return out
+
+
+def _receive(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+def _ago(at: float | None, now: float) -> str:
+    if at is None:
+        return "never"
+    return f"{now - at:.1f} s ago"
+
+
+def render(st: dict[str, Any]) -> str:
+    """A status as a person reads it."""
+    now = time.time()
+    f = st["files"]
+    hits, misses = st["cache_hits"], st["cache_misses"]
+    rate = f"{hits / (hits + misses):.0%}" if hits + misses else "-"
+    fetch, commit = f["fetch_latency"], f["commit_latency"]
+    lines = [
+        f"mount       {st['mountpoint']}  (daemon pid {st['pid']}, up {st['uptime_s']:.0f} s)",
+        f"store       {st['server']}  ({st['store_reconnects']} reconnects)",
+        f"dirty       {st['dirty_pages']} pages, {st['journal_bytes']} journal bytes",
+        f"reads       {f['journal_pages']} pages from the journal, {f['cache_pages']} from "
+        f"the cache, {f['store_pages']} from the store",
+        f"cache       {rate} hit rate, {st['cache_pages']} of {st['cache_budget_pages']} pages",
+        f"fetch       p50 {_ms(fetch['p50_s'])}, p99 {_ms(fetch['p99_s'])} "
+        f"(last minute, {fetch['recent']} fetches)",
+        f"commits     {f['commits']} ({f['commit_failures']} failed); p50 "
+        f"{_ms(commit['p50_s'])}, p99 {_ms(commit['p99_s'])} (last minute)",
+    ]
+    rows = [("FILE", "INODE", "OPEN", "DIRTY PAGES", "JOURNAL BYTES", "LAST COMMIT", "TOOK")]
+    for x in st["open_files"]:
+        rows.append(
+            (
+                x["path"] or "?",
+                str(x["ino"]),
+                str(x["opens"]),
+                str(x["dirty_pages"]),
+                str(x["journal_bytes"]),
+                _ago(x["last_commit_at"], now),
+                _ms(x["last_commit_s"]),
+            )
+        )
+    for r in st["regions"]:
+        x = r["file"]
+        rows.append(
+            (
+                f"{x['path']} (region)",
+                str(x["ino"]),
+                "-",
+                str(x["dirty_pages"]),
+                str(x["journal_bytes"]),
+                _ago(x["last_commit_at"], now),
+                _ms(x["last_commit_s"]),
+            )
+        )
+    if len(rows) > 1:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines.append("")
+        for row in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines) + "\n"

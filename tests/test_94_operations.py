@@ -1,0 +1,293 @@
+"""Operating netmemfs (issue 17): Prometheus metrics from a real server and a real mount,
+scraped by a real Prometheus (Debian's), and `netmemfs status` of a running mount.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from netmemfs.pages import PAGE_SIZE
+from tests.helpers import LogChecked, MountProc, ServerProc, pid_alive, wait_for
+
+_METRICS_AT = re.compile(r"serving metrics on http://([\d.]+:\d+)/metrics")
+
+
+def metrics_address(proc: LogChecked) -> str:
+    """Where proc (started with --metrics 127.0.0.1:0) serves its metrics, as it logs."""
+    found: list[str] = []
+
+    def logged() -> bool:
+        m = _METRICS_AT.search(proc.log_text())
+        if m:
+            found.append(m.group(1))
+        return bool(m)
+
+    wait_for(logged, "the metrics address in the log")
+    return found[0]
+
+
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text: str = r.read().decode()
+    return text
+
+
+def sample(text: str, name: str) -> float:
+    """The value of an unlabelled sample in an exposition."""
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"no {name} in:\n{text}"
+    return float(m.group(1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Prometheus:
+    """Debian's prometheus on a free loopback port, scraping targets every second;
+    stopped by PID."""
+
+    def __init__(self, workdir: Path, targets: dict[str, str]) -> None:
+        exe = shutil.which("prometheus")
+        if exe is None:
+            message = "no prometheus: apt-get install prometheus (.ci/run does)"
+            if os.environ.get("NETMEMFS_REQUIRE_PROMETHEUS") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        config = workdir / "prometheus.yml"
+        jobs = "".join(
+            f"  - job_name: {job}\n    static_configs:\n      - targets: ['{address}']\n"
+            for job, address in targets.items()
+        )
+        config.write_text(
+            f"global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}"
+        )
+        self.port = free_port()
+        self.log_path = workdir / "prometheus.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    exe,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        wait_for(self._ready, "prometheus to be ready", timeout_s=60)
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def query(self, expr: str) -> list[dict[str, object]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        result: list[dict[str, object]] = body["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float | None:
+        got = self.query(expr)
+        if not got:
+            return None
+        value = got[0]["value"]
+        assert isinstance(value, list)
+        return float(value[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Prometheus]]:
+    started: list[Prometheus] = []
+
+    def make(targets: dict[str, str]) -> Prometheus:
+        p = Prometheus(tmp_path, targets)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def promtool_complaints(exposition: str) -> str:
+    exe = shutil.which("promtool")
+    assert exe is not None, "promtool comes with prometheus: apt-get install prometheus"
+    r = subprocess.run(
+        [exe, "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=60
+    )
+    return "" if r.returncode == 0 and not r.stdout.strip() else r.stdout + r.stderr
+
+
+def test_prometheus_sees_the_commit_counters_grow(
+    server_factory: Callable[..., ServerProc],
+    mount_factory: Callable[..., MountProc],
+    prometheus_factory: Callable[[dict[str, str]], Prometheus],
+) -> None:
+    server = server_factory("--metrics", "127.0.0.1:0")
+    mount = mount_factory(server.address, "--metrics", "127.0.0.1:0")
+    at_server, at_mount = metrics_address(server), metrics_address(mount)
+    prom = prometheus_factory({"server": at_server, "mount": at_mount})
+    server_commits = "netmemfs_server_commits_total"
+    mount_commits = "netmemfs_mount_commits_total"
+
+    def scraped() -> bool:
+        return prom.value(server_commits) is not None and prom.value(mount_commits) is not None
+
+    wait_for(scraped, "prometheus's first scrape of both", timeout_s=30)
+    before_server, before_mount = prom.value(server_commits), prom.value(mount_commits)
+    assert before_server is not None and before_mount is not None
+    with open(mount.path("f"), "wb") as f:
+        for _ in range(3):
+            f.write(os.urandom(8 * PAGE_SIZE))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def grew() -> bool:
+        s, m = prom.value(server_commits), prom.value(mount_commits)
+        return s is not None and m is not None and s >= before_server + 3 and m >= before_mount + 3
+
+    wait_for(grew, "prometheus to see 3 more commits from the server and the mount", 30)
+    # The histograms and per-type counters come through too.
+    assert (prom.value("netmemfs_mount_commit_duration_seconds_count") or 0) >= 3
+    assert (prom.value('netmemfs_server_requests_total{type="Change"}') or 0) >= 3
+    assert prom.value('up{job="server"}') == 1 and prom.value('up{job="mount"}') == 1
+    for address in (at_server, at_mount):
+        assert promtool_complaints(scrape(address)) == "", address
+
+
+def test_server_counts_refusals_by_limit(server_factory: Callable[..., ServerProc]) -> None:
+    server = server_factory("--metrics", "127.0.0.1:0", "--max-connections", "1")
+    server.expect_log("refusing connection from .*--max-connections")
+    at = metrics_address(server)
+    host, port = server.address.split(":")
+    with socket.create_connection((host, int(port))) as first:
+        wait_for(lambda: sample(scrape(at), "netmemfs_server_connections") == 1, "1 connection")
+        with socket.create_connection((host, int(port))) as second:
+            second.settimeout(10)
+            while second.recv(4096):  # the server says why, then closes
+                pass
+        assert first.fileno() >= 0
+    text = scrape(at)
+    assert sample(text, "netmemfs_server_refused_connections_total") == 1
+    assert sample(text, "netmemfs_server_connections_total") == 1
+
+
+def status(mountpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "netmemfs", "status", str(mountpoint), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def file_status(mountpoint: Path, name: str) -> dict[str, object]:
+    r = status(mountpoint, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    files = [f for f in got["open_files"] if f["path"] == name]
+    assert len(files) == 1, got["open_files"]
+    file: dict[str, object] = files[0]
+    return file
+
+
+def test_status_shows_dirty_pages_falling_to_zero_at_fsync(
+    server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    mount = mount_factory(server.address)
+    with open(mount.path("w"), "wb") as f:
+        f.write(os.urandom(64 * PAGE_SIZE))
+        f.flush()  # in the daemon's journal now, not committed
+        before = file_status(mount.mountpoint, "w")
+        assert before["dirty_pages"] == 64, before
+        assert (
+            isinstance(before["journal_bytes"], int) and before["journal_bytes"] >= 64 * PAGE_SIZE
+        )
+        assert before["last_commit_at"] is None
+        os.fsync(f.fileno())
+        after = file_status(mount.mountpoint, "w")
+        assert after["dirty_pages"] == 0 and after["journal_bytes"] == 0, after
+        assert after["last_commit_at"] is not None and after["last_commit_s"] is not None
+    human = status(mount.mountpoint)
+    assert human.returncode == 0, human.stderr
+    assert re.search(r"^w +\d+ +\d+ +0 +0 +\S+ s ago", human.stdout, re.M), human.stdout
+    assert "commits     1 (0 failed)" in human.stdout, human.stdout
+
+
+def test_status_and_metrics_refusals_are_one_clear_line(
+    tmp_path: Path, server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    # Not a netmemfs mount.
+    r = status(tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "is not a netmemfs mount" in r.stderr, r.stderr
+    # A metrics port in use: the server and the mount each refuse to start, saying so.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        srv = subprocess.run(
+            [sys.executable, "-m", "netmemfs_server", "--listen", "127.0.0.1:0", "--metrics", busy],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert srv.returncode == 1
+        assert f"cannot serve metrics on {busy} (--metrics): Address already in use" in srv.stderr
+        assert srv.stderr.strip().count("\n") == 0, srv.stderr
+        (tmp_path / "m2").mkdir()
+        mnt = subprocess.run(
+            [
+                *(sys.executable, "-m", "netmemfs", "mount", str(tmp_path / "m2")),
+                *("--server", server.address, "--cache-dir", str(tmp_path / "m2-cache")),
+                *("--metrics", busy),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert mnt.returncode == 1
+        assert f"cannot serve metrics on {busy} (--metrics)" in mnt.stderr, mnt.stderr
+        assert not os.path.ismount(tmp_path / "m2")
+    # A dead daemon.
+    mount = mount_factory(server.address)
+    os.kill(mount.pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(mount.pid), "the daemon to die")
+    r = status(mount.mountpoint)
+    assert r.returncode == 1
+    assert "the mount's daemon is gone" in r.stderr and "netmemfs umount" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
