@@ -28,6 +28,7 @@ from netmemfs.errors import NetmemError
 from netmemfs.fs import ATTR_TIMEOUT_S, DEFAULT_CACHE_BYTES, DEFAULT_UNJOURNALED_BYTES
 from netmemfs.locking import lock
 from netmemfs.pages import PAGE_SIZE
+from netmemfs.progress import Progress
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore, tls_client_context
 from netmemfs.sizes import format_size, parse_size
@@ -498,6 +499,24 @@ def argv_of_mount(args: argparse.Namespace, opts: MountOptions) -> list[str]:
 
 
 UMOUNT_BUSY_S = 5.0  # how long `umount` asks again while the kernel says the mount is busy
+UMOUNT_ASK_S = 0.25  # how often it asks the daemon what is under way meanwhile
+
+
+def _under_way(mountpoint: Path) -> tuple[list[str], list[str]]:
+    """What the daemon of mountpoint is committing now (described), and the files open
+    through it; nothing if it cannot say."""
+    try:
+        got = status.query(mountpoint)
+    except NetmemError:
+        return [], []
+    now = time.time()
+    commits = [
+        f"the commit of {f['committing_pages']} pages to {f['path']!r} (under way for "
+        f"{now - f['committing_since']:.1f} s)"
+        for f in got["open_files"]
+        if f["committing_since"] is not None
+    ]
+    return commits, [repr(f["path"]) for f in got["open_files"] if f["opens"]]
 
 
 def _umount(args: argparse.Namespace) -> int:
@@ -516,16 +535,39 @@ def _umount(args: argparse.Namespace) -> int:
         return 1
     flags = "-uz" if dead else "-u"
     # A file closed just before may still be held by the kernel until the daemon has
-    # answered its release: busy for a moment, so ask again, for a bounded time.
+    # answered its release: busy for a moment, so ask again, for a bounded time; and
+    # for as long as a commit is under way (its fsync holds the file open), saying so.
     busy_deadline = time.monotonic() + UMOUNT_BUSY_S
-    while True:
-        r = subprocess.run(["fusermount3", flags, str(mountpoint)], capture_output=True, text=True)
-        if r.returncode == 0 or "busy" not in r.stderr or time.monotonic() > busy_deadline:
-            break
-        time.sleep(0.05)  # the kernel gives no event to wait on
+    next_ask = 0.0
+    open_files: list[str] = []
+    waiting: Progress | None = None
+    try:
+        while True:
+            r = subprocess.run(
+                ["fusermount3", flags, str(mountpoint)], capture_output=True, text=True
+            )
+            if r.returncode == 0 or "busy" not in r.stderr:
+                break
+            now = time.monotonic()
+            if now >= next_ask:
+                next_ask = now + UMOUNT_ASK_S
+                commits, open_files = _under_way(mountpoint)
+                if commits:
+                    busy_deadline = now + UMOUNT_BUSY_S
+                    what = f"netmemfs: umount waiting for {'; '.join(commits)}"
+                    if waiting is None:
+                        waiting = Progress(what, None, at_once=True)
+                    waiting.update(0, what)
+            if now > busy_deadline:
+                break
+            time.sleep(0.05)  # the kernel gives no event to wait on
+    finally:
+        if waiting is not None:
+            waiting.close()
     if r.returncode != 0:
+        held = f"; open in it: {', '.join(open_files)}" if open_files else ""
         print(
-            f"netmemfs: cannot unmount {mountpoint}: {r.stderr.strip()}\n"
+            f"netmemfs: cannot unmount {mountpoint}: {r.stderr.strip()}{held}\n"
             "  (if it is busy, close the files and mappings in it first)",
             file=sys.stderr,
         )

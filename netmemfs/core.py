@@ -127,12 +127,15 @@ class FileStatus:
     journal_bytes: int
     last_commit_at: float | None  # time.time() of the last commit applied
     last_commit_s: float | None  # how long it took
+    committing_since: float | None  # time.time() a commit being sent now began
+    committing_pages: int  # its pages (0: none under way)
 
     @classmethod
     def of(cls, core: FileCore, opens: int = 0) -> FileStatus:
         pages, nbytes = core.journal.dirty()
         at, took = core.last_commit if core.last_commit is not None else (None, None)
-        return cls(core.path, core.ino, opens, pages, nbytes, at, took)
+        since, sending = core.committing if core.committing is not None else (None, 0)
+        return cls(core.path, core.ino, opens, pages, nbytes, at, took, since, sending)
 
 
 class FileCore:
@@ -159,6 +162,8 @@ class FileCore:
         # The last commit that was applied: when it was (time.time()) and how long it
         # took, in seconds.
         self.last_commit: tuple[float, float] | None = None
+        # The commit being sent now: since when (time.time()) and its pages.
+        self.committing: tuple[float, int] | None = None
         self.ino = ino
         self.path = path
         self.journal = journal
@@ -288,6 +293,8 @@ class FileCore:
         txn = self.store.new_txn()
         commit = await trio.to_thread.run_sync(journal.seal_finish, txn, self.path, self.ino)
         t1 = time.perf_counter()
+        pages = sum(r.count for r in commit.runs)
+        self.committing = (time.time(), pages)
         try:
             # Not around seal_finish: a worker thread cannot be called back, and a
             # second one must not seal the same file meanwhile.
@@ -320,10 +327,12 @@ class FileCore:
             self.counters.commit_failures += 1
             self.expect = None
             raise
+        finally:
+            self.committing = None
         took = time.perf_counter() - t0
         counters = self.counters
         counters.commits += 1
-        counters.committed_pages += sum(r.count for r in commit.runs)
+        counters.committed_pages += pages
         counters.commit_latency.observe(took)
         self.last_commit = (time.time(), took)
         self.expect = None
@@ -332,7 +341,7 @@ class FileCore:
             self.cache.drop(self.ino)  # cached pages may be older
         log.debug(
             "committed %d pages of %r: sealed in %.1f ms, sent in %.1f ms",
-            sum(r.count for r in commit.runs),
+            pages,
             self.path,
             (t1 - t0) * 1000,
             (time.perf_counter() - t1) * 1000,

@@ -17,6 +17,9 @@ second byte is the message type; docs/protocol.md), so a rule fires on a named r
     "delay"        forward the frame after delay_s seconds (later frames wait behind it)
     "hold"         keep the frame (and later ones of its link) until rule.release(),
                    then forward it: a request that reaches the server late
+    "hold-alone"   keep the frame until rule.release(), letting the link's later frames
+                   pass it: one slow request (a large commit) among others that go on
+                   (requests in flight together may reach a server in either order)
 
 stall() stops every byte in both directions until resume(); reset_all() resets every
 connection now; drop_replies, while true, throws away what the server sends (it acts on
@@ -40,7 +43,7 @@ STAGE_PAGES = protocol.StagePages.TYPE
 COMMIT = protocol.Commit.TYPE
 READ_INODE = protocol.ReadInode.TYPE
 CHANGE = protocol.Change.TYPE
-ACTIONS = ("reset", "reset-after", "cut", "drop", "delay", "hold")
+ACTIONS = ("reset", "reset-after", "cut", "drop", "delay", "hold", "hold-alone")
 DEADLINE_S = 30.0
 
 
@@ -81,6 +84,7 @@ class _Link:
         self.server = server
         self.closed = False
         self.lock = threading.Lock()
+        self.up_lock = threading.Lock()  # one frame at a time to the server
 
     def start(self) -> None:
         for target in (self._up, self._down):
@@ -117,6 +121,11 @@ class _Link:
                 self.reset()
                 return
 
+    def _send_released(self, rule: Rule, frame: bytes) -> None:
+        rule.released.wait(DEADLINE_S)
+        with self.up_lock:
+            self._send(self.server, frame)
+
     def _up(self) -> None:
         """Client to server, whole frames, each checked against the rules."""
         buf = b""
@@ -135,6 +144,12 @@ class _Link:
                     break
                 frame, buf = buf[: 4 + length], buf[4 + length :]
                 rule = self.proxy._take_rule(frame[5])
+                if rule is not None and rule.action == "hold-alone":
+                    rule.fired.set()
+                    threading.Thread(
+                        target=self._send_released, args=(rule, frame), daemon=True
+                    ).start()
+                    continue
                 if rule is not None and rule.action in ("drop", "delay", "hold"):
                     rule.fired.set()
                     if rule.action == "drop":
@@ -147,7 +162,9 @@ class _Link:
                         time.sleep(rule.delay_s)  # the injected fault, not coordination
                     rule = None
                 if rule is None:
-                    if not self._send(self.server, frame):
+                    with self.up_lock:
+                        sent = self._send(self.server, frame)
+                    if not sent:
                         return
                     continue
                 if rule.action == "reset-after":

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from netmemfs.pages import PAGE_SIZE
-from tests.helpers import LogChecked, MountProc, ServerProc, pid_alive, wait_for
+from tests.faultproxy import CHANGE, FaultProxy
+from tests.helpers import LogChecked, MountProc, ServerProc, pid_alive, read_line, wait_for
 
 _METRICS_AT = re.compile(r"serving metrics on http://([\d.]+:\d+)/metrics")
 
@@ -291,3 +293,76 @@ def test_status_and_metrics_refusals_are_one_clear_line(
     assert r.returncode == 1
     assert "the mount's daemon is gone" in r.stderr and "netmemfs umount" in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_umount_says_which_commit_it_waits_for(
+    server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    proxy = FaultProxy(server.address)
+    try:
+        mount = mount_factory(proxy.address)
+        f = open(mount.path("big"), "wb")  # noqa: SIM115 - closed by the writer thread
+        f.write(os.urandom(64 * PAGE_SIZE))
+        f.flush()
+        # The commit reaches the server when released; the daemon's other requests pass.
+        held = proxy.arm(CHANGE, "hold-alone")
+
+        def commit_and_close() -> None:
+            os.fsync(f.fileno())
+            f.close()
+
+        writer = threading.Thread(target=commit_and_close)
+        writer.start()
+        held.wait()
+        with subprocess.Popen(
+            [
+                *(sys.executable, "-m", "netmemfs", "umount", str(mount.mountpoint)),
+                *("--cache-dir", str(mount.cache_dir)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as umount:
+            try:
+                assert umount.stderr is not None
+                line = read_line(umount.stderr, 30).decode()
+                assert "umount waiting for the commit of 64 pages to 'big'" in line, line
+                assert umount.poll() is None  # still waiting: the commit is not done
+                held.release()
+                writer.join(30)
+                assert not writer.is_alive()
+                assert umount.wait(60) == 0, umount.stderr.read()
+            finally:
+                if umount.poll() is None:
+                    umount.kill()
+        assert not os.path.ismount(mount.mountpoint)
+    finally:
+        proxy.close()
+
+
+def test_server_logs_its_recovery_progress(
+    tmp_path: Path, server_factory: Callable[..., ServerProc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    server = server_factory(data_dir=data)
+    for segment in ("a", "b", "c"):
+        r = subprocess.run(
+            [
+                *(sys.executable, "-m", "netmemfs", "demo", "--server", server.address),
+                *("--segment", segment, "--pages", "2048"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("NETMEMFS_PROGRESS_S", "0")  # a line per record read
+    server.restart()
+    lines = re.findall(
+        rf"recovering {re.escape(str(data))}: (\d+)% \(\S+ \S+ of \S+ \S+, \S+ \S+/s\)",
+        server.log_text(),
+    )
+    shares = [int(x) for x in lines]
+    assert len(shares) >= 3 and shares == sorted(shares) and shares[-1] == 100, lines
+    assert re.search(rf"recovering {re.escape(str(data))}: done, ", server.log_text())

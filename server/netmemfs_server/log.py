@@ -22,13 +22,14 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import trio
 
 from netmemfs.errors import NetmemError, ServerError
 from netmemfs.ops import Op, as_int, item_to_op, name_bytes, name_str, op_to_item
+from netmemfs.progress import Progress
 from netmemfs.records import encode_record, pwrite_all, read_records
 from netmemfs_server.store import CHECKPOINT_FIELDS, ROOT_INO, Inode, MemoryPageStore, Outcome
 
@@ -117,17 +118,26 @@ class LogPageStore(MemoryPageStore):
         store = cls(data_dir, capacity_bytes, checkpoint_bytes)
         covered, fmt = 0, FORMAT_VERSION
         ckpt = data_dir / "checkpoint"
-        if ckpt.exists():
-            covered, fmt = _load_checkpoint(ckpt, store)
-            store.checkpointed_at = ckpt.stat().st_mtime
-        (data_dir / "checkpoint.tmp").unlink(missing_ok=True)
         gens = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _LOG_NAME.match(p.name)))
-        for gen in gens:
-            if gen <= covered:
-                _log_path(data_dir, gen).unlink()
-        live = [g for g in gens if g > covered]
-        for i, gen in enumerate(live):
-            _replay_log(_log_path(data_dir, gen), store, last=i == len(live) - 1)
+        ckpt_bytes = ckpt.stat().st_size if ckpt.exists() else 0
+        # An upper bound: logs the checkpoint covers are only removed below.
+        total = ckpt_bytes + sum(_log_path(data_dir, g).stat().st_size for g in gens)
+        with Progress(f"recovering {data_dir}", total, logger=log) as progress:
+            if ckpt.exists():
+                covered, fmt = _load_checkpoint(ckpt, store, progress.update)
+                store.checkpointed_at = ckpt.stat().st_mtime
+            (data_dir / "checkpoint.tmp").unlink(missing_ok=True)
+            for gen in gens:
+                if gen <= covered:
+                    _log_path(data_dir, gen).unlink()
+            live = [g for g in gens if g > covered]
+            progress.total = ckpt_bytes + sum(_log_path(data_dir, g).stat().st_size for g in live)
+            base = ckpt_bytes
+            for i, gen in enumerate(live):
+                path = _log_path(data_dir, gen)
+                size = path.stat().st_size
+                _replay_log(path, store, last=i == len(live) - 1, on_record=_at(progress, base))
+                base += size
         store._open_log(live[-1] if live else covered + 1)
         _fsync_dir(data_dir)
         log.info(
@@ -261,16 +271,25 @@ def _checkpoint_records(mem: MemoryPageStore, covers_gen: int) -> Iterator[objec
     yield ["end"]
 
 
-def _load_checkpoint(path: Path, mem: MemoryPageStore) -> tuple[int, int]:
+def _at(progress: Progress, base: int) -> Callable[[int], None]:
+    """A record ended at this offset of a file that starts base bytes into the work."""
+    return lambda end: progress.update(base + end)
+
+
+def _load_checkpoint(
+    path: Path, mem: MemoryPageStore, on_record: Callable[[int], None] = lambda end: None
+) -> tuple[int, int]:
     """Load path into mem (empty); (the log generation it covers, its format). Format
-    1's segments become regular files of the root directory, numbered in their order."""
+    1's segments become regular files of the root directory, numbered in their order.
+    on_record: told the offset where each record read ends."""
     covers = -1
     fmt = 0
     node: Inode | None = None
     ended = False
     with open(path, "rb") as f:
         try:
-            for _, rec in read_records(f, CKPT_MAGIC):
+            for end, rec in read_records(f, CKPT_MAGIC):
+                on_record(end)
                 assert isinstance(rec, list)
                 tag = rec[0]
                 if tag == "head":
@@ -349,11 +368,18 @@ def _load_segment(mem: MemoryPageStore, rec: list[object]) -> Inode:
     return node
 
 
-def _replay_log(path: Path, mem: MemoryPageStore, *, last: bool) -> None:
+def _replay_log(
+    path: Path,
+    mem: MemoryPageStore,
+    *,
+    last: bool,
+    on_record: Callable[[int], None] = lambda end: None,
+) -> None:
     size = path.stat().st_size
     end = 0
     with open(path, "rb") as f:
-        for end, rec in read_records(f, LOG_MAGIC):  # noqa: B007 - end is used below
+        for end, rec in read_records(f, LOG_MAGIC):
+            on_record(end)
             txn, ops = payload_to_ops(rec)
             try:
                 mem.check(ops, enforce_capacity=False)
