@@ -53,6 +53,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from netmemfs import anon
 from tests.helpers import ServerProc
 
@@ -81,10 +83,15 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def run(
-    mem: mmap.mmap, sync: Callable[[], None], ops: int, seed: int
+    mem: mmap.mmap,
+    sync: Callable[[], None],
+    ops: int,
+    seed: int,
+    samples: dict[str, list[float]],
 ) -> tuple[dict[str, tuple[float, float, float]], float, dict[int, bytes]]:
     """Phase -> (MB/s, p50 us, p99 us); the seconds the syncs took; the pages the
-    random writes left (the rest hold the sequential pattern)."""
+    random writes left (the rest hold the sequential pattern). Each timed phase's
+    latencies (us) go to samples[phase]."""
     size = len(mem)
     npages = size // PAGE
     out: dict[str, tuple[float, float, float]] = {}
@@ -131,6 +138,7 @@ def run(
                 written.update(zip(pages, stamps, strict=True))
             took = time.perf_counter() - t0
             out[f"{dist} {kind}"] = (ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99))
+            samples[f"{dist} {kind}"] = lat
         if kind == "write":
             t0 = time.perf_counter()
             sync()
@@ -209,10 +217,11 @@ def memory_cgroup(limit: int) -> Iterator[Path]:
 
 
 def zram_reference(
-    size: int, budget: int, ops: int, seed: int
+    size: int, budget: int, ops: int, seed: int, samples: dict[str, list[float]]
 ) -> tuple[dict[str, tuple[float, float, float]] | None, str]:
     """The phases on plain anonymous memory held to budget and swapping to zram, in a
-    child process: (results or None, what ran or why not)."""
+    child process: (results or None, what ran or why not); its latencies go to
+    samples."""
     try:
         with zram_swap(2 * size) as dev, memory_cgroup(budget) as procs:
             argv = [sys.executable, __file__, "--zram-child", str(procs), "--mib", str(size >> 20)]
@@ -226,7 +235,8 @@ def zram_reference(
             if child.returncode != 0:
                 raise NoZram(f"the child failed: {child.stderr.strip()[-500:]}")
             got = json.loads(child.stdout)
-            return {k: (v[0], v[1], v[2]) for k, v in got.items()}, dev
+            samples.update(got["samples"])
+            return {k: (v[0], v[1], v[2]) for k, v in got["results"].items()}, dev
     except (NoZram, OSError) as e:
         return None, f"not run: {e}"
 
@@ -256,9 +266,11 @@ def resync(region: anon.Region) -> tuple[float, float, float]:
     return rates[0], rates[1], first_sync
 
 
-def walk(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float, float]:
+def walk(
+    mem: mmap.mmap, ops: int, seed: int, samples: dict[str, list[float]]
+) -> tuple[float, float, float]:
     """Write every page of mem (never synced), then time ops random page loads, each
-    checked: (MB/s, p50 us, p99 us)."""
+    checked: (MB/s, p50 us, p99 us); the latencies go to samples["walk read"]."""
     npages = len(mem) // PAGE
     for p in range(npages):
         mem[p * PAGE : p * PAGE + 8] = struct.pack("<Q", p ^ 0x5A5A)
@@ -274,6 +286,7 @@ def walk(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float, float]:
         if got != struct.pack("<Q", p ^ 0x5A5A):
             raise SystemExit(f"walk: page {p} lost its unsynced write")
     took = time.perf_counter() - t0
+    samples["walk read"] = lat
     return ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99)
 
 
@@ -291,38 +304,44 @@ def main() -> None:
         "--resync-budget-mib", type=int, default=128, help="resync budget (default 128)"
     )
     ap.add_argument("--zram-child", type=Path, help=argparse.SUPPRESS)
+    plot.add_argument(ap)
     args = ap.parse_args()
+    # Latencies (us) of each timed phase, by who ran it, for --png.
+    samples: dict[str, dict[str, list[float]]] = {"plain": {}, "zram": {}, "netmemfs": {}}
     size, budget = args.mib << 20, args.budget_mib << 20
     if args.zram_child:
         # In the cgroup before the region exists, so that all of it is charged there.
         args.zram_child.write_text(str(os.getpid()))
         mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        out, _, _ = run(mem, lambda: None, args.ops, args.seed)
+        out, _, _ = run(mem, lambda: None, args.ops, args.seed, samples["zram"])
         mem.close()
         with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as fresh:
-            out["walk read"] = walk(fresh, args.ops, args.seed)
-        print(json.dumps(out))
+            out["walk read"] = walk(fresh, args.ops, args.seed, samples["zram"])
+        print(json.dumps({"results": out, "samples": samples["zram"]}))
         return
 
     plain = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base, _, _ = run(plain, lambda: None, args.ops, args.seed)
+    base, _, _ = run(plain, lambda: None, args.ops, args.seed, samples["plain"])
     plain.close()
     with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as fresh:
-        base["walk read"] = walk(fresh, args.ops, args.seed)
+        base["walk read"] = walk(fresh, args.ops, args.seed, samples["plain"])
     zram, zram_what = (
         (None, "not run (--no-zram)")
         if args.no_zram
-        else zram_reference(size, budget, args.ops, args.seed)
+        else zram_reference(size, budget, args.ops, args.seed, samples["zram"])
     )
 
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProc(Path(tmp))
         try:
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as region:
-                net, sync_s, written = run(region, region.sync, args.ops, args.seed)
+                net, sync_s, written = run(
+                    region, region.sync, args.ops, args.seed, samples["netmemfs"]
+                )
                 peak = region.resident()
             with anon.map(size, segment="walk", server=srv.address, budget=budget) as fresh:
-                net["walk read"] = walk(fresh, args.ops, args.seed)  # dropped unsynced
+                # Dropped unsynced.
+                net["walk read"] = walk(fresh, args.ops, args.seed, samples["netmemfs"])
             # Every page, read back by a fresh mapping: what the syncs committed.
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as again:
                 ok = check(again, written)
@@ -362,6 +381,29 @@ def main() -> None:
         f"{resync_mbs / rewrite:.2f}x the rewrite (first sync {first_sync:.2f} s)"
     )
     print("verify: every page as written" if ok else "verify: FAILED")
+    if args.png is not None:
+        for phase in samples["netmemfs"]:
+            series = {who: got[phase] for who, got in samples.items() if phase in got}
+            reference = "zram" if "zram" in series else "plain"
+            written_to = plot.cdf(
+                plot.path_for(args.png, phase.replace(" ", "-")),
+                f"{phase}: 4 KiB accesses, {args.mib} MiB region, {args.budget_mib} MiB budget",
+                series,
+                reference=reference,
+            )
+            print(f"wrote {written_to}")
+        table = {
+            key: {"plain": mbs, **({"zram": zram[key][0]} if zram else {}), "netmemfs": net[key][0]}
+            for key, (mbs, _, _) in base.items()
+        }
+        written_to = plot.grouped(
+            plot.path_for(args.png, "throughput"),
+            f"Anonymous region phases, {args.mib} MiB region, {args.budget_mib} MiB budget",
+            table,
+            unit="MB/s",
+            reference="plain",
+        )
+        print(f"wrote {written_to}")
     if not ok:
         sys.exit(1)
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from tests.helpers import MountProc, ServerProc
 
 PAGE = 4096
@@ -175,6 +177,7 @@ def main() -> None:
     ap.add_argument(
         "--locks", type=int, default=1000, help="lock+release pairs per process (default 1000)"
     )
+    plot.add_argument(ap)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="coherence-") as tmp:
@@ -211,6 +214,22 @@ def main() -> None:
     print(f"flock     {flock_rate:9.0f} pairs/s  ", end="")
     report("", flock_times)
     print(f"ratio netmemfs/flock: {lock_rate / flock_rate:.4f}x the rate")
+    if args.png is not None:
+        us = 1e6
+        written = plot.cdf(
+            plot.path_for(args.png, "visible"),
+            f"fsync returned -> another process's mapping shows the page ({args.commits} commits)",
+            {"tmpfs": [x * us for x in local], "netmemfs": [x * us for x in ours]},
+            reference="tmpfs",
+        )
+        print(f"wrote {written}")
+        written = plot.cdf(
+            plot.path_for(args.png, "locks"),
+            f"lock + release, 3 processes contending, {args.locks} pairs each",
+            {"flock": [x * us for x in flock_times], "netmemfs": [x * us for x in lock_times]},
+            reference="flock",
+        )
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
@@ -257,6 +259,7 @@ def main() -> int:
     ap.add_argument(
         "--client-ids", type=lambda s: [int(x) for x in s.split(",")], help=argparse.SUPPRESS
     )
+    plot.add_argument(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -267,7 +270,8 @@ def main() -> int:
     ready = threading.Event()
     threading.Thread(target=trio.run, args=(_plain_server, port, ready), daemon=True).start()
     ready.wait(10)
-    plain = _summary(_run_clients(args, "", port[0]), args.seconds)
+    plain_results = _run_clients(args, "", port[0])
+    plain = _summary(plain_results, args.seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data" if args.data_dir else None
@@ -326,6 +330,26 @@ def main() -> int:
         f"server peak RSS {hwm / 2**20:.1f} MiB (sampled max {sampled:.1f} MiB) "
         f"for {data_mb:.1f} MiB of pages stored"
     )
+    if args.png is not None:
+        for kind in ("reads", "commits"):
+            written = plot.cdf(
+                plot.path_for(args.png, kind),
+                f"{kind} under load: {args.clients} clients, server {mode}",
+                {
+                    "plain": [x * 1e6 for r in plain_results for x in r[kind]],
+                    "netmemfs": [x * 1e6 for r in results for x in r[kind]],
+                },
+                reference="plain",
+            )
+            print(f"wrote {written}")
+        written = plot.grouped(
+            plot.path_for(args.png, "throughput"),
+            f"{args.clients} clients, server {mode}",
+            {"ops/s": {"plain": plain["ops_s"], "netmemfs": net["ops_s"]}},
+            unit="operations per second",
+            reference="plain",
+        )
+        print(f"wrote {written}")
     ok = lost == 0 and corrupted == 0 and net["bad_reads"] == 0
     return 0 if ok else 1
 

@@ -23,6 +23,7 @@ import select
 import socket
 from collections.abc import Callable
 
+import plot  # bench/plot.py
 import trio
 
 REQUEST = b"r" * 40
@@ -116,6 +117,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--requests", type=int, default=10000)
+    plot.add_argument(ap)
     args = ap.parse_args()
     ways: dict[str, Callable[[socket.socket, int], None]] = {
         "blocking": blocking,
@@ -130,6 +132,16 @@ def main() -> None:
     for name, (user, system) in results.items():
         total = user + system
         print(f"{name:<10} {user:7.1f} {system:7.1f} {total:7.1f} {total / ref:10.2f}")
+    if args.png is not None:
+        written = plot.bars(
+            args.png,
+            f"Server CPU per 4 KiB round trip, {args.requests} requests, one in flight",
+            {name: user + system for name, (user, system) in results.items()},
+            unit="CPU us per round trip",
+            reference="blocking",
+            higher_is_better=False,
+        )
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

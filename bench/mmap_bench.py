@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from tests.helpers import MountProc, ServerProc, cpu_s
 
 PAGE = 4096
@@ -73,11 +75,21 @@ def page_bytes(i: int, gen: int) -> bytes:
     return (b"%08d:%08d|" % (i, gen)) * (PAGE // 18) + b"." * (PAGE % 18)
 
 
+# Random read latencies (us) by file system, for --png.
+SAMPLES: dict[str, list[float]] = {}
+
+
 def run(
-    path: Path, size: int, random_reads: int, seed: int, pids: dict[str, int] | None = None
+    path: Path,
+    size: int,
+    random_reads: int,
+    seed: int,
+    pids: dict[str, int] | None = None,
+    label: str = "",
 ) -> dict[str, float]:
     """The phases on path; with pids (name -> process), also the CPU time each process
-    spent per random page fault and per page of the random write+fsync."""
+    spent per random page fault and per page of the random write+fsync. The random
+    reads' latencies go to SAMPLES[label]."""
     out: dict[str, float] = {}
     pids = pids or {}
     pages = size // PAGE
@@ -117,6 +129,7 @@ def run(
             m[off]
             lat.append(time.perf_counter_ns() - t)
         lat.sort()
+        SAMPLES[label] = [x / 1000 for x in lat]
         out["rand read p50 us"] = lat[len(lat) // 2] / 1000
         out["rand read p99 us"] = lat[len(lat) * 99 // 100] / 1000
         out["rand read mean us"] = statistics.fmean(lat) / 1000
@@ -161,6 +174,7 @@ def main() -> None:
         default="256M",
         help="the mount's --cache-size (default 256M; 0: every page fault goes to the server)",
     )
+    plot.add_argument(ap)
     args = ap.parse_args()
     size = args.mib << 20
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
@@ -169,17 +183,20 @@ def main() -> None:
         assert srv.proc is not None
         try:
             results = {
-                "tmpfs": run(Path(shm) / "f", size, args.random_reads, args.seed),
+                "tmpfs": run(Path(shm) / "f", size, args.random_reads, args.seed, label="tmpfs"),
                 "netmemfs": run(
                     mnt.path("f"),
                     size,
                     args.random_reads,
                     args.seed,
                     {"daemon": mnt.pid, "server": srv.proc.pid},
+                    label="netmemfs",
                 ),
             }
             with nullfs(Path(tmp) / "null") as null:
-                results["nullfs"] = run(null / "f", size, args.random_reads, args.seed)
+                results["nullfs"] = run(
+                    null / "f", size, args.random_reads, args.seed, label="nullfs"
+                )
         finally:
             mnt.cleanup()
             srv.kill()
@@ -208,6 +225,30 @@ def main() -> None:
         "for MB/s below 1"
     )
     print("verify: every page of the three files checked")
+    if args.png is not None:
+        where = f"{args.mib} MiB file, mount --cache-size {args.cache_size}"
+        written = plot.cdf(
+            plot.path_for(args.png, "rand-read"),
+            f"Random 4 KiB page faults through a mapping, caches dropped ({where})",
+            {k: SAMPLES[k] for k in ("tmpfs", "nullfs", "netmemfs")},
+            reference="nullfs",
+        )
+        print(f"wrote {written}")
+        table = {
+            key.removesuffix(" MB/s"): {
+                fs: results[fs][key] for fs in ("tmpfs", "nullfs", "netmemfs")
+            }
+            for key in results["tmpfs"]
+            if key.endswith("MB/s")
+        }
+        written = plot.grouped(
+            plot.path_for(args.png, "throughput"),
+            f"mmap phases ({where})",
+            table,
+            unit="MB/s",
+            reference="nullfs",
+        )
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

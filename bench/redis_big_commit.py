@@ -25,6 +25,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from netmemfs.connect import connect_store
 from netmemfs.ops import MakeNode, WritePages
 from netmemfs.pages import PAGE_SIZE
@@ -56,7 +58,9 @@ def main() -> None:
     )
     ap.add_argument("--mib", type=int, default=1024, help="commit size (default 1024)")
     ap.add_argument("--cluster", action="store_true", help="a 3-master Redis Cluster")
+    plot.add_argument(ap)
     args = ap.parse_args()
+    longest_ms: dict[str, dict[str, float]] = {}  # call -> commit -> ms, for --png
     size = args.mib << 20
     with tempfile.TemporaryDirectory(prefix="netmemfs-bench-") as tmp:
         opts = ("--slowlog-log-slower-than", "0", "--slowlog-max-len", str(SLOWLOG_LEN))
@@ -91,6 +95,7 @@ def main() -> None:
                         )
                         for name, (n, longest) in sorted((await slowlog(ports)).items()):
                             print(f"  {name:12} {n:6} calls, longest {longest / 1000:8.2f} ms")
+                            longest_ms.setdefault(name, {})[what] = longest / 1000
                     got = await store.read_inode(ino, size // PAGE_SIZE - 1, 1)
                     assert got.to_bytes() == data[-PAGE_SIZE:], "the last page is not as written"
 
@@ -98,6 +103,18 @@ def main() -> None:
         finally:
             for p in procs:
                 p.kill()
+    if args.png is not None:
+        longest = sorted(longest_ms, key=lambda k: -max(longest_ms[k].values()))[:8]
+        written = plot.grouped(
+            args.png,
+            f"The 8 longest Redis calls while committing {args.mib} MiB "
+            "(a node serves nothing else during one)",
+            {name: longest_ms[name] for name in longest},
+            unit="ms",
+            reference=None,
+            higher_is_better=False,
+        )
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from tests.helpers import cpu_s
 from tests.redis_procs import RedisProc
 
@@ -145,6 +147,10 @@ async def coredis_pipelined(port: int, keys: list[int], depth: int) -> list[floa
     return lat
 
 
+# Latencies (us per GET) of each way, for --png.
+SAMPLES: dict[str, list[float]] = {}
+
+
 def measure_all(
     port: int, pid: int, keys: list[int], depth: int
 ) -> list[tuple[str, float, float, float]]:
@@ -155,10 +161,12 @@ def measure_all(
     c0 = cpu_s(pid)
     ref = benchmark_reference(port, len(keys))
     rows = [("redis-benchmark", ref, float("nan"), (cpu_s(pid) - c0) * 1e6 / len(keys))]
+    SAMPLES.clear()
 
     def measure(name: str, run: Callable[[], list[float]], mean: bool) -> None:
         s0, m0 = cpu_s(pid), cpu_s(me)
         lat = run()
+        SAMPLES[name] = lat
         per = sum(lat) / len(lat) if mean else sorted(lat)[len(lat) // 2]
         cpu_me = (cpu_s(me) - m0) * 1e6 / len(keys)
         rows.append((name, per, cpu_me, (cpu_s(pid) - s0) * 1e6 / len(keys)))
@@ -181,6 +189,7 @@ def main() -> None:
     )
     ap.add_argument("--gets", type=int, default=20000, help="GETs per way (default 20000)")
     ap.add_argument("--depth", type=int, default=32, help="GETs in flight when pipelined")
+    plot.add_argument(ap)
     args = ap.parse_args()
     rng = random.Random(1)
     keys = [rng.randrange(KEYS) for _ in range(args.gets)]
@@ -206,6 +215,23 @@ def main() -> None:
         "us/GET: p50 of single GETs, or the mean per GET of pipelined batches; "
         "redis-benchmark's is its own p50 (its client is C); cpu: user + system per GET"
     )
+    if args.png is not None:
+        written = plot.cdf(
+            plot.path_for(args.png, "latency"),
+            f"4 KiB GETs from Python, {args.gets} per way (pipelined: per GET of a batch)",
+            SAMPLES,
+            marks={"redis-benchmark p50": ref},
+        )
+        print(f"wrote {written}")
+        written = plot.bars(
+            plot.path_for(args.png, "per-get"),
+            "us per 4 KiB GET (p50, or the mean per GET of a pipelined batch)",
+            {name: per for name, per, _, _ in rows},
+            unit="us per GET",
+            reference="redis-benchmark",
+            higher_is_better=False,
+        )
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

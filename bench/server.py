@@ -29,6 +29,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
@@ -134,12 +136,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement (default 2)")
     ap.add_argument("--depth", type=int, default=8, help="requests in flight (default 8)")
     ap.add_argument("--plain-sink", nargs=3, type=int, help=argparse.SUPPRESS)
+    plot.add_argument(ap)
     args = ap.parse_args()
     if args.plain_sink:
         plain_sink(*args.plain_sink)
         return
     import tempfile
 
+    table: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProc(Path(tmp))
         try:
@@ -169,8 +173,18 @@ def main() -> None:
                     f"{commit:12.0f} {commit / plain:12.2f} {read_cpu:12.0f} {commit_cpu:14.0f}",
                     flush=True,
                 )
+                table[label] = {"plain": plain, "read": read, "commit": commit}
         finally:
             srv.kill()
+    if args.png is not None:
+        written = plot.grouped(
+            args.png,
+            f"netmemfs-server over loopback, {args.depth} requests in flight",
+            table,
+            unit="MB/s",
+            reference="plain",
+        )
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import plot  # bench/plot.py
+
 from netmemfs import anon
 from tests.helpers import MountProc, ServerProc
 from tests.redis_procs import RedisCluster, RedisProc, redis_exe
@@ -80,8 +82,13 @@ def pattern(p: int) -> bytes:
     return (b"%08d|" % p) * (PAGE // 9) + b"." * (PAGE % 9)
 
 
-def random_loads(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float]:
-    """p50 and p99 in us of ops 1-byte loads at random pages (checked)."""
+# Latency samples (us) by figure label, kept for --png.
+SAMPLES: dict[str, list[float]] = {}
+
+
+def random_loads(mem: mmap.mmap, ops: int, seed: int, label: str) -> tuple[float, float]:
+    """p50 and p99 in us of ops 1-byte loads at random pages (checked); the samples
+    are kept in SAMPLES[label]."""
     rng = random.Random(seed)
     pages = len(mem) // PAGE
     lat = []
@@ -93,6 +100,7 @@ def random_loads(mem: mmap.mmap, ops: int, seed: int) -> tuple[float, float]:
         lat.append((clock() - t) / 1000)
         if got != pattern(p)[:9]:
             raise SystemExit(f"page {p} reads {got!r}, not what was written")
+    SAMPLES[label] = lat
     return pct(lat, 0.5), pct(lat, 0.99)
 
 
@@ -103,7 +111,7 @@ def seq_read(mem: mmap.mmap) -> float:
     return len(mem) / (time.perf_counter() - t0) / 1e6
 
 
-def region_phases(address: str, size: int, budget: int, ops: int) -> dict[str, float]:
+def region_phases(address: str, size: int, budget: int, ops: int, store: str) -> dict[str, float]:
     name = f"bench-{os.getpid()}-{time.monotonic_ns()}"
     content = b"".join(pattern(p) for p in range(size // PAGE))
     with anon.map(size, segment=name, server=address, budget=budget) as region:
@@ -118,13 +126,13 @@ def region_phases(address: str, size: int, budget: int, ops: int) -> dict[str, f
             anon.map(size, segment=name, server=address, budget=budget) as region,
             cpu_busy(busy),
         ):
-            p50, p99 = random_loads(region, ops, 1)
-        how = "busy" if busy else "idle"
+            how = "busy" if busy else "idle"
+            p50, p99 = random_loads(region, ops, 1, f"{store} region ({how})")
         out[f"region rand p50 us {how}"], out[f"region rand p99 us {how}"] = p50, p99
     return out
 
 
-def mount_phases(mnt: MountProc, size: int, ops: int) -> dict[str, float]:
+def mount_phases(mnt: MountProc, size: int, ops: int, store: str) -> dict[str, float]:
     path = mnt.path("bench")
     content = b"".join(pattern(p) for p in range(size // PAGE))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -146,7 +154,7 @@ def mount_phases(mnt: MountProc, size: int, ops: int) -> dict[str, float]:
                     out["mount seq read MB/s"] = seq_read(m)
                 else:
                     m.madvise(mmap.MADV_RANDOM)
-                    p50, p99 = random_loads(m, ops, 2)
+                    p50, p99 = random_loads(m, ops, 2, f"{store} mount")
                     out["mount rand p50 us"], out["mount rand p99 us"] = p50, p99
         finally:
             os.close(fd)
@@ -180,6 +188,7 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=int, default=16, help="region budget (default 16)")
     ap.add_argument("--ops", type=int, default=5000, help="random loads (default 5000)")
     ap.add_argument("--cluster", action="store_true", help="also a 3-master Redis Cluster")
+    plot.add_argument(ap)
     args = ap.parse_args()
     size, budget = args.mib << 20, args.budget_mib << 20
     results: dict[str, dict[str, float]] = {}
@@ -199,10 +208,10 @@ def main() -> None:
                 with cpu_busy(busy):
                     floor["busy" if busy else "idle"] = redis_benchmark_p50(redis.port, 20000)
             for label, address in stores:
-                row = region_phases(address, size, budget, args.ops)
+                row = region_phases(address, size, budget, args.ops, label)
                 mnt = MountProc(work, address, "--cache-size", "0", name=f"mnt-{label}")
                 mounts.append(mnt)
-                row.update(mount_phases(mnt, size, args.ops))
+                row.update(mount_phases(mnt, size, args.ops, label))
                 results[label] = row
                 print(f"{label}: {row}", flush=True)
         finally:
@@ -231,6 +240,37 @@ def main() -> None:
         "targets (issue 16): through Redis at most 2.00x redis-benchmark's p50, and at most "
         "0.33x netmemfs-server's"
     )
+    if args.png is not None:
+        for how in ("idle", "busy"):
+            series = {k: v for k, v in SAMPLES.items() if k.endswith(f"({how})")}
+            written = plot.cdf(
+                plot.path_for(args.png, f"faults-{how}"),
+                f"Random 4 KiB faults of a region ({how} CPUs), --mib {args.mib}",
+                series,
+                marks={"redis-benchmark GET p50": floor[how]},
+            )
+            print(f"wrote {written}")
+        mounts_series = {k: v for k, v in SAMPLES.items() if k.endswith(" mount")}
+        written = plot.cdf(
+            plot.path_for(args.png, "mount"),
+            "Random 4 KiB faults through a mount (page cache off, caches dropped)",
+            mounts_series,
+        )
+        print(f"wrote {written}")
+        for unit, key in (("MB/s", "seq read MB/s"),):
+            values = {
+                f"{label} {door}": results[label][f"{door} {key}"]
+                for label in results
+                for door in ("region", "mount")
+            }
+            written = plot.bars(
+                plot.path_for(args.png, "seq"),
+                "Sequential read of a region and of a mount",
+                values,
+                unit=unit,
+                reference="netmemfs-server region",
+            )
+            print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -184,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-v", "--verbose", action="store_true", help="log more")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    cf = sub.add_parser(
+        "config",
+        help="compiler flags for C programs that use libnetmem (like pkg-config)",
+        description="Print what a C compiler needs to build against the libnetmem built "
+        "into this installation (`pip install` builds it into the package): "
+        "gcc prog.c $(netmemfs config --cflags --libs). The program then finds the "
+        "library by its run path, and its agent as `netmemfs` on PATH (or $NETMEMFS_BIN). "
+        "A system-wide install (scripts/setup as root) is found with `pkg-config netmem` "
+        "instead.",
+    )
+    cf.add_argument("--cflags", action="store_true", help="the include flags")
+    cf.add_argument("--libs", action="store_true", help="the link flags (with a run path)")
+    cf.add_argument("--libdir", action="store_true", help="the directory of libnetmem.so")
     st = sub.add_parser(
         "status",
         help="what a mount's daemon is doing: dirty pages, commits, latencies, regions",
@@ -587,6 +600,40 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
 
 
+LIBNETMEM_DIR = Path(__file__).resolve().parent / "_lib"
+
+
+def _config(args: argparse.Namespace) -> int:
+    lib = LIBNETMEM_DIR
+    if not (lib / "libnetmem.so").is_file():
+        print(
+            f"netmemfs config: no libnetmem in this installation ({lib} has none): install "
+            "netmemfs with pip (`pip install .` builds it), or use a system-wide one "
+            "(`pkg-config --cflags --libs netmem`, which scripts/setup installs as root)",
+            file=sys.stderr,
+        )
+        return 1
+    words = []
+    if args.cflags:
+        words.append(f"-I{lib / 'include'}")
+    if args.libs:
+        words += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lnetmem", "-pthread"]
+    if args.libdir:
+        words.append(str(lib))
+    if not words:
+        print("netmemfs config: say what to print: --cflags, --libs or --libdir", file=sys.stderr)
+        return 2
+    print(" ".join(words))
+    return 0
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:  # argparse keeps its subcommands nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
 def _lock(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -608,8 +655,98 @@ def _lock(args: argparse.Namespace) -> int:
     return status if status >= 0 else 128 - status
 
 
+# mount(8)'s -o options, as `netmemfs mount` takes them (name=value, or a flag).
+MOUNT_HELPER_OPTIONS = {
+    "cache_dir": "--cache-dir",
+    "timeout": "--timeout",
+    "cache_size": "--cache-size",
+    "max_unjournaled": "--max-unjournaled",
+    "negative_timeout": "--negative-timeout",
+    "token_file": "--token-file",
+    "tls_ca": "--tls-ca",
+    "metrics": "--metrics",
+}
+MOUNT_HELPER_FLAGS = {"allow_other": "--allow-other", "verbose": "--verbose"}
+# Options mount(8), fstab and systemd use that mean nothing to netmemfs (or that its
+# FUSE mount always has): accepted and dropped.
+MOUNT_HELPER_IGNORED = {
+    *("defaults", "rw", "auto", "noauto", "user", "nouser", "users", "owner", "group"),
+    *("_netdev", "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec"),
+    *("atime", "noatime", "relatime", "strictatime", "diratime", "nodiratime"),
+    *("async", "sync", "default_permissions"),
+}
+# The private server a mount without --server starts: fstab's SOURCE for it.
+LOCAL_SOURCE = "local"
+
+
+def mount_helper_argv(source: str, mountpoint: str, options: list[str]) -> list[str]:
+    """`netmemfs mount`'s arguments for mount(8)'s SOURCE MOUNTPOINT -o OPTIONS;
+    ValueError naming an option it does not know."""
+    out = ["mount", mountpoint]
+    if source != LOCAL_SOURCE:
+        out += ["--server", source]
+    for group in options:
+        for option in filter(None, group.split(",")):
+            name, eq, value = option.partition("=")
+            if option in MOUNT_HELPER_IGNORED or name.startswith(("x-", "comment")):
+                continue
+            if name == "ro":
+                raise ValueError(
+                    "mount option 'ro': netmemfs mounts are read-write only; remove it"
+                )
+            if name in MOUNT_HELPER_FLAGS and not eq:
+                out.append(MOUNT_HELPER_FLAGS[name])
+            elif name in MOUNT_HELPER_OPTIONS and eq and value:
+                out += [MOUNT_HELPER_OPTIONS[name], value]
+            else:
+                known = sorted([*(f"{k}=..." for k in MOUNT_HELPER_OPTIONS), *MOUNT_HELPER_FLAGS])
+                raise ValueError(
+                    f"unknown mount option {option!r}; netmemfs takes {', '.join(known)} "
+                    "(and ignores the usual ones such as _netdev, nofail, noauto, x-systemd.*)"
+                )
+    return out
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """mount.netmemfs: what mount(8) runs for an fstab line of type netmemfs (or, through
+    mount.fuse, of type fuse.netmemfs, which runs `netmemfs SOURCE MOUNTPOINT -o ...`):
+    SOURCE MOUNTPOINT [-o OPTIONS] [-s] [-f] [-n] [-v]."""
+    p = argparse.ArgumentParser(
+        prog="mount.netmemfs",
+        description="Mount a netmemfs file system from /etc/fstab (mount -t netmemfs, or "
+        "-t fuse.netmemfs). SOURCE is the --server address (HOST:PORT, or redis://...), "
+        f"or '{LOCAL_SOURCE}' for a private server; -o takes netmemfs mount's options "
+        "with _ for - (cache_dir=DIR, token_file=FILE, timeout=S, cache_size=SIZE, "
+        "allow_other, ...). Example fstab line: memhost:7733 /mnt/nm fuse.netmemfs "
+        "_netdev,token_file=/etc/netmemfs/token,cache_dir=/var/cache/netmemfs/nm 0 0",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-s", action="store_true", help="sloppy: ignored")
+    p.add_argument("-f", dest="fake", action="store_true", help="check the options only")
+    p.add_argument("-n", action="store_true", help="no mtab: ignored")
+    p.add_argument("-v", action="store_true", help="ignored")
+    p.add_argument("-t", metavar="TYPE", help="ignored")
+    args = p.parse_args(argv)
+    try:
+        mount_argv = mount_helper_argv(args.source, args.mountpoint, args.options)
+    except ValueError as e:
+        print(f"mount.netmemfs: {e}", file=sys.stderr)
+        return 2
+    if args.fake:
+        return 0
+    return main(mount_argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in _commands(parser):
+        # `netmemfs SOURCE MOUNTPOINT -o OPTIONS`: how mount.fuse runs a fuse.netmemfs
+        # line of /etc/fstab (as it runs sshfs for fuse.sshfs).
+        return mount_helper(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="netmemfs: %(levelname)s %(message)s")
     if getattr(args, "server", None):
         try:
@@ -622,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args)
         if args.command == "umount":
             return _umount(args)
+        if args.command == "config":
+            return _config(args)
         if args.command == "status":
             got = status.query(args.mountpoint.absolute())
             print(

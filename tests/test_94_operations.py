@@ -69,7 +69,7 @@ class Prometheus:
         exe = shutil.which("prometheus")
         if exe is None:
             message = "no prometheus: apt-get install prometheus (.ci/run does)"
-            if os.environ.get("NETMEMFS_REQUIRE_PROMETHEUS") == "1":
+            if os.environ.get("NETMEMFS_REQUIRE_OPS_TOOLS") == "1":
                 pytest.fail(message)
             pytest.skip(message)
         config = workdir / "prometheus.yml"

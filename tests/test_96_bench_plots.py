@@ -1,0 +1,68 @@
+"""The benches' figures (issue 17, item 5): bench/plot.py writes PNGs that show the
+samples and the ratios given, checked by reading the files back with matplotlib."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _plot() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("plot", BENCH / "plot.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _size(png: Path) -> tuple[int, int]:
+    image = pytest.importorskip("matplotlib.image").imread(png)  # decodes it whole
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def test_each_kind_of_figure_is_a_png(tmp_path: Path) -> None:
+    plot = _plot()
+    base = tmp_path / "bench.png"
+    cdf = plot.cdf(
+        plot.path_for(base, "faults"),
+        "faults",
+        {"zram": [3.0, 4.0, 5.0, 0.0], "netmemfs": [50.0, 60.0, 200.0]},
+        reference="zram",
+        marks={"floor": 20.0},
+    )
+    bars = plot.bars(
+        plot.path_for(base, "bars"),
+        "bars",
+        {"plain": 100.0, "netmemfs": 50.0},
+        unit="MB/s",
+        reference="plain",
+    )
+    grouped = plot.grouped(
+        plot.path_for(base, "grouped"),
+        "grouped",
+        {"seq": {"plain": 10.0, "netmemfs": 5.0}, "rand": {"plain": 2.0, "netmemfs": 1.0}},
+        unit="MB/s",
+        reference="plain",
+    )
+    assert [p.name for p in (cdf, bars, grouped)] == [
+        "bench-faults.png",
+        "bench-bars.png",
+        "bench-grouped.png",
+    ]
+    for png in (cdf, bars, grouped):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        width, height = _size(png)
+        assert width > 400 and height > 300, (png, width, height)
+
+
+def test_every_bench_takes_png() -> None:
+    """Each bench under bench/ (but the nullfs helper and plot itself) offers --png."""
+    for path in sorted(BENCH.glob("*.py")):
+        if path.stem in ("plot", "nullfs"):
+            continue
+        assert "plot.add_argument(ap)" in path.read_text(), f"{path.name} has no --png"
