@@ -249,6 +249,7 @@ async def _serve_connected(
         await ops.resend_recovered(recovered)
     await ops.adopt_root()
     started_at = time.time()
+    provider: list[kdoor.DeviceProvider] = []  # the device's, once it is served
 
     def statistics() -> status.MountStatistics:
         return status.mount_statistics(
@@ -260,6 +261,7 @@ async def _serve_connected(
             cache=ops.cache,
             files=ops.files(),
             regions=attach.regions,
+            device=provider[0] if provider else None,
         )
 
     attach = AttachPoint(
@@ -314,10 +316,12 @@ async def _serve_connected(
                 device_journal = opts.cache_dir / "device"
                 shutil.rmtree(device_journal, ignore_errors=True)
                 device_journal.mkdir()
-                provider = kdoor.DeviceProvider(
-                    store, device, device_journal, commit_timeout_s=opts.timeout_s
+                provider.append(
+                    kdoor.DeviceProvider(
+                        store, device, device_journal, commit_timeout_s=opts.timeout_s
+                    )
                 )
-                nursery.start_soon(provider.serve)
+                nursery.start_soon(provider[0].serve)
             await fs.serve()
             unmounted = not terminated
             nursery.cancel_scope.cancel()

@@ -54,7 +54,7 @@ import trio
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
 from netmemfs.connect import connect_store
-from netmemfs.core import FileCore, resolve
+from netmemfs.core import DoorCounters, FileCore, resolve
 from netmemfs.errors import NetmemError
 from netmemfs.pages import PAGE_SIZE, consecutive
 from netmemfs.protocol import Notice
@@ -152,6 +152,7 @@ class DeviceProvider:
         self.fd = fd
         self.journal_dir = journal_dir
         self.areas: dict[int, FileCore] = {}  # by the module's area id
+        self.counters = DoorCounters()  # of every area's FileCore
         self.commits: dict[tuple[int, int], _Commit] = {}
         # How long one commit may take before the sync fails (its outcome is then
         # unknown; the kernel marks the pages dirty again, and the next sync of the
@@ -250,7 +251,12 @@ class DeviceProvider:
         if core is None:
             self._forget_idle()
             core = FileCore.of(
-                self.store, st, segment, self.journal_dir, timeout_s=self.commit_timeout_s
+                self.store,
+                st,
+                segment,
+                self.journal_dir,
+                timeout_s=self.commit_timeout_s,
+                counters=self.counters,
             )
             self.areas[area] = core
             # Other clients' commits to the file drop the area's clean pages.

@@ -149,13 +149,13 @@ Spec = tuple[str, str, str, str] | tuple[str, str, str, str, str]
 
 def families(prefix: str, specs: Sequence[Spec], stats: object) -> list[Metric]:
     """The metric families specs describe, of one snapshot; a field that is None (a
-    bound not set, say) gives no family."""
+    bound not set, a door not served), or part of one that is, gives no family."""
     out = []
     for spec in specs:
         name, kind, field, doc = spec[:4]
         value: Any = stats
         for part in field.split("."):
-            value = getattr(value, part)
+            value = getattr(value, part) if value is not None else None
         if value is None:
             continue
         if kind == "histogram":

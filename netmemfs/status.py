@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from netmemfs.agent import Region
     from netmemfs.cache import PageCache
+    from netmemfs.kdoor import DeviceProvider
 
 STATUS_TIMEOUT_S = 10.0  # a daemon that does not answer within this is reported as stuck
 
@@ -92,6 +93,10 @@ class MountStatistics:
     journal_bytes: int
     open_files: tuple[FileStatus, ...]  # open, changed or committed to here
     regions: tuple[RegionStatus, ...]
+    # The kernel module's door (--serve-device), if the daemon serves it: what its
+    # areas did, and each area's file.
+    device: DoorStatistics | None
+    device_areas: tuple[FileStatus, ...]
 
     @property
     def region_count(self) -> int:
@@ -108,6 +113,7 @@ def mount_statistics(
     cache: PageCache,
     files: list[FileStatus],
     regions: set[Region],
+    device: DeviceProvider | None = None,
 ) -> MountStatistics:
     return MountStatistics(
         mountpoint=str(mountpoint),
@@ -128,6 +134,12 @@ def mount_statistics(
                 FileStatus.of(r.core), r.core.counters.store_pages, r.core.counters.commits
             )
             for r in sorted(regions, key=lambda r: r.name)
+        ),
+        device=DoorStatistics.of(device.counters) if device is not None else None,
+        device_areas=(
+            tuple(FileStatus.of(core) for _, core in sorted(device.areas.items()))
+            if device is not None
+            else ()
         ),
     )
 
@@ -174,6 +186,25 @@ MOUNT_METRICS: tuple[Spec, ...] = (
     ("dirty_pages", "gauge", "dirty_pages", "Pages written and not yet committed."),
     ("journal_bytes", "gauge", "journal_bytes", "Bytes of journal holding uncommitted changes."),
     ("regions", "gauge", "region_count", "Anonymous regions served by this daemon."),
+    (
+        "device_store_read_pages",
+        "counter",
+        "device.store_pages",
+        "Pages the kernel module's areas read from the store (--serve-device).",
+    ),
+    ("device_commits", "counter", "device.commits", "Syncs of the module's areas committed."),
+    (
+        "device_commit_failures",
+        "counter",
+        "device.commit_failures",
+        "Syncs of the module's areas not applied.",
+    ),
+    (
+        "device_commit_duration_seconds",
+        "histogram",
+        "device.commit_latency",
+        "Time of a commit of an area's sync.",
+    ),
 )
 
 
@@ -283,30 +314,26 @@ def render(st: dict[str, Any]) -> str:
         f"{_ms(commit['p50_s'])}, p99 {_ms(commit['p99_s'])} (last minute)",
     ]
     rows = [("FILE", "INODE", "OPEN", "DIRTY PAGES", "JOURNAL BYTES", "LAST COMMIT", "TOOK")]
-    for x in st["open_files"]:
+    files = [(x, x["path"] or "?", str(x["opens"])) for x in st["open_files"]]
+    files += [(r["file"], f"{r['file']['path']} (region)", "-") for r in st["regions"]]
+    files += [(x, f"{x['path']} (device area)", "-") for x in st["device_areas"]]
+    for x, name, opens in files:
         rows.append(
             (
-                x["path"] or "?",
+                name,
                 str(x["ino"]),
-                str(x["opens"]),
+                opens,
                 str(x["dirty_pages"]),
                 str(x["journal_bytes"]),
                 _ago(x["last_commit_at"], now),
                 _ms(x["last_commit_s"]),
             )
         )
-    for r in st["regions"]:
-        x = r["file"]
-        rows.append(
-            (
-                f"{x['path']} (region)",
-                str(x["ino"]),
-                "-",
-                str(x["dirty_pages"]),
-                str(x["journal_bytes"]),
-                _ago(x["last_commit_at"], now),
-                _ms(x["last_commit_s"]),
-            )
+    device = st["device"]
+    if device is not None:
+        lines.append(
+            f"device      {device['store_pages']} pages read from the store, "
+            f"{device['commits']} syncs committed ({device['commit_failures']} failed)"
         )
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

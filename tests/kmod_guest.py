@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import re
 import select
@@ -924,6 +925,17 @@ def main(test_bin: str, only: list[str]) -> int:
             with open(mnt / "m", "rb") as f:  # the file door sees the area's commit
                 for n in range(SIZE // PAGE):
                     assert f.read(PAGE) == stamp(n, 7), f"page {n} of m through the mount"
+            # The daemon's status counts the device door's commit, and lists its area.
+            status = subprocess.run(
+                [sys.executable, "-m", "netmemfs", "status", "--json", str(mnt)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=DEADLINE_S,
+            )
+            got = json.loads(status.stdout)
+            assert got["device"] is not None and got["device"]["commits"] >= 1, got["device"]
+            assert "m" in [a["path"] for a in got["device_areas"]], got["device_areas"]
         finally:
             subprocess.run(
                 [sys.executable, "-m", "netmemfs", "umount", str(mnt), "--cache-dir", str(cache)],
