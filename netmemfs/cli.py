@@ -32,6 +32,7 @@ from netmemfs.progress import Progress
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore, tls_client_context
 from netmemfs.sizes import format_size, parse_size
+from netmemfs.status import mount_type
 
 DESCRIPTION = """\
 netmemfs: memory that a process maps, whose pages live on a netmemfs-server.
@@ -419,19 +420,6 @@ def _mountpoint_problem(mountpoint: Path) -> str | None:
                 "mounted: choose an empty directory"
             )
     return None
-
-
-def mount_type(mountpoint: Path) -> str | None:
-    """The file system type mounted at mountpoint (the last mount there), or None."""
-    want = os.path.realpath(mountpoint).replace("\\", "\\134").replace(" ", "\\040")
-    want = want.replace("\t", "\\011").replace("\n", "\\012")
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == want and " - " in line:
-                found = line.split(" - ", 1)[1].split()[0]
-    return found
 
 
 def _mount(args: argparse.Namespace) -> int:

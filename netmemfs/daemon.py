@@ -256,6 +256,7 @@ async def _serve_connected(
             mountpoint=opts.mountpoint,
             server=address,
             started_at=started_at,
+            connected=store.connected,
             reconnects=store.reconnects,
             counters=ops.counters,
             cache=ops.cache,

@@ -350,6 +350,7 @@ class RedisStore:
         self.listeners: dict[int, list[Callable[[Notice | None], None]]] = {}
         self._client_id = os.urandom(8)
         self.reconnects = 0  # calls sent again after a connection broke (a failover?)
+        self.connected = True  # the last call reached a node
         self._txn_seq = itertools.count(1)
         self._sizes: dict[int, int] = {}  # a file's size as last seen (its chunk keys)
         self.replicas = 0  # each commit waits until this many replicas have it
@@ -604,6 +605,7 @@ class RedisStore:
                     reply, acked = await self._lanes.call(node, command, wait=wait)
             except (OSError, trio.BrokenResourceError, _LaneLost, ServerUnreachable) as e:
                 # A node down (a failover under way?): ask for the shards again, retry.
+                self.connected = False
                 if trio.current_time() >= deadline:
                     raise self._unreachable(where, e) from None
                 self.reconnects += 1
@@ -636,6 +638,7 @@ class RedisStore:
                     "unknown, and a commit is sent again later (Redis applies it once). Check "
                     "the replicas, or lower replicas= in the --server URL"
                 )
+            self.connected = True
             return reply
 
     async def _read_now(self, keys: Sequence[bytes], args: Sequence[int]) -> list[Any] | None:

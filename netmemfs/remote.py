@@ -277,6 +277,10 @@ class RemoteStore:
         self._client_id = os.urandom(8)
         self._txn_seq = itertools.count(1)
 
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and self._link.lost is None
+
     @classmethod
     @asynccontextmanager
     async def connect(

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ class MountStatistics:
     server: str
     pid: int
     uptime_s: float
+    store_connected: bool  # the store answered last time it was asked
     store_reconnects: int
     files: DoorStatistics  # the file door's
     cache_hits: int
@@ -108,6 +110,7 @@ def mount_statistics(
     mountpoint: Path,
     server: str,
     started_at: float,
+    connected: bool,
     reconnects: int,
     counters: DoorCounters,
     cache: PageCache,
@@ -120,6 +123,7 @@ def mount_statistics(
         server=server,
         pid=os.getpid(),
         uptime_s=time.time() - started_at,
+        store_connected=connected,
         store_reconnects=reconnects,
         files=DoorStatistics.of(counters),
         cache_hits=cache.hits,
@@ -146,6 +150,12 @@ def mount_statistics(
 
 MOUNT_METRICS: tuple[Spec, ...] = (
     ("uptime_seconds", "gauge", "uptime_s", "Seconds since the mount daemon started."),
+    (
+        "store_connected",
+        "gauge",
+        "store_connected",
+        "1 if the store answered last time it was asked, else 0.",
+    ),
     (
         "store_reconnects",
         "counter",
@@ -221,14 +231,94 @@ def as_json(st: MountStatistics) -> bytes:
 # --- the client: `netmemfs status` ---------------------------------------------------
 
 
+def _resolved(path: Path) -> str:
+    """path made absolute with its directory's symbolic links resolved, without
+    looking at path itself: a mount point that is one cannot answer while its daemon
+    waits for its store."""
+    path = Path(os.path.abspath(path))
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def mount_type(mountpoint: Path) -> str | None:
+    """The file system type mounted at mountpoint (the last mount there), or None."""
+    want = _resolved(mountpoint).replace("\\", "\\134").replace(" ", "\\040")
+    want = want.replace("\t", "\\011").replace("\n", "\\012")
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == want and " - " in line:
+                found = line.split(" - ", 1)[1].split()[0]
+    return found
+
+
+# The abstract names of mount daemons' sockets (agent.AttachPoint): "netmemfs-PID-...".
+_DAEMON_SOCKET = re.compile(r"^@(netmemfs-\d+-[0-9a-f]+)$")
+
+
+def _daemon_sockets() -> list[str]:
+    """The abstract names of the mount daemons' sockets on this machine (in this
+    network namespace), from /proc/net/unix."""
+    names = []
+    with open("/proc/net/unix") as f:
+        next(f, None)  # the header
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and (m := _DAEMON_SOCKET.match(fields[7])):
+                names.append(m.group(1))
+    return sorted(set(names))
+
+
+def _ask(name: str) -> bytes:
+    """A daemon's status (JSON), asked on its socket; OSError or TimeoutError if it
+    does not answer."""
+    from netmemfs.agent import HEADER, OP_STATUS
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(STATUS_TIMEOUT_S)
+    try:
+        sock.connect(b"\0" + name.encode())
+        sock.sendall(HEADER.pack(OP_STATUS, 0, 1, 0, 0, 0))
+        op, status, _, _, _, length = HEADER.unpack(_receive(sock, HEADER.size))
+        body = _receive(sock, length)
+    finally:
+        sock.close()
+    if op != OP_STATUS or status != 0:
+        raise OSError(errno.EPROTO, f"refused: {body[:200]!r}")
+    return body
+
+
 def query(mountpoint: Path) -> dict[str, Any]:
     """The status of the daemon serving mountpoint, as its JSON; StatusError saying
-    what is wrong (not a netmemfs mount, a dead daemon, ...) and what to do."""
-    from netmemfs.agent import HEADER, OP_STATUS, AttachPoint
+    what is wrong (not a netmemfs mount, a dead daemon, ...) and what to do.
 
+    Each mount daemon of this machine is asked on its own socket, and the one whose
+    mount point this is answers: nothing touches the mount itself, which cannot answer
+    while its store is out of reach."""
     where = str(mountpoint)
+    kind = mount_type(mountpoint)
+    if kind != "fuse.netmemfs":
+        if not os.path.lexists(mountpoint):
+            raise StatusError(f"{where} does not exist; give the mount point of a mount")
+        what = f"a {kind} mount" if kind else "not a mount point"
+        raise StatusError(
+            f"{where} is not a netmemfs mount ({what}); give the mount point of a running "
+            "`netmemfs mount`"
+        )
+    silent: list[str] = []
+    for name in _daemon_sockets():
+        try:
+            body = _ask(name)
+        except (OSError, TimeoutError) as e:
+            silent.append(f"{name}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+            continue
+        got: dict[str, Any] = json.loads(body)
+        if _resolved(Path(str(got.get("mountpoint")))) == _resolved(mountpoint):
+            return got
     try:
-        name = os.getxattr(mountpoint, AttachPoint.XATTR.decode())
+        # Not cached by the kernel (a stat may be, for a moment): a dead daemon's mount
+        # answers ENOTCONN at once.
+        os.getxattr(mountpoint, "user.netmemfs.agent")
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise StatusError(
@@ -237,41 +327,11 @@ def query(mountpoint: Path) -> dict[str, Any]:
                 "mount again; sealed commits are sent again by the next mount with the "
                 "same --cache-dir"
             ) from None
-        if e.errno in (errno.ENODATA, errno.ENOTSUP):
-            raise StatusError(
-                f"{where} is not a netmemfs mount (it has no {AttachPoint.XATTR.decode()} "
-                "attribute); give the mount point of a running `netmemfs mount`"
-            ) from None
-        if e.errno == errno.ENOENT:
-            raise StatusError(f"{where} does not exist; give the mount point of a mount") from None
-        raise StatusError(f"{where}: {e.strerror}") from None
-    if not name.startswith(b"@"):
-        raise StatusError(f"{where}: its daemon names no socket of its own ({name!r})")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(STATUS_TIMEOUT_S)
-    try:
-        try:
-            sock.connect(b"\0" + name[1:])
-            sock.sendall(HEADER.pack(OP_STATUS, 0, 1, 0, 0, 0))
-            head = _receive(sock, HEADER.size)
-            op, status, _, _, _, length = HEADER.unpack(head)
-            body = _receive(sock, length)
-        except TimeoutError:
-            raise StatusError(
-                f"{where}: its daemon did not answer within {STATUS_TIMEOUT_S:g} s; it may "
-                "be stuck (its log is daemon.log in its --cache-dir)"
-            ) from None
-        except OSError as e:
-            raise StatusError(
-                f"{where}: cannot reach its daemon ({e.strerror or e}); is it still running? "
-                "(its log is daemon.log in its --cache-dir)"
-            ) from None
-    finally:
-        sock.close()
-    if op != OP_STATUS or status != 0:
-        raise StatusError(f"{where}: its daemon refused the status request: {body[:200]!r}")
-    out: dict[str, Any] = json.loads(body)
-    return out
+    unanswered = f" (no answer from {'; '.join(silent)})" if silent else ""
+    raise StatusError(
+        f"{where}: no netmemfs daemon of yours serves it{unanswered}; it may be stuck or "
+        "run by another user (its log is daemon.log in its --cache-dir)"
+    )
 
 
 def _receive(sock: socket.socket, n: int) -> bytes:
@@ -301,9 +361,10 @@ def render(st: dict[str, Any]) -> str:
     hits, misses = st["cache_hits"], st["cache_misses"]
     rate = f"{hits / (hits + misses):.0%}" if hits + misses else "-"
     fetch, commit = f["fetch_latency"], f["commit_latency"]
+    state = "connected" if st["store_connected"] else "NOT CONNECTED: reconnecting"
     lines = [
         f"mount       {st['mountpoint']}  (daemon pid {st['pid']}, up {st['uptime_s']:.0f} s)",
-        f"store       {st['server']}  ({st['store_reconnects']} reconnects)",
+        f"store       {st['server']}  ({state}, {st['store_reconnects']} reconnects)",
         f"dirty       {st['dirty_pages']} pages, {st['journal_bytes']} journal bytes",
         f"reads       {f['journal_pages']} pages from the journal, {f['cache_pages']} from "
         f"the cache, {f['store_pages']} from the store",

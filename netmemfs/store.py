@@ -120,6 +120,12 @@ class Store(Protocol):
     wanted: frozenset[int]  # what subscribe() asked for last
     reconnects: int  # connections to the store lost and made again, since start
 
+    @property
+    def connected(self) -> bool:
+        """Whether the store answered last time it was asked (False: a connection
+        broke and none is made again yet)."""
+        ...
+
     def new_txn(self) -> bytes:
         """A transaction id no other client or call of ours uses."""
         ...

@@ -366,3 +366,30 @@ def test_server_logs_its_recovery_progress(
     shares = [int(x) for x in lines]
     assert len(shares) >= 3 and shares == sorted(shares) and shares[-1] == 100, lines
     assert re.search(rf"recovering {re.escape(str(data))}: done, ", server.log_text())
+
+
+def test_status_says_when_the_store_is_not_connected(
+    server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    mount = mount_factory(server.address, "--timeout", "2")
+
+    def connected() -> bool:
+        r = status(mount.mountpoint, "--json")
+        assert r.returncode == 0, r.stderr
+        answer: bool = json.loads(r.stdout)["store_connected"]
+        return answer
+
+    assert connected()
+    mount.expect_log(r"ERROR lookup of 'missing-while-down': no answer from the server")
+    mount.expect_log(r"ERROR stat of '': no answer from the server")  # the lookup's
+    mount.expect_log(r"WARNING could not renew the holds")
+    server.kill()
+    with pytest.raises(OSError):
+        os.stat(mount.path("missing-while-down"))  # asks the server: it is gone
+    assert not connected()
+    human = status(mount.mountpoint)
+    assert "NOT CONNECTED: reconnecting" in human.stdout, human.stdout
+    server.restart(same_port=True)
+    with pytest.raises(FileNotFoundError):  # asks again, and the server answers
+        os.stat(mount.path("missing-after"))
+    assert connected()
