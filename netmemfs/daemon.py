@@ -251,7 +251,9 @@ async def _serve_connected(
     started_at = time.time()
     provider: list[kdoor.DeviceProvider] = []  # the device's, once it is served
 
-    def statistics() -> status.MountStatistics:
+    def statistics(*, per_file: bool = True) -> status.MountStatistics:
+        """The daemon's numbers; per_file False: totals only (a metrics scrape, which
+        holds up the event loop while it runs)."""
         return status.mount_statistics(
             mountpoint=opts.mountpoint,
             server=address,
@@ -260,7 +262,8 @@ async def _serve_connected(
             reconnects=store.reconnects,
             counters=ops.counters,
             cache=ops.cache,
-            files=ops.files(),
+            files=ops.files() if per_file else [],
+            dirty=ops.dirty(),
             regions=attach.regions,
             device=provider[0] if provider else None,
         )
@@ -273,7 +276,9 @@ async def _serve_connected(
     endpoint = None
     if opts.metrics is not None:
         try:
-            endpoint = serve_metrics(opts.metrics, lambda: status.mount_families(statistics()))
+            endpoint = serve_metrics(
+                opts.metrics, lambda: status.mount_families(statistics(per_file=False))
+            )
         except MetricsError as e:
             raise MountError(str(e)) from None
     clear_stale_mount(opts.mountpoint)

@@ -242,6 +242,17 @@ class NetmemFS(pyfuse3.Operations):
                 out.append(FileStatus.of(core, node.opens))
         return out
 
+    def dirty(self) -> tuple[int, int]:
+        """(pages written and not yet committed, journal bytes holding them), all files:
+        a sum, no list (what a metrics scrape needs)."""
+        pages = nbytes = 0
+        for node in self.inodes.values():
+            if node.core is not None:
+                p, n = node.core.journal.dirty()
+                pages += p
+                nbytes += n
+        return pages, nbytes
+
     def _open_inodes(self) -> frozenset[int]:
         return frozenset(ino for ino, node in self.inodes.items() if node.opens > 0)
 

@@ -225,8 +225,3 @@ def serve_metrics(address: str, families: Callable[[], list[Metric]]) -> Metrics
     endpoint = MetricsEndpoint(httpd, thread)
     log.info("serving metrics on http://%s/metrics", endpoint.address)
     return endpoint
-
-
-def as_dict(stats: Any) -> Any:
-    """A statistics snapshot as plain JSON-able data."""
-    return dataclasses.asdict(stats)

@@ -115,6 +115,7 @@ def mount_statistics(
     counters: DoorCounters,
     cache: PageCache,
     files: list[FileStatus],
+    dirty: tuple[int, int],
     regions: set[Region],
     device: DeviceProvider | None = None,
 ) -> MountStatistics:
@@ -130,8 +131,8 @@ def mount_statistics(
         cache_misses=cache.misses,
         cache_pages=cache.pages,
         cache_budget_pages=cache.budget_pages,
-        dirty_pages=sum(f.dirty_pages for f in files),
-        journal_bytes=sum(f.journal_bytes for f in files),
+        dirty_pages=dirty[0],
+        journal_bytes=dirty[1],
         open_files=tuple(sorted(files, key=lambda f: f.path)),
         regions=tuple(
             RegionStatus(
