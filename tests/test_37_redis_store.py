@@ -497,3 +497,51 @@ def test_the_kernel_module_s_door_needs_a_netmemfs_server(tmp_path: Path) -> Non
         run_trio(main, 30)
     finally:
         redis.kill()
+
+
+def _calls(redis: RedisProc) -> dict[str, int]:
+    """Calls of each command so far, from INFO commandstats."""
+    out = {}
+    for line in redis.ask("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line.partition(":")
+            out[name.removeprefix("cmdstat_")] = int(rest.split(",")[0].removeprefix("calls="))
+    return out
+
+
+def test_page_reads_run_no_lua(tmp_path: Path) -> None:
+    """A read of a file's pages, from the mount's side (read_inode) and from a region's
+    fault thread (libnetmem's direct reads), is MULTI/HMGET/GETRANGE/EXEC: no function
+    call (nm_read copies the pages through Lua, 0.47 ms for 252 KiB against 0.08 ms)."""
+    redis = RedisProc(tmp_path)
+    try:
+        pages = 200
+        data = b"".join(stamp_page("lua", p, 1) for p in range(pages))
+
+        async def write_then_read() -> None:
+            async with connect_store(redis.url) as store:
+                size = pages * PAGE_SIZE
+                made = await store.change(
+                    [MakeNode(ROOT_INO, "lua", stat.S_IFREG | 0o644, size=size)]
+                )
+                ino = made.created[0]
+                await store.change([WritePages(ino, 0, data)])
+                before = _calls(redis)
+                got = (await store.read_inode(ino, 0, pages)).to_bytes()
+                after = _calls(redis)
+                assert got == data
+                assert after.get("getrange", 0) > before.get("getrange", 0), after
+                for fcall in ("fcall", "fcall_ro"):
+                    assert after.get(fcall, 0) == before.get(fcall, 0), (fcall, before, after)
+
+        run_trio(write_then_read, 60)
+        before = _calls(redis)
+        with anon.map(pages * PAGE_SIZE, segment="lua", server=redis.url, budget=0) as region:
+            assert region[:] == data
+            stats = region.statistics()
+        after = _calls(redis)
+        assert stats.direct_fetches == stats.fetches > 0, stats
+        assert after.get("getrange", 0) > before.get("getrange", 0), after
+        assert after.get("fcall_ro", 0) == before.get("fcall_ro", 0), (before, after)
+    finally:
+        redis.kill()
