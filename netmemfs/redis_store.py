@@ -289,7 +289,10 @@ def _run_view(view: _View, fn: Callable[[], object]) -> tuple[object, int | None
 
 
 def _error(e: coredis.exceptions.ResponseError, where: str) -> NetmemError:
-    return _reply_error(str(e), where)
+    text = str(e)
+    if isinstance(e, coredis.exceptions.ReadOnlyError):
+        text = f"READONLY {text}"  # coredis keeps the code in the class, not the text
+    return _reply_error(text, where)
 
 
 class _Retry(NetmemError):
@@ -313,6 +316,12 @@ def _reply_error(text: str, where: str) -> NetmemError:
             f"{where}: Redis's ACL refused it ({text}); netmemfs needs every command it "
             "uses on its keys and channels: ACL SETUSER <user> on ~{nm* &{nm* +@all "
             "(nm being the key prefix)"
+        )
+    if text.startswith("READONLY"):
+        return NotPermitted(
+            f"{where}: this Redis is a read-only replica ({text}); give --server its master "
+            "(INFO replication on the replica names it: master_host, master_port), or, for "
+            "a Redis Cluster, the seeds of its nodes (netmemfs finds the masters)"
         )
     if text.startswith(("NMinit ", "NMresize ", "NMrestage ")):
         code, _, detail = text[2:].partition(" ")

@@ -545,3 +545,45 @@ def test_page_reads_run_no_lua(tmp_path: Path) -> None:
         assert after.get("fcall_ro", 0) == before.get("fcall_ro", 0), (before, after)
     finally:
         redis.kill()
+
+
+def test_a_read_only_replica_is_refused_naming_its_master(
+    tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    master = RedisProc(tmp_path / "master")
+    replica = RedisProc(tmp_path / "replica", "--replicaof", "127.0.0.1", str(master.port))
+    try:
+        (tmp_path / "mnt").mkdir()
+        r = subprocess.run(
+            [
+                *(sys.executable, "-m", "netmemfs", "mount", str(tmp_path / "mnt")),
+                *("--server", replica.url, "--cache-dir", str(tmp_path / "cache")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 1
+        assert f"at {replica.url}: this Redis is a read-only replica" in r.stderr, r.stderr
+        assert "give --server its master" in r.stderr, r.stderr
+        assert not os.path.ismount(tmp_path / "mnt")
+    finally:
+        replica.kill()
+        master.kill()
+
+
+def test_a_cluster_replica_as_the_only_seed(tmp_path: Path, mount_factory: MountFactory) -> None:
+    """A Redis Cluster reached through one of its replicas: the slot map it gives names
+    the masters, and the mount works on them."""
+    cluster = RedisCluster(tmp_path)
+    try:
+        replicas = [n for n in cluster.nodes if n.ask("ROLE").splitlines()[0] == "slave"]
+        assert replicas, "the cluster has no replica"
+        mount = mount_factory(replicas[0].url)
+        with open(mount.path("f"), "wb") as f:
+            f.write(b"through a replica's slot map")
+            f.flush()
+            os.fsync(f.fileno())
+        assert mount.path("f").read_bytes() == b"through a replica's slot map"
+    finally:
+        cluster.kill()
