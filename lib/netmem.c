@@ -1068,6 +1068,30 @@ static void finish_sync(struct region *r, int err, const char *msg)
 	pthread_mutex_unlock(&r->mu);
 }
 
+/* The agent asks what this handler holds (`netmemfs status`): answered from
+ * this thread, the only one that sends on r->sock, with the counts this
+ * thread keeps. */
+static void reply_stats(struct region *r, uint64_t id)
+{
+	struct nm_wire_stats s = {
+		.faults = r->faults,
+		.fetches = r->fetches_asked,
+		.direct_fetches = r->direct_fetches,
+		.evictions = r->evictions,
+		.evicted = r->evicted,
+		.spilled = r->spilled,
+		.resident = r->resident,
+		.budget = r->budget,
+	};
+
+	if (send_msg(r->sock, NM_OP_STATS, id, 0, 0, &s, sizeof(s)) < 0) {
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s went away", r->agent_name);
+		fail_region(r, why);
+	}
+}
+
 /* Read and act on one message from the agent (a REDIAL's reply carries a
  * descriptor). */
 static int process_reply(struct region *r)
@@ -1119,6 +1143,8 @@ static int process_reply(struct region *r)
 		}
 	} else if (h.op == NM_OP_INVALIDATE) {
 		invalidate(r, h.first, h.count);
+	} else if (h.op == NM_OP_STATS) {
+		reply_stats(r, h.id);
 	} else if (h.op == NM_OP_LOCK || h.op == NM_OP_UNLOCK) {
 		pthread_mutex_lock(&r->mu);
 		if (r->lk.id && h.id == r->lk.id) {	/* else: given up on */

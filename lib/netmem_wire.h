@@ -53,7 +53,23 @@ enum nm_wire_op {
 				 * message: reply: the daemon's status as
 				 * JSON (`netmemfs status --json`); then the
 				 * connection ends */
+	NM_OP_STATS = 10,	/* from the agent, unasked: reply (its id):
+				 * struct nm_wire_stats. An older library
+				 * ignores it (the agent asks with a
+				 * deadline) */
 };
+
+/* NM_OP_STATS's reply: the handler's counts (struct netmem_stats's). */
+struct nm_wire_stats {
+	uint64_t faults;
+	uint64_t fetches;
+	uint64_t direct_fetches;
+	uint64_t evictions;
+	uint64_t evicted;	/* pages */
+	uint64_t spilled;	/* pages in the spill file now */
+	uint64_t resident;	/* pages */
+	uint64_t budget;	/* pages */
+} __attribute__((packed));
 
 /* NM_OP_LOCK's payload. */
 struct nm_wire_lock {

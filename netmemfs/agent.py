@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import math
 import os
@@ -53,6 +54,13 @@ OP_LOCK, OP_UNLOCK = 7, 8
 # A mount daemon's socket only, as a connection's first message: the reply's payload is
 # the daemon's status (`netmemfs status --json`), then the connection ends.
 OP_STATUS = 9
+# To the region's handler, unasked: its counts come back (struct nm_wire_stats).
+OP_STATS = 10
+HANDLER_STATS = struct.Struct("<8Q")
+HANDLER_STATS_FIELDS = (
+    *("faults", "fetches", "direct_fetches", "evictions", "evicted", "spilled"),
+    *("resident", "budget"),
+)
 LOCK_ARGS = struct.Struct("<QII")  # struct nm_wire_lock: length, exclusive, wait_ms
 MAX_PAGES = 256  # NM_WIRE_MAX_PAGES
 
@@ -160,6 +168,24 @@ class Region:
         self.journal = self.core.journal
         self.locks: set[int] = set()  # tokens of the locks the region holds
         self.lock_lease_s = 10.0
+        # What the handler last said of itself (OP_STATS), and who waits for an answer.
+        self.handler: dict[str, int] | None = None
+        self._stats_asked: dict[int, trio.Event] = {}
+        self._stats_ids = itertools.count(1 << 62)  # apart from the handler's own ids
+
+    async def ask_handler(self, timeout_s: float) -> dict[str, int] | None:
+        """The handler's counts (faults, evictions, resident pages and the budget...),
+        asked now; the last known (or None) if it does not answer within timeout_s (a
+        library from before OP_STATS never does)."""
+        req_id = next(self._stats_ids)
+        done = self._stats_asked[req_id] = trio.Event()
+        try:
+            self.io.reply(OP_STATS, req_id, 0, 0, [])
+            with trio.move_on_after(timeout_s):
+                await done.wait()
+        finally:
+            self._stats_asked.pop(req_id, None)
+        return self.handler
 
     def changed(self, notice: Notice | None) -> None:
         """Another client committed to the region's file (None: we may have missed
@@ -226,6 +252,14 @@ class Region:
                     nursery.start_soon(self.lock, req_id, first, length, exclusive, wait_ms)
                 elif op == OP_UNLOCK:
                     nursery.start_soon(self.unlock, req_id, first)
+                elif op == OP_STATS:
+                    if len(payload) != HANDLER_STATS.size:
+                        raise WireError(f"STATS carried {len(payload)} bytes")
+                    values = HANDLER_STATS.unpack(payload)
+                    self.handler = dict(zip(HANDLER_STATS_FIELDS, values, strict=True))
+                    waiter = self._stats_asked.get(req_id)
+                    if waiter is not None:
+                        waiter.set()
                 else:
                     raise WireError(f"unknown request {op}")
 
@@ -313,7 +347,10 @@ class Region:
 
 
 async def open_region(
-    io: _Socket, store: Store, journal_dir: Path, status: Callable[[], bytes] | None = None
+    io: _Socket,
+    store: Store,
+    journal_dir: Path,
+    status: Callable[[], Awaitable[bytes]] | None = None,
 ) -> Region | None:
     """Answer the region's OPEN: find its file by path, or make it; the reply carries
     its inode number, by which the region reads and commits from now on. status: what
@@ -323,7 +360,7 @@ async def open_region(
         return None
     (op, can_read, req_id, size, _, _), payload = msg
     if op == OP_STATUS and status is not None:
-        io.reply(OP_STATUS, req_id, 0, 0, [status()])
+        io.reply(OP_STATUS, req_id, 0, 0, [await status()])
         return None
     if op != OP_OPEN:
         raise WireError(f"expected OPEN, got request {op}")
@@ -386,7 +423,7 @@ async def _serve_region(
     io: _Socket,
     store: Store,
     journal_dir: Path,
-    status: Callable[[], bytes] | None = None,
+    status: Callable[[], Awaitable[bytes]] | None = None,
     regions: set[Region] | None = None,
 ) -> None:
     """Serve one region (or answer a STATUS: a mount daemon's); regions: where the
@@ -491,7 +528,7 @@ class AttachPoint:
         journal_base: Path,
         *,
         allow_other: bool,
-        status: Callable[[], bytes] | None = None,
+        status: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.name = f"netmemfs-{os.getpid()}-{os.urandom(8).hex()}"
         self.journal_base = journal_base

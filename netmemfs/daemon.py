@@ -211,6 +211,7 @@ async def _serve_mount(
 
 
 WAITING_NOTICE_S = 1.0  # a mount still connecting after this long says so
+HANDLER_ANSWER_S = 1.0  # how long a status waits for a region's handler to answer
 
 
 async def _say_waiting(
@@ -268,10 +269,16 @@ async def _serve_connected(
             device=provider[0] if provider else None,
         )
 
+    async def status_json() -> bytes:
+        # Each region's handler is asked first: its budget use lives in the mapping
+        # process. One that does not answer soon is shown with what it last said.
+        async with trio.open_nursery() as nursery:
+            for region in list(attach.regions):
+                nursery.start_soon(region.ask_handler, HANDLER_ANSWER_S)
+        return status.as_json(statistics())
+
     attach = AttachPoint(
-        opts.cache_dir / "regions",
-        allow_other=opts.allow_other,
-        status=lambda: status.as_json(statistics()),
+        opts.cache_dir / "regions", allow_other=opts.allow_other, status=status_json
     )
     endpoint = None
     if opts.metrics is not None:

@@ -74,6 +74,10 @@ class RegionStatus:
     file: FileStatus
     fetched_pages: int  # pages the region asked the daemon for (not read directly)
     commits: int
+    # What its handler (libnetmem, in the mapping process) said when asked: faults,
+    # fetches, direct_fetches, evictions, evicted, spilled, resident and budget (pages);
+    # None if it did not answer (a library from before it could).
+    handler: dict[str, int] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +140,10 @@ def mount_statistics(
         open_files=tuple(sorted(files, key=lambda f: f.path)),
         regions=tuple(
             RegionStatus(
-                FileStatus.of(r.core), r.core.counters.store_pages, r.core.counters.commits
+                FileStatus.of(r.core),
+                r.core.counters.store_pages,
+                r.core.counters.commits,
+                r.handler,
             )
             for r in sorted(regions, key=lambda r: r.name)
         ),
@@ -345,6 +352,17 @@ def _receive(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def _budget(region: dict[str, Any]) -> str:
+    """A region's row label: its budget use, as its handler last said."""
+    h = region["handler"]
+    if h is None:
+        return "region"
+    use = f"{h['resident']} of {h['budget']} pages resident" if h["budget"] else "no budget"
+    return (
+        f"region, {use}, {h['faults']} faults, {h['direct_fetches']} of {h['fetches']} reads direct"
+    )
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
@@ -377,7 +395,7 @@ def render(st: dict[str, Any]) -> str:
     ]
     rows = [("FILE", "INODE", "OPEN", "DIRTY PAGES", "JOURNAL BYTES", "LAST COMMIT", "TOOK")]
     files = [(x, x["path"] or "?", str(x["opens"])) for x in st["open_files"]]
-    files += [(r["file"], f"{r['file']['path']} (region)", "-") for r in st["regions"]]
+    files += [(r["file"], f"{r['file']['path']} ({_budget(r)})", "-") for r in st["regions"]]
     files += [(x, f"{x['path']} (device area)", "-") for x in st["device_areas"]]
     for x, name, opens in files:
         rows.append(

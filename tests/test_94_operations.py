@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from netmemfs import anon
 from netmemfs.pages import PAGE_SIZE
 from tests.faultproxy import CHANGE, FaultProxy
 from tests.helpers import LogChecked, MountProc, ServerProc, pid_alive, read_line, wait_for
@@ -393,3 +394,24 @@ def test_status_says_when_the_store_is_not_connected(
     with pytest.raises(FileNotFoundError):  # asks again, and the server answers
         os.stat(mount.path("missing-after"))
     assert connected()
+
+
+def test_status_shows_a_region_s_budget_use(
+    server: ServerProc, mount_factory: Callable[..., MountProc]
+) -> None:
+    """A region served by the mount's daemon is listed with what its handler (in the
+    mapping process) says: resident pages against the budget, faults."""
+    mount = mount_factory(server.address)
+    size, budget = 512 * PAGE_SIZE, 128 * PAGE_SIZE  # the smallest budget: 512 KiB
+    with anon.map(size, segment="r", server=mount.mountpoint, budget=budget) as region:
+        region[:] = b"r" * size  # every page faulted in; the budget evicts past 128
+        r = status(mount.mountpoint, "--json")
+        assert r.returncode == 0, r.stderr
+        (listed,) = json.loads(r.stdout)["regions"]
+        handler = listed["handler"]
+        assert handler is not None, listed
+        assert handler["budget"] == 128 and 0 < handler["resident"] <= 128, handler
+        # A fault brings in a run of pages; the budget let most of them go again.
+        assert handler["faults"] > 0 and handler["evicted"] >= 384, handler
+        human = status(mount.mountpoint).stdout
+        assert re.search(r"^r \(region, \d+ of 128 pages resident, \d+ faults", human, re.M), human
