@@ -183,6 +183,8 @@ class Region:
             self.io.reply(OP_STATS, req_id, 0, 0, [])
             with trio.move_on_after(timeout_s):
                 await done.wait()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the region is going away: what it said last
         finally:
             self._stats_asked.pop(req_id, None)
         return self.handler

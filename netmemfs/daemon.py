@@ -288,8 +288,13 @@ async def _serve_connected(
             )
         except MetricsError as e:
             raise MountError(str(e)) from None
-    clear_stale_mount(opts.mountpoint)
-    fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
+    try:
+        clear_stale_mount(opts.mountpoint)
+        fs.mount(ops, opts.mountpoint, allow_other=opts.allow_other)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
     # True once the kernel has ended the session (fusermount3 -u, umount): then
     # there is nothing left to unmount.
     unmounted = False

@@ -71,7 +71,7 @@ from netmemfs.ops import (
     name_bytes,
     name_str,
 )
-from netmemfs.pages import PAGE_SIZE, check_name
+from netmemfs.pages import PAGE_SIZE, Buffer, check_name
 from netmemfs.protocol import (
     CLOSED,
     MAX_FRAME_BYTES,
@@ -143,6 +143,8 @@ AUTH_FAILURE_DELAY_S = 0.5
 HANDSHAKE_FRAME_BYTES = 1024
 # How long a refusal (busy, timed out) may take to reach a peer before we just close.
 FAREWELL_S = 1.0
+# Replies held back while the reading loop answers a pipeline go out past this many bytes.
+HELD_BYTES = 256 * 1024
 # Entries in one ReadDir reply at most (a reply stays well below a frame's limit).
 MAX_READDIR_ENTRIES = 1024
 # Inodes one client may hold open (Hold), and all clients together.
@@ -652,15 +654,39 @@ class _Session:
         self._lock_waits: set[trio.CancelScope] = set()  # one per Lock request waiting
         self.notices: dict[int, tuple[int, list[tuple[int, int]] | None]] = {}
         self.notices_ready = trio.Event()
+        # Replies held back while the reading loop answers what it has (send()).
+        self._held: list[Buffer] | None = None
+        self._held_bytes = 0
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
-        self.server.bytes_sent += sum(len(p) for p in parts)
+        size = sum(len(p) for p in parts)
+        self.server.bytes_sent += size
+        if self._held is not None:
+            # The reading loop is answering the requests it has: its replies go out
+            # together when it has taken them all (one system call for a pipeline's
+            # replies, which is most of a small read's cost), or at HELD_BYTES.
+            self._held += parts
+            self._held_bytes += size
+            if self._held_bytes >= HELD_BYTES:
+                await self._release_held(keep_holding=True)
+            return
+        await self._send_now(parts)
+
+    async def _send_now(self, parts: list[Buffer]) -> None:
         self._sending_since = trio.current_time()
         try:
             await send_parts_locked(self.send_lock, self.stream, parts)
         finally:
             self._sending_since = None
+
+    async def _release_held(self, *, keep_holding: bool = False) -> None:
+        """Send the replies held back (see send), and hold no more unless keep_holding."""
+        held = self._held
+        self._held = [] if keep_holding else None
+        self._held_bytes = 0
+        if held:
+            await self._send_now(held)
 
     async def run(self) -> None:
         """Serve the connection until the peer closes it, breaks a rule, or the watchdog
@@ -688,26 +714,38 @@ class _Session:
     async def _serve(self) -> None:
         async with open_quiet_nursery() as nursery:
             while True:
-                while True:
-                    try:
-                        ev = self.conn.next_event()
-                    except RemoteProtocolError as e:
-                        await self.send(Error(0, e.code, str(e)))
-                        raise
-                    if ev is NEED_DATA:
-                        break
-                    if ev is CLOSED:
-                        # The nursery lets running commits finish; lock requests
-                        # still waiting are for nobody now.
-                        for scope in self._lock_waits:
-                            scope.cancel()
-                        return
-                    assert isinstance(ev, Message)
-                    self._frame_started = None
-                    await self.dispatch(ev, nursery)
+                self._held = []
+                try:
+                    open_ = await self._answer_received(nursery)
+                finally:
+                    # Also before a protocol error propagates: the replies before it,
+                    # and its own, go out first.
+                    await self._release_held()
+                if not open_:
+                    return
                 self._waiting_since = trio.current_time()
                 await receive_into(self.stream, self.conn)
                 self._waiting_since = None
+
+    async def _answer_received(self, nursery: trio.Nursery) -> bool:
+        """Answer every request received whole so far; False if the peer closed."""
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except RemoteProtocolError as e:
+                await self.send(Error(0, e.code, str(e)))
+                raise
+            if ev is NEED_DATA:
+                return True
+            if ev is CLOSED:
+                # The nursery lets running commits finish; lock requests still
+                # waiting are for nobody now.
+                for scope in self._lock_waits:
+                    scope.cancel()
+                return False
+            assert isinstance(ev, Message)
+            self._frame_started = None
+            await self.dispatch(ev, nursery)
 
     def queue_notice(self, ino: int, version: int, runs: list[tuple[int, int]] | None) -> None:
         """Tell the client (soon) that ino is at version, runs of its pages changed."""
