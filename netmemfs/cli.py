@@ -643,18 +643,12 @@ def _lock(args: argparse.Namespace) -> int:
     return status if status >= 0 else 128 - status
 
 
-# mount(8)'s -o options, as `netmemfs mount` takes them (name=value, or a flag).
-MOUNT_HELPER_OPTIONS = {
-    "cache_dir": "--cache-dir",
-    "timeout": "--timeout",
-    "cache_size": "--cache-size",
-    "max_unjournaled": "--max-unjournaled",
-    "negative_timeout": "--negative-timeout",
-    "token_file": "--token-file",
-    "tls_ca": "--tls-ca",
-    "metrics": "--metrics",
-}
-MOUNT_HELPER_FLAGS = {"allow_other": "--allow-other", "verbose": "--verbose"}
+# `netmemfs mount`'s options that mount(8)'s -o may give, with _ for -: name=value ...
+MOUNT_HELPER_OPTIONS = (
+    *("cache_dir", "timeout", "cache_size", "max_unjournaled", "negative_timeout"),
+    *("token_file", "tls_ca", "metrics"),
+)
+MOUNT_HELPER_FLAGS = ("allow_other", "verbose")  # ... and flags
 # Options mount(8), fstab and systemd use that mean nothing to netmemfs (or that its
 # FUSE mount always has): accepted and dropped.
 MOUNT_HELPER_IGNORED = {
@@ -682,10 +676,11 @@ def mount_helper_argv(source: str, mountpoint: str, options: list[str]) -> list[
                 raise ValueError(
                     "mount option 'ro': netmemfs mounts are read-write only; remove it"
                 )
+            flag = "--" + name.replace("_", "-")
             if name in MOUNT_HELPER_FLAGS and not eq:
-                out.append(MOUNT_HELPER_FLAGS[name])
+                out.append(flag)
             elif name in MOUNT_HELPER_OPTIONS and eq and value:
-                out += [MOUNT_HELPER_OPTIONS[name], value]
+                out += [flag, value]
             else:
                 known = sorted([*(f"{k}=..." for k in MOUNT_HELPER_OPTIONS), *MOUNT_HELPER_FLAGS])
                 raise ValueError(

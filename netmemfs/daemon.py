@@ -250,7 +250,16 @@ async def _serve_connected(
         await ops.resend_recovered(recovered)
     await ops.adopt_root()
     started_at = time.time()
-    provider: list[kdoor.DeviceProvider] = []  # the device's, once it is served
+    provider = None
+    if device is not None:
+        # The kernel keeps a failed sync's pages dirty: its journal is not kept across
+        # daemons.
+        device_journal = opts.cache_dir / "device"
+        shutil.rmtree(device_journal, ignore_errors=True)
+        device_journal.mkdir()
+        provider = kdoor.DeviceProvider(
+            store, device, device_journal, commit_timeout_s=opts.timeout_s
+        )
 
     def statistics(*, per_file: bool = True) -> status.MountStatistics:
         """The daemon's numbers; per_file False: totals only (a metrics scrape, which
@@ -266,7 +275,7 @@ async def _serve_connected(
             files=ops.files() if per_file else [],
             dirty=ops.dirty(),
             regions=attach.regions,
-            device=provider[0] if provider else None,
+            device=provider,
         )
 
     async def status_json() -> bytes:
@@ -328,18 +337,8 @@ async def _serve_connected(
             nursery.start_soon(ops.keep_holds)
             nursery.start_soon(ops.keep_coherent)
             nursery.start_soon(ops.keep_locks)
-            if device is not None:
-                # The kernel keeps a failed sync's pages dirty: its journal is not
-                # kept across daemons.
-                device_journal = opts.cache_dir / "device"
-                shutil.rmtree(device_journal, ignore_errors=True)
-                device_journal.mkdir()
-                provider.append(
-                    kdoor.DeviceProvider(
-                        store, device, device_journal, commit_timeout_s=opts.timeout_s
-                    )
-                )
-                nursery.start_soon(provider[0].serve)
+            if provider is not None:
+                nursery.start_soon(provider.serve)
             await fs.serve()
             unmounted = not terminated
             nursery.cancel_scope.cancel()

@@ -234,12 +234,11 @@ class NetmemFS(pyfuse3.Operations):
         committed, or were committed to through it."""
         out = []
         for node in self.inodes.values():
-            core = node.core
-            if core is None:
+            if node.core is None:
                 continue
-            pages, nbytes = core.journal.dirty()
-            if node.opens or pages or nbytes or core.last_commit is not None:
-                out.append(FileStatus.of(core, node.opens))
+            f = FileStatus.of(node.core, node.opens)
+            if f.opens or f.dirty_pages or f.journal_bytes or f.last_commit_at is not None:
+                out.append(f)
         return out
 
     def dirty(self) -> tuple[int, int]:

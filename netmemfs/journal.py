@@ -405,9 +405,9 @@ class SegmentJournal:
         """(pages written and not yet committed, bytes of journal files holding
         changes): what a commit in progress sends and what was written since. A page
         written again after its commit began counts twice; no more work than a count."""
-        pages = nbytes = 0
         if self.discarded:
             return 0, 0
+        pages = nbytes = 0
         for f in (self.active, self.sealed):
             if f is not None:
                 pages += len(f.pages) + len(f.held)

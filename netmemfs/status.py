@@ -2,9 +2,10 @@
 `netmemfs status`, which asks a running daemon for them over its own socket.
 
 The daemon answers a STATUS request on the socket where it serves anonymous regions
-(agent.AttachPoint; the mount root's user.netmemfs.agent attribute names it), so a
-status query reaches exactly the daemon serving the mount, is admitted as a region is
-(its user, or root), and is never a guess from files left behind.
+(agent.AttachPoint); `netmemfs status` asks each daemon's socket on the machine (found
+in /proc/net/unix) and takes the answer whose mount point it is. So a status query
+reaches exactly the daemon serving the mount, is admitted as a region is (its user, or
+root), never touches the mount itself, and is never a guess from files left behind.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class DoorStatistics:
 
 @dataclasses.dataclass(frozen=True)
 class RegionStatus:
-    """An anonymous region served by the daemon, as its agent side sees it (its
-    resident pages and budget are the mapping process's: Region.statistics())."""
+    """An anonymous region served by the daemon: its agent side's counts, and what its
+    handler in the mapping process said of itself when asked (agent.Region.ask_handler)."""
 
     file: FileStatus
     fetched_pages: int  # pages the region asked the daemon for (not read directly)
@@ -303,6 +304,8 @@ def query(mountpoint: Path) -> dict[str, Any]:
     Each mount daemon of this machine is asked on its own socket, and the one whose
     mount point this is answers: nothing touches the mount itself, which cannot answer
     while its store is out of reach."""
+    from netmemfs.agent import AttachPoint
+
     where = str(mountpoint)
     kind = mount_type(mountpoint)
     if kind != "fuse.netmemfs":
@@ -326,7 +329,7 @@ def query(mountpoint: Path) -> dict[str, Any]:
     try:
         # Not cached by the kernel (a stat may be, for a moment): a dead daemon's mount
         # answers ENOTCONN at once.
-        os.getxattr(mountpoint, "user.netmemfs.agent")
+        os.getxattr(mountpoint, AttachPoint.XATTR)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise StatusError(

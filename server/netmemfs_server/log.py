@@ -120,8 +120,9 @@ class LogPageStore(MemoryPageStore):
         ckpt = data_dir / "checkpoint"
         gens = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _LOG_NAME.match(p.name)))
         ckpt_bytes = ckpt.stat().st_size if ckpt.exists() else 0
+        sizes = {g: _log_path(data_dir, g).stat().st_size for g in gens}
         # An upper bound: logs the checkpoint covers are only removed below.
-        total = ckpt_bytes + sum(_log_path(data_dir, g).stat().st_size for g in gens)
+        total = ckpt_bytes + sum(sizes.values())
         with Progress(f"recovering {data_dir}", total, logger=log) as progress:
             if ckpt.exists():
                 covered, fmt = _load_checkpoint(ckpt, store, progress.update)
@@ -131,13 +132,12 @@ class LogPageStore(MemoryPageStore):
                 if gen <= covered:
                     _log_path(data_dir, gen).unlink()
             live = [g for g in gens if g > covered]
-            progress.total = ckpt_bytes + sum(_log_path(data_dir, g).stat().st_size for g in live)
+            progress.total = ckpt_bytes + sum(sizes[g] for g in live)
             base = ckpt_bytes
             for i, gen in enumerate(live):
                 path = _log_path(data_dir, gen)
-                size = path.stat().st_size
                 _replay_log(path, store, last=i == len(live) - 1, on_record=_at(progress, base))
-                base += size
+                base += sizes[gen]
         store._open_log(live[-1] if live else covered + 1)
         _fsync_dir(data_dir)
         log.info(

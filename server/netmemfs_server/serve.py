@@ -29,10 +29,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client.core import Metric
 
 from netmemfs import auth, metrics
 from netmemfs._trio_util import (
@@ -56,6 +55,9 @@ from netmemfs.errors import (
     VersionMismatch,
 )
 from netmemfs.metrics import Latency, LatencyStatistics
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric  # imported when metrics are served
 from netmemfs.ops import (
     Create,
     Delete,
