@@ -202,7 +202,9 @@ class TestProvider:
         self.pages: dict[int, bytes] = {}  # what syncs handed over, by page
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def readable(self, timeout_s: float = DEADLINE_S) -> bool:
         return bool(select.select([self.fd], [], [], timeout_s)[0])
@@ -741,16 +743,20 @@ def main(test_bin: str, only: list[str]) -> int:
         """An area attached while store "a"'s daemon served the device is never served
         by a daemon of store "b" (SIGBUS, and b sees no request); a daemon of "a"
         started again serves it."""
-        procs = [g.run("touch", "st", SIZE, 1, stdin=True) for _ in range(2)]
+        # Store a's daemon is there before the programs attach: with none, the
+        # attach fails at once (ENXIO), so starting them first was a race.
+        tp = TestProvider("a")
+        procs: list[subprocess.Popen[str]] = []
         try:
-            areas_served_by_their_store(procs)
+            procs += [g.run("touch", "st", SIZE, 1, stdin=True) for _ in range(2)]
+            areas_served_by_their_store(tp, procs)
         finally:
+            tp.close()  # closed already unless starting a program failed
             for p in procs:
                 if p.poll() is None:
                     p.kill()  # or it would hold the module at unload
 
-    def areas_served_by_their_store(procs: list[subprocess.Popen[str]]) -> None:
-        tp = TestProvider("a")
+    def areas_served_by_their_store(tp: TestProvider, procs: list[subprocess.Popen[str]]) -> None:
         try:
             for _ in procs:
                 tp.answer(tp.read())  # the OPENs, in whatever order they come
