@@ -559,12 +559,16 @@ with anon.map(size, segment="spill", server=sys.argv[1], budget=512 * 1024, time
 """
 
 
-def _spill_child_steps(child: subprocess.Popen[bytes]) -> None:
-    """Stop the child's agent once it wrote its region; it must read every page back."""
+def _spill_child_steps(
+    child: subprocess.Popen[bytes], spill: str, size: int, spill_dir: Path
+) -> None:
+    """Stop the child's agent once it wrote its region; it must read every page back.
+    Checks first that the spill asked for holds the pages."""
     assert child.stdin is not None and child.stdout is not None
     agent = 0
     try:
         assert read_line(child.stdout, 60) == b"written\n"
+        assert _spill_in_use(child.pid, size, spill_dir) == spill
         agent = _agent_pid(child.pid)
         os.kill(agent, signal.SIGSTOP)
         child.stdin.write(b"go\n")
@@ -588,20 +592,48 @@ def _spill_child_steps(child: subprocess.Popen[bytes]) -> None:
             child.wait()
 
 
-def test_evicted_written_pages_come_back_without_the_agent(server: ServerProc) -> None:
+def _spill_in_use(pid: int, size: int, spill_dir: Path) -> str:
+    """Which spill the process's one region of size bytes has: "memfd" or "dir" by
+    its open file, "area" by a second anonymous mapping of the region's size."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("/memfd:netmem-spill"):
+                return "memfd"
+            if target.startswith(f"{spill_dir}/#"):  # an O_TMPFILE there
+                return "dir"
+    anonymous = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        anonymous += end - start == size and len(fields) == 5
+    return "area" if anonymous == 2 else f"none ({anonymous} mappings of the region's size)"
+
+
+@pytest.mark.parametrize("spill", ["area", "memfd", "dir"])
+def test_evicted_written_pages_come_back_without_the_agent(
+    server: ServerProc, spill: str, tmp_path: Path
+) -> None:
     """Pages written, never synced and evicted by the budget are kept by libnetmem in
-    its spill file (issue 15, item 1): with the agent stopped, every one of them reads
-    back from its fault thread alone; the sync then commits them like resident ones.
-    Without the spill the reads wait for the stopped agent and get SIGBUS after the
-    region's 3 s timeout."""
-    size = 8 * MiB
+    its spill (issue 15, item 1): with the agent stopped, every one of them reads back
+    from its fault thread alone; the sync then commits them like resident ones. Each
+    spill: the anonymous area pages move into (async mode), the memfd (sync mode), a
+    file in $NETMEM_SPILL_DIR. Without the spill the reads wait for the stopped agent
+    and get SIGBUS after the region's 3 s timeout."""
+    size = 9 * MiB  # not 8 MiB: a thread's stack is a mapping of that size
+    env = dict(os.environ)
+    if spill == "memfd":
+        env["NETMEM_WP_MODE"] = "sync"
+    elif spill == "dir":
+        env["NETMEM_SPILL_DIR"] = str(tmp_path)
     with subprocess.Popen(
         [sys.executable, "-c", _SPILL_CHILD, server.address, str(size)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=ROOT,
+        env=env,
     ) as child:
-        _spill_child_steps(child)
+        _spill_child_steps(child, spill, size, tmp_path)
     with anon.map(size, segment="spill", server=server.address, budget=512 * 1024) as region:
         for p in range(size // 4096):
             assert region[p * 4096 : (p + 1) * 4096] == stamp(p, 7), f"page {p}"
