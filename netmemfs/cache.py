@@ -4,7 +4,9 @@ Where it sits: beside journal.py, below fs.py; pure data structure, no I/O. The 
 page cache is the first cache; this one keeps what the kernel dropped (memory pressure,
 drop_caches, MADV_RANDOM faults) so that a page fetched once is not fetched again while
 the file is unchanged. fs.py drops a file's pages whenever it may have changed: when
-another client's commit is seen at open, and when this mount commits to it.
+another client's commit is seen at open or notified. A commit of this mount's forgets
+only the pages it wrote (and those past a size it cut) when it is the file's only change
+since the pages were read (core.py), else drops the file's pages too.
 
 It keeps runs of pages as the server sent them (views of the received frames, so
 caching copies nothing) and evicts whole runs, least recently used first. A page sent
@@ -14,6 +16,7 @@ again in a newer run is found there; the older run still counts until it is evic
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from netmemfs.pages import PAGE_SIZE, Buffer
@@ -78,6 +81,29 @@ class PageCache:
         if not rids:
             del self._by_file[run.file]
         self.pages -= run.count
+
+    def forget(self, file: int, runs: Iterable[tuple[int, int]], cut: int | None = None) -> None:
+        """Forget pages of file: those of runs (first, count), and from page cut on (a
+        size cut there: pages past it read as holes now). The file's other pages
+        stay; a run none of whose pages is found any more is let go."""
+        touched: set[int] = set()
+        for first, count in runs:
+            for page in range(first, first + count):
+                rid = self._index.pop((file, page), None)
+                if rid is not None:
+                    touched.add(rid)
+        if cut is not None:
+            for rid in self._by_file.get(file, ()):
+                run = self._runs[rid]
+                for page in range(max(cut, run.first), run.first + run.count):
+                    if self._index.get((file, page)) == rid:
+                        del self._index[(file, page)]
+                        touched.add(rid)
+        for rid in touched:
+            run = self._runs[rid]
+            pages = range(run.first, run.first + run.count)
+            if all(self._index.get((file, page)) != rid for page in pages):
+                self._remove(rid)
 
     def drop(self, file: int) -> None:
         for rid in list(self._by_file.get(file, ())):

@@ -336,9 +336,18 @@ class FileCore:
         counters.commit_latency.observe(took)
         self.last_commit = (time.time(), took)
         self.expect = None
+        before = self.version
         self.version = result.inodes.get(self.ino, self.version)
         if self.cache is not None:
-            self.cache.drop(self.ino)  # cached pages may be older
+            if self.version == before + 1:
+                # Only this commit changed the file since the cached pages were read (a
+                # version grows by one per commit): the pages it did not write, below
+                # any size it cut, are still the server's.
+                sizes = [size for _, size in commit.resizes]
+                cut = pages_for(min(sizes)) if sizes else None
+                self.cache.forget(self.ino, ((r.first, r.count) for r in commit.runs), cut)
+            else:
+                self.cache.drop(self.ino)  # another client's commit came between
         log.debug(
             "committed %d pages of %r: sealed in %.1f ms, sent in %.1f ms",
             pages,

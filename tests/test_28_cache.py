@@ -44,3 +44,15 @@ def test_a_zero_budget_keeps_nothing() -> None:
     c = PageCache(0)
     c.put(1, 0, _run(1, 0, 1, 1))
     assert _get(c, 1, 0) is None and len(c) == 0
+
+
+def test_forget_drops_the_pages_named_and_those_past_a_cut() -> None:
+    c = PageCache(64 * PAGE_SIZE)
+    c.put(1, 0, _run(1, 0, 8, 1))
+    c.put(1, 20, _run(1, 20, 2, 1))
+    c.put(2, 0, _run(2, 0, 8, 1))
+    c.forget(1, [(2, 1), (20, 2)], cut=6)
+    assert [p for p in range(8) if _get(c, 1, p) is None] == [2, 6, 7]
+    assert _get(c, 1, 20) is None and _get(c, 1, 21) is None
+    assert c.pages == 16  # the run of 20..21 lost every page: let go
+    assert all(_get(c, 2, p) == stamp_page("2", p, 1) for p in range(8))

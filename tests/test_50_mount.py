@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import signal
@@ -282,6 +283,60 @@ def test_uncommitted_shrink_then_grow_reads_zeros(
     want = b"\xee" * (PAGE_SIZE + 5) + bytes(5 * PAGE_SIZE - 5)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     assert os.pread(fd, 6 * PAGE_SIZE, 0) == want
+    os.close(fd)
+
+
+def _fetched(mount: MountProc) -> int:
+    """Pages this mount's files have fetched from the server so far (netmemfs status)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "netmemfs", "status", str(mount.mountpoint), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, r.stderr
+    fetched: int = json.loads(r.stdout)["files"]["store_pages"]
+    return fetched
+
+
+def test_a_commit_keeps_the_cached_pages_it_did_not_write(
+    server: ServerProc, mount_factory: MountFactory
+) -> None:
+    """The daemon's cache keeps a file's pages across this mount's own commit, but for
+    the pages it wrote and those past a size it cut: nobody else committed between (the
+    version moved by one), so the rest are still the server's. Reading the file again
+    fetches only those (every commit dropped all 64 before). Another mount's commit in
+    between still drops them: its page shows."""
+    a = mount_factory(server.address, name="a")
+    fd = os.open(a.path("c"), os.O_RDWR | os.O_CREAT)
+    old = [stamp_page("c", i, 1) for i in range(64)]
+    os.pwrite(fd, b"".join(old), 0)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert os.pread(fd, 64 * PAGE_SIZE, 0) == b"".join(old)  # fetched: now cached
+    before = _fetched(a)
+    new = [stamp_page("c", 0, 2), *old[1:60]]  # page 0 rewritten, 60..63 cut off
+    os.pwrite(fd, new[0], 0)
+    os.ftruncate(fd, 60 * PAGE_SIZE)
+    os.fsync(fd)
+    os.ftruncate(fd, 64 * PAGE_SIZE)  # the cut pages must read as zeros, not as cached
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert os.pread(fd, 64 * PAGE_SIZE, 0) == b"".join(new) + bytes(4 * PAGE_SIZE)
+    # Page 0 and the four cut pages (holes on the server now), not the other 59.
+    assert _fetched(a) - before == 5, "pages fetched again after this mount's commits"
+
+    b = mount_factory(server.address, name="b")
+    with open(b.path("c"), "r+b") as f:
+        f.seek(PAGE_SIZE)
+        f.write(stamp_page("c", 1, 3))
+        f.flush()
+        os.fsync(f.fileno())
+    os.pwrite(fd, stamp_page("c", 2, 3), 2 * PAGE_SIZE)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert os.pread(fd, 3 * PAGE_SIZE, 0) == new[0] + stamp_page("c", 1, 3) + stamp_page("c", 2, 3)
     os.close(fd)
 
 
