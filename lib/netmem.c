@@ -21,10 +21,10 @@
  * page's own offset), and comes back from it on its next fault without asking
  * the agent; a sync hands spilled pages to the agent like resident written
  * ones. The spill is an anonymous area of this process in async mode (pages
- * are moved there and back with UFFDIO_MOVE: no copy, no allocation), else an
- * unlinked file (a memfd, or a file in $NETMEM_SPILL_DIR). Without a spill
- * (it could not be made, or a write to it failed) such pages are staged with
- * the agent at eviction instead.
+ * are moved there with UFFDIO_MOVE, no copy, no allocation, and copied back),
+ * else an unlinked file (a memfd, or a file in $NETMEM_SPILL_DIR). Without
+ * a spill (it could not be made, or a write to it failed) such pages are
+ * staged with the agent at eviction instead.
  *
  * Only the handler thread changes page state, installs or evicts pages; an
  * application thread asks it to sync and waits. Dirty tracking has two modes:
@@ -2084,6 +2084,9 @@ static int watch_open(struct watch *w, struct region *r)
 	    watch_add(w, r->evfd, EV_EVFD) < 0) {
 		logmsg(r, "cannot watch the handler's descriptors with epoll: %s",
 		       strerror(errno));
+		if (w->ep >= 0)
+			close(w->ep);
+		w->ep = -1;
 		return -1;
 	}
 	return 0;
