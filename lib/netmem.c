@@ -983,29 +983,23 @@ static void on_held(struct region *r, size_t p, bool write)
  * spill, writable (written: the next sync stages it), with no agent. */
 static void on_spilled(struct region *r, size_t p)
 {
-	ssize_t n;
+	ssize_t n = PS;
 
 	make_room(r, 1);
 	if (r->spill_area) {
-		r->state[p] = PRESENT;
-		r->spilled--;
-		r->resident++;
 		/* Copied, not moved back: a move clears the slot's entry and
 		 * so flushes other CPUs' TLBs (11 us per fault measured here,
 		 * against 5-8 us for the copy). The copy goes through
 		 * spill_buf: UFFDIO_COPY straight from the slot took 13-14
-		 * us, a memcpy to spill_buf 0.6 us more. The slot keeps an
-		 * old copy until its page is evicted again or a sync empties
-		 * the area.
+		 * us, a memcpy to spill_buf 0.6 us more.
 		 * Invariant: the slot holds the page (SPILLED; if it was
 		 * swapped out, the memcpy reads it back in, a fault the
 		 * kernel serves: the area raises no userfaultfd events). */
 		memcpy(r->spill_buf, r->spill_area + p * PS, PS);
 		r->stale[p] = 1;
-		install(r, r->base + p * PS, r->spill_buf, PS, false);
-		return;
+	} else {
+		n = pread(r->spill_fd, r->spill_buf, PS, (off_t)(p * PS));
 	}
-	n = pread(r->spill_fd, r->spill_buf, PS, (off_t)(p * PS));
 	if (n != (ssize_t)PS) {
 		char why[256];
 
@@ -1023,9 +1017,10 @@ static void on_spilled(struct region *r, size_t p)
 	/* r->hash[p] stays that of the agent's version: the page differs. */
 	if (!r->async)
 		r->dirty[p] = 1;
-	/* The file's copy is stale now, but its space is not given back here
-	 * (a hole punched per fault costs a file system transaction): the
-	 * page's next eviction writes over it, the next sync frees it all. */
+	/* The spill's copy is stale now, but its space is not given back here
+	 * (a hole punched or a slot emptied per fault costs more than the
+	 * fault): the page's next eviction writes over it, the next sync
+	 * frees it all. */
 	install(r, r->base + p * PS, r->spill_buf, PS, false);
 }
 

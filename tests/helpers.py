@@ -404,3 +404,14 @@ class Tls:
 
     def context(self) -> ssl.SSLContext:
         return tls_client_context(self.ca_file)
+
+
+def netmemfs_status(mountpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`netmemfs status MOUNTPOINT ARGS...`, run as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "netmemfs", "status", str(mountpoint), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )

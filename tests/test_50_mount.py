@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from netmemfs.pages import PAGE_SIZE
-from tests.helpers import MountProc, ServerProc, server_used_bytes, stamp_page, wait_for
+from tests.helpers import (
+    MountProc,
+    ServerProc,
+    netmemfs_status,
+    server_used_bytes,
+    stamp_page,
+    wait_for,
+)
 
 MountFactory = Callable[..., MountProc]
 
@@ -288,13 +295,7 @@ def test_uncommitted_shrink_then_grow_reads_zeros(
 
 def _fetched(mount: MountProc) -> int:
     """Pages this mount's files have fetched from the server so far (netmemfs status)."""
-    r = subprocess.run(
-        [sys.executable, "-m", "netmemfs", "status", str(mount.mountpoint), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    r = netmemfs_status(mount.mountpoint, "--json")
     assert r.returncode == 0, r.stderr
     fetched: int = json.loads(r.stdout)["files"]["store_pages"]
     return fetched

@@ -23,7 +23,15 @@ import pytest
 from netmemfs import anon
 from netmemfs.pages import PAGE_SIZE
 from tests.faultproxy import CHANGE, FaultProxy
-from tests.helpers import LogChecked, MountProc, ServerProc, pid_alive, read_line, wait_for
+from tests.helpers import (
+    LogChecked,
+    MountProc,
+    ServerProc,
+    pid_alive,
+    read_line,
+    wait_for,
+)
+from tests.helpers import netmemfs_status as status
 
 _METRICS_AT = re.compile(r"serving metrics on http://([\d.]+:\d+)/metrics")
 
@@ -204,16 +212,6 @@ def test_server_counts_refusals_by_limit(server_factory: Callable[..., ServerPro
     text = scrape(at)
     assert sample(text, "netmemfs_server_refused_connections_total") == 1
     assert sample(text, "netmemfs_server_connections_total") == 1
-
-
-def status(mountpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netmemfs", "status", str(mountpoint), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def file_status(mountpoint: Path, name: str) -> dict[str, object]:
