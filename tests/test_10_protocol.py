@@ -316,3 +316,126 @@ def test_large_frames_received_in_place(sizes: list[int], reads: list[int]) -> N
     assert got == msgs
     big = [m for m in got if isinstance(m, p.Pages) and m.count * PAGE_SIZE >= p.LARGE_FRAME_BYTES]
     assert all(isinstance(m.runs[0].data, memoryview) for m in big)
+
+
+# Field values near the edges of what each kind accepts, and of the wrong types.
+edge_values = st.one_of(
+    st.sampled_from([0, 1, p.MAX_U64, p.MAX_U64 + 1, -1, True, False, None, 1.5, "", "s"]),
+    st.integers(-(1 << 70), 1 << 70),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+)
+page_data = st.sampled_from(
+    [
+        bytes(PAGE_SIZE),
+        memoryview(bytes(2 * PAGE_SIZE)),
+        bytes(PAGE_SIZE - 1),
+        bytes(2 * PAGE_SIZE + 1),
+        b"",
+        memoryview(bytes(PAGE_SIZE + 3)),
+        bytearray(PAGE_SIZE),
+        bytes(p.MAX_MESSAGE_PAGES * PAGE_SIZE),
+        bytes((p.MAX_MESSAGE_PAGES + 1) * PAGE_SIZE),
+        "x" * PAGE_SIZE,
+    ]
+)
+good_run = st.tuples(
+    st.text(max_size=4),
+    st.integers(0, 9),
+    st.sampled_from([bytes(PAGE_SIZE), memoryview(bytes(2 * PAGE_SIZE))]),
+).map(list)
+bad_run = st.one_of(
+    st.tuples(
+        st.one_of(st.text(max_size=4), edge_values),
+        st.one_of(st.integers(0, 9), edge_values),
+        page_data,
+    ).map(list),
+    st.lists(st.one_of(st.text(max_size=2), st.integers(0, 9), edge_values, page_data), max_size=4),
+    edge_values,
+)
+# Each kind's good values, and values that may be bad in any way.
+good_field = {
+    p.U64: st.integers(0, 9),
+    p.STR: st.text(max_size=4),
+    p.RUNS: st.lists(good_run, max_size=3),
+}
+any_field = {
+    p.U64: edge_values,
+    p.STR: edge_values,
+    p.RUNS: st.one_of(
+        st.lists(st.one_of(good_run, bad_run), min_size=1, max_size=3),
+        edge_values,
+    ),
+}
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_fast_decoders_check_what_the_general_one_checks(data: st.DataObject) -> None:
+    """The page path's own decoders (_FAST_DECODERS) accept exactly what the general
+    decoder accepts, and give the same message: no check on bytes from the network is
+    weakened by them. Each example is a good message with at most two fields spoiled."""
+    cls = data.draw(st.sampled_from(sorted(p._FAST_DECODERS, key=lambda c: c.TYPE)))
+    spoiled = data.draw(st.sets(st.integers(0, len(cls.KINDS) - 1), max_size=2))
+    items: list[object] = [cls.TYPE]
+    for i, kind in enumerate(cls.KINDS):
+        items.append(data.draw((any_field if i in spoiled else good_field)[kind]))
+    outcomes: list[object] = []
+    for decode in (p._FAST_DECODERS[cls], lambda items: p._decode_general(cls, items)):
+        try:
+            outcomes.append(decode(list(items)))
+        except RemoteProtocolError:
+            outcomes.append(RemoteProtocolError)
+    assert outcomes[0] == outcomes[1], items
+
+
+def test_fast_decoders_take_the_page_path_messages() -> None:
+    """What the page path sends goes through its own decoders, and comes out whole."""
+    assert set(p._FAST_DECODERS) == {p.ReadInode, p.ReadPages, p.Pages}
+    data = bytes(range(256)) * (PAGE_SIZE // 256)
+    for role, msg in (
+        (p.Role.CLIENT, p.ReadInode(3, 9, 1 << 40, 1)),
+        (p.Role.CLIENT, p.ReadPages(4, "seg", 7, 2)),
+        (p.Role.SERVER, p.Pages(5, "", 7, 3, 11, (p.PageRun("", 8, data),))),
+        (p.Role.SERVER, p.Pages(6, "s", 0, 1, 0, ())),
+    ):
+        peer = p.Connection(p.Role.SERVER if role is p.Role.CLIENT else p.Role.CLIENT)
+        peer.receive_data(p.Connection(role).send(msg))
+        assert peer.next_event() == msg
+
+
+def _short(run: object) -> str:
+    """A test id for a page run: its parts' types and lengths, not its bytes."""
+    if not isinstance(run, list | tuple):
+        return repr(run)
+    return "-".join(
+        f"{type(x).__name__}{len(x)}" if isinstance(x, Buffer | str) else repr(x) for x in run
+    )
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        ["s", 1, data]
+        for data in (
+            bytes(PAGE_SIZE - 1),
+            bytes(2 * PAGE_SIZE + 1),
+            b"",
+            memoryview(bytes(PAGE_SIZE + 3)),
+            bytearray(PAGE_SIZE),
+            "x" * PAGE_SIZE,
+            None,
+            bytes((p.MAX_MESSAGE_PAGES + 1) * PAGE_SIZE),
+        )
+    ]
+    + [[name, 1, bytes(PAGE_SIZE)] for name in (b"s", 1, None, True)]
+    + [["s", at, bytes(PAGE_SIZE)] for at in (-1, p.MAX_U64 + 1, True, "1", 1.0)]
+    + [["s", 1], ["s", 1, bytes(PAGE_SIZE), 0], [], ("s", 1, bytes(PAGE_SIZE)), "s", 5],
+    ids=lambda run: _short(run),
+)
+def test_fast_pages_decoder_refuses_each_bad_run(run: object) -> None:
+    """Each way a page run can be wrong, beside a good run: refused by both decoders."""
+    items = [p.Pages.TYPE, 1, "", 0, 4, 1, [["", 0, bytes(PAGE_SIZE)], run]]
+    for decode in (p._FAST_DECODERS[p.Pages], lambda items: p._decode_general(p.Pages, items)):
+        with pytest.raises(RemoteProtocolError):
+            decode(list(items))

@@ -37,6 +37,12 @@ def test_holes_runs_and_chunk_boundaries() -> None:
             page = r.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             assert page == stamp_page("a", r.first + i, 1)
     assert s.used_pages == 5
+    # One page at a time (a fault's read, which takes a path of its own): the same.
+    for p in range(3 * CHUNK_PAGES):
+        _, one = s.read("a", p, 1)
+        assert [(r.first, bytes(r.data)) for r in one] == (
+            [(p, stamp_page("a", p, 1))] if p in got else []
+        ), p
 
 
 def test_a_failing_op_leaves_the_whole_commit_unapplied() -> None:

@@ -187,6 +187,14 @@ class FileData:
                     p += 1
                 yield base + start, chunk[start * PAGE_SIZE : p * PAGE_SIZE]
 
+    def read_page(self, page: int) -> memoryview | None:
+        """Page page as read() would give it (a read-only view of the store), or None
+        for a hole."""
+        ci, at = divmod(page, CHUNK_PAGES)
+        if not self.masks.get(ci, 0) >> at & 1:
+            return None
+        return memoryview(self.chunks[ci]).toreadonly()[at * PAGE_SIZE : (at + 1) * PAGE_SIZE]
+
     def truncate(self, size: int) -> int:
         """Drop everything at and past size bytes; return how many pages were freed."""
         keep = pages_for(size)
@@ -785,7 +793,9 @@ class MemoryPageStore:
 
     def read_inode(self, ino: int, first: int, count: int) -> tuple[int, tuple[PageRun, ...]]:
         """(version, runs of stored pages) of file ino; the runs name no segment."""
-        node = _Run(self, dry=True)._file(ino)
+        node = self.inodes.get(ino)
+        if node is None or node.data is None:
+            node = _Run(self, dry=True)._file(ino)  # raises what is wrong with ino
         return node.version, self._read(node, "", first, count)
 
     def _read(self, node: Inode, name: str, first: int, count: int) -> tuple[PageRun, ...]:
@@ -803,6 +813,9 @@ class MemoryPageStore:
                 f"read of pages {first}..{first + count - 1} of {what} goes past its end "
                 f"({npages} pages, {fd.size} bytes); resize it first or read less"
             )
+        if count == 1:  # a fault's read: the one page, or a hole
+            data = fd.read_page(first)
+            return () if data is None else (PageRun(name, first, data),)
         return tuple(PageRun(name, p, data) for p, data in fd.read(first, count))
 
     @property
