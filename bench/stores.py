@@ -14,22 +14,33 @@ end. For each store:
                written and fsynced; the kernel's caches dropped, a sequential read; the
                caches dropped again, --ops 4 KiB loads through a mapping at random pages
 
-and the C floor: `redis-benchmark -t get -d 4096 -c 1` against the same redis-server
-(its p50). The random faults and redis-benchmark run twice: with the CPUs idle, and with
-one CPU kept busy by a spinning process (an idle vCPU here takes 40-50 us to wake,
-which moves redis-benchmark's p50 from ~23 to ~110 us). Printed: each figure, for each
-condition the ratio of a region's random fault p50 to the
-redis-benchmark p50 (issue 16's target: at most 2x through Redis), and Redis against
-netmemfs-server (target: at most a third of netmemfs-server's p50).
+and two references against the same redis-server:
+
+    redis-benchmark  `redis-benchmark -t get -d 4096 -c 1`: Redis's own C client, one GET
+                     in flight (its p50)
+    uffd floor       bench/uffd_floor.c, built here with cc: a region of the same size
+                     served by a C thread that answers each fault with one GETRANGE and
+                     one UFFDIO_COPY, its loads timed in C: what any userfaultfd design
+                     through Redis pays on this machine (fault, wake-ups, round trip),
+                     with no budget, checks or recovery (p50)
+
+The random faults and both references run twice: with the CPUs idle, and with one CPU
+kept busy by a spinning process (an idle vCPU takes tens of microseconds to wake here).
+Printed: each figure, and for each condition the ratio of a region's random fault p50 to
+redis-benchmark's p50 (issue 16's target: at most 2x through Redis), to the uffd floor's,
+and Redis against netmemfs-server (target: at most a third of netmemfs-server's p50).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import mmap
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,6 +172,15 @@ def mount_phases(mnt: MountProc, size: int, ops: int, store: str) -> dict[str, f
     return out
 
 
+def p50_from_csv(text: str) -> float:
+    """The GET line's p50 in us from `redis-benchmark --csv` output (by its header:
+    the columns are rps, avg, min, p50, p95, p99, max)."""
+    for row in csv.DictReader(io.StringIO(text)):
+        if row.get("test") == "GET":
+            return float(row["p50_latency_ms"]) * 1000
+    raise SystemExit(f"no GET line with a p50 in redis-benchmark's output:\n{text}")
+
+
 def redis_benchmark_p50(port: int, requests: int) -> float:
     """redis-benchmark's p50 in us for 4 KiB GETs, one client."""
     done = subprocess.run(
@@ -173,11 +193,34 @@ def redis_benchmark_p50(port: int, requests: int) -> float:
         timeout=300,
         check=True,
     )
-    for line in done.stdout.splitlines():
-        cells = [c.strip('"') for c in line.split(",")]
-        if cells[0] == "GET":
-            return float(cells[3]) * 1000  # p50_latency_ms
-    raise SystemExit(f"no GET line in redis-benchmark's output:\n{done.stdout}")
+    return p50_from_csv(done.stdout)
+
+
+def build_uffd_floor(work: Path) -> Path:
+    """bench/uffd_floor.c compiled into work."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("bench/stores.py needs a C compiler (cc) for its uffd floor")
+    exe = work / "uffd_floor"
+    source = Path(__file__).resolve().parent / "uffd_floor.c"
+    subprocess.run(
+        [cc, "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(exe), str(source)],
+        check=True,
+    )
+    return exe
+
+
+def uffd_floor_p50(exe: Path, port: int, size: int, ops: int) -> float:
+    """The uffd floor's random fault p50 in us (its thread spins as libnetmem's does
+    by default, 50 us)."""
+    done = subprocess.run(
+        [str(exe), str(port), str(size // PAGE), str(ops), "50"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return float(done.stdout.split()[0])
 
 
 def main() -> None:
@@ -204,9 +247,13 @@ def main() -> None:
         mounts: list[MountProc] = []
         try:
             floor = {}
+            uffd_floor = {}
+            exe = build_uffd_floor(work)
             for busy in (False, True):
+                how = "busy" if busy else "idle"
                 with cpu_busy(busy):
-                    floor["busy" if busy else "idle"] = redis_benchmark_p50(redis.port, 20000)
+                    floor[how] = redis_benchmark_p50(redis.port, 20000)
+                    uffd_floor[how] = uffd_floor_p50(exe, redis.port, size, args.ops)
             for label, address in stores:
                 row = region_phases(address, size, budget, args.ops, label)
                 mnt = MountProc(work, address, "--cache-size", "0", name=f"mnt-{label}")
@@ -228,13 +275,17 @@ def main() -> None:
         print(f"{k:24}" + "".join(f"{results[label][k]:18.1f}" for label in results))
     fmt: Callable[[float], str] = lambda x: f"{x:.2f}x"  # noqa: E731
     for how, what in (("idle", "CPUs idle"), ("busy", "one CPU kept busy")):
-        print(f"\n{what}: redis-benchmark -t get -d 4096 -c 1: p50 {floor[how]:.1f} us")
+        print(
+            f"\n{what}: redis-benchmark -t get -d 4096 -c 1: p50 {floor[how]:.1f} us; "
+            f"uffd floor (C, one GETRANGE per fault): p50 {uffd_floor[how]:.1f} us"
+        )
         server_p50 = results["netmemfs-server"][f"region rand p50 us {how}"]
         for label in results:
             p50 = results[label][f"region rand p50 us {how}"]
             print(
                 f"  {label}: region random fault p50 = {fmt(p50 / floor[how])} "
-                f"redis-benchmark's p50, {fmt(p50 / server_p50)} netmemfs-server's"
+                f"redis-benchmark's p50, {fmt(p50 / uffd_floor[how])} the uffd floor's, "
+                f"{fmt(p50 / server_p50)} netmemfs-server's"
             )
     print(
         "targets (issue 16): through Redis at most 2.00x redis-benchmark's p50, and at most "
@@ -247,7 +298,10 @@ def main() -> None:
                 plot.path_for(args.png, f"faults-{how}"),
                 f"Random 4 KiB faults of a region ({how} CPUs), --mib {args.mib}",
                 series,
-                marks={"redis-benchmark GET p50": floor[how]},
+                marks={
+                    "redis-benchmark GET p50": floor[how],
+                    "uffd floor p50": uffd_floor[how],
+                },
             )
             print(f"wrote {written}")
         mounts_series = {k: v for k, v in SAMPLES.items() if k.endswith(" mount")}

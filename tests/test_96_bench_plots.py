@@ -66,3 +66,44 @@ def test_every_bench_takes_png() -> None:
         if path.stem in ("plot", "nullfs"):
             continue
         assert "plot.add_argument(ap)" in path.read_text(), f"{path.name} has no --png"
+
+
+def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/NAME.py as a module (its own imports find bench/'s modules, as when run)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stores_takes_redis_benchmarks_p50_not_another_column(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bench/stores.py's reference is redis-benchmark's p50, found by its column's name
+    (it once took the fourth column, the minimum, for it). The text is what Debian's
+    redis-benchmark 7.0 printed here."""
+    text = (
+        '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",'
+        '"p99_latency_ms","max_latency_ms"\n'
+        '"GET","16666.67","0.050","0.024","0.047","0.079","0.135","1.727"\n'
+    )
+    assert _bench("stores", monkeypatch).p50_from_csv(text) == pytest.approx(47.0)
+
+
+def test_the_uffd_floor_serves_faults_from_a_real_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/uffd_floor.c builds with the warnings as errors, and serves every fault of
+    its region from a real redis-server (it checks each page it loads)."""
+    from tests.redis_procs import RedisProc
+
+    stores = _bench("stores", monkeypatch)
+    exe = stores.build_uffd_floor(tmp_path)
+    redis = RedisProc(tmp_path)
+    try:
+        p50 = stores.uffd_floor_p50(exe, redis.port, 64 * 4096, 300)
+    finally:
+        redis.kill()
+    assert 0 < p50 < 100_000
