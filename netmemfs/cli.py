@@ -66,8 +66,7 @@ what was committed.
 --server names a netmemfs-server (HOST[:PORT]) or a Redis: redis://HOST:PORT for a
 standalone Redis, redis://HOST:PORT,HOST:PORT... for a Redis Cluster's seed nodes,
 rediss:// for TLS; --token-file then holds its password (PASSWORD, or USER PASSWORD for
-a Redis ACL user). Redis must not evict keys (maxmemory-policy noeviction). The kernel
-module's door is not available on Redis yet (docs/semantics.md, "The Redis store").
+a Redis ACL user). Redis must not evict keys (maxmemory-policy noeviction).
 
 Without --server a private page server is started on 127.0.0.1 for this mount; it
 keeps what was committed in the cache dir (<cache-dir>/server), so the files are there

@@ -18,7 +18,6 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from netmemfs.errors import Unsupported
 from netmemfs.remote import DEFAULT_PORT, RemoteStore
 from netmemfs.sizes import parse_host_port
 from netmemfs.store import Store
@@ -60,14 +59,9 @@ async def connect_store(
         ) as remote:
             yield remote
         return
-    if claim is not None:
-        raise Unsupported(
-            f"the kernel module's door needs a netmemfs-server, not {address}: its "
-            "commits rely on the server fencing a replaced daemon's connection"
-        )
     from netmemfs.redis_store import RedisStore
 
     async with RedisStore.connect(
-        address, retry_for_s=retry_for_s, credentials=token, tls=tls
+        address, retry_for_s=retry_for_s, credentials=token, tls=tls, claim=claim
     ) as redis:
         yield redis

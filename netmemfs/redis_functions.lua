@@ -92,7 +92,12 @@ end
 -- by index).
 -- ARGV: 1 txn, 2 init size ('' if the caller does not know it), 3 expected version
 -- ('' none), 4 txns to remember, 5 the size the caller declared chunk keys up to,
--- 6 notice channel, 7 lock tokens it is fenced by (space-separated, '' none), then ops, each 'T' size first_key_index | 'W' key_index page data.
+-- 6 notice channel, 7 lock tokens it is fenced by (space-separated, '' none), 8 the
+-- caller's claim, 'NAME GENERATION' ('' none: see below), then ops, each 'T' size
+-- first_key_index | 'W' key_index page data.
+-- A claim fences a replaced client per file: the meta hash keeps, in field
+-- 'claim:NAME', the newest generation of NAME that committed to the file, and a
+-- commit under an older one is refused (fenced).
 -- A 'T' that shrinks names the chunk keys from the one holding the new last page
 -- through the one holding the declared size's last page.
 -- Reply: {version, size, replayed 0/1}.
@@ -126,6 +131,23 @@ local function nm_commit(keys, args)
             end
         end
     end
+    local claim_field, claim_gen
+    if args[8] ~= '' then
+        local name, gen = string.match(args[8], '^(%x+) (%d+)$')
+        if not name then
+            return fail('protocol', 'a claim is NAME GENERATION')
+        end
+        claim_field, claim_gen = 'claim:' .. name, tonumber(gen)
+        local newest = tonumber(redis.call('HGET', meta, claim_field) or '0')
+        if newest > claim_gen then
+            return fail('fenced', 'a newer client claimed ' .. name .. ' (generation '
+                .. newest .. ', this one ' .. claim_gen .. ') and committed to this file: '
+                .. 'the older one\'s commits to it are refused')
+        end
+        if newest == claim_gen then
+            claim_field = nil  -- already recorded
+        end
+    end
     if args[3] ~= '' and tonumber(args[3]) ~= version then
         return fail('conflict', 'the file is at version ' .. version .. ', not ' .. args[3])
     end
@@ -135,7 +157,7 @@ local function nm_commit(keys, args)
     -- First every check, against the size the ops before it leave; then the changes. A
     -- function's writes stand even if it fails later: no check may come after one.
     local sz = size
-    local i = 8
+    local i = 9
     while i <= #args do
         local op = args[i]
         if op == 'T' then
@@ -164,7 +186,7 @@ local function nm_commit(keys, args)
         end
     end
     local runs = {}
-    i = 8
+    i = 9
     while i <= #args do
         local op = args[i]
         if op == 'T' then
@@ -225,6 +247,9 @@ local function nm_commit(keys, args)
     version = version + 1
     local t = now_ns()
     redis.call('HSET', meta, 'size', size, 'version', version, 'stored', stored, 'mtime', t)
+    if claim_field then
+        redis.call('HSET', meta, claim_field, claim_gen)
+    end
     remember(tkey, qkey, txn, version .. ' ' .. size, tonumber(args[4]))
     -- The committing client's id (the txn's first 8 bytes): it does not hear its own.
     local notice = {version, runs or {}, runs == nil, string.sub(txn, 1, 8)}

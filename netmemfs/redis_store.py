@@ -176,6 +176,9 @@ class Keys:
     def directory(self, ino: int) -> bytes:
         return f"{{{self.prefix}}}:d:{ino}".encode()
 
+    def claim(self, name: bytes) -> bytes:
+        return f"{{{self.prefix}}}:claim:{name.hex()}".encode()
+
     def file(self, ino: int, what: str) -> bytes:
         return f"{{{self.prefix}:{ino}}}:{what}".encode()
 
@@ -371,6 +374,9 @@ class RedisStore:
         self._owner = self._client_id.hex()  # who holds this client's locks
         self._lock_ids = itertools.count(1)
         self._locks: dict[int, tuple[int, int]] = {}  # our token -> (ino, Redis's token)
+        # nm_commit's claim argument: "NAME GENERATION" (hex name) once connect() has
+        # taken a generation of the name it was given, else "" (see claim()).
+        self._claim = ""
 
     # --- connecting ------------------------------------------------------------------
 
@@ -384,12 +390,14 @@ class RedisStore:
         prefix: str = "nm",
         credentials: bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        claim: bytes | None = None,
     ) -> AsyncIterator[RedisStore]:
         """Connect to the Redis (or Redis Cluster) at url, check that it may hold
         netmemfs pages, and load the store's functions. credentials: a password file's
         contents, PASSWORD or USER PASSWORD (a Redis ACL user). tls: how to check the
         nodes' certificates (--tls-ca); rediss:// without it checks them against the
-        system's CAs."""
+        system's CAs. claim: a name this client speaks for (the kernel module's door,
+        kdoor.device_claim): see claim()."""
         address = RedisAddress.parse(url)
         username = password = None
         if credentials is not None:
@@ -434,6 +442,8 @@ class RedisStore:
                 async with open_quiet_nursery() as nursery:
                     store._lanes.nursery = nursery
                     await store._prepare()
+                    if claim is not None:
+                        await store.claim(claim)
                     await nursery.start(store._ears.run)
                     yield store
                     nursery.cancel_scope.cancel()
@@ -478,6 +488,16 @@ class RedisStore:
             )
         await self._check_durability()
         await self._sweep_reaping()
+
+    async def claim(self, name: bytes) -> None:
+        """Speak for name from now on, fencing every client that claimed it before: a
+        commit of theirs to a file is refused (Fenced) once one of ours has reached that
+        file (nm_commit keeps each name's newest generation per file). The generation is
+        one INCR of the name's counter in the namespace's slot, taken once: a failover
+        or reconnection keeps it."""
+        key = self.keys.claim(name)
+        gen = await self._do(f"claim of {name!r}", lambda: self.client.incr(key))
+        self._claim = f"{name.hex()} {gen}"
 
     async def _check_durability(self) -> None:
         """Warn of settings under which an acknowledged commit can be lost, and decide
@@ -868,7 +888,7 @@ class RedisStore:
                 staged = await self._stage(ino, ops, txn, base, where)
             keys, args = self._commit_call(ino, ops, declared, staged, base)
             head = [txn, init, str(expect[-1]) if expect else "", REMEMBER_TXNS, declared]
-            head += [self.keys.file(ino, "n"), fences]
+            head += [self.keys.file(ino, "n"), fences, self._claim]
             try:
                 got = await self._call(where, "nm_commit", keys, [*head, *args])
             except _Retry as e:

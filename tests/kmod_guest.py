@@ -33,10 +33,13 @@ from pathlib import Path
 import trio
 
 from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.connect import connect_store
+from netmemfs.core import ROOT_INO
 from netmemfs.ops import MakeNode, WritePages
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
 from tests.anon_worker import stamp
+from tests.redis_procs import RedisProc
 
 PAGE = 4096
 SIZE = 64 * PAGE
@@ -952,6 +955,39 @@ def main(test_bin: str, only: list[str]) -> int:
             )
 
     g.check("mount_daemon_serves_the_device", mount_daemon_serves_the_device)
+
+    def the_device_on_a_redis_store() -> None:
+        """The door on Redis (issue 16): `serve-device --server redis://...` in place of
+        the netmemfs-server's daemon. A process writes and msyncs an area, a new process
+        maps it again and reads what was synced, and Redis holds those pages."""
+        g.stop_provider()
+        redis = RedisProc(Path("/run/redis"))
+        try:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "netmemfs", "serve-device", "--server", redis.url],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                first_line(p, "serve-device on Redis")
+                g.ok("write", "r", SIZE, 8)
+                g.ok("read", "r", SIZE, 8, 1)
+
+                async def held() -> bytes:
+                    async with connect_store(redis.url, retry_for_s=DEADLINE_S) as store:
+                        ino = (await store.lookup(ROOT_INO, "r")).ino
+                        return (await store.read_inode(ino, 0, SIZE // PAGE)).to_bytes()
+
+                want = b"".join(stamp(n, 8) for n in range(SIZE // PAGE))
+                assert trio.run(held) == want, "Redis does not hold what was synced"
+            finally:
+                p.kill()
+                p.wait(DEADLINE_S)
+        finally:
+            redis.kill()
+            g.provider = g.start_provider()
+
+    g.check("the_device_on_a_redis_store", the_device_on_a_redis_store)
 
     def unload() -> None:
         assert holder.stdin is not None

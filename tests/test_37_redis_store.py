@@ -25,7 +25,6 @@ from netmemfs.errors import (
     NoSpace,
     NotPermitted,
     OutOfRange,
-    Unsupported,
 )
 from netmemfs.ops import MakeNode, Truncate, WritePages
 from netmemfs.pages import PAGE_SIZE
@@ -481,22 +480,6 @@ def test_several_standalone_redis_are_not_a_cluster(tmp_path: Path) -> None:
     finally:
         one.kill()
         two.kill()
-
-
-def test_the_kernel_module_s_door_needs_a_netmemfs_server(tmp_path: Path) -> None:
-    """Its commits rely on the server fencing a replaced daemon's connection (Claim),
-    which Redis has no counterpart of: refused, saying so."""
-    redis = RedisProc(tmp_path)
-    try:
-
-        async def main() -> None:
-            with pytest.raises(Unsupported, match="kernel module's door"):
-                async with connect_store(redis.url, claim=b"device"):
-                    pass
-
-        run_trio(main, 30)
-    finally:
-        redis.kill()
 
 
 def _calls(redis: RedisProc) -> dict[str, int]:

@@ -20,9 +20,12 @@ import trio
 
 from netmemfs._trio_util import open_quiet_nursery
 from netmemfs._uffd_cffi import ffi, lib
+from netmemfs.connect import connect_store
+from netmemfs.core import ROOT_INO
 from netmemfs.kdoor import DeviceProvider, device_claim
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.remote import RemoteStore
+from netmemfs.store import Store
 from tests.faultproxy import CHANGE, FaultProxy
 from tests.helpers import ServerProc, describe_page, run_trio, stamp_page
 
@@ -54,7 +57,7 @@ def _msg(
 
 
 @asynccontextmanager
-async def _device(store: RemoteStore, **options: float) -> AsyncIterator[socket.socket]:
+async def _device(store: Store, **options: float) -> AsyncIterator[socket.socket]:
     """A DeviceProvider serving store on one end of a socket pair; the other end, where
     the test sends what the module would and reads the answers."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -201,3 +204,44 @@ def test_a_replaced_daemon_s_late_commit_never_lands_after_its_successor_s(
             assert page == stamp_page(SEGMENT, n, 2), f"page {n}: {describe_page(page)}"
 
     run_trio(main, timeout_s=60)
+
+
+def test_a_replaced_daemon_s_later_commit_is_refused_on_every_store(any_store: str) -> None:
+    """The door on each store (issue 16): daemon 1 attaches an area and syncs it; daemon
+    2, started in its place (the same claim, device_claim), syncs the same pages. A sync
+    daemon 1 sends after that is refused (ESTALE), and the file keeps daemon 2's pages.
+    On Redis, each file keeps the newest generation that committed to it
+    (docs/semantics.md, "The Redis store"); without the check, daemon 1's older pages
+    land last."""
+
+    async def main() -> None:
+        claim = device_claim()
+        async with (
+            connect_store(any_store, claim=claim, retry_for_s=10) as store1,
+            _device(store1) as old,
+        ):
+            old.send(_msg(lib.NETMEM_MSG_OPEN, 1))
+            assert await _answer(old) == (1, 0)
+            _sync(old, 2, commit=1, count=4, gen=1)
+            assert await _answer(old) == (3, 0)  # before its successor: it lands
+            async with (
+                connect_store(any_store, claim=claim, retry_for_s=10) as store2,
+                _device(store2) as new,
+            ):
+                new.send(_msg(lib.NETMEM_MSG_OPEN, 10))
+                assert await _answer(new) == (10, 0)
+                _sync(new, 11, commit=1, count=4, gen=2)
+                assert await _answer(new) == (12, 0)
+                _sync(old, 4, commit=2, count=4, gen=3)
+                req_id, status = await _answer(old)
+                assert (req_id, status) == (5, -errno.ESTALE), "daemon 1's late sync"
+                _sync(new, 13, commit=2, count=4, gen=4)  # the successor goes on
+                assert await _answer(new) == (14, 0)
+        async with connect_store(any_store, retry_for_s=10) as store:
+            ino = (await store.lookup(ROOT_INO, SEGMENT)).ino
+            got = (await store.read_inode(ino, 0, 4)).to_bytes()
+        for n in range(4):
+            page = got[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+            assert page == stamp_page(SEGMENT, n, 4), f"page {n}: {describe_page(page)}"
+
+    run_trio(main, timeout_s=90)
