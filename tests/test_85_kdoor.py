@@ -214,22 +214,22 @@ def test_a_replaced_daemon_s_later_commit_is_refused_on_every_store(any_store: s
     (docs/semantics.md, "The Redis store"); without the check, daemon 1's older pages
     land last."""
 
-    async def main() -> None:
-        claim = device_claim()
+    @asynccontextmanager
+    async def daemon(open_id: int) -> AsyncIterator[socket.socket]:
+        """A daemon of this machine (its claim) on the store, its area attached."""
         async with (
-            connect_store(any_store, claim=claim, retry_for_s=10) as store1,
-            _device(store1) as old,
+            connect_store(any_store, claim=device_claim(), retry_for_s=10) as store,
+            _device(store) as sock,
         ):
-            old.send(_msg(lib.NETMEM_MSG_OPEN, 1))
-            assert await _answer(old) == (1, 0)
+            sock.send(_msg(lib.NETMEM_MSG_OPEN, open_id))
+            assert await _answer(sock) == (open_id, 0)
+            yield sock
+
+    async def main() -> None:
+        async with daemon(1) as old:
             _sync(old, 2, commit=1, count=4, gen=1)
             assert await _answer(old) == (3, 0)  # before its successor: it lands
-            async with (
-                connect_store(any_store, claim=claim, retry_for_s=10) as store2,
-                _device(store2) as new,
-            ):
-                new.send(_msg(lib.NETMEM_MSG_OPEN, 10))
-                assert await _answer(new) == (10, 0)
+            async with daemon(10) as new:
                 _sync(new, 11, commit=1, count=4, gen=2)
                 assert await _answer(new) == (12, 0)
                 _sync(old, 4, commit=2, count=4, gen=3)
