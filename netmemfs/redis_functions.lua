@@ -377,6 +377,12 @@ local function nm_format(keys, args)
     return args[1]
 end
 
+-- nm_claim: the next generation of a claimed name (KEYS[1] its counter, {P}:claim:NAME;
+-- see nm_commit). Called twice, it hands out two: the caller keeps the later one.
+local function nm_claim(keys, args)
+    return redis.call('INCR', keys[1])
+end
+
 -- nm_hold: client holds exactly the inodes of ARGV[3] (space-separated) for ARGV[2] ms.
 -- KEYS: 1 holds hash (client -> 'expiry_ms ino ino ...'). ARGV: 1 client ('': only
 -- ask).
@@ -477,6 +483,7 @@ redis.register_function('nm_drop', nm_drop)
 redis.register_function('nm_ns', nm_ns)
 redis.register_function('nm_format', nm_format)
 redis.register_function('nm_hold', nm_hold)
+redis.register_function('nm_claim', nm_claim)
 redis.register_function('nm_lock', nm_lock)
 redis.register_function('nm_unlock', nm_unlock)
 redis.register_function('nm_renew', nm_renew)

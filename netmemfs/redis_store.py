@@ -105,7 +105,7 @@ _EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 # Errors a node gives while the cluster heals: the call is made again (until --timeout).
 _TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY")
 # The functions whose changes a commit's acknowledgement waits to see replicated.
-_REPLICATED = frozenset(("nm_commit", "nm_ns", "nm_drop"))
+_REPLICATED = frozenset(("nm_commit", "nm_ns", "nm_drop", "nm_claim"))
 
 RedisClient = Union["coredis.Redis[bytes]", "coredis.RedisCluster[bytes]"]
 
@@ -493,11 +493,11 @@ class RedisStore:
         """Speak for name from now on, fencing every client that claimed it before: a
         commit of theirs to a file is refused (Fenced) once one of ours has reached that
         file (nm_commit keeps each name's newest generation per file). The generation is
-        one INCR of the name's counter in the namespace's slot, taken once: a failover
-        or reconnection keeps it."""
-        key = self.keys.claim(name)
-        gen = await self._do(f"claim of {name!r}", lambda: self.client.incr(key))
-        self._claim = f"{name.hex()} {gen}"
+        one INCR of the name's counter in the namespace's slot (nm_claim, acknowledged
+        once the replicas commits wait for have it), taken once: a failover or a
+        reconnection keeps it."""
+        gen = await self._call(f"claim of {name!r}", "nm_claim", [self.keys.claim(name)], [])
+        self._claim = f"{name.hex()} {int(gen)}"
 
     async def _check_durability(self) -> None:
         """Warn of settings under which an acknowledged commit can be lost, and decide
