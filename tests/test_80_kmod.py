@@ -55,6 +55,7 @@ CHECKS = [
     "pages_are_charged_to_the_memory_cgroup",
     "dirty_pages_dropped_at_close_are_logged",
     "mount_daemon_serves_the_device",
+    "the_device_on_a_redis_store",
     "unload_after_use",
 ]
 
