@@ -22,7 +22,7 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import msgpack
 
@@ -816,10 +816,16 @@ def _bad(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"malformed message: {what}")
 
 
+def _check_u64s(*values: object) -> None:
+    """Each of values is an unsigned 64-bit integer (one call for a message's numbers)."""
+    for v in values:
+        if type(v) is not int or not 0 <= v <= MAX_U64:
+            raise _bad(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
+
+
 def _u64(v: object) -> int:
-    if type(v) is not int or not 0 <= v <= MAX_U64:
-        raise _bad(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
-    return v
+    _check_u64s(v)
+    return cast(int, v)
 
 
 def _str(v: object) -> str:
@@ -981,18 +987,14 @@ def _decode_general(cls: type[Message], items: list[Any]) -> Message:
 def _decode_read_inode(items: list[Any]) -> Message:
     """ReadInode (U64 fields only): the checks _decode_field makes, without a call per
     field. items has the right length (decode_body checked it)."""
-    for v in items:
-        if type(v) is not int or not 0 <= v <= MAX_U64:
-            raise _bad(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
+    _check_u64s(*items)
     return ReadInode(*items[1:])
 
 
 def _decode_read_pages(items: list[Any]) -> Message:
     """ReadPages (U64, STR, U64, U64): the checks _decode_field makes, inline."""
     _, req_id, segment, first, count = items
-    for v in (req_id, first, count):
-        if type(v) is not int or not 0 <= v <= MAX_U64:
-            raise _bad(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
+    _check_u64s(req_id, first, count)
     if type(segment) is not str:
         raise _bad(f"expected a string, got {type(segment).__name__}")
     return ReadPages(req_id, segment, first, count)
@@ -1002,9 +1004,7 @@ def _decode_pages_reply(items: list[Any]) -> Message:
     """Pages, the page path's reply: the checks _decode_field makes for its kinds (U64,
     STR, U64, U64, U64, RUNS), inline. items has the right length."""
     _, req_id, segment, first, count, version, runs = items
-    for v in (req_id, first, count, version):
-        if type(v) is not int or not 0 <= v <= MAX_U64:
-            raise _bad(f"expected an unsigned 64-bit integer, got {type(v).__name__}")
+    _check_u64s(req_id, first, count, version)
     if type(segment) is not str:
         raise _bad(f"expected a string, got {type(segment).__name__}")
     if type(runs) is not list:
@@ -1019,8 +1019,7 @@ def _decode_pages_reply(items: list[Any]) -> Message:
         name, at, data = item
         if type(name) is not str:
             raise _bad(f"expected a string, got {type(name).__name__}")
-        if type(at) is not int or not 0 <= at <= MAX_U64:
-            raise _bad(f"expected an unsigned 64-bit integer, got {type(at).__name__}")
+        _check_u64s(at)
         if type(data) is not memoryview and type(data) is not bytes:
             raise _bad(f"expected bytes, got {type(data).__name__}")
         n = len(data)

@@ -12,8 +12,10 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _plot() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("plot", BENCH / "plot.py")
+def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/NAME.py as a module (its own imports find bench/'s modules, as when run)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -25,8 +27,8 @@ def _size(png: Path) -> tuple[int, int]:
     return int(image.shape[1]), int(image.shape[0])
 
 
-def test_each_kind_of_figure_is_a_png(tmp_path: Path) -> None:
-    plot = _plot()
+def test_each_kind_of_figure_is_a_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plot = _bench("plot", monkeypatch)
     base = tmp_path / "bench.png"
     cdf = plot.cdf(
         plot.path_for(base, "faults"),
@@ -66,16 +68,6 @@ def test_every_bench_takes_png() -> None:
         if path.stem in ("plot", "nullfs"):
             continue
         assert "plot.add_argument(ap)" in path.read_text(), f"{path.name} has no --png"
-
-
-def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """bench/NAME.py as a module (its own imports find bench/'s modules, as when run)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_stores_takes_redis_benchmarks_p50_not_another_column(
