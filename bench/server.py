@@ -8,7 +8,8 @@ For 4 KiB, 64 KiB and 1 MiB batches it measures:
           moving that much memory with no protocol at all (the ratios are to this);
   plain-hot  the same, but one batch-sized buffer each side, reused (cache-hot): an
           upper bound no page server can reach, shown for reference;
-  read    ReadPages requests of one batch each, `depth` in flight, through remote.py;
+  read    ReadPages requests of one batch each, `depth` in flight, through remote.py (over
+          its read lane: the server answers them on a thread of its own, lane.py);
   commit  one transaction per batch, `depth` in flight, through remote.py;
 against a real netmemfs-server process (memory mode). It prints MB/s and the ratio to plain,
 and the server's CPU time per request (user + system, from /proc), which varies less from

@@ -337,6 +337,16 @@ class Renew(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadLane(Request):
+    """From its reply on, this connection only reads pages (ReadPages, ReadInode; any
+    other request ends it): the server may serve it apart from its other connections,
+    without their per-message costs. Page reads need no other request in between."""
+
+    TYPE = 26
+    KINDS = (U64,)
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReply(Reply):
     TYPE = 64
     KINDS = (U64, U64, NONCE, BOOL)
@@ -462,6 +472,14 @@ class Renewed(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadLaneOpen(Reply):
+    """Reply to ReadLane: the connection reads pages only, from now on."""
+
+    TYPE = 83
+    KINDS = (U64,)
+
+
+@dataclass(frozen=True, slots=True)
 class Committed(Reply):
     """The versions are those the commit produced; replayed says it had happened before."""
 
@@ -569,6 +587,7 @@ REQUESTS: dict[int, type[Message]] = {
         Lock,
         Unlock,
         Renew,
+        ReadLane,
     )
 }
 REPLIES: dict[int, type[Message]] = {
@@ -593,6 +612,7 @@ REPLIES: dict[int, type[Message]] = {
         Locked,
         Unlocked,
         Renewed,
+        ReadLaneOpen,
         Error,
     )
 }

@@ -82,6 +82,8 @@ from netmemfs.protocol import (
     Pages,
     ReadDir,
     ReadInode,
+    ReadLane,
+    ReadLaneOpen,
     ReadPages,
     RenameSegment,
     Renew,
@@ -274,6 +276,12 @@ class RemoteStore:
         self._ids = itertools.count(1)
         self._link: _Link | None = None
         self._link_lock = trio.Lock()
+        # Page reads go over a read lane of their own (protocol ReadLane), which the
+        # server answers without its event loop's per-message costs; not over TLS
+        # (served on the loop all the same there), nor once the server refused one.
+        self._lane: _Link | None = None
+        self._lane_lock = trio.Lock()
+        self._lanes = tls is None
         self._client_id = os.urandom(8)
         self._txn_seq = itertools.count(1)
 
@@ -310,8 +318,9 @@ class RemoteStore:
                 nursery.cancel_scope.cancel()
 
     def close(self) -> None:
-        if self._link is not None:
-            self._link.fail("closed by the client")
+        for link in (self._link, self._lane):
+            if link is not None:
+                link.fail("closed by the client")
 
     def new_txn(self) -> bytes:
         """A transaction id no other client or call of ours uses."""
@@ -319,9 +328,10 @@ class RemoteStore:
 
     async def force_reconnect(self) -> None:
         """Drop the connection; the next request makes a new one (tests, recovery)."""
-        if self._link is not None:
-            self._link.fail("reconnect requested")
-            await trio.lowlevel.checkpoint()
+        for link in (self._link, self._lane):
+            if link is not None:
+                link.fail("reconnect requested")
+        await trio.lowlevel.checkpoint()
 
     # --- connection management ---------------------------------------------------
 
@@ -364,6 +374,35 @@ class RemoteStore:
                 self._notice(None)  # commits made while no connection was ours went unheard
             return link
 
+    async def _get_lane(self, deadline: float, what: str) -> _Link:
+        """The read lane, opened if need be; the main link instead if there can be no
+        lane (TLS, a server that does not know ReadLane) or it cannot be opened now
+        (then the main link's retries apply)."""
+        lane = self._lane
+        if lane is not None and lane.lost is None:
+            return lane
+        if not self._lanes:
+            return await self._get_link(deadline, what)
+        async with self._lane_lock:
+            lane = self._lane
+            if lane is not None and lane.lost is None:
+                return lane
+            try:
+                lane = await self._open_link(lane=True)
+            except (RemoteProtocolError, ProtocolError) as e:
+                log.info("server %s has no read lanes (%s): reads share", self.address, e)
+                self._lanes = False
+                return await self._get_link(deadline, what)
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, _LinkLost, Busy) as e:
+                _raise_if_tls_refused(e, self.address)
+                log.info("no read lane to %s for now (%s)", self.address, e)
+                return await self._get_link(deadline, what)
+            if self._lane is not None:
+                self.reconnects += 1
+            self._lane = lane
+            self._nursery.start_soon(lane.read_loop)
+            return lane
+
     async def open_handover(self, ino: int, *, again: bool = False) -> Handover:
         """A second connection, handshake done, detached from this store, for a peer
         that speaks the protocol itself (libnetmem's direct reads). The caller owns (and
@@ -374,15 +413,16 @@ class RemoteStore:
                 "which only this process speaks"
             )
         try:
-            link = await self._open_link()
+            link = await self._open_link(lane=True)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, _LinkLost) as e:
             why = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
         return Handover(socket_of(link.stream).detach(), b"")
 
-    async def _open_link(self, *, main: bool = False) -> _Link:
+    async def _open_link(self, *, main: bool = False, lane: bool = False) -> _Link:
         """A new connection, handshake done. The main one (not a handover) claims the
-        store's name and subscribes to what the store is subscribed to."""
+        store's name and subscribes to what the store is subscribed to; a lane is made a
+        read lane (ReadLane)."""
         tcp = await trio.open_tcp_stream(self.host, self.port)
         tune_socket(tcp.socket)
         stream: trio.abc.Stream = tcp
@@ -393,12 +433,12 @@ class RemoteStore:
                         tcp, self.tls, server_hostname=self.host, https_compatible=False
                     )
                     await stream.do_handshake()
-                return await self._handshake(stream, main)
+                return await self._handshake(stream, main, lane)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
 
-    async def _handshake(self, stream: trio.abc.Stream, main: bool) -> _Link:
+    async def _handshake(self, stream: trio.abc.Stream, main: bool, lane: bool) -> _Link:
         conn = Connection(Role.CLIENT)
         nonce = auth.new_nonce()
 
@@ -451,6 +491,12 @@ class RemoteStore:
                     f"server {self.address} answered Subscribe with {subscribed!r}"
                 )
             self.subscribed = want
+        if lane:
+            opened = await ask(ReadLane(0))
+            if not isinstance(opened, ReadLaneOpen):
+                raise RemoteProtocolError(
+                    f"server {self.address} answered ReadLane with {opened!r}"
+                )
         return _Link(stream, conn, self._notice if main else None)
 
     def _notice(self, notice: Notice | None) -> None:
@@ -464,12 +510,14 @@ class RemoteStore:
             for fn in self.listeners.get(notice.ino, []):
                 fn(notice)
 
-    async def _with_link(self, what: str, body: Callable[[_Link], Awaitable[T]]) -> T:
-        """Run body on a live link, again on a new one if the link breaks, until
-        retry_for_s has passed."""
+    async def _with_link(
+        self, what: str, body: Callable[[_Link], Awaitable[T]], *, lane: bool = False
+    ) -> T:
+        """Run body on a live link (the read lane with lane), again on a new one if the
+        link breaks, until retry_for_s has passed."""
         deadline = trio.current_time() + self.retry_for_s
         while True:
-            link = await self._get_link(deadline, what)
+            link = await (self._get_lane if lane else self._get_link)(deadline, what)
             try:
                 return await body(link)
             except _LinkLost as e:
@@ -489,11 +537,13 @@ class RemoteStore:
             )
         return reply
 
-    async def _call(self, what: str, make: Callable[[int], Request], expect: type[T]) -> T:
+    async def _call(
+        self, what: str, make: Callable[[int], Request], expect: type[T], *, lane: bool = False
+    ) -> T:
         async def body(link: _Link) -> Reply:
             return await link.request(make(next(self._ids)))
 
-        return self._check(await self._with_link(what, body), expect, what)
+        return self._check(await self._with_link(what, body, lane=lane), expect, what)
 
     # --- operations --------------------------------------------------------------
 
@@ -655,7 +705,7 @@ class RemoteStore:
     async def read_inode(self, ino: int, first: int, count: int) -> PageRead:
         """Pages first..first+count-1 of file ino (at most MAX_MESSAGE_PAGES)."""
         what = f"read of pages {first}..{first + count - 1} of inode {ino}"
-        r = await self._call(what, lambda i: ReadInode(i, ino, first, count), Pages)
+        r = await self._call(what, lambda i: ReadInode(i, ino, first, count), Pages, lane=True)
         return PageRead(r.segment, r.first, r.count, r.version, r.runs)
 
     async def change(self, ops: Sequence[InodeOp], *, txn: bytes | None = None) -> ChangeResult:
@@ -694,7 +744,7 @@ class RemoteStore:
     async def read_pages(self, name: str, first: int, count: int) -> PageRead:
         """Pages first..first+count-1 of name (at most MAX_MESSAGE_PAGES)."""
         what = f"read of pages {first}..{first + count - 1} of {name!r}"
-        r = await self._call(what, lambda i: ReadPages(i, name, first, count), Pages)
+        r = await self._call(what, lambda i: ReadPages(i, name, first, count), Pages, lane=True)
         return PageRead(r.segment, r.first, r.count, r.version, r.runs)
 
     async def read_bytes(self, name: str, first: int, count: int) -> bytes:

@@ -346,10 +346,13 @@ def test_client_survives_server_restart(
         async with RemoteStore.connect(srv.address) as store:
             await store.create("s", PAGE_SIZE)
             await store.commit([p.PageRun("s", 0, stamp_page("s", 0, 1))])
+            assert (await store.read_pages("s", 0, 1)).to_bytes() == stamp_page("s", 0, 1)
             srv.restart(same_port=True)
+            # Both connections come back: the read lane, and the main one.
             got = await store.read_pages("s", 0, 1)
             assert got.to_bytes() == stamp_page("s", 0, 1)
-            assert store.reconnects == 1
+            assert (await store.stat("s")).size == PAGE_SIZE
+            assert store.reconnects == 2
 
     run_trio(main)
     assert os.path.exists(tmp_path / "d" / "lock")

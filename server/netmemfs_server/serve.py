@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -110,6 +111,8 @@ from netmemfs.protocol import (
     Pages,
     ReadDir,
     ReadInode,
+    ReadLane,
+    ReadLaneOpen,
     ReadPages,
     RenameSegment,
     Renew,
@@ -130,6 +133,7 @@ from netmemfs.protocol import (
     Unlock,
     Unlocked,
 )
+from netmemfs_server.lane import Lane
 from netmemfs_server.locks import LockTable
 from netmemfs_server.store import ATTR_FIELDS, Inode, Outcome, PageStore
 
@@ -333,15 +337,22 @@ class PageServer:
         """What the server has done since start, and holds now."""
         store = self.store
         now = time.time()
+        # Open read lanes count in their own threads (lane.py); closed ones were added in.
+        lanes = [s.lane for s in self.sessions if s.lane is not None]
+        requests = self.requests.copy()
+        errors = self.errors.copy()
+        for lane in lanes:
+            requests.update(lane.requests.copy())
+            errors.update(lane.errors.copy())
         return ServerStatistics(
             uptime_s=now - self.started_at,
             connections=self.connections,
             connections_total=self.connections_total,
             refused_connections=self.refused_busy,
-            requests={t.__name__: n for t, n in self.requests.items()},
-            errors=dict(self.errors),
+            requests={t.__name__: n for t, n in requests.items()},
+            errors=dict(errors),
             bytes_received=self.bytes_received + sum(s.conn.bytes_received for s in self.sessions),
-            bytes_sent=self.bytes_sent,
+            bytes_sent=self.bytes_sent + sum(lane.bytes_sent for lane in lanes),
             commits=self.commits,
             replayed_commits=self.replayed,
             commit_latency=self.commit_latency.statistics(),
@@ -591,6 +602,10 @@ class PageServer:
             self.connections -= 1
             self.sessions.discard(session)
             self.bytes_received += session.conn.bytes_received
+            if session.lane is not None:  # its thread has ended (or ends without a reply)
+                self.requests.update(session.lane.requests)
+                self.errors.update(session.lane.errors)
+                self.bytes_sent += session.lane.bytes_sent
             session.unstage(session.staged_bytes)  # open transactions die with it
             if session.claim is not None and self.claims.get(session.claim) is session:
                 del self.claims[session.claim]
@@ -659,6 +674,12 @@ class _Session:
         # Replies held back while the reading loop answers what it has (send()).
         self._held: list[Buffer] | None = None
         self._held_bytes = 0
+        # A read lane (ReadLane): wanted once answered; then served by lane, or (TLS)
+        # here with reads_only.
+        self.lane_wanted = False
+        self.reads_only = False
+        self.reads_only_broken = False
+        self.lane: Lane | None = None
 
     async def send(self, msg: Reply) -> None:
         parts = self.conn.send_parts(msg)
@@ -689,6 +710,33 @@ class _Session:
         self._held_bytes = 0
         if held:
             await self._send_now(held)
+
+    async def _run_lane(self) -> bool:
+        """Serve the rest of the connection as a read lane (lane.py), in a thread of
+        its own, and say so; on a TLS connection, whose stream only this loop speaks,
+        False: it goes on here, answering reads alone all the same."""
+        self.lane_wanted = False
+        self.reads_only = True
+        if not isinstance(self.stream, trio.SocketStream):
+            return False
+        # The thread gets a blocking descriptor of its own (a dup: closing the stream
+        # here later cannot close a number the thread still uses).
+        sock = self.stream.socket
+        dup = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+        dup.setblocking(True)
+        self.lane = lane = Lane(
+            dup,
+            self.conn,
+            self.store,
+            self.peer,
+            idle_timeout_s=self.limits.idle_timeout_s,
+            slow_client_timeout_s=self.limits.slow_client_timeout_s,
+        )
+        try:
+            await trio.to_thread.run_sync(lane.serve, abandon_on_cancel=True)
+        finally:
+            lane.stop()  # after a cancel (the server stopping): the thread ends soon
+        return True
 
     async def run(self) -> None:
         """Serve the connection until the peer closes it, breaks a rule, or the watchdog
@@ -725,6 +773,8 @@ class _Session:
                     await self._release_held()
                 if not open_:
                     return
+                if self.lane_wanted and await self._run_lane():
+                    return
                 self._waiting_since = trio.current_time()
                 await receive_into(self.stream, self.conn)
                 self._waiting_since = None
@@ -748,6 +798,11 @@ class _Session:
             assert isinstance(ev, Message)
             self._frame_started = None
             await self.dispatch(ev, nursery)
+            if self.lane_wanted:
+                return True
+            if self.reads_only_broken:
+                log.warning("closing read lane from %s: it sent %s", self.peer, type(ev).__name__)
+                return False
 
     def queue_notice(self, ino: int, version: int, runs: list[tuple[int, int]] | None) -> None:
         """Tell the client (soon) that ino is at version, runs of its pages changed."""
@@ -821,6 +876,12 @@ class _Session:
         handler = _HANDLERS.get(type(msg))
         self.server.requests[type(msg)] += 1
         try:
+            if self.reads_only and type(msg) is not ReadInode and type(msg) is not ReadPages:
+                self.reads_only_broken = True  # _answer_received ends the connection
+                raise ProtocolError(
+                    f"{type(msg).__name__} on a read lane, which serves ReadPages and "
+                    "ReadInode only: send it on another connection"
+                )
             if handler is None:
                 raise ProtocolError(f"{type(msg).__name__} is only valid during the handshake")
             await handler(self, msg, nursery)
@@ -946,6 +1007,26 @@ class _Session:
     async def on_renew(self, msg: Renew, nursery: trio.Nursery) -> None:
         n = self.server.locks.renew(self)
         await self.send(Renewed(msg.req_id, n, int(self.server.locks.lease_s * 1000)))
+
+    async def on_read_lane(self, msg: ReadLane, nursery: trio.Nursery) -> None:
+        held = [
+            what
+            for what, holds in (
+                ("a claim", self.claim is not None),
+                ("subscriptions", bool(self.subscribed)),
+                ("locks", self.server.locks.per_holder[self] > 0),
+                ("staged pages", bool(self.staged)),
+                ("commits under way", self.inflight.value < MAX_INFLIGHT_COMMITS),
+            )
+            if holds
+        ]
+        if held:
+            raise ProtocolError(
+                f"ReadLane on a connection that holds {', '.join(held)}: a read lane "
+                "holds nothing; open a new connection for it"
+            )
+        await self.send(ReadLaneOpen(msg.req_id))
+        self.lane_wanted = True  # _serve hands the connection over once this is sent
 
     async def on_claim(self, msg: Claim, nursery: trio.Nursery) -> None:
         claims = self.server.claims
@@ -1131,4 +1212,5 @@ _HANDLERS: dict[type[Message], _Handler] = {
     Lock: _Session.on_lock,
     Unlock: _Session.on_unlock,
     Renew: _Session.on_renew,
+    ReadLane: _Session.on_read_lane,
 }

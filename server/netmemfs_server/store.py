@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
@@ -695,6 +696,9 @@ class PageStore(Protocol):
     log_bytes: int
     checkpoints: int
     checkpointed_at: float | None
+    # Held while what reads see changes (check, apply): read lanes (lane.py) read
+    # from threads of their own, under it.
+    lock: threading.Lock
 
     @property
     def segments(self) -> dict[str, Inode]: ...
@@ -740,6 +744,20 @@ class MemoryPageStore:
         self.log_bytes = 0  # no log: see LogPageStore
         self.checkpoints = 0
         self.checkpointed_at: float | None = None
+        # Taken by check() and apply(), which change inodes (check undoes its changes),
+        # and by read lanes' reads, which run in threads of their own (lane.py).
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        """For copies (tests keep one as a model): all but the lock, which a copy gets
+        new (__setstate__)."""
+        state = self.__dict__.copy()
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     # --- reads ---------------------------------------------------------------------
 
@@ -853,11 +871,12 @@ class MemoryPageStore:
         transaction are not credited.
         """
         run = _Run(self, dry=True)
-        try:
-            for op in ops:
-                run.run(op)
-        finally:
-            run.undo()
+        with self.lock:
+            try:
+                for op in ops:
+                    run.run(op)
+            finally:
+                run.undo()
         cap = self.capacity_bytes
         needed = (self.used_pages + run.new_pages) * PAGE_SIZE
         if enforce_capacity and cap is not None and run.new_pages and needed > cap:
@@ -876,14 +895,15 @@ class MemoryPageStore:
         state it saw.
         """
         run = _Run(self, dry=False)
-        for op in ops:
-            run.run(op)
         inodes = []
-        for ino in run.touched:
-            node = self.inodes.get(ino)
-            if node is not None:
-                node.version += 1
-                inodes.append((ino, node.version))
+        with self.lock:
+            for op in ops:
+                run.run(op)
+            for ino in run.touched:
+                node = self.inodes.get(ino)
+                if node is not None:
+                    node.version += 1
+                    inodes.append((ino, node.version))
         assert self.root.entries is not None
         versions = []
         for name in run.names:
