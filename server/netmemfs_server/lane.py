@@ -155,19 +155,16 @@ class Lane:
                 if frame_started is None:
                     frame_started = now
                 timeout = self.slow_s - (now - frame_started)
-                why = f"a message begun and not finished within {self.slow_s:g} s"
-                why += " (the server's --slow-client-timeout)"
             else:
                 frame_started = None
                 timeout = self.idle_s
-                why = f"nothing sent for {self.idle_s:g} s (the server's --idle-timeout)"
             if timeout <= 0:
-                self._time_out(why)
+                self._time_out(frame_started is not None)
             self._timeout(socket.SO_RCVTIMEO, timeout)
             try:
                 n = self.sock.recv_into(buf)
             except BlockingIOError:  # SO_RCVTIMEO passed
-                self._time_out(why)
+                self._time_out(frame_started is not None)
             conn.receive_data(view[:n])
 
     def _answer(self, msg: Message) -> Reply:
@@ -206,7 +203,13 @@ class Lane:
         )
         self._timeouts[option] = seconds
 
-    def _time_out(self, why: str) -> NoReturn:
+    def _time_out(self, mid_frame: bool) -> NoReturn:
+        """End the lane for a timeout: a message begun and not finished, or none."""
+        if mid_frame:
+            why = f"a message begun and not finished within {self.slow_s:g} s"
+            why += " (the server's --slow-client-timeout)"
+        else:
+            why = f"nothing sent for {self.idle_s:g} s (the server's --idle-timeout)"
         err = TimedOut(f"connection closed: {why}")
         log.info("closing read lane from %s: %s", self.peer, err)
         with contextlib.suppress(OSError):
