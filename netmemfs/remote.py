@@ -413,7 +413,13 @@ class RemoteStore:
                 "which only this process speaks"
             )
         try:
-            link = await self._open_link(lane=True)
+            try:
+                link = await self._open_link(lane=self._lanes)
+            except (RemoteProtocolError, ProtocolError):
+                if not self._lanes:
+                    raise
+                self._lanes = False  # a server without read lanes: a plain connection
+                link = await self._open_link()
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, _LinkLost) as e:
             why = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise ServerUnreachable(f"cannot open a connection to {self.address}: {why}") from e
