@@ -165,6 +165,7 @@ class _Link:
         self.pending: dict[int, _Waiter] = {}
         self.send_lock = trio.Lock()
         self.lost: str | None = None
+        self.closed_why = "server closed the connection"  # or what its Error(0) said
 
     def start(self, msg: Request) -> _Waiter:
         """Register msg's id; its reply arrives in the waiter. Sending happens in send()."""
@@ -205,40 +206,103 @@ class _Link:
         if self.lost is None:
             self.lost = why
         for waiter in self.pending.values():
-            if not waiter.event.is_set():
+            # Every waiter with no reply (a lane's may have its event set already: the
+            # turn to receive, see _LaneLink).
+            if waiter.reply is None:
                 waiter.error = _LinkLost(why)
                 waiter.event.set()
         self.pending.clear()
         socket_of(self.stream).close()
 
     async def read_loop(self) -> None:
-        why = "server closed the connection"
+        """Receive and route replies until the link is lost (the main link's task)."""
+        await self.receive_until(lambda: False)
+
+    async def receive_until(self, done: Callable[[], bool]) -> None:
+        """Receive and route replies until done() or the link is lost."""
         try:
-            while True:
+            while not done():
                 await receive_into(self.stream, self.conn)
-                while True:
-                    ev = self.conn.next_event()
-                    if ev is NEED_DATA:
-                        break
-                    if ev is CLOSED:
-                        raise _LinkLost(why)
-                    assert isinstance(ev, Reply)
-                    if isinstance(ev, Notice):
-                        if self.on_notice is not None:
-                            self.on_notice(ev)
-                        continue
-                    if isinstance(ev, Error) and ev.req_id == 0:
-                        why = f"server ended the connection: {ev.message}"
-                        continue
-                    waiter = self.pending.pop(ev.req_id, None)
-                    if waiter is not None:  # else its requester was cancelled
-                        waiter.reply = ev
-                        waiter.event.set()
+                self.route()
         except (_LinkLost, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.fail(str(e) or why)
+            self.fail(str(e) or self.closed_why)
         except RemoteProtocolError as e:
             log.error("server sent a malformed message (%s); reconnecting", e)
             self.fail(str(e))
+
+    def route(self) -> None:
+        """Hand every whole message received so far to its waiter (notices to
+        on_notice); _LinkLost at the end of the stream."""
+        while True:
+            ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                return
+            if ev is CLOSED:
+                raise _LinkLost(self.closed_why)
+            assert isinstance(ev, Reply)
+            if isinstance(ev, Notice):
+                if self.on_notice is not None:
+                    self.on_notice(ev)
+                continue
+            if isinstance(ev, Error) and ev.req_id == 0:
+                self.closed_why = f"server ended the connection: {ev.message}"
+                continue
+            waiter = self.pending.pop(ev.req_id, None)
+            if waiter is not None:  # else its requester was cancelled
+                waiter.reply = ev
+                waiter.event.set()
+
+
+class _LaneLink(_Link):
+    """A read lane's link, with no reader task: a requester waiting for its reply
+    receives from the stream itself when nobody else is (routing every reply it finds),
+    and hands that turn to another waiter when its own reply is in. A lone request then
+    costs no switch between tasks (measured here: 150 -> 110 us of client CPU per 4 KiB
+    read). A link lost is noticed by the next request, which is sent again on a new one
+    (reads change nothing)."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: Connection) -> None:
+        super().__init__(stream, conn)
+        self.reading = False  # some requester is receiving now
+
+    async def request(self, msg: Request) -> Reply:
+        waiter = self.start(msg)
+        try:
+            await self.send([msg])
+            while waiter.reply is None and waiter.error is None:
+                if self.lost is not None:  # lost while nobody received (or just now)
+                    raise _LinkLost(self.lost)
+                if not self.reading:
+                    waiter.event = trio.Event()  # a turn handed to us is taken
+                    await self._receive_for(waiter)
+                    continue
+                await waiter.event.wait()  # its reply, or the turn to receive
+                if waiter.reply is None and waiter.error is None:
+                    waiter.event = trio.Event()
+            if waiter.error is not None:
+                raise waiter.error
+            assert waiter.reply is not None
+            return waiter.reply
+        finally:
+            self.pending.pop(msg.req_id, None)
+            if not self.reading:
+                # Our turn to receive is over, or was handed to us while we were being
+                # cancelled: someone still waiting takes it.
+                self._pass_turn()
+
+    async def _receive_for(self, waiter: _Waiter) -> None:
+        self.reading = True
+        try:
+            await self.receive_until(lambda: waiter.reply is not None or waiter.error is not None)
+        finally:
+            self.reading = False  # request() hands the turn on
+
+    def _pass_turn(self) -> None:
+        """Wake one requester still waiting, to receive in its turn."""
+        for other in self.pending.values():
+            if not other.event.is_set():
+                other.event.set()
+                return
 
 
 class RemoteStore:
@@ -399,8 +463,7 @@ class RemoteStore:
                 return await self._get_link(deadline, what)
             if self._lane is not None:
                 self.reconnects += 1
-            self._lane = lane
-            self._nursery.start_soon(lane.read_loop)
+            self._lane = lane  # no reader task: its requesters receive (_LaneLink)
             return lane
 
     async def open_handover(self, ino: int, *, again: bool = False) -> Handover:
@@ -503,6 +566,8 @@ class RemoteStore:
                 raise RemoteProtocolError(
                     f"server {self.address} answered ReadLane with {opened!r}"
                 )
+        if lane:
+            return _LaneLink(stream, conn)
         return _Link(stream, conn, self._notice if main else None)
 
     def _notice(self, notice: Notice | None) -> None:

@@ -270,3 +270,48 @@ def test_the_server_stops_at_sigterm_with_a_lane_open(server: ServerProc) -> Non
     server.proc.send_signal(signal.SIGTERM)
     server.proc.wait(20)  # raises if it does not stop: the lane's thread must not hold it
     assert _until_closed(lane) == []
+
+
+def test_many_readers_share_one_lane_and_a_cancelled_one_hands_on_its_turn(
+    server: ServerProc,
+) -> None:
+    """remote.py's lane has no reader task: whoever waits receives for everyone. 40
+    tasks read at once, some cancelled while waiting (their turn to receive must pass
+    on, or the rest would wait for ever), then the lane is cut under them and every
+    read still gets its own page."""
+    n = 64
+
+    async def main() -> None:
+        async with RemoteStore.connect(server.address) as store:
+            await store.create("m", n * PAGE_SIZE)
+            await store.commit([PageRun("m", i, stamp_page("m", i, 1)) for i in range(n)])
+            got = 0
+            cancelled = 0
+
+            async def reads(k: int) -> None:
+                nonlocal got, cancelled
+                for j in range(12):
+                    page = (k * 7 + j) % n
+                    if (k + j) % 5 == 0:
+                        with trio.move_on_after(0) as scope:  # cancelled at its first wait
+                            await store.read_pages("m", page, 1)
+                        cancelled += scope.cancelled_caught
+                        continue
+                    r = await store.read_pages("m", page, 1)
+                    assert r.to_bytes() == stamp_page("m", page, 1), (k, j)
+                    got += 1
+                    if k == 0 and j == 6:
+                        await store.force_reconnect()  # cut both links under the others
+
+            # Three times: whether a cancelled requester was receiving at that moment
+            # depends on timing.
+            for _ in range(3):
+                got = cancelled = 0
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as nursery:
+                        for k in range(40):
+                            nursery.start_soon(reads, k)
+                assert got == 40 * 12 - 96 and cancelled > 0, (got, cancelled)
+            assert store._lane is not None
+
+    run_trio(main)

@@ -344,10 +344,25 @@ def stopped_server(server: ServerProc) -> Iterator[ServerProc]:
         os.kill(server.proc.pid, signal.SIGCONT)
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of pid has stopped (SIGSTOP takes effect after kill returns,
+    one thread at a time: a thread not stopped yet may still answer a request)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
 def _touch_while_server_frozen(server: ServerProc, via: MountProc | None = None) -> Worker:
     w = Worker(_python("touch", via or server, "frozen", 4 * MiB, 0, 7), stdin=True)
     assert server.proc is not None and w.proc.stdin is not None and w.proc.stdout is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    pid = server.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: _stopped(pid), "the server to stop")
     w.proc.stdin.write("go\n")
     w.proc.stdin.flush()
     assert w.proc.stdout.readline() == "touching\n"
