@@ -566,7 +566,6 @@ class RemoteStore:
                 raise RemoteProtocolError(
                     f"server {self.address} answered ReadLane with {opened!r}"
                 )
-        if lane:
             return _LaneLink(stream, conn)
         return _Link(stream, conn, self._notice if main else None)
 

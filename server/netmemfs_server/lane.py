@@ -58,6 +58,30 @@ class _End(Exception):
     """The lane is over (said why in the log, or the peer just went)."""
 
 
+# What a lane answers; anything else ends it (not_on_a_lane).
+LANE_REQUESTS = (ReadPages, ReadInode)
+
+
+def read_reply(store: PageStore, msg: ReadPages | ReadInode) -> Pages:
+    """The Pages answering a page read, on any connection (NetmemError if refused).
+    A lane's thread calls it under store.lock; the event loop, whose thread is the
+    only one that changes the store, without."""
+    if type(msg) is ReadInode:
+        version, runs = store.read_inode(msg.ino, msg.first, msg.count)
+        return Pages(msg.req_id, "", msg.first, msg.count, version, runs)
+    assert isinstance(msg, ReadPages)
+    check_name(msg.segment)
+    version, runs = store.read(msg.segment, msg.first, msg.count)
+    return Pages(msg.req_id, msg.segment, msg.first, msg.count, version, runs)
+
+
+def not_on_a_lane(kind: type[Message]) -> ProtocolError:
+    return ProtocolError(
+        f"{kind.__name__} on a read lane, which serves ReadPages and ReadInode only: "
+        "send it on another connection"
+    )
+
+
 class Lane:
     """One read lane: serve() answers its requests until it ends."""
 
@@ -70,6 +94,7 @@ class Lane:
         *,
         idle_timeout_s: float,
         slow_client_timeout_s: float,
+        farewell_s: float,
     ) -> None:
         self.sock = sock
         self.conn = conn
@@ -77,6 +102,7 @@ class Lane:
         self.peer = peer
         self.idle_s = idle_timeout_s
         self.slow_s = slow_client_timeout_s
+        self.farewell_s = farewell_s  # what the error saying why it ends may take
         # Written by the lane's thread only, read by the server's (a size that never
         # changes for requests; errors' copy is taken whole, under the GIL).
         self.requests: dict[type[Message], int] = {ReadInode: 0, ReadPages: 0}
@@ -137,7 +163,7 @@ class Lane:
                 parts = conn.send_parts(self._answer(ev))
                 out += parts
                 held += sum(len(p) for p in parts)
-                if type(ev) is not ReadInode and type(ev) is not ReadPages:
+                if not isinstance(ev, LANE_REQUESTS):
                     self._send(out)
                     log.warning(
                         "closing read lane from %s: it sent %s", self.peer, type(ev).__name__
@@ -173,21 +199,10 @@ class Lane:
         if kind in self.requests:
             self.requests[kind] += 1
         try:
-            if kind is ReadInode:
-                assert isinstance(msg, ReadInode)
-                with self.store.lock:
-                    version, runs = self.store.read_inode(msg.ino, msg.first, msg.count)
-                return Pages(msg.req_id, "", msg.first, msg.count, version, runs)
-            if kind is ReadPages:
-                assert isinstance(msg, ReadPages)
-                check_name(msg.segment)
-                with self.store.lock:
-                    version, runs = self.store.read(msg.segment, msg.first, msg.count)
-                return Pages(msg.req_id, msg.segment, msg.first, msg.count, version, runs)
-            raise ProtocolError(
-                f"{kind.__name__} on a read lane, which serves ReadPages and ReadInode only: "
-                "send it on another connection"
-            )
+            if not isinstance(msg, LANE_REQUESTS):
+                raise not_on_a_lane(kind)
+            with self.store.lock:
+                return read_reply(self.store, msg)
         except NetmemError as e:
             self.errors[e.code] = self.errors.get(e.code, 0) + 1
             return Error(msg.req_id, e.code, str(e))
@@ -213,7 +228,7 @@ class Lane:
         err = TimedOut(f"connection closed: {why}")
         log.info("closing read lane from %s: %s", self.peer, err)
         with contextlib.suppress(OSError):
-            self._send(self.conn.send_parts(Error(0, err.code, str(err))), timeout=1.0)
+            self._send(self.conn.send_parts(Error(0, err.code, str(err))), timeout=self.farewell_s)
         raise _End
 
     def _send(self, parts: list[Buffer], timeout: float | None = None) -> None:

@@ -108,7 +108,6 @@ from netmemfs.protocol import (
     Message,
     Notice,
     PageRun,
-    Pages,
     ReadDir,
     ReadInode,
     ReadLane,
@@ -133,7 +132,7 @@ from netmemfs.protocol import (
     Unlock,
     Unlocked,
 )
-from netmemfs_server.lane import Lane
+from netmemfs_server.lane import LANE_REQUESTS, Lane, not_on_a_lane, read_reply
 from netmemfs_server.locks import LockTable
 from netmemfs_server.store import ATTR_FIELDS, Inode, Outcome, PageStore
 
@@ -731,6 +730,7 @@ class _Session:
             self.peer,
             idle_timeout_s=self.limits.idle_timeout_s,
             slow_client_timeout_s=self.limits.slow_client_timeout_s,
+            farewell_s=FAREWELL_S,
         )
         try:
             await trio.to_thread.run_sync(lane.serve, abandon_on_cancel=True)
@@ -876,12 +876,9 @@ class _Session:
         handler = _HANDLERS.get(type(msg))
         self.server.requests[type(msg)] += 1
         try:
-            if self.reads_only and type(msg) is not ReadInode and type(msg) is not ReadPages:
+            if self.reads_only and not isinstance(msg, LANE_REQUESTS):
                 self.reads_only_broken = True  # _answer_received ends the connection
-                raise ProtocolError(
-                    f"{type(msg).__name__} on a read lane, which serves ReadPages and "
-                    "ReadInode only: send it on another connection"
-                )
+                raise not_on_a_lane(type(msg))
             if handler is None:
                 raise ProtocolError(f"{type(msg).__name__} is only valid during the handshake")
             await handler(self, msg, nursery)
@@ -893,9 +890,7 @@ class _Session:
     # dispatch answers for it.
 
     async def on_read_pages(self, msg: ReadPages, nursery: trio.Nursery) -> None:
-        check_name(msg.segment)
-        version, runs = self.store.read(msg.segment, msg.first, msg.count)
-        await self.send(Pages(msg.req_id, msg.segment, msg.first, msg.count, version, runs))
+        await self.send(read_reply(self.store, msg))
 
     async def on_stage_pages(self, msg: StagePages, nursery: trio.Nursery) -> None:
         self.stage(msg)
@@ -957,8 +952,7 @@ class _Session:
         await self.send(Entries(msg.req_id, out, done))
 
     async def on_read_inode(self, msg: ReadInode, nursery: trio.Nursery) -> None:
-        version, runs = self.store.read_inode(msg.ino, msg.first, msg.count)
-        await self.send(Pages(msg.req_id, "", msg.first, msg.count, version, runs))
+        await self.send(read_reply(self.store, msg))
 
     async def on_change(self, msg: Change, nursery: trio.Nursery) -> None:
         staged = self.staged.pop(msg.txn, [])
