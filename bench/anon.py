@@ -22,7 +22,10 @@ plain private anonymous mapping of the same size:
 
 It prints MB/s, p50/p99 latency of each 4 KiB access (from Python: about 1 us of it is
 the interpreter) and the netmemfs/plain ratios, then checks every page of the region
-against what was written.
+against what was written. For each random phase it also prints the CPU time (user +
+system, from /proc) that each part of netmemfs spent per access: the region's fault
+thread (libnetmem's, a thread of this process), its agent (a child process) and the
+server; a write phase's sync is not in it.
 
 The same phases also run on plain anonymous memory in a child process held to the
 budget by a memory cgroup, swapping to zram (a compressed swap device in RAM): what the
@@ -56,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plot  # bench/plot.py
 
 from netmemfs import anon
-from tests.helpers import ServerProc
+from tests.helpers import ServerProc, cpu_s
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -82,16 +85,48 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """User + system CPU seconds of thread tid of process pid so far."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def netmemfs_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each part of netmemfs in this run: the server; the
+    regions' agents (the other children of this process); the regions' fault threads
+    (its threads but the main one, which runs this script)."""
+    me = os.getpid()
+    out = {"fault thread": 0.0, "agent": 0.0, "server": cpu_s(server_pid)}
+    for task in Path(f"/proc/{me}/task").iterdir():
+        tid = int(task.name)
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            if tid != me:
+                out["fault thread"] += thread_cpu_s(me, tid)
+            for child in map(int, (task / "children").read_text().split()):
+                if child != server_pid:  # the server is a child too
+                    out["agent"] += cpu_s(child)
+    return out
+
+
+def per_op(before: dict[str, float], after: dict[str, float], ops: int) -> dict[str, float]:
+    """CPU us per operation of each part, from two netmemfs_cpu() readings."""
+    return {part: (after[part] - before[part]) * 1e6 / ops for part in before}
+
+
 def run(
     mem: mmap.mmap,
     sync: Callable[[], None],
     ops: int,
     seed: int,
     samples: dict[str, list[float]],
+    cpu: Callable[[], dict[str, float]] | None = None,
+    cpu_per_op: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, tuple[float, float, float]], float, dict[int, bytes]]:
     """Phase -> (MB/s, p50 us, p99 us); the seconds the syncs took; the pages the
     random writes left (the rest hold the sequential pattern). Each timed phase's
-    latencies (us) go to samples[phase]."""
+    latencies (us) go to samples[phase]; with cpu (CPU seconds so far by part), each
+    random phase's CPU us per access by part to cpu_per_op[phase] (its sync not
+    included)."""
     size = len(mem)
     npages = size // PAGE
     out: dict[str, tuple[float, float, float]] = {}
@@ -125,6 +160,7 @@ def run(
         for dist, pages in draws.items():
             lat = []
             stamps = [struct.pack("<QQ", p, i) + page[16:] for i, p in enumerate(pages)]
+            cpu0 = cpu() if cpu else {}
             t0 = time.perf_counter()
             for p, data in zip(pages, stamps, strict=True):
                 off = p * PAGE
@@ -137,6 +173,8 @@ def run(
             if kind == "write":
                 written.update(zip(pages, stamps, strict=True))
             took = time.perf_counter() - t0
+            if cpu and cpu_per_op is not None:
+                cpu_per_op[f"{dist} {kind}"] = per_op(cpu0, cpu(), ops)
             out[f"{dist} {kind}"] = (ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99))
             samples[f"{dist} {kind}"] = lat
         if kind == "write":
@@ -267,10 +305,16 @@ def resync(region: anon.Region) -> tuple[float, float, float]:
 
 
 def walk(
-    mem: mmap.mmap, ops: int, seed: int, samples: dict[str, list[float]]
+    mem: mmap.mmap,
+    ops: int,
+    seed: int,
+    samples: dict[str, list[float]],
+    cpu: Callable[[], dict[str, float]] | None = None,
+    cpu_per_op: dict[str, dict[str, float]] | None = None,
 ) -> tuple[float, float, float]:
     """Write every page of mem (never synced), then time ops random page loads, each
-    checked: (MB/s, p50 us, p99 us); the latencies go to samples["walk read"]."""
+    checked: (MB/s, p50 us, p99 us); the latencies go to samples["walk read"], and
+    with cpu the CPU us per load by part to cpu_per_op["walk read"], as run() does."""
     npages = len(mem) // PAGE
     for p in range(npages):
         mem[p * PAGE : p * PAGE + 8] = struct.pack("<Q", p ^ 0x5A5A)
@@ -278,6 +322,7 @@ def walk(
     pages = [rng.randrange(npages) for _ in range(ops)]
     clock = time.perf_counter_ns
     lat = []
+    cpu0 = cpu() if cpu else {}
     t0 = time.perf_counter()
     for p in pages:
         a = clock()
@@ -286,6 +331,8 @@ def walk(
         if got != struct.pack("<Q", p ^ 0x5A5A):
             raise SystemExit(f"walk: page {p} lost its unsynced write")
     took = time.perf_counter() - t0
+    if cpu and cpu_per_op is not None:
+        cpu_per_op["walk read"] = per_op(cpu0, cpu(), ops)
     samples["walk read"] = lat
     return ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99)
 
@@ -333,15 +380,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProc(Path(tmp))
+        assert srv.proc is not None  # started by ServerProc()
+        server_pid = srv.proc.pid
+
+        def cpu() -> dict[str, float]:
+            return netmemfs_cpu(server_pid)
+
+        cpu_per_op: dict[str, dict[str, float]] = {}
         try:
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as region:
                 net, sync_s, written = run(
-                    region, region.sync, args.ops, args.seed, samples["netmemfs"]
+                    region, region.sync, args.ops, args.seed, samples["netmemfs"], cpu, cpu_per_op
                 )
                 peak = region.resident()
             with anon.map(size, segment="walk", server=srv.address, budget=budget) as fresh:
                 # Dropped unsynced.
-                net["walk read"] = walk(fresh, args.ops, args.seed, samples["netmemfs"])
+                net["walk read"] = walk(
+                    fresh, args.ops, args.seed, samples["netmemfs"], cpu, cpu_per_op
+                )
             # Every page, read back by a fresh mapping: what the syncs committed.
             with anon.map(size, segment="bench", server=srv.address, budget=budget) as again:
                 ok = check(again, written)
@@ -375,6 +431,13 @@ def main() -> None:
             f"{n_mbs / z_mbs:6.2f}   {lat}"
         )
     print(f"syncs took {sync_s:.2f} s in all; resident at the end {peak >> 20} MiB")
+    parts = list(next(iter(cpu_per_op.values())))
+    print(
+        "CPU us per 4 KiB access (user + system, from /proc), netmemfs's parts:\n"
+        f"  {'phase':<12}" + "".join(f" {part:>13}" for part in parts)
+    )
+    for phase, by_part in cpu_per_op.items():
+        print(f"  {phase:<12}" + "".join(f" {by_part[part]:13.1f}" for part in parts))
     print(
         f"resync: {args.resync_mib} MiB region, {args.resync_budget_mib} MiB budget: "
         f"rewrite {rewrite:.0f} MB/s, its sync {resync_mbs:.0f} MB/s = "

@@ -99,3 +99,55 @@ def test_the_uffd_floor_serves_faults_from_a_real_redis(
     finally:
         redis.kill()
     assert 0 < p50 < 100_000
+
+
+def test_anon_counts_the_cpu_of_each_part_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/anon.py's CPU table: the server's CPU is its own (the server is a child of
+    the bench too, and was once counted as an agent as well), another child's is the
+    agent's, a thread's other than the main one is the fault thread's."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.helpers import read_line
+
+    anon_bench = _bench("anon", monkeypatch)
+    # Spins for 0.3 s of CPU, says so, then waits for its stdin to close.
+    spin = "import sys,time\nwhile time.process_time() < 0.3: pass\nprint(1, flush=True)\n"
+    spin += "sys.stdin.read()\n"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        for code in (spin, "import sys\nsys.stdin.read()\n")  # the "server", an idle "agent"
+    ]
+    server = children[0]
+    spun, done = threading.Event(), threading.Event()
+
+    def fault_thread() -> None:  # spins for 0.2 s of CPU, then lives on until done
+        while time.thread_time() < 0.2:
+            pass
+        spun.set()
+        done.wait(60)
+
+    try:
+        before = anon_bench.netmemfs_cpu(server.pid)
+        thread = threading.Thread(target=fault_thread)
+        thread.start()
+        assert server.stdout is not None
+        assert read_line(server.stdout, 60) == b"1\n"
+        assert spun.wait(60)
+        after = anon_bench.netmemfs_cpu(server.pid)
+        done.set()
+        thread.join()
+    finally:
+        for child in children:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.close()
+            child.wait(60)
+            child.stdout.close()
+    used = {part: after[part] - before[part] for part in before}
+    assert used["server"] >= 0.25, used
+    assert used["agent"] < 0.15, used  # the server's 0.3 s is not in it
+    assert used["fault thread"] >= 0.15, used
