@@ -17,9 +17,10 @@ declare -A ARGS=(
     [loop_floor]="--requests 5000"
     [redis_clients]="--gets 5000"
     [redis_big_commit]="--mib 256"
+    [sqlite_bench]="--rows 20000 --reads 5000"
 )
 names=("$@")
-((${#names[@]})) || names=(stores anon mmap_bench coherence server load loop_floor redis_clients redis_big_commit)
+((${#names[@]})) || names=(stores anon mmap_bench coherence server load loop_floor redis_clients redis_big_commit sqlite_bench)
 for name in "${names[@]}"; do
     echo "== bench/$name.py ${ARGS[$name]}" >&2
     # shellcheck disable=SC2086 # the arguments are words
