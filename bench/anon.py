@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plot  # bench/plot.py
 
 from netmemfs import anon
-from tests.helpers import ServerProc, cpu_s
+from tests.helpers import ServerProc, StealMeter, cpu_s
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -353,6 +353,7 @@ def main() -> None:
     ap.add_argument("--zram-child", type=Path, help=argparse.SUPPRESS)
     plot.add_argument(ap)
     args = ap.parse_args()
+    steal = StealMeter()
     # Latencies (us) of each timed phase, by who ran it, for --png.
     samples: dict[str, dict[str, list[float]]] = {"plain": {}, "zram": {}, "netmemfs": {}}
     size, budget = args.mib << 20, args.budget_mib << 20
@@ -444,6 +445,7 @@ def main() -> None:
         f"{resync_mbs / rewrite:.2f}x the rewrite (first sync {first_sync:.2f} s)"
     )
     print("verify: every page as written" if ok else "verify: FAILED")
+    print(steal.line())
     if args.png is not None:
         for phase in samples["netmemfs"]:
             series = {who: got[phase] for who, got in samples.items() if phase in got}

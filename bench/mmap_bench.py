@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import plot  # bench/plot.py
 
-from tests.helpers import MountProc, ServerProc, cpu_s
+from tests.helpers import MountProc, ServerProc, StealMeter, cpu_s
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -176,6 +176,7 @@ def main() -> None:
     )
     plot.add_argument(ap)
     args = ap.parse_args()
+    steal = StealMeter()
     size = args.mib << 20
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
         srv = ServerProc(Path(tmp))
@@ -225,6 +226,7 @@ def main() -> None:
         "for MB/s below 1"
     )
     print("verify: every page of the three files checked")
+    print(steal.line())
     if args.png is not None:
         where = f"{args.mib} MiB file, mount --cache-size {args.cache_size}"
         written = plot.cdf(

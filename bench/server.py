@@ -35,7 +35,7 @@ import plot  # bench/plot.py
 from netmemfs.pages import PAGE_SIZE
 from netmemfs.protocol import PageRun
 from netmemfs.remote import RemoteStore
-from tests.helpers import ServerProc, cpu_s
+from tests.helpers import ServerProc, StealMeter, cpu_s
 
 BATCHES = [("4 KiB", 4 << 10), ("64 KiB", 64 << 10), ("1 MiB", 1 << 20)]
 SEGMENT_BYTES = 256 << 20
@@ -144,6 +144,7 @@ def main() -> None:
         return
     import tempfile
 
+    steal = StealMeter()
     table: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProc(Path(tmp))
@@ -177,6 +178,7 @@ def main() -> None:
                 table[label] = {"plain": plain, "read": read, "commit": commit}
         finally:
             srv.kill()
+    print(steal.line())
     if args.png is not None:
         written = plot.grouped(
             args.png,

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plot  # bench/plot.py
 from mmap_bench import nullfs  # bench/mmap_bench.py
 
-from tests.helpers import MountProc, ServerProc
+from tests.helpers import MountProc, ServerProc, StealMeter
 
 ROW_BYTES = 100
 
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     plot.add_argument(ap)
     args = ap.parse_args()
+    steal = StealMeter()
     rate: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
         work = Path(tmp)
@@ -118,6 +119,7 @@ def main() -> None:
     for name, r in rate.items():
         print(f"{name:<14} {r:10.0f} {r / rate['nullfs']:8.2f}")
     print("verify: every row of each database as written")
+    print(steal.line())
     if args.png is not None:
         written = plot.bars(
             args.png,

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plot  # bench/plot.py
 
 from netmemfs import anon
-from tests.helpers import MountProc, ServerProc
+from tests.helpers import MountProc, ServerProc, StealMeter
 from tests.redis_procs import RedisCluster, RedisProc, redis_exe
 
 PAGE = 4096
@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--cluster", action="store_true", help="also a 3-master Redis Cluster")
     plot.add_argument(ap)
     args = ap.parse_args()
+    steal = StealMeter()
     size, budget = args.mib << 20, args.budget_mib << 20
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="netmemfs-bench-") as tmp:
@@ -291,6 +292,7 @@ def main() -> None:
         "targets (issue 16): through Redis at most 2.00x redis-benchmark's p50, and at most "
         "0.33x netmemfs-server's"
     )
+    print(steal.line())
     if args.png is not None:
         for how in ("idle", "busy"):
             series = {k: v for k, v in SAMPLES.items() if k.endswith(f"({how})")}

@@ -281,6 +281,35 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def steal_ticks() -> tuple[int, int]:
+    """(ticks the hypervisor took from this machine's CPUs, all ticks) so far, summed
+    over the CPUs, from /proc/stat's first line (for benchmarks)."""
+    return parse_steal(Path("/proc/stat").read_text())
+
+
+def parse_steal(proc_stat: str) -> tuple[int, int]:
+    # "cpu user nice system idle iowait irq softirq steal guest guest_nice": guest time
+    # is counted in user already, so the total stops at steal.
+    ticks = [int(x) for x in proc_stat.split("\n", 1)[0].split()[1:9]]
+    return ticks[7], sum(ticks)
+
+
+class StealMeter:
+    """How much CPU time the hypervisor took while a benchmark ran: on a shared virtual
+    machine, the runs it took much from are the noisy ones."""
+
+    def __init__(self) -> None:
+        self.start = steal_ticks()
+
+    def line(self) -> str:
+        stolen, total = (b - a for a, b in zip(self.start, steal_ticks(), strict=True))
+        share = 100 * stolen / total if total else 0.0
+        return (
+            f"host: {share:.1f}% of the CPUs' time was stolen by the hypervisor during this "
+            "run (/proc/stat); figures from runs with more of it are noisier"
+        )
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -151,3 +151,15 @@ def test_anon_counts_the_cpu_of_each_part_apart(monkeypatch: pytest.MonkeyPatch)
     assert used["server"] >= 0.25, used
     assert used["agent"] < 0.15, used  # the server's 0.3 s is not in it
     assert used["fault thread"] >= 0.15, used
+
+
+def test_the_benches_read_the_hypervisor_s_steal_from_proc_stat() -> None:
+    """Each bench prints the share of CPU time the hypervisor stole during its run
+    (tests/helpers.StealMeter): steal is /proc/stat's eighth figure, and guest time (the
+    ninth and tenth) is in user time already, so it is not counted twice. The line is
+    this machine's, with its per-CPU lines after it."""
+    from tests.helpers import StealMeter, parse_steal
+
+    text = "cpu  3370982 0 764727 3714885 51470 0 58730 123237 7 9\ncpu0 1 2 3 4 5 6 7 8 0 0\n"
+    assert parse_steal(text) == (123237, 8084031)
+    assert "% of the CPUs' time was stolen" in StealMeter().line()
