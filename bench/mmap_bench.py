@@ -88,8 +88,8 @@ def run(
     label: str = "",
 ) -> dict[str, float]:
     """The phases on path; with pids (name -> process), also the CPU time each process
-    spent per random page fault and per page of the random write+fsync. The random
-    reads' latencies go to SAMPLES[label]."""
+    spent per page of the sequential write+fsync, per random page fault and per page of
+    the random write+fsync. The random reads' latencies go to SAMPLES[label]."""
     out: dict[str, float] = {}
     pids = pids or {}
     pages = size // PAGE
@@ -97,12 +97,15 @@ def run(
     os.ftruncate(fd, size)
     content = b"".join(page_bytes(i, 1) for i in range(pages))  # made before timing
     with mmap.mmap(fd, size) as m:
+        cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
         t0 = time.perf_counter()
         for off in range(0, size, CHUNK):
             m[off : off + CHUNK] = content[off : off + CHUNK]
         m.flush()
         os.fsync(fd)
         out["write+fsync MB/s"] = size / (time.perf_counter() - t0) / 1e6
+        for name, pid in pids.items():
+            out[f"cpu us/page write+fsync {name}"] = (cpu_s(pid) - cpu0[name]) * 1e6 / pages
     os.close(fd)
 
     out["dropped"] = float(drop_caches())
