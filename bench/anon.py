@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plot  # bench/plot.py
 
 from netmemfs import anon
-from tests.helpers import ServerProc, StealMeter, cpu_s
+from tests.helpers import ServerProc, StealMeter, cpu_s, cpu_us_per
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -85,12 +85,6 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
-def thread_cpu_s(pid: int, tid: int) -> float:
-    """User + system CPU seconds of thread tid of process pid so far."""
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def netmemfs_cpu(server_pid: int) -> dict[str, float]:
     """CPU seconds so far of each part of netmemfs in this run: the server; the
     regions' agents (the other children of this process); the regions' fault threads
@@ -101,16 +95,11 @@ def netmemfs_cpu(server_pid: int) -> dict[str, float]:
         tid = int(task.name)
         with contextlib.suppress(FileNotFoundError):  # a thread that just ended
             if tid != me:
-                out["fault thread"] += thread_cpu_s(me, tid)
+                out["fault thread"] += cpu_s(me, tid)
             for child in map(int, (task / "children").read_text().split()):
                 if child != server_pid:  # the server is a child too
                     out["agent"] += cpu_s(child)
     return out
-
-
-def per_op(before: dict[str, float], after: dict[str, float], ops: int) -> dict[str, float]:
-    """CPU us per operation of each part, from two netmemfs_cpu() readings."""
-    return {part: (after[part] - before[part]) * 1e6 / ops for part in before}
 
 
 def run(
@@ -174,7 +163,7 @@ def run(
                 written.update(zip(pages, stamps, strict=True))
             took = time.perf_counter() - t0
             if cpu and cpu_per_op is not None:
-                cpu_per_op[f"{dist} {kind}"] = per_op(cpu0, cpu(), ops)
+                cpu_per_op[f"{dist} {kind}"] = cpu_us_per(cpu0, cpu(), ops)
             out[f"{dist} {kind}"] = (ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99))
             samples[f"{dist} {kind}"] = lat
         if kind == "write":
@@ -332,7 +321,7 @@ def walk(
             raise SystemExit(f"walk: page {p} lost its unsynced write")
     took = time.perf_counter() - t0
     if cpu and cpu_per_op is not None:
-        cpu_per_op["walk read"] = per_op(cpu0, cpu(), ops)
+        cpu_per_op["walk read"] = cpu_us_per(cpu0, cpu(), ops)
     samples["walk read"] = lat
     return ops * PAGE / took / 1e6, pct(lat, 0.5), pct(lat, 0.99)
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import plot  # bench/plot.py
 
-from tests.helpers import MountProc, ServerProc, StealMeter, cpu_s
+from tests.helpers import MountProc, ServerProc, StealMeter, cpu_of, cpu_us_per
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -97,15 +97,15 @@ def run(
     os.ftruncate(fd, size)
     content = b"".join(page_bytes(i, 1) for i in range(pages))  # made before timing
     with mmap.mmap(fd, size) as m:
-        cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+        cpu0 = cpu_of(pids)
         t0 = time.perf_counter()
         for off in range(0, size, CHUNK):
             m[off : off + CHUNK] = content[off : off + CHUNK]
         m.flush()
         os.fsync(fd)
         out["write+fsync MB/s"] = size / (time.perf_counter() - t0) / 1e6
-        for name, pid in pids.items():
-            out[f"cpu us/page write+fsync {name}"] = (cpu_s(pid) - cpu0[name]) * 1e6 / pages
+        for name, us in cpu_us_per(cpu0, cpu_of(pids), pages).items():
+            out[f"cpu us/page write+fsync {name}"] = us
     os.close(fd)
 
     out["dropped"] = float(drop_caches())
@@ -125,7 +125,7 @@ def run(
     with mmap.mmap(fd, size) as m:
         m.madvise(mmap.MADV_RANDOM)
         lat = []
-        cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+        cpu0 = cpu_of(pids)
         for _ in range(random_reads):
             off = rng.randrange(pages) * PAGE
             t = time.perf_counter_ns()
@@ -136,19 +136,19 @@ def run(
         out["rand read p50 us"] = lat[len(lat) // 2] / 1000
         out["rand read p99 us"] = lat[len(lat) * 99 // 100] / 1000
         out["rand read mean us"] = statistics.fmean(lat) / 1000
-        for name, pid in pids.items():
-            out[f"cpu us/rand read {name}"] = (cpu_s(pid) - cpu0[name]) * 1e6 / random_reads
+        for name, us in cpu_us_per(cpu0, cpu_of(pids), random_reads).items():
+            out[f"cpu us/rand read {name}"] = us
 
         written = rng.sample(range(pages), min(pages, 4096))
-        cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+        cpu0 = cpu_of(pids)
         t0 = time.perf_counter()
         for p in written:
             m[p * PAGE : (p + 1) * PAGE] = page_bytes(p, 2)
         m.flush()
         os.fsync(fd)
         out["rand write+fsync MB/s"] = len(written) * PAGE / (time.perf_counter() - t0) / 1e6
-        for name, pid in pids.items():
-            out[f"cpu us/rand write {name}"] = (cpu_s(pid) - cpu0[name]) * 1e6 / len(written)
+        for name, us in cpu_us_per(cpu0, cpu_of(pids), len(written)).items():
+            out[f"cpu us/rand write {name}"] = us
     os.close(fd)
 
     drop_caches()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -275,10 +275,23 @@ def server_used_bytes(server: ServerProc) -> int:
     return run_trio(ask)
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process pid so far (for benchmarks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of process pid so far, or of its thread tid (for
+    benchmarks)."""
+    stat = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pids: Mapping[str, int]) -> dict[str, float]:
+    """cpu_s of each named process."""
+    return {name: cpu_s(pid) for name, pid in pids.items()}
+
+
+def cpu_us_per(before: Mapping[str, float], after: Mapping[str, float], n: int) -> dict[str, float]:
+    """CPU microseconds per operation of each part, from two readings n operations
+    apart (cpu_of, or any name -> CPU seconds)."""
+    return {part: (after[part] - before[part]) * 1e6 / n for part in before}
 
 
 def steal_ticks() -> tuple[int, int]:
