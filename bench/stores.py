@@ -26,9 +26,12 @@ and two references against the same redis-server:
 
 The random faults and both references run twice: with the CPUs idle, and with one CPU
 kept busy by a spinning process (an idle vCPU takes tens of microseconds to wake here).
-Printed: each figure, and for each condition the ratio of a region's random fault p50 to
-redis-benchmark's p50 (issue 16's target: at most 2x through Redis), to the uffd floor's,
-and Redis against netmemfs-server (target: at most a third of netmemfs-server's p50).
+They run in turn, --rounds times (default 3): this host's speed drifts over seconds, so a
+ratio is taken between figures measured moments apart, each round's own. Printed: each
+figure (a region's, the median of the rounds), and for each condition the ratio of a
+region's random fault p50 to redis-benchmark's p50 (issue 16's target: at most 2x through
+Redis), to the uffd floor's, and Redis against netmemfs-server (target: at most a third
+of netmemfs-server's p50): the median of the rounds' ratios, and each round's.
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import plot  # bench/plot.py
 
 from netmemfs import anon
-from tests.helpers import MountProc, ServerProc, StealMeter
+from tests.helpers import MountProc, ServerProc, StealMeter, cpu_s
 from tests.redis_procs import RedisCluster, RedisProc, redis_exe
 
 PAGE = 4096
@@ -68,8 +72,9 @@ def pct(xs: list[float], p: float) -> float:
 @contextlib.contextmanager
 def cpu_busy(busy: bool) -> Iterator[None]:
     """With busy, a process spinning on one CPU meanwhile. On this 2-vCPU machine an
-    idle CPU takes 40-50 us to wake: redis-benchmark's GET p50 is ~105-120 us with
-    both CPUs idle between requests, ~23 us with one kept busy. A fault wakes more
+    idle CPU takes long to wake: redis-benchmark's GET p50 was 39-47 us with both CPUs
+    idle between requests and 31-39 us with one kept busy (2026-12-07; earlier in the
+    year 105-120 against 23). A fault wakes more
     parties than a GET (faulting thread, fault thread, store), so both are measured
     both ways."""
     if not busy:
@@ -99,7 +104,7 @@ SAMPLES: dict[str, list[float]] = {}
 
 def random_loads(mem: mmap.mmap, ops: int, seed: int, label: str) -> tuple[float, float]:
     """p50 and p99 in us of ops 1-byte loads at random pages (checked); the samples
-    are kept in SAMPLES[label]."""
+    are added to SAMPLES[label]."""
     rng = random.Random(seed)
     pages = len(mem) // PAGE
     lat = []
@@ -111,7 +116,7 @@ def random_loads(mem: mmap.mmap, ops: int, seed: int, label: str) -> tuple[float
         lat.append((clock() - t) / 1000)
         if got != pattern(p)[:9]:
             raise SystemExit(f"page {p} reads {got!r}, not what was written")
-    SAMPLES[label] = lat
+    SAMPLES.setdefault(label, []).extend(lat)
     return pct(lat, 0.5), pct(lat, 0.99)
 
 
@@ -122,25 +127,27 @@ def seq_read(mem: mmap.mmap) -> float:
     return len(mem) / (time.perf_counter() - t0) / 1e6
 
 
-def region_phases(address: str, size: int, budget: int, ops: int, store: str) -> dict[str, float]:
+def write_region(address: str, size: int, budget: int) -> str:
+    """A new region written whole and synced; its segment's name."""
     name = f"bench-{os.getpid()}-{time.monotonic_ns()}"
     content = b"".join(pattern(p) for p in range(size // PAGE))
     with anon.map(size, segment=name, server=address, budget=budget) as region:
         for off in range(0, size, CHUNK):
             region[off : off + CHUNK] = content[off : off + CHUNK]
         region.sync()
-    out = {}
+    return name
+
+
+def region_seq(address: str, name: str, size: int, budget: int) -> float:
     with anon.map(size, segment=name, server=address, budget=budget) as region:
-        out["region seq read MB/s"] = seq_read(region)
-    for busy in (False, True):
-        with (
-            anon.map(size, segment=name, server=address, budget=budget) as region,
-            cpu_busy(busy),
-        ):
-            how = "busy" if busy else "idle"
-            p50, p99 = random_loads(region, ops, 1, f"{store} region ({how})")
-        out[f"region rand p50 us {how}"], out[f"region rand p99 us {how}"] = p50, p99
-    return out
+        return seq_read(region)
+
+
+def region_random(
+    address: str, name: str, size: int, budget: int, ops: int, seed: int, label: str
+) -> tuple[float, float]:
+    with anon.map(size, segment=name, server=address, budget=budget) as region:
+        return random_loads(region, ops, seed, label)
 
 
 def mount_phases(mnt: MountProc, size: int, ops: int, store: str) -> dict[str, float]:
@@ -165,8 +172,10 @@ def mount_phases(mnt: MountProc, size: int, ops: int, store: str) -> dict[str, f
                     out["mount seq read MB/s"] = seq_read(m)
                 else:
                     m.madvise(mmap.MADV_RANDOM)
+                    before = cpu_s(mnt.pid)
                     p50, p99 = random_loads(m, ops, 2, f"{store} mount")
                     out["mount rand p50 us"], out["mount rand p99 us"] = p50, p99
+                    out["mount daemon CPU us/load"] = (cpu_s(mnt.pid) - before) * 1e6 / ops
         finally:
             os.close(fd)
     return out
@@ -230,12 +239,23 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64, help="region and file size (default 64)")
     ap.add_argument("--budget-mib", type=int, default=16, help="region budget (default 16)")
     ap.add_argument("--ops", type=int, default=5000, help="random loads (default 5000)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds of references and random faults (default 3)"
+    )
     ap.add_argument("--cluster", action="store_true", help="also a 3-master Redis Cluster")
     plot.add_argument(ap)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     steal = StealMeter()
     size, budget = args.mib << 20, args.budget_mib << 20
+    hows = ("idle", "busy")
     results: dict[str, dict[str, float]] = {}
+    # By condition: each round's redis-benchmark p50, uffd floor p50, and by store its
+    # region's random fault p50 and p99.
+    bench_p50: dict[str, list[float]] = {how: [] for how in hows}
+    floor_p50: dict[str, list[float]] = {how: [] for how in hows}
+    faults: dict[str, dict[str, list[tuple[float, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="netmemfs-bench-") as tmp:
         work = Path(tmp)
         server = ServerProc(work)
@@ -247,20 +267,41 @@ def main() -> None:
             stores.append(("redis-cluster", cluster.url))
         mounts: list[MountProc] = []
         try:
-            floor = {}
-            uffd_floor = {}
             exe = build_uffd_floor(work)
-            for busy in (False, True):
-                how = "busy" if busy else "idle"
-                with cpu_busy(busy):
-                    floor[how] = redis_benchmark_p50(redis.port, 20000)
-                    uffd_floor[how] = uffd_floor_p50(exe, redis.port, size, args.ops)
+            names = {label: write_region(address, size, budget) for label, address in stores}
             for label, address in stores:
-                row = region_phases(address, size, budget, args.ops, label)
+                results[label] = {
+                    "region seq read MB/s": region_seq(address, names[label], size, budget)
+                }
+                faults[label] = {how: [] for how in hows}
+            # The references and the regions' random faults in turn, round after round:
+            # this host's speed drifts over seconds, and a ratio is then of figures
+            # taken moments apart.
+            for n in range(args.rounds):
+                for how in hows:
+                    with cpu_busy(how == "busy"):
+                        bench_p50[how].append(redis_benchmark_p50(redis.port, 20000))
+                        floor_p50[how].append(uffd_floor_p50(exe, redis.port, size, args.ops))
+                        for label, address in stores:
+                            faults[label][how].append(
+                                region_random(
+                                    address,
+                                    names[label],
+                                    size,
+                                    budget,
+                                    args.ops,
+                                    n + 1,
+                                    f"{label} region ({how})",
+                                )
+                            )
+            for label, address in stores:
+                row = results[label]
+                for how in hows:
+                    row[f"region rand p50 us {how}"] = median([f[0] for f in faults[label][how]])
+                    row[f"region rand p99 us {how}"] = median([f[1] for f in faults[label][how]])
                 mnt = MountProc(work, address, "--cache-size", "0", name=f"mnt-{label}")
                 mounts.append(mnt)
                 row.update(mount_phases(mnt, size, args.ops, label))
-                results[label] = row
                 print(f"{label}: {row}", flush=True)
         finally:
             for m in mounts:
@@ -270,27 +311,35 @@ def main() -> None:
             if cluster is not None:
                 cluster.kill()
     keys = list(next(iter(results.values())))
-    print()
-    print(f"{'':24}" + "".join(f"{label:>18}" for label in results))
+    print(f"\nregion figures: the median of {args.rounds} rounds")
+    print(f"{'':26}" + "".join(f"{label:>18}" for label in results))
     for k in keys:
-        print(f"{k:24}" + "".join(f"{results[label][k]:18.1f}" for label in results))
+        print(f"{k:26}" + "".join(f"{results[label][k]:18.1f}" for label in results))
     fmt: Callable[[float], str] = lambda x: f"{x:.2f}x"  # noqa: E731
+
+    def ratios(label: str, how: str, to: list[float]) -> str:
+        """Each round's region p50 over that round's to, and their median."""
+        each = [f[0] / t for f, t in zip(faults[label][how], to, strict=True)]
+        return f"{fmt(median(each))} ({', '.join(fmt(x) for x in each)})"
+
     for how, what in (("idle", "CPUs idle"), ("busy", "one CPU kept busy")):
         print(
-            f"\n{what}: redis-benchmark -t get -d 4096 -c 1: p50 {floor[how]:.1f} us; "
-            f"uffd floor (C, one GETRANGE per fault): p50 {uffd_floor[how]:.1f} us"
+            f"\n{what}, median of {args.rounds} rounds (each round's own in brackets): "
+            f"redis-benchmark -t get -d 4096 -c 1: p50 {median(bench_p50[how]):.1f} us; "
+            f"uffd floor (C, one GETRANGE per fault): p50 {median(floor_p50[how]):.1f} us"
         )
-        server_p50 = results["netmemfs-server"][f"region rand p50 us {how}"]
+        server_p50 = [f[0] for f in faults["netmemfs-server"][how]]
         for label in results:
-            p50 = results[label][f"region rand p50 us {how}"]
             print(
-                f"  {label}: region random fault p50 = {fmt(p50 / floor[how])} "
-                f"redis-benchmark's p50, {fmt(p50 / uffd_floor[how])} the uffd floor's, "
-                f"{fmt(p50 / server_p50)} netmemfs-server's"
+                f"  {label}: region random fault p50 = "
+                f"{ratios(label, how, bench_p50[how])} redis-benchmark's p50, "
+                f"{ratios(label, how, floor_p50[how])} the uffd floor's, "
+                f"{ratios(label, how, server_p50)} netmemfs-server's"
             )
     print(
         "targets (issue 16): through Redis at most 2.00x redis-benchmark's p50, and at most "
-        "0.33x netmemfs-server's"
+        "0.33x netmemfs-server's. redis-benchmark prints its p50 as the top of a bucket "
+        "(8 us wide between 24 and 64 us here)"
     )
     print(steal.line())
     if args.png is not None:
@@ -301,8 +350,8 @@ def main() -> None:
                 f"Random 4 KiB faults of a region ({how} CPUs), --mib {args.mib}",
                 series,
                 marks={
-                    "redis-benchmark GET p50": floor[how],
-                    "uffd floor p50": uffd_floor[how],
+                    "redis-benchmark GET p50": median(bench_p50[how]),
+                    "uffd floor p50": median(floor_p50[how]),
                 },
             )
             print(f"wrote {written}")

@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from typing import overload
 
 import trio
 
@@ -88,6 +89,27 @@ def _fd(sock: trio.socket.SocketType) -> int:
     return fd
 
 
+@overload
+def _read_now(sock: trio.socket.SocketType, view: memoryview) -> int | None: ...
+@overload
+def _read_now(sock: trio.socket.SocketType, view: None) -> bytes | None: ...
+@overload
+def _read_now(sock: trio.socket.SocketType, view: memoryview | None) -> int | bytes | None: ...
+def _read_now(sock: trio.socket.SocketType, view: memoryview | None) -> int | bytes | None:
+    """What has come on sock: read into view (how many bytes), or with no view up to
+    SMALL_RECEIVE_BYTES of it; None if nothing has."""
+    try:
+        if view is not None:
+            # readv writes at most len(view) bytes into view, a buffer the caller owns
+            # and keeps alive through the call.
+            return os.readv(_fd(sock), [view])
+        return os.read(_fd(sock), SMALL_RECEIVE_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        raise trio.BrokenResourceError(f"receive failed: {e.strerror}") from e
+
+
 async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None:
     """Read from stream into conn until a whole message (or EOF) is there, large frames
     straight into their own buffer."""
@@ -97,30 +119,41 @@ async def receive_into(stream: trio.abc.ReceiveStream, conn: Connection) -> None
     sock = stream.socket
     waited = False
     while True:
+        # view is the unfilled tail of the frame buffer conn owns; conn.received() is
+        # told how much of it was filled.
         view = conn.receive_buffer()
         try:
-            if view is not None:
-                # view is the unfilled tail of the frame buffer conn owns; readv writes
-                # at most len(view) bytes into it and conn.received() is told how many.
-                n = os.readv(_fd(sock), [view])
-                conn.received(n)
-            else:
-                data = os.read(_fd(sock), SMALL_RECEIVE_BYTES)
-                n = len(data)
-                conn.receive_data(data)
-        except BlockingIOError:
-            waited = True
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        except OSError as e:
-            raise trio.BrokenResourceError(f"receive failed: {e.strerror}") from e
+            got = _read_now(sock, view)
         finally:
             if view is not None:
                 view.release()
+        if got is None:
+            waited = True
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if isinstance(got, int):
+            n = got
+            conn.received(n)
+        else:
+            n = len(got)
+            conn.receive_data(got)
         if n == 0 or conn.message_ready():
             break
     if not waited:
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def receive_into_view(sock: trio.socket.SocketType, view: memoryview) -> int:
+    """Read what has come on sock into view (at least a byte, or 0 at EOF) and return
+    how many bytes: one trip through the scheduler when it waits for them, as trio's
+    recv_into takes a second one after."""
+    waited = False
+    while (n := _read_now(sock, view)) is None:
+        waited = True
+        await trio.lowlevel.wait_readable(sock)
+    if not waited:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return n
 
 
 async def acquire_soon(lock: trio.Lock | trio.Semaphore) -> None:
