@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from netmemfs import anon
 from netmemfs.agent import HEADER, OP_OPEN, OPEN_READS_RESP
@@ -526,6 +527,41 @@ def test_page_reads_run_no_lua(tmp_path: Path) -> None:
         assert stats.direct_fetches == stats.fetches > 0, stats
         assert after.get("getrange", 0) > before.get("getrange", 0), after
         assert after.get("fcall_ro", 0) == before.get("fcall_ro", 0), (before, after)
+    finally:
+        redis.kill()
+
+
+def test_batches_of_many_tasks_on_one_lane_get_their_own_replies(tmp_path: Path) -> None:
+    """The page path's lane to a node is shared: each request is a batch of commands
+    sent together (a read is MULTI, HMGET, GETRANGE, EXEC) and woken once, when its last
+    reply is in. Eight tasks send batches of 1-4 commands at once, some with a 1.5 MiB
+    reply that takes more than one receive (the lane's buffer is 1 MiB): every batch
+    gets its own replies, in its order."""
+    redis = RedisProc(tmp_path)
+    big = bytes(range(256)) * (6 * 1024)  # 1.5 MiB
+
+    async def batches() -> None:
+        async with connect_store(redis.url) as store:
+            assert isinstance(store, RedisStore)
+            node = await store._slots.node_of(b"lane-test")
+            assert await store._lanes.call_many(node, [[b"SET", b"lane-test", big]]) == [b"OK"]
+
+            async def ask(task: int) -> None:
+                for i in range(150):
+                    n = 1 + (task + i) % 4
+                    commands = [[b"ECHO", b"%d:%d:%d" % (task, i, k)] for k in range(n)]
+                    want: list[object] = [c[1] for c in commands]
+                    if (task + i) % 5 == 0:
+                        commands.insert(n // 2, [b"GET", b"lane-test"])
+                        want.insert(n // 2, big)
+                    assert await store._lanes.call_many(node, commands) == want
+
+            async with trio.open_nursery() as nursery:
+                for task in range(8):
+                    nursery.start_soon(ask, task)
+
+    try:
+        run_trio(batches, 120)
     finally:
         redis.kill()
 
