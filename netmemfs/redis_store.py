@@ -449,13 +449,15 @@ class RedisStore:
                     tls=tls,
                 )
                 async with open_quiet_nursery() as nursery:
-                    store._lanes.nursery = nursery
-                    await store._prepare()
-                    if claim is not None:
-                        await store.claim(claim)
-                    await nursery.start(store._ears.run)
-                    yield store
-                    nursery.cancel_scope.cancel()
+                    try:
+                        await store._prepare()
+                        if claim is not None:
+                            await store.claim(claim)
+                        await nursery.start(store._ears.run)
+                        yield store
+                        nursery.cancel_scope.cancel()
+                    finally:
+                        store._lanes.close()
 
     async def _prepare(self) -> None:
         code = importlib.resources.files("netmemfs").joinpath("redis_functions.lua").read_text()
@@ -1320,18 +1322,28 @@ class _Waiter:
     """A batch of commands sent together, waiting for its `count` replies (one Event
     for the batch: each Event waited on costs a turn of trio's loop, even if set)."""
 
-    __slots__ = ("count", "done", "lost", "replies")
+    __slots__ = ("count", "event", "left", "lost", "replies")
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.done = trio.Event()
+        # Set when its replies are all in, when the lane is lost, or to hand it the
+        # turn to receive for everyone (then replaced by a new one).
+        self.event = trio.Event()
+        self.left = False  # its requester waits no more (done, or given up)
         self.replies: list[Any] = []
         self.lost: str | None = None
 
+    @property
+    def finished(self) -> bool:
+        return self.lost is not None or len(self.replies) == self.count
+
 
 class _Lane:
-    """One raw connection to one node for the store's function calls: requests
-    pipelined, replies matched in the order asked (as RESP answers them)."""
+    """One raw connection to one node for the store's page reads and function calls:
+    requests pipelined, replies matched in the order asked (as RESP answers them).
+    There is no reader task: a requester waiting for its replies receives for
+    everyone while nobody else does, and hands that turn on when its own are in, so a
+    lone request costs no switch between tasks (as netmemfs-server's read lanes do)."""
 
     def __init__(
         self, node: tuple[str, int], stream: trio.abc.Stream, reader: hiredis.Reader
@@ -1342,13 +1354,53 @@ class _Lane:
         self.waiting: collections.deque[_Waiter] = collections.deque()
         self.send_lock = trio.Lock()
         self.lost: str | None = None
+        self.reading = False  # a requester is receiving now
+        # On a plain connection, received into one kept buffer: a receive_some of
+        # LANE_RECEIVE_BYTES allocates and frees that much each call (27 us more than
+        # 64 KiB here, per page fetched).
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.view = memoryview(bytearray(LANE_RECEIVE_BYTES if self.sock else 0))
 
     def fail(self, why: str) -> None:
         self.lost = why
         while self.waiting:
             w = self.waiting.popleft()
             w.lost = why
-            w.done.set()
+            w.event.set()
+
+    async def receive(self) -> None:
+        """Wait for what comes next from the node, and give each whole reply in it to
+        the batch it answers. Raises _LaneLost when the connection is of no more use."""
+        try:
+            if self.sock is not None:
+                n = await receive_into_view(self.sock, self.view)
+                # Any buffer will do (hiredis parses it with "s*"); its stub says bytes.
+                self.reader.feed(self.view, 0, n)  # type: ignore[arg-type]
+            else:
+                data = await self.stream.receive_some(SMALL_RECEIVE_BYTES)
+                n = len(data)
+                self.reader.feed(bytes(data))
+            if not n:
+                raise _LaneLost("closed by Redis")
+            while (reply := self.reader.gets()) is not False:
+                if not self.waiting:
+                    raise _LaneLost("Redis sent a reply nobody asked for")
+                w = self.waiting[0]
+                w.replies.append(reply)
+                if len(w.replies) == w.count:
+                    self.waiting.popleft()
+                    w.event.set()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise _LaneLost(str(e) or type(e).__name__) from None
+        except hiredis.ProtocolError as e:
+            raise _LaneLost(f"Redis sent what is not RESP ({e})") from None
+
+    def pass_turn(self) -> None:
+        """Wake one requester still waiting, to receive in its turn."""
+        for w in self.waiting:
+            if not w.left and not w.event.is_set():
+                w.event.set()
+                return
 
 
 class _Lanes:
@@ -1359,7 +1411,6 @@ class _Lanes:
         self.store = store
         self.lanes: dict[tuple[str, int], _Lane] = {}
         self.open_lock = trio.Lock()
-        self.nursery: trio.Nursery | None = None
 
     async def call(
         self,
@@ -1383,7 +1434,6 @@ class _Lanes:
         lane = await self._lane(node)
         waiter = _Waiter(len(commands))
         data = b"".join(_resp(c) for c in commands)
-
         queued = False
 
         def queue() -> None:  # under the send lock: replies come in the order sent
@@ -1399,7 +1449,27 @@ class _Lanes:
             if queued:  # part of a request may be out: nothing after it can be trusted
                 self._drop(lane, f"sending failed ({e!r})")
             raise
-        await waiter.done.wait()
+        try:
+            while not waiter.finished:
+                if not lane.reading:
+                    lane.reading = True
+                    try:
+                        await lane.receive()
+                    except _LaneLost as e:
+                        self._drop(lane, str(e))
+                    finally:
+                        lane.reading = False
+                    continue
+                await waiter.event.wait()  # its replies, or the turn to receive
+                if not waiter.finished:
+                    waiter.event = trio.Event()
+        finally:
+            waiter.left = True
+            if not lane.reading:
+                # Our turn is over, or was handed to us as we were being cancelled:
+                # someone still waiting takes it. (A batch given up on stays in line
+                # and its replies are taken off the connection when they come.)
+                lane.pass_turn()
         if waiter.lost is not None:
             raise _LaneLost(waiter.lost)
         return waiter.replies
@@ -1415,52 +1485,23 @@ class _Lanes:
             stream, reader = await _dial(self.store, node)
             lane = _Lane(node, stream, reader)
             self.lanes[node] = lane
-            assert self.nursery is not None
-            self.nursery.start_soon(self._read, lane)
             return lane
 
     def _drop(self, lane: _Lane, why: str) -> None:
         if self.lanes.get(lane.node) is lane:
             del self.lanes[lane.node]
+        if lane.lost is not None:
+            return  # dropped already
         lane.fail(why)
-        if self.nursery is not None:
-            self.nursery.start_soon(_close_quietly, lane.stream)
+        # Closed at once, below TLS if any (no close_notify for a broken lane): a
+        # requester receiving on it gets ClosedResourceError.
+        socket_of(lane.stream).close()
 
-    async def _read(self, lane: _Lane) -> None:
-        why = "closed by Redis"
-        # Received into one kept buffer, on a plain connection: a receive_some of
-        # LANE_RECEIVE_BYTES allocates and frees that much each call (27 us more than
-        # 64 KiB here, per page fetched). The Reader copies what it is fed.
-        view = memoryview(bytearray(LANE_RECEIVE_BYTES))
-        sock = lane.stream.socket if isinstance(lane.stream, trio.SocketStream) else None
-        try:
-            while lane.lost is None:
-                if sock is not None:
-                    n = await receive_into_view(sock, view)
-                    if not n:
-                        break
-                    # Any buffer will do (hiredis parses it with "s*"); its stub says bytes.
-                    lane.reader.feed(view, 0, n)  # type: ignore[arg-type]
-                else:
-                    data = await lane.stream.receive_some(SMALL_RECEIVE_BYTES)
-                    if not data:
-                        break
-                    lane.reader.feed(bytes(data))
-                while (reply := lane.reader.gets()) is not False:
-                    if not lane.waiting:
-                        why = "Redis sent a reply nobody asked for"
-                        return
-                    w = lane.waiting[0]
-                    w.replies.append(reply)
-                    if len(w.replies) == w.count:
-                        lane.waiting.popleft()
-                        w.done.set()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            why = str(e) or type(e).__name__
-        except hiredis.ProtocolError as e:
-            why = f"Redis sent what is not RESP ({e})"
-        finally:
-            self._drop(lane, why)
+    def close(self) -> None:
+        """Close every lane: the store is done with them (the caller may be cancelled,
+        so nothing here waits)."""
+        for lane in list(self.lanes.values()):
+            self._drop(lane, "the store was closed")
 
 
 async def _dial(store: RedisStore, node: tuple[str, int]) -> tuple[trio.abc.Stream, hiredis.Reader]:

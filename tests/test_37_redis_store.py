@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from netmemfs import anon
 from netmemfs.agent import HEADER, OP_OPEN, OPEN_READS_RESP
@@ -535,8 +536,9 @@ def test_batches_of_many_tasks_on_one_lane_get_their_own_replies(tmp_path: Path)
     """The page path's lane to a node is shared: each request is a batch of commands
     sent together (a read is MULTI, HMGET, GETRANGE, EXEC) and woken once, when its last
     reply is in. Eight tasks send batches of 1-4 commands at once, some with a 1.5 MiB
-    reply that takes more than one receive (the lane's buffer is 1 MiB): every batch
-    gets its own replies, in its order."""
+    reply that takes more than one receive (the lane's buffer is 1 MiB), and some given
+    up on (cancelled) while they wait: every other batch gets its own replies, in its
+    order, and none waits for ever."""
     redis = RedisProc(tmp_path)
     big = bytes(range(256)) * (6 * 1024)  # 1.5 MiB
 
@@ -554,14 +556,43 @@ def test_batches_of_many_tasks_on_one_lane_get_their_own_replies(tmp_path: Path)
                     if (task + i) % 5 == 0:
                         commands.insert(n // 2, [b"GET", b"lane-test"])
                         want.insert(n // 2, big)
+                    if (task + i) % 7 == 0:
+                        # Given up on while waiting (maybe while receiving for all):
+                        # its replies must go to nobody else, the turn to another.
+                        with trio.move_on_after(0):
+                            await store._lanes.call_many(node, commands)
+                        continue
                     assert await store._lanes.call_many(node, commands) == want
 
             async with trio.open_nursery() as nursery:
                 for task in range(8):
                     nursery.start_soon(ask, task)
 
+            # The one receiving for all is given up on while another waits, with no
+            # request after it: the other takes the turn (a BLPOP holds the replies back).
+            lane = await store._lanes._lane(node)
+            scope = trio.CancelScope()
+            echoed: list[object] = []
+
+            async def blocked() -> None:
+                with scope:
+                    await store._lanes.call_many(node, [[b"BLPOP", b"lane-nothing", b"0.5"]])
+
+            async def echo() -> None:
+                echoed.extend(await store._lanes.call_many(node, [[b"ECHO", b"after"]]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked)
+                await trio.testing.wait_all_tasks_blocked()
+                assert lane.reading
+                nursery.start_soon(echo)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(lane.waiting) == 2
+                scope.cancel()
+            assert echoed == [b"after"]
+
     try:
-        run_trio(batches, 120)
+        run_trio(batches, 60)
     finally:
         redis.kill()
 
